@@ -1,0 +1,3 @@
+from auris.agent.cli import main
+
+raise SystemExit(main())

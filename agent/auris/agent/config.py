@@ -1,0 +1,186 @@
+"""Process configuration: frozen dataclasses loaded from TOML.
+
+Precedence is defaults < TOML file < environment (``PREFIX_KEY``) < command-line
+flags. Unknown keys and values of the wrong type are errors, reported in one line
+that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["AgentConfig", "ConfigError", "build_config", "load_agent_config"]
+
+T = TypeVar("T")
+
+DEFAULT_COLLECTOR = "127.0.0.1:50051"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or malformed; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``auris-agent`` needs to run; see packaging/agent.toml for each key."""
+
+    # Collector address, host:port.
+    collector: str = DEFAULT_COLLECTOR
+    # Plaintext gRPC, for local development only; refuses non-loopback collectors.
+    insecure: bool = False
+    # mTLS material (PEM files); required unless insecure.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # Identity; empty means "read or create state_dir/agent-id".
+    agent_id: str = ""
+    # Where the agent keeps its id and sequence counter.
+    state_dir: str = "/var/lib/auris-agent"
+    # Folder holding *.manifest.json + ONNX files.
+    models_dir: str = ""
+    # Capture sources: pcap/pcapng files (replay), or one interface (live).
+    pcaps: tuple[str, ...] = ()
+    interface: str = ""
+    bpf_filter: str = ""
+    snapshot_length: int = 1536
+    promiscuous: bool = True
+    idle_timeout_s: int = 120
+    active_timeout_s: int = 1800
+    # Flows scored per onnxruntime call, and its thread count.
+    score_batch: int = 64
+    score_threads: int = 1
+    # Verdicts per uplink message, and unacknowledged messages in flight.
+    uplink_batch: int = 256
+    uplink_window: int = 8
+    # Seconds to keep retrying an unreachable collector before giving up (pcap mode).
+    uplink_deadline_s: float = 300.0
+    log_level: str = "info"
+
+
+def _check_type(name: str, annotation: Any, value: Any) -> Any:
+    """Return ``value`` coerced to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name}: must not be negative, got {value}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {annotation!r}")  # programming error
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+
+
+def build_config(
+    cls: type[T],
+    *,
+    path: str | Path | None = None,
+    env_prefix: str = "",
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Build a frozen config dataclass from its defaults, a TOML file, the environment and flags.
+
+    ``overrides`` holds values from the command line; ``None`` values are ignored so
+    that unset flags do not mask the file.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+
+    if path is not None:
+        data = _read_toml(Path(path))
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"config file {path}: unknown key {key!r}")
+            values[name] = _check_type(f"{path}: {key}", hints[name], value)
+
+    if env_prefix:
+        env = os.environ if environ is None else environ
+        for name in fields:
+            var = f"{env_prefix}{name.upper()}"
+            if var in env:
+                raw: Any = env[var]
+                if typing.get_origin(hints[name]) is tuple:
+                    raw = [part for part in raw.split(",") if part]
+                values[name] = _check_type(var, hints[name], raw)
+
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in fields:
+            raise TypeError(f"unknown override {name!r}")  # programming error
+        values[name] = _check_type(f"--{name.replace('_', '-')}", hints[name], value)
+
+    return cls(**values)
+
+
+def load_agent_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Build and validate the agent's configuration."""
+    config = build_config(
+        AgentConfig, path=path, env_prefix="AURIS_AGENT_", environ=environ, overrides=overrides
+    )
+    if config.pcaps and config.interface:
+        raise ConfigError("give either pcaps or interface, not both")
+    if not config.insecure and not (config.ca_file and config.cert_file and config.key_file):
+        raise ConfigError(
+            "TLS needs ca_file, cert_file and key_file; pass --insecure for local plaintext development"
+        )
+    if config.score_batch < 1 or config.uplink_batch < 1 or config.uplink_window < 1:
+        raise ConfigError("score_batch, uplink_batch and uplink_window must be at least 1")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
+    return config

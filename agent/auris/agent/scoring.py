@@ -1,0 +1,164 @@
+"""Local scoring: every flow through every loaded ONNX model, in micro-batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from auris.agent.features import FeatureSet, feature_set
+from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
+from auris.v1 import model_pb2
+
+__all__ = ["LoadedModel", "ModelSet", "Score", "load_model", "load_models", "to_matrix"]
+
+logger = logging.getLogger(__name__)
+
+# Flow features can be infinite (rates over zero durations) or NaN; forests exported to
+# ONNX do not route NaN as the trainer did, so both sides clean rows the same way here.
+_FEATURE_CAP = 1e12
+
+
+def to_matrix(rows: Sequence[Sequence[float]], width: int) -> npt.NDArray[np.float32]:
+    """Stack feature rows into a float32 matrix with NaN -> 0 and ±inf clipped."""
+    if not rows:
+        return np.zeros((0, width), dtype=np.float32)
+    matrix = np.asarray(rows, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] != width:
+        raise ValueError(f"expected rows of {width} features, got shape {matrix.shape}")
+    np.nan_to_num(matrix, copy=False, nan=0.0, posinf=_FEATURE_CAP, neginf=-_FEATURE_CAP)
+    np.clip(matrix, -_FEATURE_CAP, _FEATURE_CAP, out=matrix)
+    return matrix.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Score:
+    """What one model said about one row."""
+
+    model_id: str
+    model_version: str
+    kind: model_pb2.ModelKind.ValueType
+    score: float
+    threshold: float
+    anomalous: bool
+    label: str
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    manifest: model_pb2.ModelManifest
+    feature_set: FeatureSet
+    session: ort.InferenceSession
+    # Index of each manifest column in the feature set's vector.
+    column_index: npt.NDArray[np.intp]
+    normal_index: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.model_id}@{self.manifest.version}"
+
+    def score_matrix(self, matrix: npt.NDArray[np.float32]) -> list[Score]:
+        """Score rows already in this model's feature set order."""
+        m = self.manifest
+        inputs = matrix[:, self.column_index]
+        (out,) = self.session.run([m.score_output], {m.input_name: inputs})
+        out = np.asarray(out)
+        threshold = m.threshold.value
+        if m.kind == model_pb2.MODEL_KIND_CLASSIFIER:
+            probs = out.reshape(len(inputs), -1)
+            scores = 1.0 - probs[:, self.normal_index]
+            best = probs.argmax(axis=1)
+            labels = [m.labels[i] for i in best]
+        else:
+            scores = out.reshape(len(inputs), -1)[:, 0]
+            labels = ["" for _ in range(len(inputs))]
+        result = []
+        for score, label in zip(scores.tolist(), labels, strict=True):
+            anomalous = score >= threshold
+            if m.kind == model_pb2.MODEL_KIND_CLASSIFIER and anomalous and label == m.normal_label:
+                # Above threshold but argmax is still normal: report the likeliest other class.
+                label = "attack" if len(m.labels) == 2 else label
+            result.append(Score(m.model_id, m.version, m.kind, float(score), threshold, anomalous, label))
+        return result
+
+
+def load_model(manifest_path: Path, threads: int = 1) -> LoadedModel:
+    """Load and validate one model; raise ManifestError with a one-line reason."""
+    manifest = read_manifest(manifest_path)
+    if manifest.domain not in (model_pb2.MODEL_DOMAIN_NETWORK_FLOW, model_pb2.MODEL_DOMAIN_UNSPECIFIED):
+        raise ManifestError(f"{manifest_path}: not a network-flow model")
+    try:
+        fs = feature_set(manifest.feature_set.name, manifest.feature_set.version)
+        fs.check_columns(manifest.feature_set.columns)
+    except ValueError as exc:
+        raise ManifestError(f"{manifest_path}: {exc}") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            str(onnx_path_of(manifest_path, manifest)), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+        raise ManifestError(f"{manifest_path}: onnxruntime cannot load {manifest.onnx_file}: {exc}") from None
+    inputs = {i.name: i for i in session.get_inputs()}
+    if manifest.input_name not in inputs:
+        raise ManifestError(f"{manifest_path}: graph has no input {manifest.input_name!r}")
+    width = inputs[manifest.input_name].shape[-1]
+    if isinstance(width, int) and width != len(manifest.feature_set.columns):
+        raise ManifestError(
+            f"{manifest_path}: graph reads {width} features, "
+            f"manifest lists {len(manifest.feature_set.columns)}"
+        )
+    if manifest.score_output not in {o.name for o in session.get_outputs()}:
+        raise ManifestError(f"{manifest_path}: graph has no output {manifest.score_output!r}")
+    position = {c: i for i, c in enumerate(fs.columns)}
+    index = np.array([position[c] for c in manifest.feature_set.columns], dtype=np.intp)
+    normal = list(manifest.labels).index(manifest.normal_label) if manifest.labels else -1
+    return LoadedModel(manifest, fs, session, index, normal)
+
+
+@dataclasses.dataclass
+class ModelSet:
+    """The models an agent runs, grouped by the feature set they read."""
+
+    models: list[LoadedModel]
+
+    @property
+    def feature_sets(self) -> list[FeatureSet]:
+        seen: dict[str, FeatureSet] = {}
+        for model in self.models:
+            seen.setdefault(model.feature_set.name, model.feature_set)
+        return list(seen.values())
+
+    def score(self, features: Sequence[dict[str, list[float]]]) -> list[list[Score]]:
+        """Score a batch of flows (feature set name -> vector) with every model."""
+        per_flow: list[list[Score]] = [[] for _ in features]
+        matrices = {
+            fs.name: to_matrix([f[fs.name] for f in features], len(fs.columns)) for fs in self.feature_sets
+        }
+        for model in self.models:
+            for i, score in enumerate(model.score_matrix(matrices[model.feature_set.name])):
+                per_flow[i].append(score)
+        return per_flow
+
+
+def load_models(folder: Path, threads: int = 1) -> tuple[ModelSet, list[str]]:
+    """Load every valid model in ``folder``; return them and one error line per refused model."""
+    models: list[LoadedModel] = []
+    errors: list[str] = []
+    for path in find_manifests(folder):
+        try:
+            model = load_model(path, threads)
+        except ManifestError as exc:
+            errors.append(str(exc))
+            logger.error("refusing model: %s", exc)
+            continue
+        logger.info("loaded model %s (%s, %d features)", model.ref, path.name, len(model.column_index))
+        models.append(model)
+    return ModelSet(models), errors

@@ -1,0 +1,97 @@
+"""Verdicts: a metered flow plus its model scores, as the contract's ``Verdict``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from auris.agent.meter import FlowRecord
+from auris.agent.scoring import Score
+from auris.v1 import flow_pb2, model_pb2, verdict_pb2
+from google.protobuf import timestamp_pb2
+
+__all__ = ["build_verdict", "decide"]
+
+NORMAL_LABEL = "benign"
+ANOMALY_LABEL = "anomaly"
+
+
+def _timestamp_ms(ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(int(ms))
+    return ts
+
+
+def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
+    """Combine the models' scores: (deciding score, label, anomalous, explanation).
+
+    Any model that fires makes the flow anomalous. The label is the classifier's
+    class when a classifier fired, ``anomaly`` when only detectors fired, and the
+    normal label otherwise. The deciding model is the first that fired, else the
+    first classifier, else the first model.
+    """
+    if not scores:
+        return None, NORMAL_LABEL, False, "no model loaded"
+    fired = [s for s in scores if s.anomalous]
+    classifiers = [s for s in scores if s.kind == model_pb2.MODEL_KIND_CLASSIFIER]
+    if fired:
+        decider = fired[0]
+        fired_classifier = next((s for s in fired if s.kind == model_pb2.MODEL_KIND_CLASSIFIER), None)
+        label = fired_classifier.label if fired_classifier else ANOMALY_LABEL
+        explanation = "; ".join(f"{s.model_id} {s.score:.3g} >= {s.threshold:.3g}" for s in fired)
+        return decider, label, True, explanation
+    decider = classifiers[0] if classifiers else scores[0]
+    return decider, NORMAL_LABEL, False, f"{decider.model_id} {decider.score:.3g} < {decider.threshold:.3g}"
+
+
+def build_verdict(
+    *,
+    agent_id: str,
+    sequence: int,
+    flow: FlowRecord,
+    scores: Sequence[Score],
+    hostname: str,
+    scored_time: timestamp_pb2.Timestamp,
+) -> verdict_pb2.Verdict:
+    decider, label, anomalous, explanation = decide(scores)
+    verdict = verdict_pb2.Verdict(
+        agent_id=agent_id,
+        sequence=sequence,
+        flow=flow_pb2.FlowKey(
+            src_ip=flow.src_ip,
+            dst_ip=flow.dst_ip,
+            src_port=flow.src_port,
+            dst_port=flow.dst_port,
+            ip_protocol=flow.protocol,
+            vlan_id=flow.vlan_id,
+            ip_version=flow.ip_version,
+        ),
+        first_seen_time=_timestamp_ms(flow.first_seen_ms),
+        last_seen_time=_timestamp_ms(flow.last_seen_ms),
+        counters=flow_pb2.FlowCounters(
+            src_to_dst_packets=flow.src2dst_packets,
+            dst_to_src_packets=flow.dst2src_packets,
+            src_to_dst_bytes=flow.src2dst_bytes,
+            dst_to_src_bytes=flow.dst2src_bytes,
+        ),
+        label=label,
+        anomalous=anomalous,
+        explanation=explanation[:200],
+        application_name=flow.application_name,
+        end_reason=flow.end_reason,
+        scored_time=scored_time,
+        hostname=hostname,
+        capture_source=flow.capture_source,
+    )
+    if decider is not None:
+        verdict.model.model_id = decider.model_id
+        verdict.model.version = decider.model_version
+    for s in scores:
+        verdict.scores.add(
+            model=model_pb2.ModelRef(model_id=s.model_id, version=s.model_version),
+            kind=s.kind,
+            score=s.score,
+            threshold=s.threshold,
+            anomalous=s.anomalous,
+            label=s.label,
+        )
+    return verdict

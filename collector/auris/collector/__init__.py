@@ -1,0 +1,1 @@
+"""The Auris collector: stores verdicts and answers queries."""

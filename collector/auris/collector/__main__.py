@@ -1,0 +1,3 @@
+from auris.collector.cli import main
+
+raise SystemExit(main())

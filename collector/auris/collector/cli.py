@@ -1,0 +1,99 @@
+"""``auris-collector``: the gRPC server that stores verdicts and answers queries.
+
+Exit codes: 0 stopped cleanly, 2 bad configuration or usage, 3 cannot start
+(address in use, database unusable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from auris.agent import __version__
+from auris.agent.config import ConfigError
+from auris.collector.config import CollectorConfig, load_collector_config
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CONFIG, EXIT_START = 0, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="auris-collector",
+        description="Receive verdicts from agents, store them, and answer queries over gRPC.",
+        epilog="Exit codes: 0 ok, 2 configuration, 3 cannot start.",
+    )
+    p.add_argument("--version", action="version", version=f"auris-collector {__version__}")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0: any free port)")
+    serve.add_argument("--db", metavar="FILE", help="SQLite database file")
+    serve.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="plaintext gRPC on a loopback address (local development only)",
+    )
+    serve.add_argument("--address-file", metavar="FILE", help="write the bound host:port here once serving")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def _serve(config: CollectorConfig) -> int:
+    from auris.collector.server import Collector  # grpc server stack loads only when serving
+
+    try:
+        collector = Collector(config)
+        await collector.start()
+    except (OSError, RuntimeError) as exc:
+        logger.error("cannot start: %s", exc)
+        return EXIT_START
+    if config.insecure:
+        logger.warning("INSECURE: plaintext gRPC without client authentication; local development only")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await collector.stop()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    overrides = {
+        name: getattr(args, name, None) for name in ("listen", "db", "insecure", "address_file", "log_level")
+    }
+    try:
+        config = load_collector_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"auris-collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print("auris-collector: configuration ok")
+        return EXIT_OK
+    if args.command != "serve":
+        parser.print_usage(sys.stderr)
+        print("auris-collector: a command is required (serve)", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(_serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A small typed client for the collector's query RPCs, used by ``aurisctl`` and the tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+from auris.agent.uplink import open_channel
+from auris.v1 import query_service_pb2, query_service_pb2_grpc, verdict_pb2
+
+__all__ = ["CollectorClient", "verdict_filter"]
+
+
+def verdict_filter(
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    time_field: query_service_pb2.TimeField.ValueType = query_service_pb2.TIME_FIELD_SCORED,
+    anomalous: bool | None = None,
+    agent_ids: list[str] | None = None,
+    labels: list[str] | None = None,
+    ip: str = "",
+    model_id: str = "",
+    min_score: float | None = None,
+) -> query_service_pb2.VerdictFilter:
+    """Build a VerdictFilter from Python values; None leaves a field unset."""
+    flt = query_service_pb2.VerdictFilter(time_field=time_field, ip=ip, model_id=model_id)
+    if since is not None:
+        flt.time_range.start_time.FromDatetime(since.astimezone(dt.UTC))
+    if until is not None:
+        flt.time_range.end_time.FromDatetime(until.astimezone(dt.UTC))
+    if anomalous is not None:
+        flt.anomalous = anomalous
+    if min_score is not None:
+        flt.min_score = min_score
+    flt.agent_ids.extend(agent_ids or [])
+    flt.labels.extend(labels or [])
+    return flt
+
+
+class CollectorClient:
+    """Query verdicts from a collector. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        insecure: bool = False,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._channel = open_channel(
+            target, insecure=insecure, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+        )
+        self._query = query_service_pb2_grpc.QueryServiceStub(self._channel)
+        self._timeout = timeout_s
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def query_page(
+        self, flt: query_service_pb2.VerdictFilter, page_size: int = 0, page_token: str = ""
+    ) -> query_service_pb2.QueryVerdictsResponse:
+        request = query_service_pb2.QueryVerdictsRequest(
+            filter=flt, page_size=page_size, page_token=page_token
+        )
+        response: query_service_pb2.QueryVerdictsResponse = self._query.QueryVerdicts(
+            request, timeout=self._timeout
+        )
+        return response
+
+    def query(
+        self, flt: query_service_pb2.VerdictFilter, limit: int | None = None, page_size: int = 0
+    ) -> Iterator[verdict_pb2.StoredVerdict]:
+        """Every matching verdict, newest first, following the cursor until ``limit``."""
+        token = ""
+        seen = 0
+        while True:
+            page = self.query_page(flt, page_size, token)
+            for verdict in page.verdicts:
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield verdict
+            token = page.next_page_token
+            if not token:
+                return
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CollectorClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

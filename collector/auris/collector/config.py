@@ -1,0 +1,62 @@
+"""The collector's configuration (TOML, environment ``AURIS_COLLECTOR_*``, flags)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from auris.agent.config import ConfigError, build_config
+from auris.agent.uplink import is_loopback_target
+
+__all__ = ["CollectorConfig", "load_collector_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectorConfig:
+    """Everything ``auris-collector serve`` needs; see packaging/collector.toml for each key."""
+
+    # host:port to listen on; port 0 picks a free port.
+    listen: str = "127.0.0.1:50051"
+    # Plaintext gRPC, for local development only; refuses a non-loopback listen address.
+    insecure: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    db: str = "/var/lib/auris-collector/auris.db"
+    # Largest gRPC message accepted, in MiB.
+    max_message_mib: int = 16
+    # Server-side cap on query page size, and the default when a client asks for 0.
+    max_page_size: int = 1000
+    default_page_size: int = 100
+    # Once serving, write the bound host:port here (useful with port 0).
+    address_file: str = ""
+    # Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace_s: float = 5.0
+    log_level: str = "info"
+
+
+def load_collector_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CollectorConfig:
+    config = build_config(
+        CollectorConfig, path=path, env_prefix="AURIS_COLLECTOR_", environ=environ, overrides=overrides
+    )
+    if ":" not in config.listen:
+        raise ConfigError(f"listen: expected host:port, got {config.listen!r}")
+    if config.insecure and not is_loopback_target(config.listen):
+        raise ConfigError(f"--insecure refuses to listen on non-loopback address {config.listen}")
+    if not config.insecure and not (config.ca_file and config.cert_file and config.key_file):
+        raise ConfigError(
+            "TLS needs ca_file, cert_file and key_file; pass --insecure for local plaintext development"
+        )
+    if not 1 <= config.max_message_mib <= 512:
+        raise ConfigError(f"max_message_mib must be between 1 and 512, got {config.max_message_mib}")
+    if not 1 <= config.default_page_size <= config.max_page_size:
+        raise ConfigError("default_page_size must be between 1 and max_page_size")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
+    return config

@@ -1,0 +1,248 @@
+"""``aurisctl``: query and administer an Auris collector.
+
+Exit codes: 0 ok, 1 the collector answered with an error, 2 bad usage or
+configuration, 3 the collector is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TextIO
+
+import grpc
+from auris.agent import __version__
+from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
+from auris.collector.client import CollectorClient, verdict_filter
+from auris.v1 import query_service_pb2, verdict_pb2
+from google.protobuf import json_format, timestamp_pb2
+
+__all__ = ["main", "parse_since"]
+
+EXIT_OK, EXIT_RPC, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+_PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclasses.dataclass(frozen=True)
+class CtlConfig:
+    """Connection settings for ``aurisctl`` (TOML file, AURIS_CTL_* environment, flags)."""
+
+    collector: str = DEFAULT_COLLECTOR
+    insecure: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    timeout_s: float = 30.0
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``1h``, ``30m``, ``2d``... before now, or an ISO-8601 time (UTC when no zone is given)."""
+    now = now or dt.datetime.now(dt.UTC)
+    match = _DURATION.match(text.strip())
+    if match:
+        return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30s, 15m, 1h, 7d) nor an ISO-8601 time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aurisctl",
+        description="Query and administer an Auris collector.",
+        epilog="Exit codes: 0 ok, 1 collector error, 2 usage or configuration, 3 collector unreachable.",
+    )
+    p.add_argument("--version", action="version", version=f"aurisctl {__version__}")
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML file with collector, insecure, ca_file, cert_file, key_file"
+    )
+    p.add_argument(
+        "--collector", metavar="HOST:PORT", help=f"collector address (default {DEFAULT_COLLECTOR})"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="plaintext gRPC to a loopback collector (development)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    verdicts = sub.add_parser("verdicts", help="list stored verdicts (newest first)")
+    verdicts.add_argument("verb", nargs="?", choices=["query"], default="query", help=argparse.SUPPRESS)
+    verdicts.add_argument("--since", type=parse_since, help="only verdicts after this (1h, 30m, ISO time)")
+    verdicts.add_argument("--until", type=parse_since, help="only verdicts before this")
+    verdicts.add_argument(
+        "--flow-time",
+        action="store_true",
+        help="apply --since/--until to when flows were last seen, not when they were scored (pcap replays)",
+    )
+    verdicts.add_argument("--anomalous", action="store_true", help="only anomalous verdicts")
+    verdicts.add_argument("--agent", action="append", default=[], help="only this agent id (repeatable)")
+    verdicts.add_argument("--label", action="append", default=[], help="only this label (repeatable)")
+    verdicts.add_argument("--ip", default="", help="only flows with this address at either end")
+    verdicts.add_argument("--model", default="", help="only verdicts decided by this model id")
+    verdicts.add_argument(
+        "--min-score", type=float, help="only verdicts whose deciding score is at least this"
+    )
+    verdicts.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
+    verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sub.add_parser("services", help="list the collector's gRPC services (server reflection) and health")
+    return p
+
+
+def _fmt_time(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def print_table(verdicts: Iterable[verdict_pb2.StoredVerdict], out: TextIO) -> int:
+    header = (
+        "ID",
+        "LAST SEEN (UTC)",
+        "AGENT",
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "PKTS",
+        "BYTES",
+        "LABEL",
+        "SCORE",
+        "APP",
+    )
+    rows: list[tuple[str, ...]] = []
+    for stored in verdicts:
+        v = stored.verdict
+        decider = next((s.score for s in v.scores if s.model.model_id == v.model.model_id), None)
+        c = v.counters
+        rows.append(
+            (
+                str(stored.id),
+                _fmt_time(v.last_seen_time),
+                v.agent_id,
+                _PROTOCOLS.get(v.flow.ip_protocol, str(v.flow.ip_protocol)),
+                _endpoint(v.flow.src_ip, v.flow.src_port),
+                _endpoint(v.flow.dst_ip, v.flow.dst_port),
+                str(c.src_to_dst_packets + c.dst_to_src_packets),
+                str(c.src_to_dst_bytes + c.dst_to_src_bytes),
+                v.label + ("*" if v.anomalous else ""),
+                "" if decider is None else f"{decider:.3f}",
+                v.application_name,
+            )
+        )
+    if not rows:
+        print("no verdicts match", file=out)
+        return 0
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+    print(f"{len(rows)} verdict(s); * = anomalous", file=out)
+    return len(rows)
+
+
+def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.limit < 0:
+        raise ConfigError("--limit must not be negative")
+    flt = verdict_filter(
+        since=args.since,
+        until=args.until,
+        time_field=query_service_pb2.TIME_FIELD_FLOW
+        if args.flow_time
+        else query_service_pb2.TIME_FIELD_SCORED,
+        anomalous=True if args.anomalous else None,
+        agent_ids=args.agent,
+        labels=args.label,
+        ip=args.ip,
+        model_id=args.model,
+        min_score=args.min_score,
+    )
+    results = client.query(flt, limit=args.limit or None, page_size=min(args.limit or 1000, 1000))
+    if args.json:
+        for stored in results:
+            print(json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)), file=out)
+    else:
+        print_table(results, out)
+    return EXIT_OK
+
+
+def _services(client: CollectorClient, out: TextIO) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    names = sorted(ProtoReflectionDescriptorDatabase(client.channel).get_services())
+    health = health_pb2_grpc.HealthStub(client.channel)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            shown = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+        except grpc.RpcError as exc:
+            if not isinstance(exc, grpc.Call) or exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            shown = "-"  # infrastructure services (health, reflection) report no status of their own
+        print(f"{name.ljust(width)}  {shown}", file=out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("aurisctl: a command is required (verdicts, services)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = build_config(
+            CtlConfig,
+            path=args.config,
+            env_prefix="AURIS_CTL_",
+            overrides={"collector": args.collector, "insecure": args.insecure},
+        )
+        if not config.insecure and not (config.ca_file and config.cert_file and config.key_file):
+            raise ConfigError(
+                "TLS needs ca_file, cert_file and key_file; pass --insecure for a local collector"
+            )
+        client = CollectorClient(
+            config.collector,
+            insecure=config.insecure,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+            timeout_s=config.timeout_s,
+        )
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"aurisctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
+            if args.command == "verdicts":
+                return _verdicts(client, args, out)
+            return _services(client, out)
+    except ConfigError as exc:
+        print(f"aurisctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        print(f"aurisctl: {code.name}: {details}", file=sys.stderr)
+        return EXIT_UNREACHABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_RPC
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The collector's gRPC server: services, health checking, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from auris.collector.config import CollectorConfig
+from auris.collector.services import AgentServicer, QueryServicer
+from auris.collector.store import VerdictStore
+from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, query_service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+__all__ = ["Collector"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+)
+
+
+class Collector:
+    """A running collector: ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.store = VerdictStore(Path(config.db))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-writer")
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auris-reader")
+        limit = config.max_message_mib * 1024 * 1024
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        self._health = HealthServicer()
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.store, self._writer), self._server
+        )
+        query_service_pb2_grpc.add_QueryServiceServicer_to_server(
+            QueryServicer(self.store, self._readers, config.default_page_size, config.max_page_size),
+            self._server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = 0
+
+    def _bind(self) -> int:
+        if self.config.insecure:
+            return self._server.add_insecure_port(self.config.listen)
+        credentials = grpc.ssl_server_credentials(
+            [(Path(self.config.key_file).read_bytes(), Path(self.config.cert_file).read_bytes())],
+            root_certificates=Path(self.config.ca_file).read_bytes(),
+            require_client_auth=True,
+        )
+        return self._server.add_secure_port(self.config.listen, credentials)
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        self.port = self._bind()
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.address_file:
+            Path(self.config.address_file).write_text(self.address + "\n", encoding="utf-8")
+        logger.info(
+            "collector listening on %s (%s), database %s",
+            self.address,
+            "INSECURE plaintext" if self.config.insecure else "mTLS",
+            self.store.path,
+        )
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.config.shutdown_grace_s)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self.store.close()
+        logger.info("collector stopped")

@@ -1,0 +1,196 @@
+"""gRPC servicers: the agent-facing verdict stream and the query service.
+
+Domain errors become gRPC statuses here and only here: ValueError ->
+INVALID_ARGUMENT, LookupError -> NOT_FOUND; details are one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from auris.collector.store import VerdictStore
+from auris.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
+
+__all__ = ["AgentServicer", "QueryServicer", "validate_batch"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _status_for(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, LookupError):
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.INTERNAL
+
+
+async def _call(context: grpc.aio.ServicerContext[Any, Any], work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work``; turn a domain error into a gRPC status with a one-line message."""
+    try:
+        return await work()
+    except (ValueError, LookupError) as exc:
+        await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+def _check_ip(value: str, what: str, index: int) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"verdict {index}: {what} {value[:64]!r} is not an IP address") from None
+
+
+def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequence: int) -> int:
+    """Check one batch; fill in missing agent ids; return its highest sequence.
+
+    Raises ValueError naming the first bad verdict: the whole batch is refused and
+    nothing stored before it is touched.
+    """
+    agent_id = request.agent_id
+    if not agent_id or len(agent_id) > 128:
+        raise ValueError("agent_id must be 1 to 128 characters")
+    previous = last_sequence
+    for i, v in enumerate(request.verdicts):
+        if v.agent_id and v.agent_id != agent_id:
+            raise ValueError(f"verdict {i}: agent_id {v.agent_id!r} differs from the stream's {agent_id!r}")
+        v.agent_id = agent_id
+        if v.sequence <= previous:
+            raise ValueError(f"verdict {i}: sequence {v.sequence} does not increase (previous {previous})")
+        previous = v.sequence
+        _check_ip(v.flow.src_ip, "src_ip", i)
+        _check_ip(v.flow.dst_ip, "dst_ip", i)
+        if v.flow.src_port > 65535 or v.flow.dst_port > 65535:
+            raise ValueError(f"verdict {i}: port out of range")
+        if v.flow.ip_protocol > 255:
+            raise ValueError(f"verdict {i}: ip_protocol {v.flow.ip_protocol} out of range")
+        if not v.HasField("scored_time"):
+            raise ValueError(f"verdict {i}: scored_time is not set")
+    return previous
+
+
+async def _not_yet(context: grpc.aio.ServicerContext[Any, Any], what: str) -> NoReturn:
+    """Refuse an RPC the contract defines but this collector does not serve yet (docs/ROADMAP.md)."""
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this collector yet")
+    raise AssertionError("unreachable")
+
+
+class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
+    """Receives verdict streams; acknowledges each batch once it is durable."""
+
+    def __init__(self, store: VerdictStore, writer: ThreadPoolExecutor) -> None:
+        self._store = store
+        self._writer = writer
+
+    async def StreamVerdicts(
+        self,
+        request_iterator: AsyncIterator[agent_service_pb2.StreamVerdictsRequest],
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.StreamVerdictsRequest, agent_service_pb2.StreamVerdictsResponse
+        ],
+    ) -> AsyncIterator[agent_service_pb2.StreamVerdictsResponse]:
+        loop = asyncio.get_running_loop()
+        last_sequence = 0
+        async for request in request_iterator:
+            try:
+                top = validate_batch(request, last_sequence)
+            except ValueError as exc:
+                logger.warning("refused batch from %s: %s", request.agent_id or "?", exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if not request.verdicts:
+                yield agent_service_pb2.StreamVerdictsResponse(acknowledged_sequence=last_sequence)
+                continue
+            result = await loop.run_in_executor(
+                self._writer, self._store.ingest, request.agent_id, list(request.verdicts)
+            )
+            last_sequence = top
+            yield agent_service_pb2.StreamVerdictsResponse(
+                acknowledged_sequence=top, accepted=result.accepted, duplicates=result.duplicates
+            )
+
+    async def Enroll(
+        self, request: agent_service_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_service_pb2.EnrollResponse:
+        await _not_yet(context, "Enroll")
+
+    async def Heartbeat(
+        self, request: agent_service_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_service_pb2.HeartbeatResponse:
+        await _not_yet(context, "Heartbeat")
+
+    async def WatchModelUpdates(
+        self, request: agent_service_pb2.WatchModelUpdatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_service_pb2.WatchModelUpdatesResponse]:
+        await _not_yet(context, "WatchModelUpdates")
+        yield agent_service_pb2.WatchModelUpdatesResponse()
+
+    async def DownloadModel(
+        self, request: agent_service_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_service_pb2.DownloadModelResponse]:
+        await _not_yet(context, "DownloadModel")
+        yield agent_service_pb2.DownloadModelResponse()
+
+
+class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
+    """Answers verdict queries from the store's reader connections."""
+
+    def __init__(
+        self, store: VerdictStore, readers: ThreadPoolExecutor, default_page: int, max_page: int
+    ) -> None:
+        self._store = store
+        self._readers = readers
+        self._default_page = default_page
+        self._max_page = max_page
+
+    async def QueryVerdicts(
+        self,
+        request: query_service_pb2.QueryVerdictsRequest,
+        context: grpc.aio.ServicerContext[
+            query_service_pb2.QueryVerdictsRequest, query_service_pb2.QueryVerdictsResponse
+        ],
+    ) -> query_service_pb2.QueryVerdictsResponse:
+        size = min(request.page_size or self._default_page, self._max_page)
+        loop = asyncio.get_running_loop()
+
+        async def work() -> query_service_pb2.QueryVerdictsResponse:
+            page = await loop.run_in_executor(
+                self._readers, self._store.query, request.filter, size, request.page_token
+            )
+            return query_service_pb2.QueryVerdictsResponse(
+                verdicts=page.verdicts, next_page_token=page.next_page_token
+            )
+
+        return await _call(context, work)
+
+    async def SubscribeVerdicts(
+        self, request: query_service_pb2.SubscribeVerdictsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[query_service_pb2.SubscribeVerdictsResponse]:
+        await _not_yet(context, "SubscribeVerdicts")
+        yield query_service_pb2.SubscribeVerdictsResponse()
+
+    async def AggregateVerdicts(
+        self, request: query_service_pb2.AggregateVerdictsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> query_service_pb2.AggregateVerdictsResponse:
+        await _not_yet(context, "AggregateVerdicts")
+
+    async def ListTopTalkers(
+        self, request: query_service_pb2.ListTopTalkersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> query_service_pb2.ListTopTalkersResponse:
+        await _not_yet(context, "ListTopTalkers")
+
+    async def LabelVerdicts(
+        self, request: query_service_pb2.LabelVerdictsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> query_service_pb2.LabelVerdictsResponse:
+        await _not_yet(context, "LabelVerdicts")

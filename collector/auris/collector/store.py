@@ -1,0 +1,390 @@
+"""Verdict storage in SQLite: schema and migrations through sqlite-utils, raw executemany on ingest.
+
+One writer connection takes every write; readers use their own connections
+(WAL lets them read while the writer commits). Storage is idempotent on
+(agent_id, sequence): a resent verdict is counted as a duplicate, never stored twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from auris.v1 import query_service_pb2, verdict_pb2
+
+__all__ = ["SCHEMA_VERSION", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
+
+SCHEMA_VERSION = 1
+
+# Column order of the raw insert; verdict_row() produces tuples in this order.
+_INSERT_COLUMNS = (
+    "agent_id",
+    "sequence",
+    "hostname",
+    "src_ip",
+    "dst_ip",
+    "src_port",
+    "dst_port",
+    "ip_protocol",
+    "vlan_id",
+    "first_seen_ns",
+    "last_seen_ns",
+    "scored_ns",
+    "received_ns",
+    "packets",
+    "bytes",
+    "model_id",
+    "model_version",
+    "label",
+    "anomalous",
+    "score",
+    "application_name",
+    "verdict_pb",
+)
+_SELECT_STORED = (
+    "SELECT id, received_ns, verdict_pb, analyst_label, analyst_note, analyst_author, analyst_labeled_ns"
+    " FROM verdicts"
+)
+_INSERT_SQL = (
+    f"INSERT OR IGNORE INTO verdicts ({', '.join(_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _INSERT_COLUMNS)})"
+)
+
+
+def _ns(ts: Any) -> int:
+    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+
+
+def verdict_row(v: verdict_pb2.Verdict, received_ns: int) -> tuple[Any, ...]:
+    """The stored row for one verdict, in _INSERT_COLUMNS order."""
+    decider = next(
+        (
+            s.score
+            for s in v.scores
+            if s.model.model_id == v.model.model_id and s.model.version == v.model.version
+        ),
+        None,
+    )
+    c = v.counters
+    return (
+        v.agent_id,
+        v.sequence,
+        v.hostname,
+        v.flow.src_ip,
+        v.flow.dst_ip,
+        v.flow.src_port,
+        v.flow.dst_port,
+        v.flow.ip_protocol,
+        v.flow.vlan_id,
+        _ns(v.first_seen_time),
+        _ns(v.last_seen_time),
+        _ns(v.scored_time),
+        received_ns,
+        c.src_to_dst_packets + c.dst_to_src_packets,
+        c.src_to_dst_bytes + c.dst_to_src_bytes,
+        v.model.model_id,
+        v.model.version,
+        v.label,
+        int(v.anomalous),
+        decider,
+        v.application_name,
+        v.SerializeToString(),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+    # Ids of the newly stored verdicts, for live subscribers.
+    stored_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryPage:
+    verdicts: list[verdict_pb2.StoredVerdict]
+    next_page_token: str
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.table("verdicts").create(
+        {
+            "id": int,
+            "agent_id": str,
+            "sequence": int,
+            "hostname": str,
+            "src_ip": str,
+            "dst_ip": str,
+            "src_port": int,
+            "dst_port": int,
+            "ip_protocol": int,
+            "vlan_id": int,
+            "first_seen_ns": int,
+            "last_seen_ns": int,
+            "scored_ns": int,
+            "received_ns": int,
+            "packets": int,
+            "bytes": int,
+            "model_id": str,
+            "model_version": str,
+            "label": str,
+            "anomalous": int,
+            "score": float,
+            "application_name": str,
+            "analyst_label": str,
+            "analyst_note": str,
+            "analyst_author": str,
+            "analyst_labeled_ns": int,
+            "verdict_pb": bytes,
+        },
+        pk="id",
+        not_null={"agent_id", "sequence", "scored_ns", "received_ns", "verdict_pb"},
+    )
+    verdicts = db.table("verdicts")
+    verdicts.create_index(["agent_id", "sequence"], unique=True)
+    verdicts.create_index(["scored_ns"])
+    verdicts.create_index(["last_seen_ns"])
+    verdicts.create_index(["anomalous", "id"])
+    db.table("agents").create(
+        {
+            "agent_id": str,
+            "hostname": str,
+            "first_seen_ns": int,
+            "last_seen_ns": int,
+            "acknowledged_sequence": int,
+            "verdicts_stored": int,
+        },
+        pk="agent_id",
+    )
+
+
+# Migration n brings a database from schema n-1 to n. Append; never edit a released one.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class VerdictStore:
+    """The collector's SQLite database. Thread-safe: writes are serialised on one connection."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._db = sqlite_utils.Database(_connect(self.path))
+        self._db.enable_wal()
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.migrate()
+        self._local = threading.local()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The writer's sqlite-utils handle (admin commands, migrations)."""
+        return self._db
+
+    def schema_version(self) -> int:
+        if "meta" not in self._db.table_names():
+            return 0
+        rows = list(self._db.query("SELECT value FROM meta WHERE key = 'schema_version'"))
+        return int(rows[0]["value"]) if rows else 0
+
+    def migrate(self) -> int:
+        """Bring the schema up to SCHEMA_VERSION; return the number of migrations applied."""
+        with self._write_lock:
+            current = self.schema_version()
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: schema version {current} is newer than this collector ({SCHEMA_VERSION})"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                with self._db.atomic():
+                    MIGRATIONS[version - 1](self._db)
+                    self._db.table("meta").insert(
+                        {"key": "schema_version", "value": str(version)}, pk="key", replace=True
+                    )
+            return SCHEMA_VERSION - current
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def ingest(self, agent_id: str, verdicts: Sequence[verdict_pb2.Verdict]) -> IngestResult:
+        """Store one batch in one transaction; durable (WAL, synchronous=NORMAL) on return."""
+        received_ns = time.time_ns()
+        rows = [verdict_row(v, received_ns) for v in verdicts]
+        conn = self._db.conn
+        with self._write_lock:
+            (max_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
+            with self._db.atomic():
+                before = conn.total_changes
+                conn.executemany(_INSERT_SQL, rows)
+                accepted = conn.total_changes - before
+                top = max((v.sequence for v in verdicts), default=0)
+                conn.execute(
+                    "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns,"
+                    " acknowledged_sequence, verdicts_stored) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(agent_id) DO UPDATE SET"
+                    " hostname = excluded.hostname, last_seen_ns = excluded.last_seen_ns,"
+                    " acknowledged_sequence = MAX(acknowledged_sequence, excluded.acknowledged_sequence),"
+                    " verdicts_stored = verdicts_stored + excluded.verdicts_stored",
+                    (
+                        agent_id,
+                        verdicts[0].hostname if verdicts else "",
+                        received_ns,
+                        received_ns,
+                        top,
+                        accepted,
+                    ),
+                )
+            stored_ids = (
+                [r[0] for r in conn.execute("SELECT id FROM verdicts WHERE id > ? ORDER BY id", (max_id,))]
+                if accepted
+                else []
+            )
+        return IngestResult(accepted=accepted, duplicates=len(rows) - accepted, stored_ids=stored_ids)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def query(self, flt: query_service_pb2.VerdictFilter, page_size: int, page_token: str) -> QueryPage:
+        """One page of verdicts matching ``flt``, newest first, with a cursor to the next."""
+        where, params = filter_sql(flt)
+        if page_token:
+            where.append("id < ?")
+            params.append(decode_page_token(page_token))
+        sql = _SELECT_STORED
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(page_size + 1)
+        rows = self._reader().execute(sql, params).fetchall()
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        verdicts = [stored_verdict(*row) for row in rows]
+        token = encode_page_token(rows[-1][0]) if more and rows else ""
+        return QueryPage(verdicts, token)
+
+    def fetch(self, ids: Sequence[int]) -> list[verdict_pb2.StoredVerdict]:
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        rows = self._reader().execute(
+            f"{_SELECT_STORED} WHERE id IN ({marks}) ORDER BY id",
+            list(ids),
+        )
+        return [stored_verdict(*row) for row in rows]
+
+    def count(self) -> int:
+        (n,) = self._reader().execute("SELECT COUNT(*) FROM verdicts").fetchone()
+        return int(n)
+
+
+def stored_verdict(
+    row_id: int,
+    received_ns: int,
+    blob: bytes,
+    analyst_label: str | None,
+    analyst_note: str | None,
+    analyst_author: str | None,
+    analyst_labeled_ns: int | None,
+) -> verdict_pb2.StoredVerdict:
+    stored = verdict_pb2.StoredVerdict(id=row_id)
+    stored.verdict.ParseFromString(blob)
+    stored.received_time.FromNanoseconds(received_ns)
+    if analyst_label:
+        stored.analyst_label.label = analyst_label
+        stored.analyst_label.note = analyst_note or ""
+        stored.analyst_label.author = analyst_author or ""
+        stored.analyst_label.labeled_time.FromNanoseconds(analyst_labeled_ns or 0)
+    return stored
+
+
+_TIME_COLUMNS = {
+    query_service_pb2.TIME_FIELD_UNSPECIFIED: "scored_ns",
+    query_service_pb2.TIME_FIELD_SCORED: "scored_ns",
+    query_service_pb2.TIME_FIELD_FLOW: "last_seen_ns",
+    query_service_pb2.TIME_FIELD_RECEIVED: "received_ns",
+}
+
+
+def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and parameters for a VerdictFilter (all clauses ANDed)."""
+    where: list[str] = []
+    params: list[Any] = []
+    column = _TIME_COLUMNS.get(flt.time_field)
+    if column is None:
+        raise ValueError(f"unknown time_field {flt.time_field}")
+    if flt.time_range.HasField("start_time"):
+        where.append(f"{column} >= ?")
+        params.append(_ns(flt.time_range.start_time))
+    if flt.time_range.HasField("end_time"):
+        where.append(f"{column} < ?")
+        params.append(_ns(flt.time_range.end_time))
+
+    def any_of(col: str, values: Sequence[Any]) -> None:
+        if values:
+            where.append(f"{col} IN ({', '.join('?' for _ in values)})")
+            params.extend(values)
+
+    any_of("agent_id", list(flt.agent_ids))
+    any_of("hostname", list(flt.hostnames))
+    any_of("label", list(flt.labels))
+    if flt.ip:
+        where.append("(src_ip = ? OR dst_ip = ?)")
+        params += [flt.ip, flt.ip]
+    for column, wanted in (("src_ip", flt.src_ip), ("dst_ip", flt.dst_ip), ("model_id", flt.model_id)):
+        if wanted:
+            where.append(f"{column} = ?")
+            params.append(wanted)
+    for column, present, number in (
+        ("src_port", flt.HasField("src_port"), flt.src_port),
+        ("dst_port", flt.HasField("dst_port"), flt.dst_port),
+        ("ip_protocol", flt.HasField("ip_protocol"), flt.ip_protocol),
+    ):
+        if present:
+            where.append(f"{column} = ?")
+            params.append(number)
+    if flt.HasField("anomalous"):
+        where.append("anomalous = ?")
+        params.append(int(flt.anomalous))
+    if flt.HasField("min_score"):
+        where.append("score >= ?")
+        params.append(flt.min_score)
+    if flt.HasField("max_score"):
+        where.append("score <= ?")
+        params.append(flt.max_score)
+    return where, params
+
+
+def encode_page_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        prefix, value = text.split(":", 1)
+        if prefix != "v1":
+            raise ValueError(prefix)
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("page_token is not a token this collector issued") from None

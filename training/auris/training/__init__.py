@@ -1,0 +1,1 @@
+"""Auris training: builds, evaluates and exports models."""

@@ -1,0 +1,3 @@
+from auris.training.cli import main
+
+raise SystemExit(main())
