@@ -1,0 +1,141 @@
+"""Shared fixtures: a real collector on 127.0.0.1 port 0 with a SQLite file in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from auris.collector.client import CollectorClient
+from auris.collector.config import CollectorConfig
+from auris.collector.server import Collector
+from auris.v1 import flow_pb2, model_pb2, verdict_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+PCAPS = DATA / "pcaps"
+MODELS = REPO / "models"
+
+
+class CollectorThread:
+    """A real collector serving from its own event loop in a background thread."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-collector", daemon=True)
+        self.collector: Collector | None = None
+
+    def start(self) -> str:
+        self._thread.start()
+
+        async def start() -> Collector:
+            collector = Collector(self.config)
+            await collector.start()
+            return collector
+
+        self.collector = asyncio.run_coroutine_threadsafe(start(), self._loop).result(30)
+        return self.collector.address
+
+    def stop(self) -> None:
+        if self.collector is not None:
+            asyncio.run_coroutine_threadsafe(self.collector.stop(), self._loop).result(30)
+            self.collector = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def address(self) -> str:
+        assert self.collector is not None
+        return self.collector.address
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[CollectorThread]:
+    config = CollectorConfig(listen="127.0.0.1:0", insecure=True, db=str(tmp_path / "collector" / "auris.db"))
+    running = CollectorThread(config)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def client(collector: CollectorThread) -> Iterator[CollectorClient]:
+    with CollectorClient(collector.address, insecure=True) as c:
+        yield c
+
+
+@dataclasses.dataclass
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(module: str, args: Sequence[str], timeout: float = 120, cwd: Path = REPO) -> Completed:
+    """Run ``python -m module args`` as a real process, the way an operator would."""
+    env = dict(os.environ)
+    env.pop("AURIS_AGENT_MODELS_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
+    return Completed(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_agent(address: str, pcaps: Sequence[Path], state_dir: Path, *extra: str) -> Completed:
+    args = ["--collector", address, "--insecure", "--models-dir", str(MODELS), "--state-dir", str(state_dir)]
+    for pcap in pcaps:
+        args += ["--pcap", str(pcap)]
+    return run_cli("auris.agent", [*args, *extra])
+
+
+def make_verdict(
+    sequence: int,
+    *,
+    agent_id: str = "agent-1",
+    src_ip: str = "10.0.0.1",
+    dst_ip: str = "10.0.0.2",
+    dst_port: int = 443,
+    label: str = "benign",
+    anomalous: bool = False,
+    score: float = 0.1,
+    scored_ms: int | None = None,
+) -> verdict_pb2.Verdict:
+    """A well-formed verdict, as an agent would send it."""
+    v = verdict_pb2.Verdict(
+        agent_id=agent_id,
+        sequence=sequence,
+        flow=flow_pb2.FlowKey(
+            src_ip=src_ip, dst_ip=dst_ip, src_port=40000 + sequence % 20000, dst_port=dst_port, ip_protocol=6
+        ),
+        counters=flow_pb2.FlowCounters(
+            src_to_dst_packets=3, dst_to_src_packets=2, src_to_dst_bytes=300, dst_to_src_bytes=200
+        ),
+        model=model_pb2.ModelRef(model_id="m", version="1"),
+        label=label,
+        anomalous=anomalous,
+        hostname="host-1",
+    )
+    v.scores.add(
+        model=v.model, kind=model_pb2.MODEL_KIND_CLASSIFIER, score=score, threshold=0.5, anomalous=anomalous
+    )
+    ms = scored_ms if scored_ms is not None else int(time.time() * 1000)
+    v.scored_time.FromMilliseconds(ms)
+    v.first_seen_time.FromMilliseconds(ms - 1000)
+    v.last_seen_time.FromMilliseconds(ms - 10)
+    return v

@@ -1,0 +1,118 @@
+"""The three commands: --help, --version, --config, and one-line errors with documented exit codes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from auris.agent import __version__
+
+from tests.conftest import PCAPS, run_cli
+
+# (module, console script, arguments that make it load its configuration)
+COMMANDS = [
+    ("auris.agent", "auris-agent", ["--insecure", "--check-config"]),
+    ("auris.collector", "auris-collector", ["--check-config", "serve", "--insecure"]),
+    ("auris.collector.ctl", "aurisctl", ["--insecure", "verdicts"]),
+]
+
+
+@pytest.mark.parametrize(("module", "script", "args"), COMMANDS)
+def test_help_and_version(module: str, script: str, args: list[str]) -> None:
+    helped = run_cli(module, ["--help"])
+    assert helped.returncode == 0
+    assert "--config" in helped.stdout
+    assert "Exit codes" in helped.stdout
+    versioned = run_cli(module, ["--version"])
+    assert versioned.returncode == 0
+    assert versioned.stdout.strip() == f"{script} {__version__}"
+
+
+@pytest.mark.parametrize(("module", "script", "args"), COMMANDS)
+def test_console_scripts_installed(module: str, script: str, args: list[str]) -> None:
+    assert (Path(sys.executable).parent / script).exists()
+
+
+@pytest.mark.parametrize(("module", "script", "args"), COMMANDS)
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("this is = = not toml", "is not valid TOML"),
+        ('no_such_option = "x"', "unknown key 'no_such_option'"),
+        ("insecure = 3", "insecure: expected true or false"),
+    ],
+)
+def test_bad_config_is_one_line(
+    tmp_path: Path, module: str, script: str, args: list[str], content: str | None, message: str
+) -> None:
+    config = tmp_path / "missing.toml"
+    if content is not None:
+        config = tmp_path / "bad.toml"
+        config.write_text(content + "\n")
+    done = run_cli(module, ["--config", str(config), *args])
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"{script}: ")
+    assert message in lines[0]
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'insecure = true\npcaps = ["{PCAPS / "steam.pcap"}"]\nscore_batch = 32\n')
+    done = run_cli("auris.agent", ["--config", str(config), "--check-config"])
+    assert done.returncode == 0, done.stderr
+    assert "configuration ok" in done.stdout
+
+
+def test_environment_sits_between_file_and_flags(tmp_path: Path) -> None:
+    from auris.agent.config import load_agent_config
+
+    config = tmp_path / "agent.toml"
+    config.write_text('insecure = true\ncollector = "127.0.0.1:1"\nscore_batch = 8\n')
+    env = {"AURIS_AGENT_COLLECTOR": "127.0.0.1:2", "AURIS_AGENT_SCORE_BATCH": "16"}
+    loaded = load_agent_config(config, {"collector": "127.0.0.1:3"}, environ=env)
+    assert loaded.collector == "127.0.0.1:3"  # flag beats environment
+    assert loaded.score_batch == 16  # environment beats file
+    assert load_agent_config(config, environ={}).score_batch == 8
+
+
+def test_tls_is_the_default() -> None:
+    done = run_cli("auris.agent", ["--check-config"])
+    assert done.returncode == 2
+    assert "pass --insecure" in done.stderr
+
+
+def test_insecure_refuses_non_loopback() -> None:
+    served = run_cli("auris.collector", ["serve", "--insecure", "--listen", "0.0.0.0:0"])
+    assert served.returncode == 2
+    assert "non-loopback" in served.stderr
+    queried = run_cli("auris.collector.ctl", ["--insecure", "--collector", "192.0.2.1:50051", "verdicts"])
+    assert queried.returncode == 2
+    assert "loopback" in queried.stderr
+
+
+def test_agent_without_models_is_a_clear_error(tmp_path: Path) -> None:
+    done = run_cli(
+        "auris.agent",
+        [
+            "--insecure",
+            "--models-dir",
+            str(tmp_path),
+            "--state-dir",
+            str(tmp_path),
+            "--pcap",
+            str(PCAPS / "steam.pcap"),
+        ],
+    )
+    assert done.returncode == 3
+    assert "no usable model" in done.stderr
+
+
+def test_aurisctl_unreachable_collector_exit_code() -> None:
+    done = run_cli("auris.collector.ctl", ["--insecure", "--collector", "127.0.0.1:1", "verdicts"])
+    assert done.returncode == 3
+    assert done.stderr.startswith("aurisctl: UNAVAILABLE")
+    assert len(done.stderr.strip().splitlines()) == 1

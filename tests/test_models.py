@@ -1,0 +1,136 @@
+"""Model manifests and ONNX scoring: the shipped models, refusals, and training/agent parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from auris.agent.features import NFSTREAM
+from auris.agent.manifest import find_manifests, read_manifest
+from auris.agent.meter import meter_flows
+from auris.agent.scoring import load_model, load_models, to_matrix
+from auris.v1 import model_pb2
+
+from tests.conftest import MODELS, PCAPS
+
+
+def test_shipped_models_load_and_carry_their_evaluation() -> None:
+    models, errors = load_models(MODELS)
+    assert errors == []
+    assert [m.manifest.model_id for m in models.models] == ["nfstream-rf"]
+    manifest = models.models[0].manifest
+    assert manifest.kind == model_pb2.MODEL_KIND_CLASSIFIER
+    assert list(manifest.feature_set.columns) == list(NFSTREAM.columns)
+    evaluation = manifest.evaluation
+    assert "by time" in evaluation.split
+    assert {c.label for c in evaluation.per_class} == {"attack", "benign"}
+    assert all(c.support > 0 for c in evaluation.per_class)
+    assert evaluation.baseline_name
+    assert evaluation.macro_f1 > evaluation.baseline_macro_f1
+    assert manifest.training_data
+    assert evaluation.extra["onnx_parity_max_abs_diff"] < 1e-5
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    (manifest,) = find_manifests(MODELS)
+    for path in (manifest, MODELS / read_manifest(manifest).onnx_file):
+        shutil.copy(path, tmp_path / path.name)
+    return tmp_path / manifest.name
+
+
+def test_a_modified_onnx_file_is_refused(tmp_path: Path) -> None:
+    manifest = _copy_model(tmp_path)
+    onnx = tmp_path / read_manifest(manifest, verify_file=False).onnx_file
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    models, errors = load_models(tmp_path)
+    assert not models.models
+    assert len(errors) == 1
+    assert "refusing a modified model" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["feature_set"].update(name="cicflowmeter"), "unknown feature set 'cicflowmeter'"),
+        (lambda m: m["feature_set"].update(version="9"), "the model wants 9"),
+        (lambda m: m["feature_set"]["columns"].append("no_such_column"), "has no column 'no_such_column'"),
+        (lambda m: m.update(surprise=1), "not a valid manifest"),
+        (lambda m: m.update(manifest_version=99), "newer than this reader"),
+        (lambda m: m.update(normal_label="nothing"), "normal_label"),
+        (lambda m: m.update(input_name="x"), "graph has no input 'x'"),
+    ],
+)
+def test_manifests_the_agent_cannot_honour_are_refused(tmp_path: Path, edit: object, message: str) -> None:
+    path = _copy_model(tmp_path)
+    data = json.loads(path.read_text())
+    edit(data)  # type: ignore[operator]
+    path.write_text(json.dumps(data))
+    models, errors = load_models(tmp_path)
+    assert not models.models
+    assert message in errors[0]
+    assert len(errors[0].splitlines()) == 1
+
+
+def test_to_matrix_cleans_non_finite_values() -> None:
+    m = to_matrix([[1.0, float("nan"), float("inf"), -float("inf")]], 4)
+    assert m.dtype == np.float32
+    assert np.isfinite(m).all()
+    assert m[0, 1] == 0.0
+    with pytest.raises(ValueError, match="expected rows of 3"):
+        to_matrix([[1.0, 2.0]], 3)
+
+
+def test_training_export_and_agent_scoring_agree(tmp_path: Path) -> None:
+    """A model trained on the agent's own features scores the same in scikit-learn and in the agent."""
+    from auris.training.export import INPUT_NAME, export_classifier, parity, write_model
+    from auris.training.metrics import classifier_evaluation
+    from auris.training.pcap_flows import CaptureFile, flow_table
+    from sklearn.ensemble import RandomForestClassifier
+
+    files = [CaptureFile(PCAPS / "masscan_tcp_0_1000_20190821.pcap", "attack")]
+    files += [
+        CaptureFile(PCAPS / n, "benign") for n in ("steam.pcap", "kerberos.pcap", "KakaoTalk_chat.pcap")
+    ]
+    table = flow_table(files, NFSTREAM, max_flows_per_capture=200)
+    x = to_matrix(table.rows, len(NFSTREAM.columns))
+    y = np.asarray(table.labels)
+    forest = RandomForestClassifier(n_estimators=5, max_depth=6, random_state=0).fit(x, y)
+    onnx_bytes = export_classifier(forest, x.shape[1])
+    assert parity(onnx_bytes, forest, x) < 1e-5
+
+    classes = [str(c) for c in forest.classes_]
+    probabilities = forest.predict_proba(x)
+    attack = 1.0 - probabilities[:, classes.index("benign")]
+    predicted = np.where(attack >= 0.5, "attack", "benign")
+    evaluation = classifier_evaluation(
+        y.tolist(), predicted.tolist(), attack, classes, "benign", split="train"
+    )
+    manifest_path = write_model(
+        tmp_path,
+        "tiny",
+        onnx_bytes,
+        model_id="tiny",
+        version="1",
+        kind=model_pb2.MODEL_KIND_CLASSIFIER,
+        feature_set=NFSTREAM,
+        labels=classes,
+        normal_label="benign",
+        threshold=0.5,
+        threshold_method="test",
+        evaluation=evaluation,
+        provenance={str(f.path): ("0" * 64, 1) for f in files},
+        description="test model",
+    )
+    model = load_model(manifest_path)
+    assert model.manifest.input_name == INPUT_NAME
+    # Fresh flows through the agent's meter and the loaded model: same scores as scikit-learn.
+    flows = list(meter_flows([str(PCAPS / "trickbot.pcap")], [NFSTREAM]))
+    rows = to_matrix([f.features["nfstream"] for f in flows], len(NFSTREAM.columns))
+    ours = np.array([s.score for s in model.score_matrix(rows)])
+    theirs = 1.0 - forest.predict_proba(rows)[:, classes.index("benign")]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -1,0 +1,114 @@
+"""The collector's RPCs on a real server: acknowledgements, refusals and their statuses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from auris.collector.client import CollectorClient, verdict_filter
+from auris.collector.config import CollectorConfig
+from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, verdict_pb2
+
+from tests.conftest import CollectorThread, make_verdict
+
+
+def _request(
+    *verdicts: verdict_pb2.Verdict, agent_id: str = "agent-1"
+) -> agent_service_pb2.StreamVerdictsRequest:
+    return agent_service_pb2.StreamVerdictsRequest(agent_id=agent_id, verdicts=verdicts)
+
+
+@pytest.fixture
+def agent_stub(client: CollectorClient) -> agent_service_pb2_grpc.AgentServiceStub:
+    return agent_service_pb2_grpc.AgentServiceStub(client.channel)
+
+
+def test_each_batch_is_acknowledged_and_resends_are_stored_once(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient
+) -> None:
+    batches = [_request(*(make_verdict(s) for s in range(i, i + 5))) for i in (1, 6, 11)]
+    acks = list(agent_stub.StreamVerdicts(iter(batches)))
+    assert [a.acknowledged_sequence for a in acks] == [5, 10, 15]
+    assert [a.accepted for a in acks] == [5, 5, 5]
+    # A reconnecting agent resends what it had not seen acknowledged.
+    acks = list(agent_stub.StreamVerdicts(iter(batches[1:])))
+    assert [(a.accepted, a.duplicates) for a in acks] == [(0, 5), (0, 5)]
+    assert len(list(client.query(verdict_filter()))) == 15
+
+
+def test_a_malformed_verdict_refuses_its_batch_and_keeps_the_rest(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient
+) -> None:
+    good = _request(*(make_verdict(s) for s in range(1, 4)))
+    bad_verdict = make_verdict(5)
+    bad_verdict.flow.src_ip = "999.1.1.1"
+    bad = _request(make_verdict(4), bad_verdict)
+    responses: Iterator[agent_service_pb2.StreamVerdictsResponse] = iter(
+        agent_stub.StreamVerdicts(iter([good, bad]))
+    )
+    assert next(responses).acknowledged_sequence == 3
+    with pytest.raises(grpc.RpcError) as caught:
+        next(responses)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "verdict 1: src_ip '999.1.1.1' is not an IP address"
+    assert sorted(s.verdict.sequence for s in client.query(verdict_filter())) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (_request(make_verdict(2), make_verdict(2)), "verdict 1: sequence 2 does not increase"),
+        (_request(make_verdict(1), agent_id=""), "agent_id must be"),
+        (_request(make_verdict(1, agent_id="other")), "differs from the stream's"),
+    ],
+)
+def test_invalid_batches(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub,
+    request_: agent_service_pb2.StreamVerdictsRequest,
+    message: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(agent_stub.StreamVerdicts(iter([request_])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (caught.value.details() or "")
+
+
+@pytest.fixture
+def small_collector(tmp_path: Path) -> Iterator[CollectorThread]:
+    config = CollectorConfig(
+        listen="127.0.0.1:0", insecure=True, db=str(tmp_path / "small.db"), max_message_mib=1, max_page_size=5
+    )
+    running = CollectorThread(config)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_oversize_message_and_page_cap(small_collector: CollectorThread) -> None:
+    with CollectorClient(small_collector.address, insecure=True) as c:
+        stub = agent_service_pb2_grpc.AgentServiceStub(c.channel)
+        huge = make_verdict(1)
+        huge.explanation = "x" * (2 * 1024 * 1024)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.StreamVerdicts(iter([_request(huge)])))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        list(stub.StreamVerdicts(iter([_request(*(make_verdict(s) for s in range(1, 13)))])))
+        page = c.query_page(query_service_pb2.VerdictFilter(), page_size=1000)
+        assert len(page.verdicts) == 5
+        assert len(list(c.query(query_service_pb2.VerdictFilter(), page_size=1000))) == 12
+
+
+def test_query_errors_map_to_statuses(client: CollectorClient) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        client.query_page(query_service_pb2.VerdictFilter(), page_token="garbage")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in (caught.value.details() or "")
+
+
+def test_contract_rpcs_not_served_yet_say_so(agent_stub: agent_service_pb2_grpc.AgentServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        agent_stub.Heartbeat(agent_service_pb2.HeartbeatRequest(agent_id="a"))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Heartbeat is not implemented" in (caught.value.details() or "")

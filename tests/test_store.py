@@ -1,0 +1,109 @@
+"""The SQLite store: durability settings, idempotent ingest, cursor pagination, filters, migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from auris.collector.store import SCHEMA_VERSION, VerdictStore
+from auris.v1 import query_service_pb2
+
+from tests.conftest import make_verdict
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> VerdictStore:
+    return VerdictStore(tmp_path / "auris.db")
+
+
+def test_wal_and_schema_version(store: VerdictStore) -> None:
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store.schema_version() == SCHEMA_VERSION
+    assert {"verdicts", "agents", "meta"} <= set(store.db.table_names())
+
+
+def test_ingest_is_idempotent_on_agent_and_sequence(store: VerdictStore) -> None:
+    batch = [make_verdict(i) for i in range(1, 11)]
+    first = store.ingest("agent-1", batch)
+    assert (first.accepted, first.duplicates) == (10, 0)
+    assert len(first.stored_ids) == 10
+    again = store.ingest("agent-1", [*batch[5:], make_verdict(11)])
+    assert (again.accepted, again.duplicates) == (1, 5)
+    assert store.count() == 11
+    # The same sequence from another agent is a different verdict.
+    other = store.ingest("agent-2", [make_verdict(1, agent_id="agent-2")])
+    assert other.accepted == 1
+    row = store.db.execute(
+        "SELECT acknowledged_sequence, verdicts_stored FROM agents WHERE agent_id='agent-1'"
+    )
+    assert row.fetchone() == (11, 11)
+
+
+def test_cursor_pagination_is_stable_under_inserts(store: VerdictStore) -> None:
+    store.ingest("agent-1", [make_verdict(i) for i in range(1, 26)])
+    flt = query_service_pb2.VerdictFilter()
+    page = store.query(flt, 10, "")
+    assert len(page.verdicts) == 10
+    assert page.next_page_token
+    ids = [v.id for v in page.verdicts]
+    assert ids == sorted(ids, reverse=True)
+    # New arrivals between pages do not shift or repeat what the cursor walks.
+    store.ingest("agent-1", [make_verdict(i) for i in range(26, 31)])
+    seen = list(ids)
+    token = page.next_page_token
+    while token:
+        page = store.query(flt, 10, token)
+        seen += [v.id for v in page.verdicts]
+        token = page.next_page_token
+    assert len(seen) == len(set(seen)) == 25
+    assert store.query(flt, 100, "").verdicts[0].verdict.sequence == 30
+
+
+def test_bad_page_token_is_a_value_error(store: VerdictStore) -> None:
+    with pytest.raises(ValueError, match="page_token"):
+        store.query(query_service_pb2.VerdictFilter(), 10, "not-a-token")
+
+
+def test_filters(store: VerdictStore) -> None:
+    store.ingest(
+        "agent-1",
+        [
+            make_verdict(1, dst_port=22, label="attack", anomalous=True, score=0.9),
+            make_verdict(2, dst_port=443, score=0.2),
+            make_verdict(3, src_ip="192.0.2.7", dst_port=53, score=0.6, anomalous=True, label="attack"),
+        ],
+    )
+    store.ingest("agent-2", [make_verdict(1, agent_id="agent-2", dst_ip="2001:db8::1")])
+
+    def seqs(**fields: object) -> list[tuple[str, int]]:
+        flt = query_service_pb2.VerdictFilter(**fields)  # type: ignore[arg-type]
+        return sorted((v.verdict.agent_id, v.verdict.sequence) for v in store.query(flt, 100, "").verdicts)
+
+    assert seqs(anomalous=True) == [("agent-1", 1), ("agent-1", 3)]
+    assert seqs(anomalous=False) == [("agent-1", 2), ("agent-2", 1)]
+    assert seqs(dst_port=22) == [("agent-1", 1)]
+    assert seqs(ip="192.0.2.7") == [("agent-1", 3)]
+    assert seqs(dst_ip="2001:db8::1") == [("agent-2", 1)]
+    assert seqs(agent_ids=["agent-2"]) == [("agent-2", 1)]
+    assert seqs(labels=["attack"]) == [("agent-1", 1), ("agent-1", 3)]
+    assert seqs(min_score=0.5, max_score=0.7) == [("agent-1", 3)]
+
+
+def test_migrates_an_older_database_and_refuses_a_newer_one(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    # A database from before the schema existed (version 0): only a stray table.
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('kept')")
+    store = VerdictStore(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.migrate() == 0  # already current: nothing to do
+    assert store.db.execute("SELECT text FROM notes").fetchone() == ("kept",)
+    store.ingest("a", [make_verdict(1, agent_id="a")])
+    store.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    store.db.conn.commit()
+    store.close()
+    with pytest.raises(RuntimeError, match="newer than this collector"):
+        VerdictStore(path)
