@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from auris.agent import __version__
 
-from tests.conftest import PCAPS, run_cli
+from tests.conftest import PCAPS, REPO, run_cli
 
 # (module, console script, arguments that make it load its configuration)
 COMMANDS = [
@@ -116,3 +116,27 @@ def test_aurisctl_unreachable_collector_exit_code() -> None:
     assert done.returncode == 3
     assert done.stderr.startswith("aurisctl: UNAVAILABLE")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("sample", "loader"),
+    [
+        ("agent.toml", "auris.agent.config:AgentConfig"),
+        ("collector.toml", "auris.collector.config:CollectorConfig"),
+        ("aurisctl.toml", "auris.collector.ctl:CtlConfig"),
+    ],
+)
+def test_sample_configs_load_and_name_every_option(sample: str, loader: str) -> None:
+    import dataclasses
+    import importlib
+    import tomllib
+
+    from auris.agent.config import build_config
+
+    module, name = loader.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    path = REPO / "packaging" / sample
+    build_config(cls, path=path)
+    with path.open("rb") as fh:
+        keys = set(tomllib.load(fh))
+    assert keys == {f.name for f in dataclasses.fields(cls)}

@@ -134,3 +134,15 @@ def test_training_export_and_agent_scoring_agree(tmp_path: Path) -> None:
     ours = np.array([s.score for s in model.score_matrix(rows)])
     theirs = 1.0 - forest.predict_proba(rows)[:, classes.index("benign")]
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_scoring_survives_empty_and_failing_batches() -> None:
+    models, _ = load_models(MODELS)
+    assert models.score([]) == []
+    flows = list(meter_flows([str(PCAPS / "steam.pcap")], [NFSTREAM]))
+    features = [f.features for f in flows]
+    assert all(len(s) == 1 for s in models.score(features))
+    models.models[0].manifest.input_name = "not-an-input"  # every call to onnxruntime now fails
+    scores = models.score(features)
+    assert scores == [[] for _ in flows]  # the flows survive, unscored
+    assert models.errors == 1

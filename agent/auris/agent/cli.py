@@ -141,6 +141,8 @@ def run(config: AgentConfig) -> int:
 
     def score_pending() -> None:
         nonlocal anomalies
+        if not pending:
+            return
         scored_time = timestamp_pb2.Timestamp()
         scored_time.GetCurrentTime()
         for flow, scores in zip(pending, models.score([f.features for f in pending]), strict=True):
@@ -180,13 +182,14 @@ def run(config: AgentConfig) -> int:
     elapsed = time.monotonic() - started
     logger.info(
         "metered %d flows (%d anomalous) in %.1fs; %d verdicts acknowledged, %d resent as duplicates, "
-        "%d reconnects",
+        "%d reconnects, %d failed scoring batches",
         flows,
         anomalies,
         elapsed,
         uplink.stats.verdicts_acknowledged,
         uplink.stats.duplicates,
         uplink.stats.reconnects,
+        models.errors,
     )
     if not delivered:
         logger.error("%s", uplink.error or f"{uplink.unacknowledged} verdicts not acknowledged")

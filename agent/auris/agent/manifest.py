@@ -41,7 +41,13 @@ def file_sha256(path: Path) -> str:
 
 def dump_manifest(manifest: model_pb2.ModelManifest) -> str:
     """Serialise a manifest to stable, human-readable JSON."""
-    text = json_format.MessageToJson(manifest, preserving_proto_field_name=True, indent=2, sort_keys=True)
+    text = json_format.MessageToJson(
+        manifest,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        indent=2,
+        sort_keys=True,
+    )
     return text + "\n"
 
 

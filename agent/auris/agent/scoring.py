@@ -128,6 +128,8 @@ class ModelSet:
     """The models an agent runs, grouped by the feature set they read."""
 
     models: list[LoadedModel]
+    # Batches a model failed to score (counted, logged, never fatal: the flows still get verdicts).
+    errors: int = 0
 
     @property
     def feature_sets(self) -> list[FeatureSet]:
@@ -139,11 +141,19 @@ class ModelSet:
     def score(self, features: Sequence[dict[str, list[float]]]) -> list[list[Score]]:
         """Score a batch of flows (feature set name -> vector) with every model."""
         per_flow: list[list[Score]] = [[] for _ in features]
+        if not features:
+            return per_flow
         matrices = {
             fs.name: to_matrix([f[fs.name] for f in features], len(fs.columns)) for fs in self.feature_sets
         }
         for model in self.models:
-            for i, score in enumerate(model.score_matrix(matrices[model.feature_set.name])):
+            try:
+                scores = model.score_matrix(matrices[model.feature_set.name])
+            except Exception as exc:  # onnxruntime's errors are untyped; one bad batch must not stop the agent
+                self.errors += 1
+                logger.error("model %s failed on a batch of %d flows: %s", model.ref, len(features), exc)
+                continue
+            for i, score in enumerate(scores):
                 per_flow[i].append(score)
         return per_flow
 

@@ -30,7 +30,7 @@ def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
     first classifier, else the first model.
     """
     if not scores:
-        return None, NORMAL_LABEL, False, "no model loaded"
+        return None, NORMAL_LABEL, False, "no model scored this flow"
     fired = [s for s in scores if s.anomalous]
     classifiers = [s for s in scores if s.kind == model_pb2.MODEL_KIND_CLASSIFIER]
     if fired:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: a collector (SQLite) and an agent replaying real
+# captures, then the anomalous verdicts through aurisctl. Run it with `make demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.venv/bin
+demo=.demo
+pcaps=tests/data/pcaps
+rm -rf "$demo" && mkdir -p "$demo"
+
+"$bin/auris-collector" serve --insecure --listen 127.0.0.1:0 --db "$demo/auris.db" \
+    --address-file "$demo/collector.addr" --log-level warning 2>"$demo/collector.log" &
+collector=$!
+trap 'kill "$collector" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do [ -s "$demo/collector.addr" ] && break; sleep 0.1; done
+[ -s "$demo/collector.addr" ] || { echo "demo: the collector did not start:" >&2; cat "$demo/collector.log" >&2; exit 1; }
+address=$(cat "$demo/collector.addr")
+echo "== collector listening on $address (database $demo/auris.db)"
+
+echo "== agent: replaying benign and attack captures from $pcaps"
+"$bin/auris-agent" --insecure --collector "$address" --models-dir models --state-dir "$demo/agent" \
+    --pcap "$pcaps/steam.pcap" --pcap "$pcaps/kerberos.pcap" --pcap "$pcaps/KakaoTalk_chat.pcap" \
+    --pcap "$pcaps/masscan_tcp_0_1000_20190821.pcap" --pcap "$pcaps/trickbot.pcap" \
+    --pcap "$pcaps/WebattackSQLinj.pcap" --pcap "$pcaps/nmap_nmap_80_w_service_detection.pcap" \
+    2>"$demo/agent.log" || { echo "demo: the agent failed:" >&2; tail -5 "$demo/agent.log" >&2; exit 1; }
+grep -o "metered.*" "$demo/agent.log"
+
+total=$("$bin/aurisctl" --insecure --collector "$address" verdicts --since 1h --limit 0 --json | wc -l)
+flagged=$("$bin/aurisctl" --insecure --collector "$address" verdicts --since 1h --anomalous --limit 0 --json | wc -l)
+echo "== $total verdicts stored, $flagged anomalous; the newest 25 anomalous:"
+"$bin/aurisctl" --insecure --collector "$address" verdicts --since 1h --anomalous --limit 25
+
+kill -TERM "$collector"
+wait "$collector"
+trap - EXIT
+echo "== collector stopped cleanly"
