@@ -218,3 +218,16 @@ def test_agent_reports_an_unreachable_collector(tmp_path: Path) -> None:
     assert done.returncode == 4
     assert "collector unreachable" in done.stderr
     assert "verdicts not acknowledged" in done.stderr
+
+
+def test_unreadable_captures_are_reported_and_the_rest_delivered(
+    collector: CollectorThread, client: CollectorClient, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "random.pcap"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    done = run_agent(collector.address, [tmp_path / "missing.pcap", garbage, ATTACK], tmp_path / "agent")
+    assert done.returncode == 3
+    assert "cannot meter random.pcap" in done.stderr
+    assert "2 of 3 captures could not be read" in done.stderr
+    stored = list(client.query(verdict_filter()))
+    assert stored_facts(stored, ATTACK.name) == nfstream_reference(ATTACK)

@@ -1,7 +1,8 @@
 """``auris-agent``: meter flows from captures, score them locally, stream verdicts to the collector.
 
-Exit codes: 0 done, 2 bad configuration or usage, 3 models or captures unusable,
-4 verdicts could not be delivered (the collector refused them or stayed unreachable).
+Exit codes: 0 done, 2 bad configuration or usage, 3 no usable model, or a capture could
+not be read (verdicts from the readable ones are still delivered), 4 verdicts could not be
+delivered (the collector refused them or stayed unreachable).
 """
 
 from __future__ import annotations
@@ -196,6 +197,9 @@ def run(config: AgentConfig) -> int:
         return EXIT_DELIVERY
     if meter_stats.sources_failed == len(sources):
         logger.error("no capture could be read: %s", meter_stats.errors[0])
+        return EXIT_INPUT
+    if meter_stats.sources_failed:
+        logger.error("%d of %d captures could not be read", meter_stats.sources_failed, len(sources))
         return EXIT_INPUT
     return EXIT_OK
 
