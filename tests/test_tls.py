@@ -85,7 +85,9 @@ def test_agent_delivers_over_mtls(tls_collector: CollectorThread, pki: Path, tmp
     ]
     config = tmp_path / "agent.toml"
     config.write_text(
-        f'ca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "agent-1.pem"}"\nkey_file = "{pki / "agent-1.key"}"\n'
+        f'ca_file = "{pki / "ca.pem"}"\n'
+        f'cert_file = "{pki / "agent-1.pem"}"\n'
+        f'key_file = "{pki / "agent-1.key"}"\n'
     )
     done = run_cli("auris.agent", [*args, "--config", str(config), "--pcap", str(pcap)])
     assert done.returncode == 0, done.stderr

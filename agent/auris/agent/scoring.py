@@ -149,9 +149,8 @@ class ModelSet:
         for model in self.models:
             try:
                 scores = model.score_matrix(matrices[model.feature_set.name])
-            except (
-                Exception
-            ) as exc:  # onnxruntime's errors are untyped; one bad batch must not stop the agent
+            # onnxruntime's errors are untyped; one bad batch must not stop the agent.
+            except Exception as exc:
                 self.errors += 1
                 logger.error("model %s failed on a batch of %d flows: %s", model.ref, len(features), exc)
                 continue
