@@ -211,13 +211,34 @@ def test_agent_waits_for_a_late_collector(tmp_path: Path) -> None:
         late.stop()
 
 
-def test_agent_reports_an_unreachable_collector(tmp_path: Path) -> None:
+def test_spooled_verdicts_survive_an_unreachable_collector(tmp_path: Path) -> None:
+    """Collector down: the agent exits 4 with everything spooled; the next start delivers it once."""
+    port = _free_port()
     config = tmp_path / "agent.toml"
     config.write_text("uplink_deadline_s = 1.5\n")
-    done = run_agent(f"127.0.0.1:{_free_port()}", [ATTACK], tmp_path / "agent", "--config", str(config))
+    state = tmp_path / "agent"
+    done = run_agent(f"127.0.0.1:{port}", [ATTACK], state, "--config", str(config))
     assert done.returncode == 4
+    expected = nfstream_reference(ATTACK)
     assert "collector unreachable" in done.stderr
-    assert "verdicts not acknowledged" in done.stderr
+    assert f"{sum(expected.values())} verdicts stay spooled" in done.stderr
+
+    late = CollectorThread(CollectorConfig(listen=f"127.0.0.1:{port}", insecure=True, db=str(tmp_path / "c.db")))
+    late.start()
+    try:
+        again = run_agent(late.address, [ATTACK], state)
+        assert again.returncode == 0, again.stderr
+        assert "replayed completely before" in again.stderr  # not metered a second time
+        with CollectorClient(late.address, insecure=True) as c:
+            stored = list(c.query(verdict_filter()))
+        assert stored_facts(stored, ATTACK.name) == expected
+        # --reprocess replays the capture again, as new verdicts.
+        third = run_agent(late.address, [ATTACK], state, "--reprocess")
+        assert third.returncode == 0, third.stderr
+        with CollectorClient(late.address, insecure=True) as c:
+            assert len(list(c.query(verdict_filter()))) == 2 * len(stored)
+    finally:
+        late.stop()
 
 
 def test_unreadable_captures_are_reported_and_the_rest_delivered(

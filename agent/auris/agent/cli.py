@@ -1,8 +1,12 @@
 """``auris-agent``: meter flows from captures, score them locally, stream verdicts to the collector.
 
-Exit codes: 0 done, 2 bad configuration or usage, 3 no usable model, or a capture could
-not be read (verdicts from the readable ones are still delivered), 4 verdicts could not be
-delivered (the collector refused them or stayed unreachable).
+Every verdict is spooled on disk (state_dir/spool.db) before it is sent and kept until
+the collector acknowledges it; a restarted agent sends what is left first, and a
+restarted replay resumes after the last spooled flow.
+
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT), 2 bad configuration or usage, 3 no
+usable model, or a capture could not be read (verdicts from the readable ones are still
+delivered), 4 the collector did not acknowledge everything (the rest stays spooled).
 """
 
 from __future__ import annotations
@@ -12,21 +16,16 @@ import logging
 import signal
 import socket
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 from auris.agent import __version__
 from auris.agent.config import AgentConfig, ConfigError, load_agent_config
-from auris.agent.meter import MeterOptions, MeterStats, meter_flows
-from auris.agent.scoring import load_models
-from auris.agent.state import SequenceCounter, agent_identity
+from auris.agent.daemon import Agent
+from auris.agent.scoring import ModelSet, load_models
+from auris.agent.spool import Spool
+from auris.agent.state import agent_identity
 from auris.agent.uplink import Uplink, open_channel
-from auris.agent.verdicts import build_verdict
-from auris.v1 import verdict_pb2
-from google.protobuf import timestamp_pb2
 
 __all__ = ["main"]
 
@@ -39,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="auris-agent",
         description="Meter flows, score them with local ONNX models, stream verdicts to the collector.",
-        epilog="Exit codes: 0 ok, 2 configuration, 3 models or captures unusable, 4 delivery failed.",
+        epilog="Exit codes: 0 ok, 2 configuration, 3 models or captures unusable, 4 delivery incomplete "
+        "(the rest stays spooled). SIGTERM drains and exits; SIGHUP reloads configuration and models.",
     )
     p.add_argument("--version", action="version", version=f"auris-agent {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", metavar="DIR", help="folder of *.manifest.json + ONNX models")
     p.add_argument("--state-dir", metavar="DIR", help="where the agent keeps its id and sequence counter")
     p.add_argument("--agent-id", metavar="ID", help="agent identity (default: stored in the state dir)")
+    p.add_argument(
+        "--reprocess", action="store_true", help="replay captures again even if an earlier run completed them"
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -71,43 +74,69 @@ def _configure_logging(level: str) -> None:
     )
 
 
-class _Stop:
-    """Set by SIGTERM/SIGINT; the metering loop checks it between flows."""
-
-    requested = False
-
-    @classmethod
-    def handler(cls, signum: int, frame: FrameType | None) -> None:
-        cls.requested = True
-
-
-def run(config: AgentConfig) -> int:
+def _open_models(config: AgentConfig) -> tuple[ModelSet | None, str]:
+    """The models in models_dir, or None and the reason none is usable."""
     if not config.models_dir:
-        logger.error("models_dir is not set; pass --models-dir or set it in the config file")
-        return EXIT_CONFIG
+        return None, "models_dir is not set; pass --models-dir or set it in the config file"
     models_dir = Path(config.models_dir)
     if not models_dir.is_dir():
-        logger.error("models_dir %s is not a folder", models_dir)
-        return EXIT_CONFIG
+        return None, f"models_dir {models_dir} is not a folder"
     models, errors = load_models(models_dir, threads=config.score_threads)
     if not models.models:
-        reason = errors[0] if errors else f"no *.manifest.json in {models_dir}"
+        return None, errors[0] if errors else f"no *.manifest.json in {models_dir}"
+    return models, ""
+
+
+# Settings the running pipeline cannot change; SIGHUP warns that they need a restart.
+_RESTART_ONLY = (
+    "collector", "insecure", "ca_file", "cert_file", "key_file", "agent_id", "state_dir", "pcaps",
+    "interface", "bpf_filter", "snapshot_length", "promiscuous", "idle_timeout_s", "active_timeout_s",
+    "uplink_batch", "uplink_window", "spool_max_verdicts",
+)  # fmt: skip
+
+
+def _reloader(
+    current: list[AgentConfig], load: Callable[[], AgentConfig]
+) -> Callable[[], tuple[AgentConfig, ModelSet] | None]:
+    def reload() -> tuple[AgentConfig, ModelSet] | None:
+        try:
+            config = load()
+        except ConfigError as exc:
+            logger.error("reload refused, keeping the running configuration: %s", exc)
+            return None
+        models, reason = _open_models(config)
+        if models is None:
+            logger.error("reload refused, keeping the running models: %s", reason)
+            return None
+        changed = [k for k in _RESTART_ONLY if getattr(config, k) != getattr(current[0], k)]
+        if changed:
+            logger.warning("reload: %s changed; these take effect at the next restart", ", ".join(changed))
+        logging.getLogger().setLevel(config.log_level.upper())
+        current[0] = config
+        logger.info("reloaded configuration and %d model(s)", len(models.models))
+        return config, models
+
+    return reload
+
+
+def run(
+    config: AgentConfig, *, reprocess: bool = False, load: Callable[[], AgentConfig] | None = None
+) -> int:
+    models, reason = _open_models(config)
+    if models is None:
         logger.error("no usable model: %s", reason)
-        return EXIT_INPUT
-    sources = list(config.pcaps) or ([config.interface] if config.interface else [])
-    if not sources:
+        return EXIT_INPUT if "models_dir is not" not in reason else EXIT_CONFIG
+    if not (config.pcaps or config.interface):
         logger.error("nothing to capture: pass --pcap FILE or --interface IFACE")
         return EXIT_CONFIG
 
     state_dir = Path(config.state_dir)
     try:
         agent_id = agent_identity(state_dir, config.agent_id)
-        sequences = SequenceCounter(state_dir / "sequence")
+        spool = Spool(state_dir / "spool.db", config.spool_max_verdicts)
     except (OSError, ValueError) as exc:
         logger.error("state dir %s unusable: %s", state_dir, exc)
         return EXIT_CONFIG
-    hostname = socket.gethostname()
-
     try:
         channel = open_channel(
             config.collector,
@@ -122,84 +151,65 @@ def run(config: AgentConfig) -> int:
     if config.insecure:
         logger.warning("INSECURE: plaintext gRPC to %s; for local development only", config.collector)
 
-    uplink = Uplink(channel, agent_id, window=config.uplink_window, give_up_after_s=config.uplink_deadline_s)
+    backlog = spool.stats.depth
+    if backlog:
+        logger.info("%d verdicts from an earlier run are still spooled; sending them first", backlog)
+    uplink = Uplink(channel, agent_id, spool, batch=config.uplink_batch, window=config.uplink_window)
+    agent = Agent(
+        config,
+        models,
+        spool,
+        uplink,
+        agent_id,
+        socket.gethostname(),
+        reprocess=reprocess,
+        reload=_reloader([config], load) if load else None,
+    )
+    signal.signal(signal.SIGTERM, lambda signum, frame: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda signum, frame: agent.request_stop())
+    signal.signal(signal.SIGHUP, lambda signum, frame: agent.request_reload())
     uplink.start()
-    signal.signal(signal.SIGTERM, _Stop.handler)
-    signal.signal(signal.SIGINT, _Stop.handler)
-
-    options = MeterOptions(
-        bpf_filter=config.bpf_filter,
-        snapshot_length=config.snapshot_length,
-        promiscuous=config.promiscuous,
-        idle_timeout_s=config.idle_timeout_s,
-        active_timeout_s=config.active_timeout_s,
-    )
-    meter_stats = MeterStats()
-    started = time.monotonic()
-    flows = anomalies = 0
-    pending: list[Any] = []
-    outgoing: list[verdict_pb2.Verdict] = []
-
-    def score_pending() -> None:
-        nonlocal anomalies
-        if not pending:
-            return
-        scored_time = timestamp_pb2.Timestamp()
-        scored_time.GetCurrentTime()
-        for flow, scores in zip(pending, models.score([f.features for f in pending]), strict=True):
-            verdict = build_verdict(
-                agent_id=agent_id,
-                sequence=sequences.next(),
-                flow=flow,
-                scores=scores,
-                hostname=hostname,
-                scored_time=scored_time,
-            )
-            anomalies += verdict.anomalous
-            outgoing.append(verdict)
-        pending.clear()
-        while len(outgoing) >= config.uplink_batch:
-            uplink.submit(outgoing[: config.uplink_batch])
-            del outgoing[: config.uplink_batch]
-
-    logger.info("agent %s metering %s with %d model(s)", agent_id, ", ".join(sources), len(models.models))
-    try:
-        for flow in meter_flows(sources, models.feature_sets, options, meter_stats):
-            pending.append(flow)
-            flows += 1
-            if len(pending) >= config.score_batch:
-                score_pending()
-            if _Stop.requested:
-                logger.info("stop requested; flushing %d flows", len(pending) + len(outgoing))
-                break
-        score_pending()
-        uplink.submit(outgoing)
-        outgoing.clear()
-    except RuntimeError as exc:  # the uplink failed for good while we were producing
-        logger.error("%s", exc)
-        uplink.abort()
-        return EXIT_DELIVERY
-    delivered = uplink.close()
-    elapsed = time.monotonic() - started
     logger.info(
-        "metered %d flows (%d anomalous) in %.1fs; %d verdicts acknowledged, %d resent as duplicates, "
-        "%d reconnects, %d failed scoring batches",
-        flows,
-        anomalies,
-        elapsed,
-        uplink.stats.verdicts_acknowledged,
-        uplink.stats.duplicates,
-        uplink.stats.reconnects,
-        models.errors,
+        "agent %s metering %s with %d model(s)", agent_id, ", ".join(agent.sources), len(models.models)
     )
-    if not delivered:
-        logger.error("%s", uplink.error or f"{uplink.unacknowledged} verdicts not acknowledged")
+    report = agent.run()
+    spooled = spool.stats
+    stats = uplink.stats
+    logger.info(
+        "metered %d flows (%d anomalous, %d skipped as already spooled) in %.1fs; %d verdicts acknowledged, "
+        "%d resent as duplicates, %d refused, %d reconnects, %d failed scoring batches; spool depth %d, "
+        "%d dropped by the spool cap",
+        report.flows,
+        report.anomalies,
+        report.flows_skipped,
+        report.elapsed_s,
+        stats.verdicts_acknowledged,
+        stats.duplicates,
+        stats.rejected,
+        stats.reconnects,
+        agent.models.errors,
+        spooled.depth,
+        spooled.dropped,
+    )
+    spool.close()
+    channel.close()
+    if not report.delivered:
+        if report.stopped:
+            logger.warning("stopped with %d verdicts spooled; they are sent at the next start", spooled.depth)
+            return EXIT_OK
+        logger.error(
+            "collector unreachable (%s); %d verdicts stay spooled in %s for the next start",
+            uplink.last_error or "no acknowledgement",
+            spooled.depth,
+            spool.path,
+        )
         return EXIT_DELIVERY
-    if meter_stats.sources_failed == len(sources):
-        logger.error("no capture could be read: %s", meter_stats.errors[0])
+    sources = len(agent.sources)
+    if report.sources_failed == sources:
+        logger.error("no capture could be read: %s", report.errors[0])
         return EXIT_INPUT
-    if meter_stats.sources_failed:
-        logger.error("%d of %d captures could not be read", meter_stats.sources_failed, len(sources))
+    if report.sources_failed:
+        logger.error("%d of %d captures could not be read", report.sources_failed, sources)
         return EXIT_INPUT
     return EXIT_OK
 
@@ -225,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("auris-agent: configuration ok")
         return EXIT_OK
     _configure_logging(config.log_level)
-    return run(config)
+    return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 
 if __name__ == "__main__":

@@ -58,8 +58,13 @@ class AgentConfig:
     # Verdicts per uplink message, and unacknowledged messages in flight.
     uplink_batch: int = 256
     uplink_window: int = 8
-    # Seconds to keep retrying an unreachable collector before giving up (pcap mode).
+    # Replay mode: seconds without an acknowledgement before the agent stops waiting for the
+    # collector and exits (what is unsent stays spooled for the next start).
     uplink_deadline_s: float = 300.0
+    # On SIGTERM: seconds to keep sending before exiting; the rest stays spooled.
+    drain_timeout_s: float = 10.0
+    # Spooled verdicts kept while the collector is away; past it the oldest are dropped (counted).
+    spool_max_verdicts: int = 1_000_000
     log_level: str = "info"
 
 
@@ -179,8 +184,10 @@ def load_agent_config(
         raise ConfigError(
             "TLS needs ca_file, cert_file and key_file; pass --insecure for local plaintext development"
         )
-    if config.score_batch < 1 or config.uplink_batch < 1 or config.uplink_window < 1:
-        raise ConfigError("score_batch, uplink_batch and uplink_window must be at least 1")
+    if min(config.score_batch, config.uplink_batch, config.uplink_window, config.spool_max_verdicts) < 1:
+        raise ConfigError(
+            "score_batch, uplink_batch, uplink_window and spool_max_verdicts must be at least 1"
+        )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
     return config

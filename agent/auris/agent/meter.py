@@ -13,7 +13,7 @@ from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
 from nfstream import NFStreamer
 
-__all__ = ["FlowRecord", "MeterOptions", "MeterStats", "meter_flows"]
+__all__ = ["FlowRecord", "MeterOptions", "MeterStats", "meter_flows", "meter_source", "source_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,41 @@ def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[Feature
     return streamer
 
 
+def source_label(source: str) -> str:
+    """How a source appears in verdicts and logs: a capture's file name, or the interface name."""
+    return Path(source).name if Path(source).is_file() else source
+
+
+def meter_source(
+    source: str, feature_sets: Sequence[FeatureSet], options: MeterOptions | None = None
+) -> Iterator[FlowRecord]:
+    """Yield a FlowRecord for every flow of one pcap file or interface.
+
+    Raises ValueError (from nfstream) when the source cannot be opened.
+    """
+    label = source_label(source)
+    for flow in _streamer(source, options or MeterOptions(), feature_sets):
+        yield FlowRecord(
+            src_ip=flow.src_ip,
+            dst_ip=flow.dst_ip,
+            src_port=flow.src_port,
+            dst_port=flow.dst_port,
+            protocol=flow.protocol,
+            ip_version=flow.ip_version,
+            vlan_id=flow.vlan_id,
+            first_seen_ms=flow.bidirectional_first_seen_ms,
+            last_seen_ms=flow.bidirectional_last_seen_ms,
+            src2dst_packets=flow.src2dst_packets,
+            dst2src_packets=flow.dst2src_packets,
+            src2dst_bytes=flow.src2dst_bytes,
+            dst2src_bytes=flow.dst2src_bytes,
+            application_name=flow.application_name or "",
+            end_reason=_END_REASONS.get(flow.expiration_id, flow_pb2.FLOW_END_REASON_UNSPECIFIED),
+            capture_source=label,
+            features={fs.name: fs.extract(flow) for fs in feature_sets},
+        )
+
+
 def meter_flows(
     sources: Sequence[str],
     feature_sets: Sequence[FeatureSet],
@@ -116,35 +151,14 @@ def meter_flows(
     A source that cannot be opened is counted in ``stats`` and skipped: one bad
     capture never stops the others.
     """
-    options = options or MeterOptions()
     stats = stats if stats is not None else MeterStats()
     for source in sources:
-        label = Path(source).name if Path(source).exists() else source
         try:
-            streamer = _streamer(source, options, feature_sets)
-            for flow in streamer:
+            for flow in meter_source(source, feature_sets, options):
                 stats.flows += 1
-                yield FlowRecord(
-                    src_ip=flow.src_ip,
-                    dst_ip=flow.dst_ip,
-                    src_port=flow.src_port,
-                    dst_port=flow.dst_port,
-                    protocol=flow.protocol,
-                    ip_version=flow.ip_version,
-                    vlan_id=flow.vlan_id,
-                    first_seen_ms=flow.bidirectional_first_seen_ms,
-                    last_seen_ms=flow.bidirectional_last_seen_ms,
-                    src2dst_packets=flow.src2dst_packets,
-                    dst2src_packets=flow.dst2src_packets,
-                    src2dst_bytes=flow.src2dst_bytes,
-                    dst2src_bytes=flow.dst2src_bytes,
-                    application_name=flow.application_name or "",
-                    end_reason=_END_REASONS.get(flow.expiration_id, flow_pb2.FLOW_END_REASON_UNSPECIFIED),
-                    capture_source=label,
-                    features={fs.name: fs.extract(flow) for fs in feature_sets},
-                )
+                yield flow
         except ValueError as exc:
             # nfstream raises ValueError for unreadable files and unusable interfaces.
             stats.sources_failed += 1
-            stats.errors.append(f"{label}: {exc}")
-            logger.error("cannot meter %s: %s", label, exc)
+            stats.errors.append(f"{source_label(source)}: {exc}")
+            logger.error("cannot meter %s: %s", source_label(source), exc)

@@ -1,11 +1,13 @@
-"""The verdict uplink: batches to the collector over one gRPC stream, resent until acknowledged.
+"""The verdict uplink: spooled verdicts to the collector over one gRPC stream, until acknowledged.
 
-The producer hands batches to :meth:`Uplink.submit`; a background thread keeps a
-``StreamVerdicts`` stream open, with at most ``window`` unacknowledged batches in
-flight. A batch leaves memory only when the collector acknowledges its highest
-sequence (the collector acknowledges only durable batches). On a broken stream
-the thread reconnects with exponential backoff and resends every unacknowledged
-batch; the collector stores each (agent id, sequence) once, so resends are safe.
+A background thread keeps a ``StreamVerdicts`` stream open and sends batches read
+from the :class:`~auris.agent.spool.Spool` in sequence order, with at most
+``window`` unacknowledged batches in flight. The collector acknowledges a batch
+only once it is durable; only then is it pruned from the spool. On a broken
+stream the thread reconnects with jittered exponential backoff and resumes from
+the last acknowledgement, so unacknowledged batches are replayed under the same
+window. The collector stores each (agent id, sequence) once: at-least-once
+delivery with an exactly-once effect.
 """
 
 from __future__ import annotations
@@ -14,28 +16,20 @@ import collections
 import dataclasses
 import ipaddress
 import logging
-import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, verdict_pb2
+from auris.agent.spool import Spool
+from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
 
 __all__ = ["Uplink", "UplinkStats", "is_loopback_target", "open_channel"]
 
 logger = logging.getLogger(__name__)
 
-# Errors after which retrying the same request cannot succeed.
-_FATAL = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNIMPLEMENTED,
-}
 _POLL_S = 0.2
 
 
@@ -73,159 +67,149 @@ def open_channel(
 
 @dataclasses.dataclass
 class UplinkStats:
-    verdicts_submitted: int = 0
+    verdicts_sent: int = 0
     verdicts_acknowledged: int = 0
+    # Acknowledged verdicts the collector already had (resent after a reconnect).
     duplicates: int = 0
+    # Verdicts the collector refused as malformed (dropped from the spool, never retried).
+    rejected: int = 0
     reconnects: int = 0
     acknowledged_sequence: int = 0
+    last_ack_time: float = 0.0
 
 
 class Uplink:
-    """Streams verdict batches to the collector from a background thread."""
+    """Streams the spool to the collector from a background thread."""
 
     def __init__(
         self,
         channel: grpc.Channel,
         agent_id: str,
+        spool: Spool,
         *,
+        batch: int = 256,
         window: int = 8,
-        give_up_after_s: float = 300.0,
         backoff_max_s: float = 10.0,
     ) -> None:
         self._stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         self._agent_id = agent_id
+        self._spool = spool
+        self._batch = batch
         self._window = window
-        self._give_up_after_s = give_up_after_s
         self._backoff_max_s = backoff_max_s
-        self._queue: queue.Queue[list[verdict_pb2.Verdict] | None] = queue.Queue(maxsize=window * 4)
-        self._lock = threading.Lock()
-        self._pending: collections.deque[tuple[int, agent_service_pb2.StreamVerdictsRequest]] = (
-            collections.deque()
-        )
-        self._input_closed = False
+        self._input_closed = threading.Event()
         self._abort = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="auris-uplink", daemon=True)
         self.stats = UplinkStats()
-        self.error: str | None = None
+        self.last_error = ""
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, verdicts: Sequence[verdict_pb2.Verdict]) -> None:
-        """Queue one batch; blocks while the queue is full (backpressure to the meter)."""
-        if not verdicts:
-            return
-        self.stats.verdicts_submitted += len(verdicts)
-        while True:
-            if self.error is not None:
-                raise RuntimeError(self.error)
-            try:
-                self._queue.put(list(verdicts), timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
+    def finish(self, stall_timeout_s: float) -> bool:
+        """No more verdicts will be spooled: drain the spool, return True once all are acknowledged.
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Signal end of input and wait until everything is acknowledged; True on success."""
-        while self.error is None and self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=_POLL_S)
-                break
-            except queue.Full:
-                continue
-        self._thread.join(timeout)
-        return self.error is None and not self._thread.is_alive() and self.unacknowledged == 0
+        Gives up (False) when no acknowledgement arrived for ``stall_timeout_s``; what
+        was not acknowledged stays in the spool for the next start.
+        """
+        self._input_closed.set()
+        last_progress = time.monotonic()
+        acked = self.stats.verdicts_acknowledged
+        while self._thread.is_alive():
+            self._thread.join(_POLL_S)
+            if self.stats.verdicts_acknowledged != acked:
+                acked = self.stats.verdicts_acknowledged
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > stall_timeout_s:
+                self.stop()
+                return False
+        return self._spool.stats.depth == 0
 
-    def abort(self) -> None:
+    def stop(self) -> None:
         self._abort.set()
-        self._thread.join(5)
-
-    @property
-    def unacknowledged(self) -> int:
-        with self._lock:
-            pending = sum(len(req.verdicts) for _, req in self._pending)
-        return pending + sum(len(b) for b in list(self._queue.queue) if b)
+        self._thread.join(10)
 
     def _requests(
-        self, window: threading.Semaphore, dead: threading.Event
+        self,
+        window: threading.Semaphore,
+        dead: threading.Event,
+        in_flight: collections.deque[tuple[int, int]],
     ) -> Iterator[agent_service_pb2.StreamVerdictsRequest]:
-        def acquire() -> bool:
-            while not dead.is_set() and not self._abort.is_set():
-                if window.acquire(timeout=_POLL_S):
-                    return True
-            return False
-
-        with self._lock:
-            resend = [req for _, req in self._pending]
-        for req in resend:
-            if not acquire():
-                return
-            yield req
-        while not self._input_closed:
-            if not acquire():
-                return
+        """Batches after the last acknowledgement; runs on gRPC's request-consuming thread."""
+        sent = self.stats.acknowledged_sequence
+        while True:
+            while not window.acquire(timeout=_POLL_S):
+                if dead.is_set() or self._abort.is_set():
+                    return
             while True:
                 if dead.is_set() or self._abort.is_set():
                     return
-                try:
-                    batch = self._queue.get(timeout=_POLL_S)
+                batch = self._spool.read_after(sent, self._batch)
+                if batch:
                     break
-                except queue.Empty:
-                    continue
-            if batch is None:
-                self._input_closed = True
-                return
-            req = agent_service_pb2.StreamVerdictsRequest(agent_id=self._agent_id, verdicts=batch)
+                if self._input_closed.is_set() and self._spool.stats.last_sequence <= sent:
+                    return  # everything is sent: half-close, then wait for the last acks
+                self._spool.wait_for_more(sent, _POLL_S)
+            sent = batch[-1].sequence
             with self._lock:
-                self._pending.append((batch[-1].sequence, req))
-            yield req
+                in_flight.append((sent, len(batch)))
+                self.stats.verdicts_sent += len(batch)
+            yield agent_service_pb2.StreamVerdictsRequest(agent_id=self._agent_id, verdicts=batch)
 
-    def _stream_once(self) -> None:
+    def _stream_once(self, in_flight: collections.deque[tuple[int, int]]) -> None:
         window = threading.Semaphore(self._window)
         dead = threading.Event()
-        responses = self._stub.StreamVerdicts(self._requests(window, dead))
+        responses = self._stub.StreamVerdicts(self._requests(window, dead, in_flight))
         try:
             for response in responses:
                 acked = response.acknowledged_sequence
+                self._spool.acknowledge(acked)
                 with self._lock:
-                    while self._pending and self._pending[0][0] <= acked:
-                        _, req = self._pending.popleft()
-                        self.stats.verdicts_acknowledged += len(req.verdicts)
-                    self.stats.acknowledged_sequence = max(self.stats.acknowledged_sequence, acked)
+                    while in_flight and in_flight[0][0] <= acked:
+                        in_flight.popleft()
+                    self.stats.verdicts_acknowledged += response.accepted + response.duplicates
                     self.stats.duplicates += response.duplicates
-                self._last_progress = time.monotonic()
+                    self.stats.acknowledged_sequence = max(self.stats.acknowledged_sequence, acked)
+                    self.stats.last_ack_time = time.time()
                 window.release()
         finally:
             dead.set()
             responses.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
+    def _reject_first_in_flight(self, in_flight: collections.deque[tuple[int, int]], details: str) -> None:
+        """The collector refused the oldest unacknowledged batch as malformed: drop it, count it."""
+        if not in_flight:
+            return
+        top, count = in_flight[0]
+        self._spool.acknowledge(top)
+        with self._lock:
+            self.stats.rejected += count
+            self.stats.acknowledged_sequence = max(self.stats.acknowledged_sequence, top)
+        logger.error(
+            "collector refused %d verdicts (up to sequence %d) as malformed: %s", count, top, details
+        )
+
     def _run(self) -> None:
         backoff = 0.25
-        self._last_progress = time.monotonic()
         while not self._abort.is_set():
+            in_flight: collections.deque[tuple[int, int]] = collections.deque()
             try:
-                self._stream_once()
-                with self._lock:
-                    done = self._input_closed and not self._pending
-                if done:
+                self._stream_once(in_flight)
+                if self._input_closed.is_set() and self._spool.stats.depth == 0:
                     return
                 backoff = 0.25
+                continue
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                if code in _FATAL:
-                    self.error = f"collector refused verdicts: {code.name}: {details}"
-                    logger.error("%s", self.error)
+                details = (exc.details() if isinstance(exc, grpc.Call) else str(exc)) or ""
+                self.last_error = f"{code.name}: {details}"
+                if self._abort.is_set():
                     return
-                stalled = time.monotonic() - self._last_progress
-                if stalled > self._give_up_after_s:
-                    self.error = (
-                        f"collector unreachable for {stalled:.0f}s ({code.name}: {details}); "
-                        f"{self.unacknowledged} verdicts not acknowledged"
-                    )
-                    logger.error("%s", self.error)
-                    return
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._reject_first_in_flight(in_flight, details)
+                    continue
                 self.stats.reconnects += 1
                 logger.warning("uplink %s: %s; retrying in %.1fs", code.name, details, backoff)
-                self._abort.wait(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self._backoff_max_s)
+            self._abort.wait(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self._backoff_max_s)

@@ -1,0 +1,233 @@
+"""The agent's pipeline: meter thread -> micro-batched scoring -> durable spool -> uplink.
+
+The meter runs in its own thread (nfstream blocks while it waits for flows), handing
+flows over a bounded queue. The main thread scores them in batches of
+``score_batch`` (or whatever is waiting after ``flush_interval_s``, so a quiet link
+still gets its verdicts out), builds verdicts and spools them. The uplink thread
+streams the spool to the collector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from auris.agent.config import AgentConfig
+from auris.agent.meter import FlowRecord, MeterOptions, meter_source, source_label
+from auris.agent.scoring import ModelSet
+from auris.agent.spool import Spool
+from auris.agent.uplink import Uplink
+from auris.agent.verdicts import build_verdict
+from google.protobuf import timestamp_pb2
+
+__all__ = ["Agent", "RunReport", "replay_key"]
+
+logger = logging.getLogger(__name__)
+
+_QUEUE_FLOWS = 8192
+
+
+def replay_key(source: str) -> str | None:
+    """Identity of a capture file for resuming a replay: path, size and modification time."""
+    path = Path(source)
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+@dataclasses.dataclass
+class RunReport:
+    flows: int = 0
+    anomalies: int = 0
+    # Flows of a resumed replay that were already spooled by an earlier run.
+    flows_skipped: int = 0
+    sources_skipped: int = 0
+    sources_failed: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+    delivered: bool = False
+    stopped: bool = False
+    elapsed_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Flow:
+    key: str | None
+    flow: FlowRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class _SourceDone:
+    """Every flow of this capture has been queued."""
+
+    key: str | None
+
+
+class _End:
+    """The meter thread is done with every source."""
+
+
+_Item = _Flow | _SourceDone | _End
+
+
+class Agent:
+    """One run of the agent over its configured sources."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        models: ModelSet,
+        spool: Spool,
+        uplink: Uplink,
+        agent_id: str,
+        hostname: str,
+        *,
+        reprocess: bool = False,
+        flush_interval_s: float = 1.0,
+        reload: Callable[[], tuple[AgentConfig, ModelSet] | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.models = models
+        self.spool = spool
+        self.uplink = uplink
+        self.agent_id = agent_id
+        self.hostname = hostname
+        self.report = RunReport()
+        self._reprocess = reprocess
+        self._flush_interval_s = flush_interval_s
+        self._reload = reload
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=_QUEUE_FLOWS)
+
+    def request_stop(self) -> None:
+        """Stop metering, spool what was metered, drain briefly, exit (SIGTERM)."""
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        """Reload configuration and models between batches, all or nothing (SIGHUP)."""
+        self._reload_requested.set()
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.config.pcaps) or ([self.config.interface] if self.config.interface else [])
+
+    def _meter(self) -> None:
+        options = MeterOptions(
+            bpf_filter=self.config.bpf_filter,
+            snapshot_length=self.config.snapshot_length,
+            promiscuous=self.config.promiscuous,
+            idle_timeout_s=self.config.idle_timeout_s,
+            active_timeout_s=self.config.active_timeout_s,
+        )
+        try:
+            for source in self.sources:
+                if self._stop.is_set():
+                    break
+                key = replay_key(source)
+                skip, complete = self.spool.replay_progress(key) if key else (0, False)
+                if key and self._reprocess:
+                    self.spool.forget_replay(key)
+                    skip, complete = 0, False
+                if complete:
+                    self.report.sources_skipped += 1
+                    logger.info(
+                        "%s was replayed completely before; pass --reprocess to replay it again", source
+                    )
+                    continue
+                if skip:
+                    logger.info("resuming %s after the %d flows spooled by an earlier run", source, skip)
+                try:
+                    for index, flow in enumerate(meter_source(source, self.models.feature_sets, options)):
+                        if index < skip:
+                            self.report.flows_skipped += 1
+                            continue
+                        self._queue.put(_Flow(key, flow))
+                        if self._stop.is_set():
+                            break
+                    else:
+                        self._queue.put(_SourceDone(key))
+                except ValueError as exc:
+                    self.report.sources_failed += 1
+                    self.report.errors.append(f"{source_label(source)}: {exc}")
+                    logger.error("cannot meter %s: %s", source_label(source), exc)
+        finally:
+            self._queue.put(_End())
+
+    def _spool_batch(self, key: str | None, flows: list[FlowRecord]) -> None:
+        if not flows:
+            return
+        scored_time = timestamp_pb2.Timestamp()
+        scored_time.GetCurrentTime()
+        scores = self.models.score([f.features for f in flows])
+        verdicts = self.spool.append(
+            lambda index, sequence: build_verdict(
+                agent_id=self.agent_id,
+                sequence=sequence,
+                flow=flows[index],
+                scores=scores[index],
+                hostname=self.hostname,
+                scored_time=scored_time,
+            ),
+            len(flows),
+            replay=(key, len(flows)) if key else None,
+        )
+        self.report.flows += len(flows)
+        self.report.anomalies += sum(v.anomalous for v in verdicts)
+
+    def _apply_reload(self) -> None:
+        self._reload_requested.clear()
+        if self._reload is None:
+            return
+        loaded = self._reload()
+        if loaded is None:
+            return  # the reloader logged why; the old configuration stays
+        config, models = loaded
+        self.config, self.models = config, models
+
+    def run(self) -> RunReport:
+        started = time.monotonic()
+        meter = threading.Thread(target=self._meter, name="auris-meter", daemon=True)
+        meter.start()
+        pending: list[FlowRecord] = []
+        pending_key: str | None = None
+        while True:
+            if self._reload_requested.is_set():
+                self._apply_reload()
+            try:
+                item = self._queue.get(timeout=self._flush_interval_s)
+            except queue.Empty:
+                self._spool_batch(pending_key, pending)
+                pending = []
+                continue
+            if isinstance(item, _End):
+                break
+            if isinstance(item, _SourceDone):
+                self._spool_batch(pending_key, pending)
+                pending = []
+                if item.key:
+                    self.spool.mark_replay_complete(item.key)
+                continue
+            if item.key != pending_key:
+                self._spool_batch(pending_key, pending)
+                pending = []
+                pending_key = item.key
+            pending.append(item.flow)
+            if len(pending) >= self.config.score_batch:
+                self._spool_batch(pending_key, pending)
+                pending = []
+        self._spool_batch(pending_key, pending)
+        meter.join()
+        self.report.stopped = self._stop.is_set()
+        # A stop request drains only briefly; whatever is left stays spooled for the next start.
+        drain_s = min(self.config.drain_timeout_s, self.config.uplink_deadline_s)
+        self.report.delivered = self.uplink.finish(
+            drain_s if self.report.stopped else self.config.uplink_deadline_s
+        )
+        self.report.elapsed_s = time.monotonic() - started
+        return self.report
