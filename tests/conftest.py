@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
 from auris.collector.client import CollectorClient
 from auris.collector.config import CollectorConfig
 from auris.collector.server import Collector

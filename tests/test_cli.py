@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from auris.agent import __version__
 
+from auris.agent import __version__
 from tests.conftest import PCAPS, REPO, run_cli
 
 # (module, console script, arguments that make it load its configuration)
@@ -140,3 +140,40 @@ def test_sample_configs_load_and_name_every_option(sample: str, loader: str) -> 
     with path.open("rb") as fh:
         keys = set(tomllib.load(fh))
     assert keys == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_start_failures_are_one_line(tmp_path: Path) -> None:
+    done = run_cli(
+        "auris.collector", ["serve", "--insecure", "--listen", "127.0.0.1:0", "--db", str(tmp_path)]
+    )
+    assert done.returncode == 3
+    assert "cannot start" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("since", ["99999999999d", "9999-12-31T23:59:59-01:00", "yesterday"])
+def test_aurisctl_bad_times_are_usage_errors(since: str) -> None:
+    done = run_cli("auris.collector.ctl", ["--insecure", "verdicts", "--since", since])
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "--since" in done.stderr
+
+
+def test_two_agents_cannot_share_a_state_dir(tmp_path: Path) -> None:
+    from auris.agent.state import lock_state_dir
+
+    lock_state_dir(tmp_path)  # held by this process, as a running agent would
+    done = run_cli(
+        "auris.agent",
+        [
+            "--insecure",
+            "--models-dir",
+            str(REPO / "models"),
+            "--state-dir",
+            str(tmp_path),
+            "--pcap",
+            str(PCAPS / "steam.pcap"),
+        ],
+    )
+    assert done.returncode == 2
+    assert "another auris-agent is using this state directory" in done.stderr

@@ -10,6 +10,8 @@ import sys
 from collections import Counter
 
 import pytest
+from google.protobuf import descriptor
+
 from auris.v1 import (
     admin_service_pb2,
     agent_service_pb2,
@@ -19,8 +21,6 @@ from auris.v1 import (
     query_service_pb2,
     verdict_pb2,
 )
-from google.protobuf import descriptor
-
 from tests.conftest import REPO
 
 FILES = [

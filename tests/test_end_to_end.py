@@ -11,13 +11,13 @@ import socket
 import threading
 from pathlib import Path
 
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from nfstream import NFStreamer
+
 from auris.collector import ctl
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
 from auris.v1 import query_service_pb2, verdict_pb2
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from nfstream import NFStreamer
-
 from tests.conftest import PCAPS, CollectorThread, run_agent
 
 FlowFacts = tuple[str, int, str, int, int, int, int, int, int, int, int]
@@ -223,7 +223,9 @@ def test_spooled_verdicts_survive_an_unreachable_collector(tmp_path: Path) -> No
     assert "collector unreachable" in done.stderr
     assert f"{sum(expected.values())} verdicts stay spooled" in done.stderr
 
-    late = CollectorThread(CollectorConfig(listen=f"127.0.0.1:{port}", insecure=True, db=str(tmp_path / "c.db")))
+    late = CollectorThread(
+        CollectorConfig(listen=f"127.0.0.1:{port}", insecure=True, db=str(tmp_path / "c.db"))
+    )
     late.start()
     try:
         again = run_agent(late.address, [ATTACK], state)

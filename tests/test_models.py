@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from auris.agent.features import NFSTREAM
 from auris.agent.manifest import find_manifests, read_manifest
 from auris.agent.meter import meter_flows
 from auris.agent.scoring import load_model, load_models, to_matrix
 from auris.v1 import model_pb2
-
 from tests.conftest import MODELS, PCAPS
 
 
@@ -63,13 +63,14 @@ def test_a_modified_onnx_file_is_refused(tmp_path: Path) -> None:
         (lambda m: m.update(manifest_version=99), "newer than this reader"),
         (lambda m: m.update(normal_label="nothing"), "normal_label"),
         (lambda m: m.update(input_name="x"), "graph has no input 'x'"),
+        (lambda m: m.update(description="caf\udce9"), "not UTF-8 text"),
     ],
 )
 def test_manifests_the_agent_cannot_honour_are_refused(tmp_path: Path, edit: object, message: str) -> None:
     path = _copy_model(tmp_path)
     data = json.loads(path.read_text())
     edit(data)  # type: ignore[operator]
-    path.write_text(json.dumps(data))
+    path.write_bytes(json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogateescape"))
     models, errors = load_models(tmp_path)
     assert not models.models
     assert message in errors[0]
@@ -87,10 +88,11 @@ def test_to_matrix_cleans_non_finite_values() -> None:
 
 def test_training_export_and_agent_scoring_agree(tmp_path: Path) -> None:
     """A model trained on the agent's own features scores the same in scikit-learn and in the agent."""
+    from sklearn.ensemble import RandomForestClassifier
+
     from auris.training.export import INPUT_NAME, export_classifier, parity, write_model
     from auris.training.metrics import classifier_evaluation
     from auris.training.pcap_flows import CaptureFile, flow_table
-    from sklearn.ensemble import RandomForestClassifier
 
     files = [CaptureFile(PCAPS / "masscan_tcp_0_1000_20190821.pcap", "attack")]
     files += [

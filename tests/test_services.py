@@ -7,10 +7,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, verdict_pb2
-
 from tests.conftest import CollectorThread, make_verdict
 
 
@@ -112,3 +112,58 @@ def test_contract_rpcs_not_served_yet_say_so(agent_stub: agent_service_pb2_grpc.
         agent_stub.Heartbeat(agent_service_pb2.HeartbeatRequest(agent_id="a"))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "Heartbeat is not implemented" in (caught.value.details() or "")
+
+
+def _trailing(exc: grpc.RpcError) -> dict[str, str]:
+    assert isinstance(exc, grpc.Call)
+    return {str(k): str(v) for k, v in (exc.trailing_metadata() or ())}
+
+
+def test_refusals_name_the_batch_only_when_a_verdict_is_at_fault(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub,
+) -> None:
+    huge = make_verdict(7)
+    huge.counters.src_to_dst_bytes = 2**63 + 1  # past what SQLite can hold
+    with pytest.raises(grpc.RpcError) as caught:
+        list(agent_stub.StreamVerdicts(iter([_request(make_verdict(6), huge)])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "verdict 1: a counter is out of range" in (caught.value.details() or "")
+    assert _trailing(caught.value)["auris-rejected-sequence"] == "7"
+
+    far = make_verdict(8)
+    far.scored_time.seconds = 10**13
+    with pytest.raises(grpc.RpcError) as caught:
+        list(agent_stub.StreamVerdicts(iter([_request(far)])))
+    assert "scored_time is out of range" in (caught.value.details() or "")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        list(agent_stub.StreamVerdicts(iter([_request(make_verdict(9), agent_id="x" * 200)])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "auris-rejected-sequence" not in _trailing(caught.value)  # the stream, not a batch
+
+
+def test_a_reused_sequence_with_other_content_is_refused(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient
+) -> None:
+    list(agent_stub.StreamVerdicts(iter([_request(make_verdict(1), make_verdict(2))])))
+    impostor = make_verdict(2, dst_port=8080)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(agent_stub.StreamVerdicts(iter([_request(impostor, make_verdict(3))])))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "reused sequence 2" in (caught.value.details() or "")
+    stored = list(client.query(verdict_filter()))
+    assert sorted(s.verdict.sequence for s in stored) == [1, 2]  # the whole batch was refused
+    assert {s.verdict.flow.dst_port for s in stored} == {443}
+
+
+def test_addresses_are_stored_and_matched_canonically(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient
+) -> None:
+    list(agent_stub.StreamVerdicts(iter([_request(make_verdict(1, src_ip="2001:DB8:0:0::1"))])))
+    (stored,) = client.query(verdict_filter())
+    assert stored.verdict.flow.src_ip == "2001:db8::1"
+    flt = query_service_pb2.VerdictFilter(ip="2001:0db8::0001")
+    assert len(list(client.query(flt))) == 1
+    with pytest.raises(grpc.RpcError) as caught:
+        client.query_page(query_service_pb2.VerdictFilter(ip="not-an-ip"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

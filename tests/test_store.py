@@ -6,9 +6,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from auris.collector.store import SCHEMA_VERSION, VerdictStore
 from auris.v1 import query_service_pb2
-
 from tests.conftest import make_verdict
 
 
@@ -28,9 +28,10 @@ def test_ingest_is_idempotent_on_agent_and_sequence(store: VerdictStore) -> None
     batch = [make_verdict(i) for i in range(1, 11)]
     first = store.ingest("agent-1", batch)
     assert (first.accepted, first.duplicates) == (10, 0)
-    assert len(first.stored_ids) == 10
+    assert first.stored_ids == list(range(1, 11))
     again = store.ingest("agent-1", [*batch[5:], make_verdict(11)])
     assert (again.accepted, again.duplicates) == (1, 5)
+    assert again.stored_ids == [11]
     assert store.count() == 11
     # The same sequence from another agent is a different verdict.
     other = store.ingest("agent-2", [make_verdict(1, agent_id="agent-2")])

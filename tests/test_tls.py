@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
 from auris.v1 import query_service_pb2, query_service_pb2_grpc
-
 from tests.conftest import MODELS, PCAPS, CollectorThread, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")

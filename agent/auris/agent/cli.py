@@ -24,7 +24,7 @@ from auris.agent.config import AgentConfig, ConfigError, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.scoring import ModelSet, load_models
 from auris.agent.spool import Spool
-from auris.agent.state import agent_identity
+from auris.agent.state import agent_identity, lock_state_dir
 from auris.agent.uplink import Uplink, open_channel
 
 __all__ = ["main"]
@@ -132,6 +132,7 @@ def run(
 
     state_dir = Path(config.state_dir)
     try:
+        lock_state_dir(state_dir)
         agent_id = agent_identity(state_dir, config.agent_id)
         spool = Spool(state_dir / "spool.db", config.spool_max_verdicts)
     except (OSError, ValueError) as exc:

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from google.protobuf import timestamp_pb2
+
 from auris.agent.config import AgentConfig
 from auris.agent.meter import FlowRecord, MeterOptions, meter_source, source_label
 from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
 from auris.agent.verdicts import build_verdict
-from google.protobuf import timestamp_pb2
 
 __all__ = ["Agent", "RunReport", "replay_key"]
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from auris.v1 import model_pb2
 from google.protobuf import json_format
+
+from auris.v1 import model_pb2
 
 __all__ = [
     "MANIFEST_SUFFIX",
@@ -57,6 +58,8 @@ def read_manifest(path: Path, *, verify_file: bool = True) -> model_pb2.ModelMan
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not a valid manifest: not UTF-8 text") from None
     manifest = model_pb2.ModelManifest()
     try:
         json_format.Parse(text, manifest, ignore_unknown_fields=False)

@@ -9,16 +9,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from nfstream import NFStreamer
+
 from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
-from nfstream import NFStreamer
 
 __all__ = ["FlowRecord", "MeterOptions", "MeterStats", "meter_flows", "meter_source", "source_label"]
 
 logger = logging.getLogger(__name__)
 
-# nfstream's expiration_id -> our end reason. Flows still cached when a capture ends
-# are expired with their idle id; we mark those as end-of-capture ourselves.
+# nfstream's expiration_id -> our end reason. nfstream expires the flows still cached when
+# a capture ends with the idle id, so those read as idle timeouts too.
 _END_REASONS = {
     0: flow_pb2.FLOW_END_REASON_IDLE_TIMEOUT,
     1: flow_pb2.FLOW_END_REASON_ACTIVE_TIMEOUT,

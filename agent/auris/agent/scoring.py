@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+
 from auris.agent.features import FeatureSet, feature_set
 from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
 from auris.v1 import model_pb2
@@ -71,19 +72,19 @@ class LoadedModel:
         if m.kind == model_pb2.MODEL_KIND_CLASSIFIER:
             probs = out.reshape(len(inputs), -1)
             scores = 1.0 - probs[:, self.normal_index]
-            best = probs.argmax(axis=1)
+            # Above threshold the label is the likeliest class other than the normal one, even
+            # when the normal class alone is the single most likely.
+            others = probs.copy()
+            others[:, self.normal_index] = -1.0
+            best = np.where(scores >= m.threshold.value, others.argmax(axis=1), probs.argmax(axis=1))
             labels = [m.labels[i] for i in best]
         else:
             scores = out.reshape(len(inputs), -1)[:, 0]
             labels = ["" for _ in range(len(inputs))]
-        result = []
-        for score, label in zip(scores.tolist(), labels, strict=True):
-            anomalous = score >= threshold
-            if m.kind == model_pb2.MODEL_KIND_CLASSIFIER and anomalous and label == m.normal_label:
-                # Above threshold but argmax is still normal: report the likeliest other class.
-                label = "attack" if len(m.labels) == 2 else label
-            result.append(Score(m.model_id, m.version, m.kind, float(score), threshold, anomalous, label))
-        return result
+        return [
+            Score(m.model_id, m.version, m.kind, float(score), threshold, score >= threshold, label)
+            for score, label in zip(scores.tolist(), labels, strict=True)
+        ]
 
 
 def load_model(manifest_path: Path, threads: int = 1) -> LoadedModel:

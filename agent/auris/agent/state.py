@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import uuid
 from pathlib import Path
 
-__all__ = ["agent_identity"]
+__all__ = ["agent_identity", "lock_state_dir"]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -37,3 +38,18 @@ def agent_identity(state_dir: Path, configured: str = "") -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, new + "\n")
     return new
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on ``state_dir`` for the life of the process; return its fd.
+
+    Two agents sharing a state directory would hand out the same sequence numbers.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError("another auris-agent is using this state directory") from None
+    return fd

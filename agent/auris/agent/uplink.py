@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+
 from auris.agent.spool import Spool
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
 
@@ -31,6 +32,15 @@ __all__ = ["Uplink", "UplinkStats", "is_loopback_target", "open_channel"]
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+# Expected while a collector restarts or the network heals; anything else needs an operator.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# Trailing metadata with which the collector names the highest sequence of a refused batch.
+_REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
+
+
+def _cancel(call: grpc.RpcContext | None) -> None:
+    if call is not None:
+        call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
 
 def is_loopback_target(target: str) -> bool:
@@ -75,7 +85,10 @@ class UplinkStats:
     rejected: int = 0
     reconnects: int = 0
     acknowledged_sequence: int = 0
+    # Wall-clock time of the last acknowledgement (for health reports), and the same on the
+    # monotonic clock (for timeouts).
     last_ack_time: float = 0.0
+    last_ack_monotonic: float = 0.0
 
 
 class Uplink:
@@ -90,6 +103,7 @@ class Uplink:
         batch: int = 256,
         window: int = 8,
         backoff_max_s: float = 10.0,
+        ack_timeout_s: float = 60.0,
     ) -> None:
         self._stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         self._agent_id = agent_id
@@ -97,6 +111,9 @@ class Uplink:
         self._batch = batch
         self._window = window
         self._backoff_max_s = backoff_max_s
+        self._ack_timeout_s = ack_timeout_s
+        # The open stream, so that stop() and the acknowledgement watchdog can cancel it.
+        self._call: grpc.RpcContext | None = None
         self._input_closed = threading.Event()
         self._abort = threading.Event()
         self._lock = threading.Lock()
@@ -128,6 +145,7 @@ class Uplink:
 
     def stop(self) -> None:
         self._abort.set()
+        _cancel(self._call)
         self._thread.join(10)
 
     def _requests(
@@ -138,9 +156,16 @@ class Uplink:
     ) -> Iterator[agent_service_pb2.StreamVerdictsRequest]:
         """Batches after the last acknowledgement; runs on gRPC's request-consuming thread."""
         sent = self.stats.acknowledged_sequence
+        last_progress = time.monotonic()
         while True:
             while not window.acquire(timeout=_POLL_S):
                 if dead.is_set() or self._abort.is_set():
+                    return
+                # A collector that keeps the stream open but stops acknowledging: start over.
+                acked = self.stats.last_ack_monotonic
+                if in_flight and time.monotonic() - max(acked, last_progress) > self._ack_timeout_s:
+                    logger.warning("no acknowledgement for %.0fs; reconnecting", self._ack_timeout_s)
+                    _cancel(self._call)
                     return
             while True:
                 if dead.is_set() or self._abort.is_set():
@@ -152,6 +177,7 @@ class Uplink:
                     return  # everything is sent: half-close, then wait for the last acks
                 self._spool.wait_for_more(sent, _POLL_S)
             sent = batch[-1].sequence
+            last_progress = time.monotonic()
             with self._lock:
                 in_flight.append((sent, len(batch)))
                 self.stats.verdicts_sent += len(batch)
@@ -161,6 +187,7 @@ class Uplink:
         window = threading.Semaphore(self._window)
         dead = threading.Event()
         responses = self._stub.StreamVerdicts(self._requests(window, dead, in_flight))
+        self._call = responses
         try:
             for response in responses:
                 acked = response.acknowledged_sequence
@@ -172,16 +199,19 @@ class Uplink:
                     self.stats.duplicates += response.duplicates
                     self.stats.acknowledged_sequence = max(self.stats.acknowledged_sequence, acked)
                     self.stats.last_ack_time = time.time()
+                    self.stats.last_ack_monotonic = time.monotonic()
                 window.release()
         finally:
             dead.set()
-            responses.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+            _cancel(responses)
 
-    def _reject_first_in_flight(self, in_flight: collections.deque[tuple[int, int]], details: str) -> None:
-        """The collector refused the oldest unacknowledged batch as malformed: drop it, count it."""
-        if not in_flight:
-            return
-        top, count = in_flight[0]
+    def _reject(self, exc: grpc.Call, in_flight: collections.deque[tuple[int, int]], details: str) -> bool:
+        """Drop the batch the collector refused as malformed, if it named one; True if it did."""
+        named = dict(exc.trailing_metadata() or ()).get(_REJECTED_SEQUENCE_KEY)
+        batch = next(((top, count) for top, count in in_flight if str(top) == named), None)
+        if batch is None:
+            return False
+        top, count = batch
         self._spool.acknowledge(top)
         with self._lock:
             self.stats.rejected += count
@@ -189,6 +219,7 @@ class Uplink:
         logger.error(
             "collector refused %d verdicts (up to sequence %d) as malformed: %s", count, top, details
         )
+        return True
 
     def _run(self) -> None:
         backoff = 0.25
@@ -206,10 +237,16 @@ class Uplink:
                 self.last_error = f"{code.name}: {details}"
                 if self._abort.is_set():
                     return
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    self._reject_first_in_flight(in_flight, details)
-                    continue
+                if (
+                    code == grpc.StatusCode.INVALID_ARGUMENT
+                    and isinstance(exc, grpc.Call)
+                    and self._reject(exc, in_flight, details)
+                ):
+                    continue  # a batch-level refusal: the rest of the spool goes on
                 self.stats.reconnects += 1
-                logger.warning("uplink %s: %s; retrying in %.1fs", code.name, details, backoff)
+                log = logger.warning if code in _TRANSIENT else logger.error
+                log("uplink %s: %s; retrying in %.1fs", code.name, details, backoff)
+            except Exception:  # never let the uplink thread die: the spool keeps everything
+                logger.exception("uplink failed unexpectedly; retrying in %.1fs", backoff)
             self._abort.wait(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self._backoff_max_s)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from google.protobuf import timestamp_pb2
+
 from auris.agent.meter import FlowRecord
 from auris.agent.scoring import Score
 from auris.v1 import flow_pb2, model_pb2, verdict_pb2
-from google.protobuf import timestamp_pb2
 
 __all__ = ["build_verdict", "decide"]
 

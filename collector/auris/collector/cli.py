@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -54,7 +55,7 @@ async def _serve(config: CollectorConfig) -> int:
     try:
         collector = Collector(config)
         await collector.start()
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, sqlite3.Error) as exc:
         logger.error("cannot start: %s", exc)
         return EXIT_START
     if config.insecure:

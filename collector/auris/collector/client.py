@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 import grpc
+
 from auris.agent.uplink import open_channel
 from auris.v1 import query_service_pb2, query_service_pb2_grpc, verdict_pb2
 

@@ -25,6 +25,9 @@ class CollectorConfig:
     cert_file: str = ""
     key_file: str = ""
     db: str = "/var/lib/auris-collector/auris.db"
+    # "normal": an acknowledged batch survives a collector crash; "full": also an OS crash or
+    # power loss, at one fsync per batch.
+    sqlite_synchronous: str = "normal"
     # Largest gRPC message accepted, in MiB.
     max_message_mib: int = 16
     # Server-side cap on query page size, and the default when a client asks for 0.
@@ -53,6 +56,8 @@ def load_collector_config(
         raise ConfigError(
             "TLS needs ca_file, cert_file and key_file; pass --insecure for local plaintext development"
         )
+    if config.sqlite_synchronous not in ("normal", "full"):
+        raise ConfigError(f"sqlite_synchronous: expected normal or full, got {config.sqlite_synchronous!r}")
     if not 1 <= config.max_message_mib <= 512:
         raise ConfigError(f"max_message_mib must be between 1 and 512, got {config.max_message_mib}")
     if not 1 <= config.default_page_size <= config.max_page_size:

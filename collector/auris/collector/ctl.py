@@ -16,11 +16,12 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 import grpc
+from google.protobuf import json_format, timestamp_pb2
+
 from auris.agent import __version__
 from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.v1 import query_service_pb2, verdict_pb2
-from google.protobuf import json_format, timestamp_pb2
 
 __all__ = ["main", "parse_since"]
 
@@ -47,15 +48,22 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """``1h``, ``30m``, ``2d``... before now, or an ISO-8601 time (UTC when no zone is given)."""
     now = now or dt.datetime.now(dt.UTC)
     match = _DURATION.match(text.strip())
-    if match:
-        return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
     try:
-        when = dt.datetime.fromisoformat(text)
+        if match:
+            when = now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        else:
+            when = dt.datetime.fromisoformat(text)
+            when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+            when.astimezone(dt.UTC)  # raises for times that do not exist in UTC (year 0, 10000)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a duration (30s, 15m, 1h, 7d) nor an ISO-8601 time"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too far from now") from None
+    if when.astimezone(dt.UTC).year < 1970:
+        raise argparse.ArgumentTypeError(f"{text!r} is before 1970")
+    return when
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,13 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
 from auris.collector.config import CollectorConfig
 from auris.collector.services import AgentServicer, QueryServicer
 from auris.collector.store import VerdictStore
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, query_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 __all__ = ["Collector"]
 
@@ -30,7 +31,7 @@ class Collector:
 
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
-        self.store = VerdictStore(Path(config.db))
+        self.store = VerdictStore(Path(config.db), config.sqlite_synchronous)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auris-reader")
         limit = config.max_message_mib * 1024 * 1024

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from auris.collector.store import VerdictStore
+
+from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
@@ -22,7 +23,7 @@ from auris.v1 import (
     query_service_pb2_grpc,
 )
 
-__all__ = ["AgentServicer", "QueryServicer", "validate_batch"]
+__all__ = ["REJECTED_SEQUENCE_KEY", "AgentServicer", "InvalidVerdict", "QueryServicer", "validate_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,31 @@ async def _call(context: grpc.aio.ServicerContext[Any, Any], work: Callable[[], 
     raise AssertionError("unreachable")  # context.abort always raises
 
 
-def _check_ip(value: str, what: str, index: int) -> None:
+# SQLite integers are signed 64-bit; packet and byte totals add two counters.
+_MAX_SEQUENCE = 2**63 - 1
+_MAX_COUNTER = 2**62
+_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the protobuf Timestamp limit
+# Trailing metadata naming the highest sequence of a refused batch, so the agent can drop
+# exactly that batch; a refusal without it concerns the whole stream.
+REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
+
+
+class InvalidVerdict(ValueError):
+    """One verdict of a batch is malformed; the batch is refused and nothing else."""
+
+
+def _canonical_ip(value: str, what: str, index: int) -> str:
     try:
-        ipaddress.ip_address(value)
+        return ipaddress.ip_address(value).compressed
     except ValueError:
-        raise ValueError(f"verdict {index}: {what} {value[:64]!r} is not an IP address") from None
+        raise InvalidVerdict(f"verdict {index}: {what} {value[:64]!r} is not an IP address") from None
 
 
 def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequence: int) -> int:
-    """Check one batch; fill in missing agent ids; return its highest sequence.
+    """Check one batch; fill in missing agent ids, canonicalise addresses; return its highest sequence.
 
-    Raises ValueError naming the first bad verdict: the whole batch is refused and
-    nothing stored before it is touched.
+    Raises InvalidVerdict naming the first bad verdict (the whole batch is refused and
+    nothing stored before it is touched), or ValueError for a bad stream.
     """
     agent_id = request.agent_id
     if not agent_id or len(agent_id) > 128:
@@ -65,19 +79,33 @@ def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequen
     previous = last_sequence
     for i, v in enumerate(request.verdicts):
         if v.agent_id and v.agent_id != agent_id:
-            raise ValueError(f"verdict {i}: agent_id {v.agent_id!r} differs from the stream's {agent_id!r}")
+            raise InvalidVerdict(
+                f"verdict {i}: agent_id {v.agent_id!r} differs from the stream's {agent_id!r}"
+            )
         v.agent_id = agent_id
-        if v.sequence <= previous:
-            raise ValueError(f"verdict {i}: sequence {v.sequence} does not increase (previous {previous})")
+        if not previous < v.sequence <= _MAX_SEQUENCE:
+            raise InvalidVerdict(
+                f"verdict {i}: sequence {v.sequence} does not increase (previous {previous})"
+            )
         previous = v.sequence
-        _check_ip(v.flow.src_ip, "src_ip", i)
-        _check_ip(v.flow.dst_ip, "dst_ip", i)
+        v.flow.src_ip = _canonical_ip(v.flow.src_ip, "src_ip", i)
+        v.flow.dst_ip = _canonical_ip(v.flow.dst_ip, "dst_ip", i)
         if v.flow.src_port > 65535 or v.flow.dst_port > 65535:
-            raise ValueError(f"verdict {i}: port out of range")
+            raise InvalidVerdict(f"verdict {i}: port out of range")
         if v.flow.ip_protocol > 255:
-            raise ValueError(f"verdict {i}: ip_protocol {v.flow.ip_protocol} out of range")
+            raise InvalidVerdict(f"verdict {i}: ip_protocol {v.flow.ip_protocol} out of range")
         if not v.HasField("scored_time"):
-            raise ValueError(f"verdict {i}: scored_time is not set")
+            raise InvalidVerdict(f"verdict {i}: scored_time is not set")
+        for name, ts in (("first_seen_time", v.first_seen_time), ("last_seen_time", v.last_seen_time),
+                         ("scored_time", v.scored_time)):  # fmt: skip
+            if not (0 <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
+                raise InvalidVerdict(f"verdict {i}: {name} is out of range")
+        c = v.counters
+        if (
+            max(c.src_to_dst_packets, c.dst_to_src_packets, c.src_to_dst_bytes, c.dst_to_src_bytes)
+            > _MAX_COUNTER
+        ):
+            raise InvalidVerdict(f"verdict {i}: a counter is out of range")
     return previous
 
 
@@ -107,14 +135,22 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             try:
                 top = validate_batch(request, last_sequence)
             except ValueError as exc:
-                logger.warning("refused batch from %s: %s", request.agent_id or "?", exc)
+                logger.warning("refused batch from %s: %s", request.agent_id[:128] or "?", exc)
+                if isinstance(exc, InvalidVerdict) and request.verdicts:
+                    context.set_trailing_metadata(
+                        ((REJECTED_SEQUENCE_KEY, str(max(v.sequence for v in request.verdicts))),)
+                    )
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if not request.verdicts:
                 yield agent_service_pb2.StreamVerdictsResponse(acknowledged_sequence=last_sequence)
                 continue
-            result = await loop.run_in_executor(
-                self._writer, self._store.ingest, request.agent_id, list(request.verdicts)
-            )
+            try:
+                result = await loop.run_in_executor(
+                    self._writer, self._store.ingest, request.agent_id, list(request.verdicts)
+                )
+            except SequenceConflict as exc:
+                logger.error("refused batch from %s: %s", request.agent_id, exc)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             last_sequence = top
             yield agent_service_pb2.StreamVerdictsResponse(
                 acknowledged_sequence=top, accepted=result.accepted, duplicates=result.duplicates

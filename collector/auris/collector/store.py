@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import sqlite3
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
 from auris.v1 import query_service_pb2, verdict_pb2
 
 __all__ = ["SCHEMA_VERSION", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
@@ -99,6 +101,10 @@ def verdict_row(v: verdict_pb2.Verdict, received_ns: int) -> tuple[Any, ...]:
     )
 
 
+class SequenceConflict(Exception):
+    """An agent sent a sequence number it already used for a different verdict."""
+
+
 @dataclasses.dataclass(frozen=True)
 class IngestResult:
     accepted: int
@@ -178,13 +184,17 @@ def _connect(path: Path) -> sqlite3.Connection:
 class VerdictStore:
     """The collector's SQLite database. Thread-safe: writes are serialised on one connection."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, synchronous: str = "normal") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._db = sqlite_utils.Database(_connect(self.path))
         self._db.enable_wal()
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL: a committed batch survives a collector crash; FULL also survives an OS crash or
+        # power loss, at one fsync per batch.
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.migrate()
         self._local = threading.local()
 
@@ -240,6 +250,8 @@ class VerdictStore:
                 conn.executemany(_INSERT_SQL, rows)
                 accepted = conn.total_changes - before
                 top = max((v.sequence for v in verdicts), default=0)
+                if accepted < len(rows):
+                    self._check_resends(agent_id, rows)
                 conn.execute(
                     "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns,"
                     " acknowledged_sequence, verdicts_stored) VALUES (?, ?, ?, ?, ?, ?)"
@@ -262,6 +274,23 @@ class VerdictStore:
                 else []
             )
         return IngestResult(accepted=accepted, duplicates=len(rows) - accepted, stored_ids=stored_ids)
+
+    def _check_resends(self, agent_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """A resend must be the very verdict stored before; anything else means a reused sequence."""
+        sequences = [row[1] for row in rows]
+        stored = dict(
+            self._db.conn.execute(
+                "SELECT sequence, verdict_pb FROM verdicts WHERE agent_id = ? AND sequence BETWEEN ? AND ?",
+                (agent_id, min(sequences), max(sequences)),
+            )
+        )
+        blob = _INSERT_COLUMNS.index("verdict_pb")
+        for row in rows:
+            if stored.get(row[1]) != row[blob]:
+                raise SequenceConflict(
+                    f"agent {agent_id} reused sequence {row[1]} for a different verdict "
+                    "(was its state directory lost or shared?); batch refused"
+                )
 
     # -- queries --------------------------------------------------------------------------
 
@@ -333,12 +362,15 @@ def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[An
     column = _TIME_COLUMNS.get(flt.time_field)
     if column is None:
         raise ValueError(f"unknown time_field {flt.time_field}")
-    if flt.time_range.HasField("start_time"):
-        where.append(f"{column} >= ?")
-        params.append(_ns(flt.time_range.start_time))
-    if flt.time_range.HasField("end_time"):
-        where.append(f"{column} < ?")
-        params.append(_ns(flt.time_range.end_time))
+    for present, ts, op in (
+        (flt.time_range.HasField("start_time"), flt.time_range.start_time, ">="),
+        (flt.time_range.HasField("end_time"), flt.time_range.end_time, "<"),
+    ):
+        if present:
+            if not 0 <= ts.seconds <= 253_402_300_799:
+                raise ValueError("time_range bounds must lie between 1970 and 9999")
+            where.append(f"{column} {op} ?")
+            params.append(_ns(ts))
 
     def any_of(col: str, values: Sequence[Any]) -> None:
         if values:
@@ -350,8 +382,12 @@ def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[An
     any_of("label", list(flt.labels))
     if flt.ip:
         where.append("(src_ip = ? OR dst_ip = ?)")
-        params += [flt.ip, flt.ip]
-    for column, wanted in (("src_ip", flt.src_ip), ("dst_ip", flt.dst_ip), ("model_id", flt.model_id)):
+        params += [_canonical(flt.ip)] * 2
+    for column, wanted in (
+        ("src_ip", _canonical(flt.src_ip)),
+        ("dst_ip", _canonical(flt.dst_ip)),
+        ("model_id", flt.model_id),
+    ):
         if wanted:
             where.append(f"{column} = ?")
             params.append(wanted)
@@ -375,6 +411,16 @@ def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[An
     return where, params
 
 
+def _canonical(ip: str) -> str:
+    """Addresses are stored canonical (ipaddress's compressed form): match them the same way."""
+    if not ip:
+        return ""
+    try:
+        return ipaddress.ip_address(ip).compressed
+    except ValueError:
+        raise ValueError(f"{ip[:64]!r} is not an IP address") from None
+
+
 def encode_page_token(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
 
@@ -383,8 +429,9 @@ def decode_page_token(token: str) -> int:
     try:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         prefix, value = text.split(":", 1)
-        if prefix != "v1":
+        last_id = int(value)
+        if prefix != "v1" or not 0 < last_id < 2**63:
             raise ValueError(prefix)
-        return int(value)
+        return last_id
     except (ValueError, UnicodeDecodeError):
         raise ValueError("page_token is not a token this collector issued") from None

@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import f1_score
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
 from auris.agent import __version__
 from auris.agent.features import NFSTREAM
 from auris.agent.scoring import to_matrix
@@ -19,10 +24,6 @@ from auris.training.export import PARITY_TOLERANCE, export_classifier, parity, w
 from auris.training.metrics import classifier_evaluation, split_by_time
 from auris.training.pcap_flows import ATTACK, BENIGN, capture_files, flow_table
 from auris.v1 import model_pb2
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.metrics import f1_score
-from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 __all__ = ["main"]
 
@@ -54,10 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_network_pcap(args: argparse.Namespace) -> int:
     pcaps = args.data / "pcaps"
-    if not (pcaps / "attack" / "labels.csv").is_file():
-        print(f"auris-train: {pcaps} has no attack/labels.csv; pass --data DIR", file=sys.stderr)
+    if not (pcaps / "attack" / "labels.csv").is_file() or not (pcaps / "benign").is_dir():
+        print(f"auris-train: {pcaps} needs benign/ and attack/labels.csv; pass --data DIR", file=sys.stderr)
         return EXIT_USAGE
-    files = capture_files(args.data)
+    try:
+        files = capture_files(args.data)
+    except (KeyError, ValueError) as exc:
+        print(f"auris-train: {pcaps / 'attack' / 'labels.csv'}: unexpected content ({exc})", file=sys.stderr)
+        return EXIT_USAGE
     table = flow_table(
         files,
         NFSTREAM,

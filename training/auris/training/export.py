@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from auris.agent.features import FeatureSet
-from auris.agent.manifest import MANIFEST_SUFFIX, MANIFEST_VERSION, dump_manifest, file_sha256
-from auris.v1 import model_pb2
 from google.protobuf import timestamp_pb2
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
+
+from auris.agent.features import FeatureSet
+from auris.agent.manifest import MANIFEST_SUFFIX, MANIFEST_VERSION, dump_manifest, file_sha256
+from auris.v1 import model_pb2
 
 __all__ = ["INPUT_NAME", "PROBABILITIES", "export_classifier", "library_versions", "parity", "write_model"]
 

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from auris.v1 import model_pb2
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+
+from auris.v1 import model_pb2
 
 __all__ = ["classifier_evaluation", "split_by_time"]
 
