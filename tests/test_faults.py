@@ -1,0 +1,154 @@
+"""Fault injection with real processes: kill -9 of the collector and of the agent mid-stream.
+
+Every verdict of a real capture must be stored exactly once at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from auris.collector.client import CollectorClient, verdict_filter
+from tests.conftest import MODELS, PCAPS, CollectorThread
+from tests.test_end_to_end import nfstream_reference, stored_facts
+
+CAPTURE = PCAPS / "masscan_tcp_0_1000_20190821.pcap"
+CYCLES = 5
+
+
+def _copies(tmp_path: Path, n: int) -> list[Path]:
+    """n distinct capture files (a replay is identified by its file), same real traffic."""
+    folder = tmp_path / "pcaps"
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"part{i:02d}.pcap")
+        shutil.copy(CAPTURE, paths[-1])
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    # A new session, so that kill -9 reaches nfstream's meter processes too (as systemd's
+    # control-group kill does).
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _kill9(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def _agent_args(address: str, state: Path, pcaps: list[Path]) -> list[str]:
+    args = ["auris.agent", "--insecure", "--collector", address, "--models-dir", str(MODELS)]
+    args += ["--state-dir", str(state)]
+    for p in pcaps:
+        args += ["--pcap", str(p)]
+    return args
+
+
+def _stored(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            (n,) = conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()
+            return int(n)
+    except sqlite3.OperationalError:
+        return 0  # not created yet
+
+
+def _wait_for(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _assert_exactly_once(address: str, pcaps: list[Path]) -> None:
+    expected = nfstream_reference(CAPTURE)
+    with CollectorClient(address, insecure=True) as c:
+        stored = list(c.query(verdict_filter(), page_size=1000))
+    assert len(stored) == sum(expected.values()) * len(pcaps)
+    for p in pcaps:
+        assert stored_facts(stored, p.name) == expected, p.name
+
+
+@pytest.mark.timeout(240)
+def test_collector_killed_mid_stream(tmp_path: Path) -> None:
+    pcaps = _copies(tmp_path, 6)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    db = tmp_path / "collector.db"
+    ready = tmp_path / "collector.addr"
+    collector_args = ["auris.collector", "serve", "--insecure", "--listen", address, "--db", str(db)]
+    collector_args += ["--address-file", str(ready)]
+    log = tmp_path / "processes.log"
+    agent = _spawn(_agent_args(address, tmp_path / "agent", pcaps), log)
+    try:
+        kills_mid_stream = 0
+        for _ in range(CYCLES):
+            before = _stored(db)
+            collector = _spawn(collector_args, log)
+            # Let some verdicts land, then kill it without warning.
+            _wait_for(lambda: _stored(db) > before, 30)  # noqa: B023
+            time.sleep(0.05)
+            _kill9(collector)
+            kills_mid_stream += agent.poll() is None
+        assert kills_mid_stream >= 3, (
+            "the agent finished before the collector was killed: test proves nothing"
+        )
+        ready.unlink(missing_ok=True)
+        collector = _spawn(collector_args, log)
+        try:
+            assert _wait_for(ready.exists, 30)
+            assert agent.wait(120) == 0, log.read_text()[-3000:]
+            _assert_exactly_once(address, pcaps)
+        finally:
+            collector.terminate()
+            collector.wait(30)
+    finally:
+        if agent.poll() is None:
+            _kill9(agent)
+    assert "resent as duplicates" in log.read_text()
+
+
+@pytest.mark.timeout(240)
+def test_agent_killed_mid_replay(collector: CollectorThread, tmp_path: Path) -> None:
+    pcaps = _copies(tmp_path, 6)
+    db = Path(collector.config.db)
+    state = tmp_path / "agent"
+    log = tmp_path / "agent.log"
+    kills_mid_run = 0
+    for _ in range(CYCLES):
+        before = _stored(db)
+        agent = _spawn(_agent_args(collector.address, state, pcaps), log)
+        _wait_for(lambda: _stored(db) > before + 200, 60)  # noqa: B023
+        if agent.poll() is None:
+            kills_mid_run += 1
+        _kill9(agent)
+    assert kills_mid_run >= 3, "the agent finished before it was killed: test proves nothing"
+    final = _spawn(_agent_args(collector.address, state, pcaps), log)
+    assert final.wait(120) == 0, log.read_text()[-3000:]
+    _assert_exactly_once(collector.address, pcaps)
+    assert "resuming" in log.read_text()
