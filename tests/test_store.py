@@ -108,3 +108,26 @@ def test_migrates_an_older_database_and_refuses_a_newer_one(tmp_path: Path) -> N
     store.close()
     with pytest.raises(RuntimeError, match="newer than this collector"):
         VerdictStore(path)
+
+
+def test_migrates_a_version_1_database(tmp_path: Path) -> None:
+    """A database written by schema 1 (before heartbeats) opens, migrates, and keeps its rows."""
+    import sqlite_utils
+
+    from auris.collector.store import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    old = sqlite_utils.Database(path)
+    MIGRATIONS[0](old)
+    old.table("meta").insert({"key": "schema_version", "value": "1"}, pk="key")
+    old.table("agents").insert(
+        {"agent_id": "a", "hostname": "h", "first_seen_ns": 1, "last_seen_ns": 1, "acknowledged_sequence": 3,
+         "verdicts_stored": 3}
+    )  # fmt: skip
+    old.close()
+    store = VerdictStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert "last_heartbeat_ns" in store.db.table("agents").columns_dict
+    (agent,) = store.agents(offline_after_ns=10**9)
+    assert (agent.agent_id, agent.hostname, agent.verdicts_stored) == ("a", "h", 3)
+    assert store.ingest("a", [make_verdict(4, agent_id="a")]).accepted == 1

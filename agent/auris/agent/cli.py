@@ -22,6 +22,7 @@ from pathlib import Path
 from auris.agent import __version__
 from auris.agent.config import AgentConfig, ConfigError, load_agent_config
 from auris.agent.daemon import Agent
+from auris.agent.health import Heartbeat
 from auris.agent.scoring import ModelSet, load_models
 from auris.agent.spool import Spool
 from auris.agent.state import agent_identity, lock_state_dir
@@ -169,11 +170,14 @@ def run(
     signal.signal(signal.SIGTERM, lambda signum, frame: agent.request_stop())
     signal.signal(signal.SIGINT, lambda signum, frame: agent.request_stop())
     signal.signal(signal.SIGHUP, lambda signum, frame: agent.request_reload())
+    heartbeat = Heartbeat(channel, agent.heartbeat, config.heartbeat_interval_s)
     uplink.start()
+    heartbeat.start()
     logger.info(
         "agent %s metering %s with %d model(s)", agent_id, ", ".join(agent.sources), len(models.models)
     )
     report = agent.run()
+    heartbeat.stop(final=True)
     spooled = spool.stats
     stats = uplink.stats
     logger.info(

@@ -61,6 +61,8 @@ class AgentConfig:
     # Replay mode: seconds without an acknowledgement before the agent stops waiting for the
     # collector and exits (what is unsent stays spooled for the next start).
     uplink_deadline_s: float = 300.0
+    # Seconds between heartbeats (one is also sent at start and at exit).
+    heartbeat_interval_s: float = 30.0
     # On SIGTERM: seconds to keep sending before exiting; the rest stays spooled.
     drain_timeout_s: float = 10.0
     # Spooled verdicts kept while the collector is away; past it the oldest are dropped (counted).

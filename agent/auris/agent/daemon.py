@@ -19,12 +19,14 @@ from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
+from auris.agent import __version__
 from auris.agent.config import AgentConfig
 from auris.agent.meter import FlowRecord, MeterOptions, meter_source, source_label
 from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
 from auris.agent.verdicts import build_verdict
+from auris.v1 import agent_service_pb2
 
 __all__ = ["Agent", "RunReport", "replay_key"]
 
@@ -46,6 +48,8 @@ def replay_key(source: str) -> str | None:
 class RunReport:
     flows: int = 0
     anomalies: int = 0
+    # Packets in the flows metered (kernel and capture drops are not counted yet).
+    packets: int = 0
     # Flows of a resumed replay that were already spooled by an earlier run.
     flows_skipped: int = 0
     sources_skipped: int = 0
@@ -105,6 +109,32 @@ class Agent:
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=_QUEUE_FLOWS)
+        self._started = time.monotonic()
+
+    def heartbeat(self) -> agent_service_pb2.HeartbeatRequest:
+        """The agent's identity and health counters, as a heartbeat carries them."""
+        spooled = self.spool.stats
+        sent = self.uplink.stats
+        health = agent_service_pb2.AgentHealth(
+            packets_seen=self.report.packets,
+            flows_metered=self.report.flows,
+            verdicts_anomalous=self.report.anomalies,
+            verdicts_sent=sent.verdicts_sent,
+            verdicts_acknowledged=sent.verdicts_acknowledged,
+            verdicts_rejected=sent.rejected,
+            spool_depth=spooled.depth,
+            spool_dropped=spooled.dropped,
+            scoring_errors=self.models.errors,
+            uptime_seconds=time.monotonic() - self._started,
+        )
+        if sent.last_ack_time:
+            health.last_acknowledged_time.FromNanoseconds(int(sent.last_ack_time * 1e9))
+        request = agent_service_pb2.HeartbeatRequest(
+            agent_id=self.agent_id, hostname=self.hostname, agent_version=__version__, health=health
+        )
+        for model in self.models.models:
+            request.models.add(model_id=model.manifest.model_id, version=model.manifest.version)
+        return request
 
     def request_stop(self) -> None:
         """Stop metering, spool what was metered, drain briefly, exit (SIGTERM)."""
@@ -179,6 +209,7 @@ class Agent:
             replay=(key, len(flows)) if key else None,
         )
         self.report.flows += len(flows)
+        self.report.packets += sum(f.packets for f in flows)
         self.report.anomalies += sum(v.anomalous for v in verdicts)
 
     def _apply_reload(self) -> None:

@@ -9,7 +9,13 @@ from types import TracebackType
 import grpc
 
 from auris.agent.uplink import open_channel
-from auris.v1 import query_service_pb2, query_service_pb2_grpc, verdict_pb2
+from auris.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+    verdict_pb2,
+)
 
 __all__ = ["CollectorClient", "verdict_filter"]
 
@@ -58,6 +64,7 @@ class CollectorClient:
             target, insecure=insecure, ca_file=ca_file, cert_file=cert_file, key_file=key_file
         )
         self._query = query_service_pb2_grpc.QueryServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout = timeout_s
 
     @property
@@ -91,6 +98,16 @@ class CollectorClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
+        response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)
+        return list(response.agents)
+
+    def get_agent(self, agent_id: str) -> admin_service_pb2.AgentInfo:
+        response = self._admin.GetAgent(
+            admin_service_pb2.GetAgentRequest(agent_id=agent_id), timeout=self._timeout
+        )
+        return response.agent
 
     def close(self) -> None:
         self._channel.close()

@@ -35,6 +35,8 @@ class CollectorConfig:
     default_page_size: int = 100
     # Once serving, write the bound host:port here (useful with port 0).
     address_file: str = ""
+    # An agent is offline when its last heartbeat is older than this (3 agent heartbeats).
+    agent_offline_after_s: float = 90.0
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 5.0
     log_level: str = "info"

@@ -21,7 +21,7 @@ from google.protobuf import json_format, timestamp_pb2
 from auris.agent import __version__
 from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
 from auris.collector.client import CollectorClient, verdict_filter
-from auris.v1 import query_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["main", "parse_since"]
 
@@ -108,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sub.add_parser("services", help="list the collector's gRPC services (server reflection) and health")
+
+    agents = sub.add_parser("agents", help="the agent registry, from heartbeats")
+    verbs = agents.add_subparsers(dest="verb", metavar="VERB")
+    listed = verbs.add_parser("list", help="every agent with its state and counters")
+    listed.add_argument("--json", action="store_true", help="one JSON object per line")
+    shown = verbs.add_parser("show", help="one agent in full")
+    shown.add_argument("agent_id")
+    shown.add_argument("--json", action="store_true", help="JSON output")
     return p
 
 
@@ -156,9 +164,7 @@ def print_table(verdicts: Iterable[verdict_pb2.StoredVerdict], out: TextIO) -> i
     if not rows:
         print("no verdicts match", file=out)
         return 0
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+    _print_rows(header, rows, out)
     print(f"{len(rows)} verdict(s); * = anomalous", file=out)
     return len(rows)
 
@@ -188,6 +194,53 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
     return EXIT_OK
 
 
+def _agents(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.verb is None:
+        raise ConfigError("agents needs a verb: list or show")
+    agents = client.list_agents() if args.verb == "list" else [client.get_agent(args.agent_id)]
+    if args.json:
+        for agent in agents:
+            print(json.dumps(json_format.MessageToDict(agent, preserving_proto_field_name=True)), file=out)
+        return EXIT_OK
+    if args.verb == "show":
+        print(json_format.MessageToJson(agents[0], preserving_proto_field_name=True, indent=2), file=out)
+        return EXIT_OK
+    header = (
+        "AGENT",
+        "HOSTNAME",
+        "STATE",
+        "VERSION",
+        "LAST HEARTBEAT (UTC)",
+        "FLOWS",
+        "ACKED",
+        "SPOOL",
+        "MODELS",
+    )
+    rows = [
+        (
+            a.agent_id,
+            a.hostname,
+            admin_service_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_").lower(),
+            a.agent_version,
+            _fmt_time(a.last_heartbeat_time) if a.HasField("last_heartbeat_time") else "never",
+            str(a.health.flows_metered),
+            str(a.health.verdicts_acknowledged),
+            str(a.health.spool_depth),
+            ", ".join(f"{m.model_id}@{m.version}" for m in a.models),
+        )
+        for a in agents
+    ]
+    _print_rows(header, rows, out)
+    print(f"{len(rows)} agent(s)", file=out)
+    return EXIT_OK
+
+
+def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
 def _services(client: CollectorClient, out: TextIO) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -213,7 +266,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("aurisctl: a command is required (verdicts, services)", file=sys.stderr)
+        print("aurisctl: a command is required (verdicts, agents, services)", file=sys.stderr)
         return EXIT_USAGE
     try:
         config = build_config(
@@ -241,6 +294,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         with client:
             if args.command == "verdicts":
                 return _verdicts(client, args, out)
+            if args.command == "agents":
+                return _agents(client, args, out)
             return _services(client, out)
     except ConfigError as exc:
         print(f"aurisctl: {exc}", file=sys.stderr)

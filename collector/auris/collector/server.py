@@ -12,9 +12,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from auris.collector.config import CollectorConfig
-from auris.collector.services import AgentServicer, QueryServicer
+from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
 from auris.collector.store import VerdictStore
-from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, query_service_pb2_grpc
+from auris.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
 
 __all__ = ["Collector"]
 
@@ -23,6 +30,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAMES = (
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -44,11 +52,18 @@ class Collector:
             ]
         )
         self._health = HealthServicer()
+        # The servicers leave RPCs of later issues to the generated bases, which answer
+        # UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.store, self._writer), self._server
+            AgentServicer(self.store, self._writer),  # type: ignore[abstract]
+            self._server,
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(
-            QueryServicer(self.store, self._readers, config.default_page_size, config.max_page_size),
+            QueryServicer(self.store, self._readers, config.default_page_size, config.max_page_size),  # type: ignore[abstract]
+            self._server,
+        )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.store, self._readers, config.agent_offline_after_s),  # type: ignore[abstract]
             self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -2,6 +2,8 @@
 
 Domain errors become gRPC statuses here and only here: ValueError ->
 INVALID_ARGUMENT, LookupError -> NOT_FOUND; details are one line, never a traceback.
+RPCs of the contract that no servicer overrides yet answer UNIMPLEMENTED (the
+generated base classes do that); docs/ROADMAP.md says when they come.
 """
 
 from __future__ import annotations
@@ -9,21 +11,31 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     agent_service_pb2,
     agent_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
 )
 
-__all__ = ["REJECTED_SEQUENCE_KEY", "AgentServicer", "InvalidVerdict", "QueryServicer", "validate_batch"]
+__all__ = [
+    "REJECTED_SEQUENCE_KEY",
+    "AdminServicer",
+    "AgentServicer",
+    "InvalidVerdict",
+    "QueryServicer",
+    "validate_batch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +121,6 @@ def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequen
     return previous
 
 
-async def _not_yet(context: grpc.aio.ServicerContext[Any, Any], what: str) -> NoReturn:
-    """Refuse an RPC the contract defines but this collector does not serve yet (docs/ROADMAP.md)."""
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this collector yet")
-    raise AssertionError("unreachable")
-
-
 class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     """Receives verdict streams; acknowledges each batch once it is durable."""
 
@@ -156,27 +162,59 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 acknowledged_sequence=top, accepted=result.accepted, duplicates=result.duplicates
             )
 
-    async def Enroll(
-        self, request: agent_service_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> agent_service_pb2.EnrollResponse:
-        await _not_yet(context, "Enroll")
-
     async def Heartbeat(
-        self, request: agent_service_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: agent_service_pb2.HeartbeatRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.HeartbeatRequest, agent_service_pb2.HeartbeatResponse
+        ],
     ) -> agent_service_pb2.HeartbeatResponse:
-        await _not_yet(context, "Heartbeat")
+        if not request.agent_id or len(request.agent_id) > 128:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id must be 1 to 128 characters")
+        now = time.time_ns()
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self._store.record_heartbeat, request, now
+        )
+        response = agent_service_pb2.HeartbeatResponse()
+        response.server_time.FromNanoseconds(now)
+        return response
 
-    async def WatchModelUpdates(
-        self, request: agent_service_pb2.WatchModelUpdatesRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[agent_service_pb2.WatchModelUpdatesResponse]:
-        await _not_yet(context, "WatchModelUpdates")
-        yield agent_service_pb2.WatchModelUpdatesResponse()
 
-    async def DownloadModel(
-        self, request: agent_service_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[agent_service_pb2.DownloadModelResponse]:
-        await _not_yet(context, "DownloadModel")
-        yield agent_service_pb2.DownloadModelResponse()
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    """The agent registry (more admin RPCs come with later issues; see docs/ROADMAP.md)."""
+
+    def __init__(self, store: VerdictStore, readers: ThreadPoolExecutor, offline_after_s: float) -> None:
+        self._store = store
+        self._readers = readers
+        self._offline_after_ns = int(offline_after_s * 1e9)
+
+    async def ListAgents(
+        self,
+        request: admin_service_pb2.ListAgentsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ListAgentsRequest, admin_service_pb2.ListAgentsResponse
+        ],
+    ) -> admin_service_pb2.ListAgentsResponse:
+        loop = asyncio.get_running_loop()
+        agents = await loop.run_in_executor(self._readers, self._store.agents, self._offline_after_ns)
+        return admin_service_pb2.ListAgentsResponse(agents=agents)
+
+    async def GetAgent(
+        self,
+        request: admin_service_pb2.GetAgentRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.GetAgentRequest, admin_service_pb2.GetAgentResponse
+        ],
+    ) -> admin_service_pb2.GetAgentResponse:
+        loop = asyncio.get_running_loop()
+
+        async def work() -> admin_service_pb2.GetAgentResponse:
+            (agent,) = await loop.run_in_executor(
+                self._readers, self._store.agents, self._offline_after_ns, request.agent_id or "?"
+            )
+            return admin_service_pb2.GetAgentResponse(agent=agent)
+
+        return await _call(context, work)
 
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
@@ -209,24 +247,3 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             )
 
         return await _call(context, work)
-
-    async def SubscribeVerdicts(
-        self, request: query_service_pb2.SubscribeVerdictsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[query_service_pb2.SubscribeVerdictsResponse]:
-        await _not_yet(context, "SubscribeVerdicts")
-        yield query_service_pb2.SubscribeVerdictsResponse()
-
-    async def AggregateVerdicts(
-        self, request: query_service_pb2.AggregateVerdictsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> query_service_pb2.AggregateVerdictsResponse:
-        await _not_yet(context, "AggregateVerdicts")
-
-    async def ListTopTalkers(
-        self, request: query_service_pb2.ListTopTalkersRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> query_service_pb2.ListTopTalkersResponse:
-        await _not_yet(context, "ListTopTalkers")
-
-    async def LabelVerdicts(
-        self, request: query_service_pb2.LabelVerdictsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> query_service_pb2.LabelVerdictsResponse:
-        await _not_yet(context, "LabelVerdicts")

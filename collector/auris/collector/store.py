@@ -19,11 +19,11 @@ from typing import Any
 
 import sqlite_utils
 
-from auris.v1 import query_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["SCHEMA_VERSION", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -172,7 +172,16 @@ def _migration_1(db: sqlite_utils.Database) -> None:
 
 
 # Migration n brings a database from schema n-1 to n. Append; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Heartbeats: what each agent last reported about itself."""
+    agents = db.table("agents")
+    agents.add_column("agent_version", str)
+    agents.add_column("models", str)  # "id@version, ..."
+    agents.add_column("health_pb", bytes)  # the last AgentHealth, serialised
+    agents.add_column("last_heartbeat_ns", int)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -321,6 +330,67 @@ class VerdictStore:
             list(ids),
         )
         return [stored_verdict(*row) for row in rows]
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def record_heartbeat(self, request: agent_service_pb2.HeartbeatRequest, received_ns: int) -> None:
+        models = ", ".join(f"{m.model_id}@{m.version}" for m in request.models)
+        with self._write_lock, self._db.atomic():
+            self._db.conn.execute(
+                "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns, acknowledged_sequence,"
+                " verdicts_stored, agent_version, models, health_pb, last_heartbeat_ns)"
+                " VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?, ?) ON CONFLICT(agent_id) DO UPDATE SET"
+                " hostname = excluded.hostname, last_seen_ns = excluded.last_seen_ns,"
+                " agent_version = excluded.agent_version, models = excluded.models,"
+                " health_pb = excluded.health_pb, last_heartbeat_ns = excluded.last_heartbeat_ns",
+                (
+                    request.agent_id,
+                    request.hostname,
+                    received_ns,
+                    received_ns,
+                    request.agent_version,
+                    models,
+                    request.health.SerializeToString(),
+                    received_ns,
+                ),
+            )
+
+    def agents(self, offline_after_ns: int, agent_id: str = "") -> list[admin_service_pb2.AgentInfo]:
+        """Every agent (or one), online when its last heartbeat is younger than ``offline_after_ns``."""
+        sql = (
+            "SELECT agent_id, hostname, agent_version, models, health_pb, last_heartbeat_ns, first_seen_ns,"
+            " verdicts_stored FROM agents"
+        )
+        params: list[Any] = []
+        if agent_id:
+            sql += " WHERE agent_id = ?"
+            params.append(agent_id)
+        now = time.time_ns()
+        out = []
+        for row in self._reader().execute(sql + " ORDER BY agent_id", params):
+            agent, hostname, version, models, health, heartbeat_ns, first_ns, stored = row
+            info = admin_service_pb2.AgentInfo(
+                agent_id=agent,
+                hostname=hostname or "",
+                agent_version=version or "",
+                verdicts_stored=stored or 0,
+            )
+            for ref in filter(None, (models or "").split(", ")):
+                model_id, _, version_ = ref.rpartition("@")
+                info.models.add(model_id=model_id, version=version_)
+            if health:
+                info.health.ParseFromString(health)
+            info.enrolled_time.FromNanoseconds(first_ns)
+            if heartbeat_ns:
+                info.last_heartbeat_time.FromNanoseconds(heartbeat_ns)
+            online = heartbeat_ns is not None and now - heartbeat_ns < offline_after_ns
+            info.state = (
+                admin_service_pb2.AGENT_STATE_ONLINE if online else admin_service_pb2.AGENT_STATE_OFFLINE
+            )
+            out.append(info)
+        if agent_id and not out:
+            raise LookupError(f"no agent {agent_id!r}")
+        return out
 
     def count(self) -> int:
         (n,) = self._reader().execute("SELECT COUNT(*) FROM verdicts").fetchone()

@@ -144,6 +144,9 @@ class AgentHealth(_message.Message):
     SPOOL_DROPPED_FIELD_NUMBER: _builtins.int
     SCORING_ERRORS_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    LAST_ACKNOWLEDGED_TIME_FIELD_NUMBER: _builtins.int
+    VERDICTS_REJECTED_FIELD_NUMBER: _builtins.int
+    VERDICTS_ANOMALOUS_FIELD_NUMBER: _builtins.int
     packets_seen: _builtins.int
     packets_dropped: _builtins.int
     flows_metered: _builtins.int
@@ -154,6 +157,13 @@ class AgentHealth(_message.Message):
     spool_dropped: _builtins.int
     scoring_errors: _builtins.int
     uptime_seconds: _builtins.float
+    verdicts_rejected: _builtins.int
+    """Verdicts the collector refused as malformed (dropped, never retried)."""
+    verdicts_anomalous: _builtins.int
+    @_builtins.property
+    def last_acknowledged_time(self) -> _timestamp_pb2.Timestamp:
+        """When the collector last acknowledged a batch; unset if never."""
+
     def __init__(
         self,
         *,
@@ -167,10 +177,13 @@ class AgentHealth(_message.Message):
         spool_dropped: _builtins.int = ...,
         scoring_errors: _builtins.int = ...,
         uptime_seconds: _builtins.float = ...,
+        last_acknowledged_time: _timestamp_pb2.Timestamp | None = ...,
+        verdicts_rejected: _builtins.int = ...,
+        verdicts_anomalous: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_acknowledged_time", b"last_acknowledged_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flows_evicted", b"flows_evicted", "flows_metered", b"flows_metered", "packets_dropped", b"packets_dropped", "packets_seen", b"packets_seen", "scoring_errors", b"scoring_errors", "spool_depth", b"spool_depth", "spool_dropped", b"spool_dropped", "uptime_seconds", b"uptime_seconds", "verdicts_acknowledged", b"verdicts_acknowledged", "verdicts_sent", b"verdicts_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flows_evicted", b"flows_evicted", "flows_metered", b"flows_metered", "last_acknowledged_time", b"last_acknowledged_time", "packets_dropped", b"packets_dropped", "packets_seen", b"packets_seen", "scoring_errors", b"scoring_errors", "spool_depth", b"spool_depth", "spool_dropped", b"spool_dropped", "uptime_seconds", b"uptime_seconds", "verdicts_acknowledged", b"verdicts_acknowledged", "verdicts_anomalous", b"verdicts_anomalous", "verdicts_rejected", b"verdicts_rejected", "verdicts_sent", b"verdicts_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
