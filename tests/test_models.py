@@ -148,3 +148,54 @@ def test_scoring_survives_empty_and_failing_batches() -> None:
     scores = models.score(features)
     assert scores == [[] for _ in flows]  # the flows survive, unscored
     assert models.errors == 1
+
+
+def test_classifier_and_autoencoder_score_every_flow_with_explanations(tmp_path: Path) -> None:
+    """Both kinds loaded side by side: class probabilities from one, top features from the other."""
+    from google.protobuf import timestamp_pb2
+
+    from auris.agent.verdicts import build_verdict
+
+    for folder in (MODELS, MODELS / "candidates"):
+        for path in folder.glob("*.*"):
+            if path.is_file():
+                shutil.copy(path, tmp_path / path.name)
+    models, errors = load_models(tmp_path)
+    assert errors == []
+    kinds = {m.manifest.model_id: m.manifest.kind for m in models.models}
+    assert kinds == {
+        "nfstream-rf": model_pb2.MODEL_KIND_CLASSIFIER,
+        "nfstream-ae": model_pb2.MODEL_KIND_AUTOENCODER,
+    }
+    flows = list(meter_flows([str(PCAPS / "trickbot.pcap")], models.feature_sets))
+    per_flow = models.score([f.features for f in flows])
+    now = timestamp_pb2.Timestamp()
+    for flow, scores in zip(flows, per_flow, strict=True):
+        by_id = {s.model_id: s for s in scores}
+        assert set(by_id) == set(kinds)
+        rf, ae = by_id["nfstream-rf"], by_id["nfstream-ae"]
+        assert set(rf.probabilities) == {"attack", "benign"}
+        assert rf.score == pytest.approx(rf.probabilities["attack"], abs=1e-6)
+        assert len(ae.top_features) == 3
+        assert all(name in NFSTREAM.columns for name, _ in ae.top_features)
+        contributions = [value for _, value in ae.top_features]
+        assert contributions == sorted(contributions, reverse=True)
+        # The score is the mean error over all features, so at least the top three's share of it.
+        assert ae.score >= sum(contributions) / len(NFSTREAM.columns) - 1e-6
+        verdict = build_verdict(
+            agent_id="a", sequence=1, flow=flow, scores=scores, hostname="h", scored_time=now
+        )
+        assert len(verdict.scores) == 2
+        ae_score = next(s for s in verdict.scores if s.model.model_id == "nfstream-ae")
+        assert [f.feature for f in ae_score.top_features] == [name for name, _ in ae.top_features]
+        if ae.anomalous:
+            assert ae.top_features[0][0] in verdict.explanation
+
+
+def test_the_candidate_autoencoder_reports_its_weakness() -> None:
+    """It is not shipped in the default set: its manifest shows it below the trivial baseline."""
+    (manifest,) = find_manifests(MODELS / "candidates")
+    evaluation = read_manifest(manifest).evaluation
+    assert evaluation.baseline_name == "flag everything"
+    assert evaluation.macro_f1 < evaluation.baseline_macro_f1
+    assert [p.name for p in find_manifests(MODELS)] == ["nfstream-rf.manifest.json"]

@@ -23,6 +23,7 @@ from auris.agent import __version__
 from auris.agent.config import AgentConfig, ConfigError, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.health import Heartbeat
+from auris.agent.meter import preload_in_meter_processes
 from auris.agent.scoring import ModelSet, load_models
 from auris.agent.spool import Spool
 from auris.agent.state import agent_identity, lock_state_dir
@@ -240,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("auris-agent: configuration ok")
         return EXIT_OK
     _configure_logging(config.log_level)
+    preload_in_meter_processes(__name__)
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 

@@ -14,7 +14,15 @@ from nfstream import NFStreamer
 from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
 
-__all__ = ["FlowRecord", "MeterOptions", "MeterStats", "meter_flows", "meter_source", "source_label"]
+__all__ = [
+    "FlowRecord",
+    "MeterOptions",
+    "MeterStats",
+    "meter_flows",
+    "meter_source",
+    "preload_in_meter_processes",
+    "source_label",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +89,19 @@ class MeterStats:
 
 _FORKSERVER = multiprocessing.get_context("forkserver")
 _FORKSERVER.set_forkserver_preload(["nfstream.meter"])
+
+
+def preload_in_meter_processes(*modules: str) -> None:
+    """Import ``modules`` once in the forkserver that starts nfstream's meter processes.
+
+    multiprocessing re-runs the main script in every child it starts this way; when that
+    script is a console entry point, its imports (grpc, onnxruntime, scikit-learn...) would
+    cost up to a second per capture. Preloaded, they are inherited instead. Call this from
+    an entry point before the first capture is metered. Programs that meter captures from
+    a plain script need the usual ``if __name__ == "__main__":`` guard, as with any
+    multiprocessing start method other than fork.
+    """
+    _FORKSERVER.set_forkserver_preload(["nfstream.meter", *modules])
 
 
 def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[FeatureSet]) -> Any:

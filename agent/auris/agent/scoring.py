@@ -47,6 +47,14 @@ class Score:
     threshold: float
     anomalous: bool
     label: str
+    # Classifiers: class -> probability.
+    probabilities: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Explaining detectors: (feature, contribution), largest first.
+    top_features: tuple[tuple[str, float], ...] = ()
+
+
+# How many features an explanation names.
+TOP_FEATURES = 3
 
 
 @dataclasses.dataclass
@@ -66,24 +74,38 @@ class LoadedModel:
         """Score rows already in this model's feature set order."""
         m = self.manifest
         inputs = matrix[:, self.column_index]
-        (out,) = self.session.run([m.score_output], {m.input_name: inputs})
-        out = np.asarray(out)
+        names = [m.score_output] + ([m.explanation_output] if m.explanation_output else [])
+        outputs = self.session.run(names, {m.input_name: inputs})
+        out = np.asarray(outputs[0])
         threshold = m.threshold.value
+        n = len(inputs)
+        probabilities: list[dict[str, float]] = [{} for _ in range(n)]
+        top_features: list[tuple[tuple[str, float], ...]] = [() for _ in range(n)]
         if m.kind == model_pb2.MODEL_KIND_CLASSIFIER:
-            probs = out.reshape(len(inputs), -1)
+            probs = out.reshape(n, -1)
             scores = 1.0 - probs[:, self.normal_index]
             # Above threshold the label is the likeliest class other than the normal one, even
             # when the normal class alone is the single most likely.
             others = probs.copy()
             others[:, self.normal_index] = -1.0
-            best = np.where(scores >= m.threshold.value, others.argmax(axis=1), probs.argmax(axis=1))
+            best = np.where(scores >= threshold, others.argmax(axis=1), probs.argmax(axis=1))
             labels = [m.labels[i] for i in best]
+            probabilities = [dict(zip(m.labels, row, strict=True)) for row in probs.tolist()]
         else:
-            scores = out.reshape(len(inputs), -1)[:, 0]
-            labels = ["" for _ in range(len(inputs))]
+            scores = out.reshape(n, -1)[:, 0]
+            labels = ["" for _ in range(n)]
+        if len(outputs) > 1:
+            contributions = np.asarray(outputs[1]).reshape(n, -1)
+            k = min(TOP_FEATURES, contributions.shape[1])
+            top = np.argsort(-contributions, axis=1)[:, :k]
+            columns = m.feature_set.columns
+            top_features = [
+                tuple((columns[j], float(row[j])) for j in idx)
+                for idx, row in zip(top.tolist(), contributions, strict=True)
+            ]
         return [
-            Score(m.model_id, m.version, m.kind, float(score), threshold, score >= threshold, label)
-            for score, label in zip(scores.tolist(), labels, strict=True)
+            Score(m.model_id, m.version, m.kind, float(s), threshold, s >= threshold, label, p, t)
+            for s, label, p, t in zip(scores.tolist(), labels, probabilities, top_features, strict=True)
         ]
 
 
@@ -116,8 +138,10 @@ def load_model(manifest_path: Path, threads: int = 1) -> LoadedModel:
             f"{manifest_path}: graph reads {width} features, "
             f"manifest lists {len(manifest.feature_set.columns)}"
         )
-    if manifest.score_output not in {o.name for o in session.get_outputs()}:
-        raise ManifestError(f"{manifest_path}: graph has no output {manifest.score_output!r}")
+    outputs = {o.name: o for o in session.get_outputs()}
+    for name in filter(None, (manifest.score_output, manifest.explanation_output)):
+        if name not in outputs:
+            raise ManifestError(f"{manifest_path}: graph has no output {name!r}")
     position = {c: i for i, c in enumerate(fs.columns)}
     index = np.array([position[c] for c in manifest.feature_set.columns], dtype=np.intp)
     normal = list(manifest.labels).index(manifest.normal_label) if manifest.labels else -1

@@ -22,6 +22,16 @@ def _timestamp_ms(ms: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def _explain(s: Score) -> str:
+    """One model's reason in a few words: its score, and its top features or class."""
+    text = f"{s.model_id} {s.score:.3g} >= {s.threshold:.3g}"
+    if s.top_features:
+        text += " (" + ", ".join(name for name, _ in s.top_features) + ")"
+    elif s.label:
+        text += f" ({s.label} p={s.probabilities.get(s.label, s.score):.2f})"
+    return text
+
+
 def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
     """Combine the models' scores: (deciding score, label, anomalous, explanation).
 
@@ -38,7 +48,7 @@ def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
         decider = fired[0]
         fired_classifier = next((s for s in fired if s.kind == model_pb2.MODEL_KIND_CLASSIFIER), None)
         label = fired_classifier.label if fired_classifier else ANOMALY_LABEL
-        explanation = "; ".join(f"{s.model_id} {s.score:.3g} >= {s.threshold:.3g}" for s in fired)
+        explanation = "; ".join(_explain(s) for s in fired)
         return decider, label, True, explanation
     decider = classifiers[0] if classifiers else scores[0]
     return decider, NORMAL_LABEL, False, f"{decider.model_id} {decider.score:.3g} < {decider.threshold:.3g}"
@@ -94,5 +104,7 @@ def build_verdict(
             threshold=s.threshold,
             anomalous=s.anomalous,
             label=s.label,
+            class_probabilities=s.probabilities,
+            top_features=[verdict_pb2.FeatureContribution(feature=f, value=v) for f, v in s.top_features],
         )
     return verdict

@@ -337,6 +337,7 @@ class ModelManifest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
+    EXPLANATION_OUTPUT_FIELD_NUMBER: _builtins.int
     manifest_version: _builtins.int
     """Version of this manifest layout; readers refuse a newer one."""
     model_id: _builtins.str
@@ -358,6 +359,10 @@ class ModelManifest(_message.Message):
     """Detached signature over the canonical manifest without this field, base64."""
     signing_key_id: _builtins.str
     """Identifier of the key that made the signature."""
+    explanation_output: _builtins.str
+    """Optional graph output with one value per input column (same order), used to explain a
+    score: for autoencoders, the per-feature reconstruction error.
+    """
     @_builtins.property
     def feature_set(self) -> Global___FeatureSet: ...
     @_builtins.property
@@ -400,10 +405,11 @@ class ModelManifest(_message.Message):
         description: _builtins.str = ...,
         signature: _builtins.str = ...,
         signing_key_id: _builtins.str = ...,
+        explanation_output: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "evaluation", b"evaluation", "feature_set", b"feature_set", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "description", b"description", "domain", b"domain", "evaluation", b"evaluation", "feature_set", b"feature_set", "input_name", b"input_name", "kind", b"kind", "labels", b"labels", "library_versions", b"library_versions", "manifest_version", b"manifest_version", "model_id", b"model_id", "normal_label", b"normal_label", "onnx_file", b"onnx_file", "onnx_sha256", b"onnx_sha256", "preprocessing", b"preprocessing", "score_output", b"score_output", "signature", b"signature", "signing_key_id", b"signing_key_id", "threshold", b"threshold", "training_data", b"training_data", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "description", b"description", "domain", b"domain", "evaluation", b"evaluation", "explanation_output", b"explanation_output", "feature_set", b"feature_set", "input_name", b"input_name", "kind", b"kind", "labels", b"labels", "library_versions", b"library_versions", "manifest_version", b"manifest_version", "model_id", b"model_id", "normal_label", b"normal_label", "onnx_file", b"onnx_file", "onnx_sha256", b"onnx_sha256", "preprocessing", b"preprocessing", "score_output", b"score_output", "signature", b"signature", "signing_key_id", b"signing_key_id", "threshold", b"threshold", "training_data", b"training_data", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,12 +27,34 @@ class ModelScore(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ClassProbabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     ANOMALOUS_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    CLASS_PROBABILITIES_FIELD_NUMBER: _builtins.int
+    TOP_FEATURES_FIELD_NUMBER: _builtins.int
     kind: _model_pb2.ModelKind.ValueType
     score: _builtins.float
     """Higher means more suspicious: attack probability for classifiers,
@@ -44,6 +66,14 @@ class ModelScore(_message.Message):
     """Predicted class for classifiers; empty for detectors."""
     @_builtins.property
     def model(self) -> _model_pb2.ModelRef: ...
+    @_builtins.property
+    def class_probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Classifiers: the probability of each class."""
+
+    @_builtins.property
+    def top_features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureContribution]:
+        """Detectors that explain themselves: the inputs that contributed most, largest first."""
+
     def __init__(
         self,
         *,
@@ -53,14 +83,41 @@ class ModelScore(_message.Message):
         threshold: _builtins.float = ...,
         anomalous: _builtins.bool = ...,
         label: _builtins.str = ...,
+        class_probabilities: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        top_features: _abc.Iterable[Global___FeatureContribution] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous", b"anomalous", "kind", b"kind", "label", b"label", "model", b"model", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous", b"anomalous", "class_probabilities", b"class_probabilities", "kind", b"kind", "label", b"label", "model", b"model", "score", b"score", "threshold", b"threshold", "top_features", b"top_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelScore: _TypeAlias = ModelScore  # noqa: Y015
+
+@_typing.final
+class FeatureContribution(_message.Message):
+    """FeatureContribution is one input's share in a score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    value: _builtins.float
+    """For autoencoders: the squared reconstruction error of this (scaled) feature."""
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureContribution: _TypeAlias = FeatureContribution  # noqa: Y015
 
 @_typing.final
 class Verdict(_message.Message):

@@ -10,8 +10,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
@@ -19,9 +22,11 @@ from tqdm import tqdm
 
 from auris.agent import __version__
 from auris.agent.features import NFSTREAM
+from auris.agent.meter import preload_in_meter_processes
 from auris.agent.scoring import to_matrix
+from auris.training.autoencoder import ERRORS_OUTPUT, INPUT_NAME, SCORE_OUTPUT, fit_autoencoder
 from auris.training.export import PARITY_TOLERANCE, export_classifier, parity, write_model
-from auris.training.metrics import classifier_evaluation, split_by_time
+from auris.training.metrics import classifier_evaluation, detector_evaluation, split_by_time
 from auris.training.pcap_flows import ATTACK, BENIGN, capture_files, flow_table
 from auris.v1 import model_pb2
 
@@ -49,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("--trees", type=int, default=40)
     net.add_argument("--max-depth", type=int, default=12)
     net.add_argument("--model-id", default="nfstream-rf")
+    net.add_argument("--ae-model-id", default="nfstream-ae")
+    net.add_argument(
+        "--ae-target-fpr", type=float, default=0.01, help="benign false-positive rate to aim for"
+    )
+    net.add_argument(
+        "--ae-out",
+        type=Path,
+        help="autoencoder output folder (default OUT/candidates: not loaded by agents pointed at OUT)",
+    )
     net.add_argument("--model-version", default="1")
     return p
 
@@ -72,7 +86,49 @@ def _train_network_pcap(args: argparse.Namespace) -> int:
     x = to_matrix(table.rows, len(NFSTREAM.columns))
     y = np.asarray(table.labels)
     train, test = split_by_time(table.labels, table.first_seen_ms)
+    common = {
+        "feature_set": NFSTREAM,
+        "provenance": table.provenance,
+        "data_root": args.data,
+        "version": args.model_version,
+    }
+    source = (
+        f"{len(train)} flows metered by the agent from {len(files)} labelled captures "
+        f"(at most {args.max_flows_per_capture} flows per capture)"
+    )
+    status = _train_forest(args, x, y, train, test, common, source)
+    if status == EXIT_OK:
+        status = _train_autoencoder(args, x, y, train, test, table.first_seen_ms, common, source)
+    return status
 
+
+_SPLIT = "by time inside each class: the latest 25% of each class's flows (first-seen time) held out"
+
+
+def _report(manifest_path: Path, evaluation: model_pb2.Evaluation, n_train: int, n_test: int) -> None:
+    print(f"wrote {manifest_path}")
+    print(f"split: {evaluation.split}; {n_train} train / {n_test} test flows")
+    print(f"{'class':<8} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
+    for c in evaluation.per_class:
+        print(f"{c.label:<8} {c.precision:>9.3f} {c.recall:>7.3f} {c.f1:>6.3f} {c.support:>8}")
+    print(
+        f"macro F1 {evaluation.macro_f1:.3f} (baseline {evaluation.baseline_name}: "
+        f"{evaluation.baseline_macro_f1:.3f}); weighted F1 {evaluation.weighted_f1:.3f} "
+        f"(baseline {evaluation.baseline_weighted_f1:.3f}); PR-AUC {evaluation.pr_auc:.3f}; "
+        f"benign FPR {evaluation.false_positive_rate:.3f}"
+    )
+    print("  ".join(f"{k} {v:.3g}" for k, v in sorted(evaluation.extra.items())))
+
+
+def _train_forest(
+    args: argparse.Namespace,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.str_],
+    train: npt.NDArray[np.intp],
+    test: npt.NDArray[np.intp],
+    common: dict[str, Any],
+    source: str,
+) -> int:
     def forest() -> RandomForestClassifier:
         return RandomForestClassifier(
             n_estimators=args.trees,
@@ -90,12 +146,7 @@ def _train_network_pcap(args: argparse.Namespace) -> int:
     threshold = 0.5
     predicted = np.where(attack_score >= threshold, ATTACK, BENIGN)
     evaluation = classifier_evaluation(
-        y[test].tolist(),
-        predicted.tolist(),
-        attack_score,
-        classes,
-        BENIGN,
-        split="by time inside each class: the latest 25% of each class's flows (first-seen time) held out",
+        y[test].tolist(), predicted.tolist(), attack_score, classes, BENIGN, _SPLIT
     )
 
     # The same model on a random row split, to show how much a random split flatters it.
@@ -105,7 +156,7 @@ def _train_network_pcap(args: argparse.Namespace) -> int:
         f1_score(y[r_test], random_model.predict(x[r_test]), average="macro")
     )
 
-    onnx_bytes = export_classifier(model, len(NFSTREAM.columns))
+    onnx_bytes = export_classifier(model, x.shape[1])
     diff = parity(onnx_bytes, model, x[test])
     evaluation.extra["onnx_parity_max_abs_diff"] = diff
     if diff > PARITY_TOLERANCE:
@@ -119,38 +170,74 @@ def _train_network_pcap(args: argparse.Namespace) -> int:
         args.model_id,
         onnx_bytes,
         model_id=args.model_id,
-        version=args.model_version,
         kind=model_pb2.MODEL_KIND_CLASSIFIER,
-        feature_set=NFSTREAM,
         labels=classes,
         normal_label=BENIGN,
         threshold=threshold,
         threshold_method="0.5 on 1 - P(benign), not tuned",
         evaluation=evaluation,
-        provenance=table.provenance,
         description=(
             f"Random forest ({args.trees} trees, depth <= {args.max_depth}) separating benign from "
-            "attack flows; "
-            f"trained on {len(train)} flows metered by the agent from {len(files)} labelled captures "
-            f"(at most {args.max_flows_per_capture} flows per capture)."
+            f"attack flows; trained on {source}."
         ),
-        data_root=args.data,
+        **common,
     )
-    print(f"wrote {manifest_path}")
-    print(f"split: {evaluation.split}; {len(train)} train / {len(test)} test flows")
-    print(f"{'class':<8} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
-    for c in evaluation.per_class:
-        print(f"{c.label:<8} {c.precision:>9.3f} {c.recall:>7.3f} {c.f1:>6.3f} {c.support:>8}")
-    print(
-        f"macro F1 {evaluation.macro_f1:.3f} (baseline {evaluation.baseline_name}: "
-        f"{evaluation.baseline_macro_f1:.3f}); weighted F1 {evaluation.weighted_f1:.3f} "
-        f"(baseline {evaluation.baseline_weighted_f1:.3f}); PR-AUC {evaluation.pr_auc:.3f}; "
-        f"benign FPR {evaluation.false_positive_rate:.3f}"
+    _report(manifest_path, evaluation, len(train), len(test))
+    return EXIT_OK
+
+
+def _train_autoencoder(
+    args: argparse.Namespace,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.str_],
+    train: npt.NDArray[np.intp],
+    test: npt.NDArray[np.intp],
+    first_seen_ms: list[int],
+    common: dict[str, Any],
+    source: str,
+) -> int:
+    # Benign training flows only; the latest 20% of them (by time) calibrate the threshold.
+    benign = train[y[train] == BENIGN]
+    benign = benign[np.argsort(np.asarray(first_seen_ms)[benign], kind="stable")]
+    cut = round(len(benign) * 0.8)
+    fit_rows, calibration = benign[:cut], benign[cut:]
+    autoencoder = fit_autoencoder(x[fit_rows])
+    calibration_scores, _ = autoencoder.reference(x[calibration])
+    threshold = float(np.quantile(calibration_scores, 1 - args.ae_target_fpr))
+    scores, _ = autoencoder.reference(x[test])
+    evaluation = detector_evaluation(y[test].tolist(), scores.astype(np.float64), threshold, BENIGN, _SPLIT)
+    onnx_bytes = autoencoder.to_onnx()
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    (onnx_scores,) = session.run([SCORE_OUTPUT], {INPUT_NAME: x[test]})
+    diff = float(np.max(np.abs(np.asarray(onnx_scores) - scores) / np.maximum(1.0, np.abs(scores))))
+    evaluation.extra["onnx_parity_max_rel_diff"] = diff
+    if diff > 1e-4:
+        print(f"auris-train: autoencoder ONNX parity {diff:.2e} exceeds 1e-4; not writing", file=sys.stderr)
+        return EXIT_PARITY
+    manifest_path = write_model(
+        args.ae_out or args.out / "candidates",
+        args.ae_model_id,
+        onnx_bytes,
+        model_id=args.ae_model_id,
+        kind=model_pb2.MODEL_KIND_AUTOENCODER,
+        labels=[],
+        normal_label=BENIGN,
+        score_output=SCORE_OUTPUT,
+        explanation_output=ERRORS_OUTPUT,
+        threshold=threshold,
+        threshold_method=(
+            f"{1 - args.ae_target_fpr:.3f} quantile of the scores of the latest 20% of benign training "
+            f"flows ({len(calibration)} flows, held out of fitting): a {args.ae_target_fpr:.1%} target FPR"
+        ),
+        evaluation=evaluation,
+        description=(
+            "MLP autoencoder (59-32-8-32-59, relu) fitted on benign flows only; score = mean squared "
+            "reconstruction error of log-scaled, standardised features (scaling inside the graph); "
+            f"{len(fit_rows)} benign flows of the {source}."
+        ),
+        **common,
     )
-    print(
-        f"random split macro F1 {evaluation.extra['random_split_macro_f1']:.3f} (for contrast only); "
-        f"ONNX parity max |diff| {diff:.1e}"
-    )
+    _report(manifest_path, evaluation, len(fit_rows), len(test))
     return EXIT_OK
 
 
@@ -159,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "network-pcap":
+        preload_in_meter_processes(__name__)
         return _train_network_pcap(args)
     parser.print_usage(sys.stderr)
     print("auris-train: a command is required (network-pcap)", file=sys.stderr)

@@ -64,6 +64,8 @@ def write_model(
     feature_set: FeatureSet,
     labels: list[str],
     normal_label: str,
+    score_output: str = PROBABILITIES,
+    explanation_output: str = "",
     threshold: float,
     threshold_method: str,
     evaluation: model_pb2.Evaluation,
@@ -87,7 +89,8 @@ def write_model(
             name=feature_set.name, version=feature_set.version, columns=list(feature_set.columns)
         ),
         input_name=INPUT_NAME,
-        score_output=PROBABILITIES,
+        score_output=score_output,
+        explanation_output=explanation_output,
         labels=labels,
         normal_label=normal_label,
         threshold=model_pb2.Threshold(value=threshold, method=threshold_method),

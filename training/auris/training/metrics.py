@@ -75,3 +75,28 @@ def classifier_evaluation(
         f1_score(y_true, baseline, labels=list(classes), average="weighted", zero_division=0)
     )
     return evaluation
+
+
+def detector_evaluation(
+    y_true: Sequence[str],
+    scores: npt.NDArray[np.float64],
+    threshold: float,
+    normal_label: str,
+    split: str,
+) -> model_pb2.Evaluation:
+    """A one-score anomaly detector judged as benign-vs-attack, beside the flag-everything baseline."""
+    attack_label = "attack"
+    predicted = [attack_label if s >= threshold else normal_label for s in scores]
+    truth = [normal_label if y == normal_label else attack_label for y in y_true]
+    evaluation = classifier_evaluation(
+        truth, predicted, scores, [attack_label, normal_label], normal_label, split
+    )
+    everything = [attack_label] * len(truth)
+    evaluation.baseline_name = "flag everything"
+    evaluation.baseline_macro_f1 = float(
+        f1_score(truth, everything, labels=[attack_label, normal_label], average="macro", zero_division=0)
+    )
+    evaluation.baseline_weighted_f1 = float(
+        f1_score(truth, everything, labels=[attack_label, normal_label], average="weighted", zero_division=0)
+    )
+    return evaluation
