@@ -180,6 +180,9 @@ class Agent:
                             continue
                         self._queue.put(_Flow(key, flow))
                         if self._stop.is_set():
+                            logger.info(
+                                "stop requested: metering of %s stopped after flow %d", source, index + 1
+                            )
                             break
                     else:
                         self._queue.put(_SourceDone(key))

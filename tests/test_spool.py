@@ -1,0 +1,128 @@
+"""The agent's spool: durable sequences, the size cap, replay progress, and signals."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from auris.agent.spool import Spool
+from auris.v1 import verdict_pb2
+from tests.conftest import MODELS, PCAPS, CollectorThread, make_verdict
+
+
+def _build(index: int, sequence: int) -> verdict_pb2.Verdict:
+    return make_verdict(sequence)
+
+
+def test_sequences_survive_reopening(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    assert [v.sequence for v in spool.append(_build, 3)] == [1, 2, 3]
+    spool.acknowledge(3)
+    spool.close()
+    again = Spool(tmp_path / "spool.db")
+    assert [v.sequence for v in again.append(_build, 2)] == [4, 5]
+    assert again.stats.depth == 2
+
+
+def test_the_cap_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_verdicts=100)
+    for _ in range(5):
+        spool.append(_build, 50)
+    assert spool.stats.depth == 100
+    assert spool.stats.dropped == 150
+    assert spool.pending_sequences() == list(range(151, 251))
+    assert [v.sequence for v in spool.read_after(0, 3)] == [151, 152, 153]
+    spool.close()
+    assert Spool(tmp_path / "spool.db", max_verdicts=100).stats.dropped == 150  # persisted
+
+
+def test_replay_progress_is_atomic_with_the_verdicts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.append(_build, 64, replay=("capture-a", 64))
+    spool.append(_build, 10, replay=("capture-a", 10))
+    assert spool.replay_progress("capture-a") == (74, False)
+    spool.mark_replay_complete("capture-a")
+    assert spool.replay_progress("capture-a") == (74, True)
+    spool.forget_replay("capture-a")
+    assert spool.replay_progress("capture-a") == (0, False)
+
+
+def test_a_corrupt_spool_is_a_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match="is unusable"):
+        Spool(path)
+
+
+def _copies(tmp_path: Path, n: int) -> list[Path]:
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"part{i:02d}.pcap")
+        shutil.copy(PCAPS / "masscan_tcp_0_1000_20190821.pcap", paths[-1])
+    return paths
+
+
+def _agent(address: str, state: Path, pcaps: list[Path], config: Path) -> subprocess.Popen[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "auris.agent",
+        "--insecure",
+        "--collector",
+        address,
+        "--config",
+        str(config),
+    ]
+    args += ["--state-dir", str(state)]
+    for p in pcaps:
+        args += ["--pcap", str(p)]
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_stops_cleanly_and_the_next_start_resumes(collector: CollectorThread, tmp_path: Path) -> None:
+    pcaps = _copies(tmp_path, 24)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'drain_timeout_s = 2.0\nmodels_dir = "{MODELS}"\n')
+    state = tmp_path / "agent"
+    first = _agent(collector.address, state, pcaps, config)
+    time.sleep(2.0)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=30)
+    assert first.returncode == 0, err
+    assert "stop requested: metering of" in err
+    assert "resuming" not in err
+    second = _agent(collector.address, state, pcaps, config)
+    _, err2 = second.communicate(timeout=120)
+    assert second.returncode == 0, err2
+    assert "resuming" in err2 or "replayed completely before" in err2
+    stored = collector.collector.store.count() if collector.collector else -1
+    assert stored == 24 * 1001  # nfstream meters 1001 flows in this capture; each exactly once
+
+
+def test_sighup_reloads_all_or_nothing(collector: CollectorThread, tmp_path: Path) -> None:
+    pcaps = _copies(tmp_path, 24)
+    config = tmp_path / "agent.toml"
+    good = f'models_dir = "{MODELS}"\n'
+    config.write_text(good)
+    agent = _agent(collector.address, tmp_path / "agent", pcaps, config)
+    time.sleep(1.0)
+    config.write_text('models_dir = "/nonexistent"\n')  # valid TOML, unusable models
+    agent.send_signal(signal.SIGHUP)
+    time.sleep(0.6)
+    config.write_text(good + "score_batch = = 3\n")  # not TOML at all
+    agent.send_signal(signal.SIGHUP)
+    time.sleep(0.6)
+    config.write_text(good + "score_batch = 32\nbpf_filter = 'tcp'\n")
+    agent.send_signal(signal.SIGHUP)
+    _, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err
+    assert "reload refused, keeping the running models" in err
+    assert "reload refused, keeping the running configuration" in err
+    assert "reloaded configuration and 1 model(s)" in err
+    assert "bpf_filter changed; these take effect at the next restart" in err
