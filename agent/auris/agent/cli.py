@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from auris.agent import __version__
+from auris.agent import __version__, live
 from auris.agent.config import AgentConfig, ConfigError, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.health import Heartbeat
@@ -242,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     _configure_logging(config.log_level)
     preload_in_meter_processes(__name__)
+    if config.interface:
+        live.install()
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
-from auris.agent import __version__
+from auris.agent import __version__, live
 from auris.agent.config import AgentConfig
 from auris.agent.meter import FlowRecord, MeterOptions, meter_source, source_label
 from auris.agent.scoring import ModelSet
@@ -137,7 +137,13 @@ class Agent:
         return request
 
     def request_stop(self) -> None:
-        """Stop metering, spool what was metered, drain briefly, exit (SIGTERM)."""
+        """Stop metering, spool what was metered, drain briefly, exit (SIGTERM).
+
+        A live meter is asked to expire and hand over every flow it still caches, so
+        stopping loses none; a replay stops after the current flow and resumes there.
+        """
+        if not self._stop.is_set() and self.config.interface:
+            live.request_flush()
         self._stop.set()
 
     def request_reload(self) -> None:
@@ -179,7 +185,8 @@ class Agent:
                             self.report.flows_skipped += 1
                             continue
                         self._queue.put(_Flow(key, flow))
-                        if self._stop.is_set():
+                        # A live meter ends by itself once flushed; its last flows are still coming.
+                        if self._stop.is_set() and key is not None:
                             logger.info(
                                 "stop requested: metering of %s stopped after flow %d", source, index + 1
                             )

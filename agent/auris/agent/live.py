@@ -1,0 +1,130 @@
+"""Live capture that neither strands idle flows on a quiet link nor loses cached flows on stop.
+
+nfstream 6.6's meter advances its flow clock only when packets arrive, and its
+libpcap read blocks for as long as the link is quiet: idle flows are never expired
+there, and ending the iteration kills the meter process with every cached flow in
+it. Both are fixed inside the meter process, without copying nfstream's loop:
+
+* a ticker thread wakes a read that has been blocked for ``TICK_S`` with libpcap's
+  ``pcap_breakloop`` (libpcap 1.10 wakes a blocked read on Linux), and the engine's
+  ``capture_next`` turns that wake-up into a *time tick* carrying the wall clock,
+  which nfstream's loop already understands (it advances its clock and expires idle
+  flows; nfstream itself uses ticks to keep several meters in step);
+* after SIGUSR1 (sent by :func:`request_flush`) the next read reports end of
+  capture, so nfstream expires every cached flow, sends it, and the iteration in
+  the agent ends normally.
+
+Capture files are untouched: their clock is the packets' own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import _lib_engine  # nfstream's native engine, with libpcap linked in
+import nfstream.meter
+import nfstream.streamer
+from nfstream.utils import NFMode
+
+__all__ = ["TICK_S", "install", "meter_workflow", "request_flush"]
+
+# How long a read may stay blocked before the meter's clock is advanced by hand.
+TICK_S = 1.0
+# After a stop request, packets the kernel already holds (libpcap hands them over in
+# blocks, up to its timeout later) are still read for this long before the flush.
+STOP_GRACE_S = 1.5
+_STOP_SIGNAL = signal.SIGUSR1
+_END_OF_CAPTURE = -2
+_TIME_TICK = 2
+_original_workflow = nfstream.meter.meter_workflow
+
+
+class _TickingEngine:
+    """nfstream's engine, whose capture_next also returns wall-clock ticks and end of capture."""
+
+    def __init__(self, ffi: Any, lib: Any) -> None:
+        self._ffi = ffi
+        self._lib = lib
+        self._breakloop = ctypes.CDLL(_lib_engine.__file__).pcap_breakloop
+        self._breakloop.argtypes = [ctypes.c_void_p]
+        self._handle: int | None = None
+        self._last_return = time.monotonic()
+        self._tick_pending = False
+        self.stop = threading.Event()
+        self._stop_at: float | None = None
+        threading.Thread(target=self._tick, name="auris-meter-ticker", daemon=True).start()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def capture_next(self, capture: Any, nf_packet: Any, *args: Any) -> int:
+        if self._handle is None:
+            self._handle = int(self._ffi.cast("uintptr_t", capture))
+        if self.stop.is_set():
+            if self._stop_at is None:
+                self._stop_at = time.monotonic()
+            elif time.monotonic() - self._stop_at >= STOP_GRACE_S:
+                return _END_OF_CAPTURE
+        ret: int = self._lib.capture_next(capture, nf_packet, *args)
+        self._last_return = time.monotonic()
+        if ret < 0 and self._tick_pending:
+            # Our wake-up, not a capture error: report the time instead.
+            self._tick_pending = False
+            nf_packet.time = int(time.time() * 1000)
+            return _TIME_TICK
+        return ret
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(TICK_S / 4)
+            quiet = time.monotonic() - self._last_return >= (TICK_S / 4 if self.stop.is_set() else TICK_S)
+            if self._handle is not None and quiet and not self._tick_pending:
+                self._tick_pending = True
+                self._breakloop(self._handle)
+
+
+def meter_workflow(*args: Any) -> None:
+    """nfstream's meter workflow, with a ticking engine for live interfaces."""
+    mode = args[7]  # (source, snaplen, decode_tunnels, bpf_filter, promisc, n_roots, root_idx, mode, ...)
+    if mode == NFMode.INTERFACE:
+        create_engine = nfstream.meter.create_engine
+        engines: list[_TickingEngine] = []
+
+        def ticking_engine() -> tuple[Any, Any]:
+            ffi, lib = create_engine()
+            if lib is None:
+                return ffi, lib
+            engines.append(_TickingEngine(ffi, lib))
+            return ffi, engines[-1]
+
+        def flush(signum: int, frame: object) -> None:
+            for engine in engines:
+                engine.stop.set()
+
+        signal.signal(_STOP_SIGNAL, flush)
+        nfstream.meter.create_engine = ticking_engine  # in this meter process only
+    _original_workflow(*args)
+
+
+def install() -> None:
+    """Make nfstream start its meters through :func:`meter_workflow` (once, in the agent)."""
+    nfstream.streamer.meter_workflow = meter_workflow
+
+
+def request_flush() -> int:
+    """Ask the running meters to expire their cached flows and finish; return how many were asked.
+
+    The agent's only multiprocessing children are nfstream's meters. A capture-file
+    meter has no handler for the signal, so this is only sent while capturing live.
+    """
+    meters = multiprocessing.active_children()
+    for meter in meters:
+        if meter.pid is not None:
+            os.kill(meter.pid, _STOP_SIGNAL)
+    return len(meters)
