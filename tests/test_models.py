@@ -56,7 +56,7 @@ def test_a_modified_onnx_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m["feature_set"].update(name="cicflowmeter"), "unknown feature set 'cicflowmeter'"),
+        (lambda m: m["feature_set"].update(name="zeek-conn"), "unknown feature set 'zeek-conn'"),
         (lambda m: m["feature_set"].update(version="9"), "the model wants 9"),
         (lambda m: m["feature_set"]["columns"].append("no_such_column"), "has no column 'no_such_column'"),
         (lambda m: m.update(surprise=1), "not a valid manifest"),

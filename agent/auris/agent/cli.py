@@ -242,8 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     _configure_logging(config.log_level)
     preload_in_meter_processes(__name__)
-    if config.interface:
-        live.install()
+    live.install()
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 

@@ -14,7 +14,9 @@ it. Both are fixed inside the meter process, without copying nfstream's loop:
   capture, so nfstream expires every cached flow, sends it, and the iteration in
   the agent ends normally.
 
-Capture files are untouched: their clock is the packets' own.
+Capture files are untouched: their clock is the packets' own. Every meter started
+through :func:`install` also exits when the agent that started it is gone (after a
+``kill -9``, nobody would read its flows and it would linger forever).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ _STOP_SIGNAL = signal.SIGUSR1
 _END_OF_CAPTURE = -2
 _TIME_TICK = 2
 _original_workflow = nfstream.meter.meter_workflow
+_AGENT_PID_ENV = "AURIS_AGENT_PID"
 
 
 class _TickingEngine:
@@ -58,6 +61,9 @@ class _TickingEngine:
         self._tick_pending = False
         self.stop = threading.Event()
         self._stop_at: float | None = None
+        # Held while waking the read, and set once the capture ends: libpcap frees the handle then.
+        self._lock = threading.Lock()
+        self._closed = False
         threading.Thread(target=self._tick, name="auris-meter-ticker", daemon=True).start()
 
     def __getattr__(self, name: str) -> Any:
@@ -70,6 +76,8 @@ class _TickingEngine:
             if self._stop_at is None:
                 self._stop_at = time.monotonic()
             elif time.monotonic() - self._stop_at >= STOP_GRACE_S:
+                with self._lock:
+                    self._closed = True
                 return _END_OF_CAPTURE
         ret: int = self._lib.capture_next(capture, nf_packet, *args)
         self._last_return = time.monotonic()
@@ -84,13 +92,34 @@ class _TickingEngine:
         while True:
             time.sleep(TICK_S / 4)
             quiet = time.monotonic() - self._last_return >= (TICK_S / 4 if self.stop.is_set() else TICK_S)
-            if self._handle is not None and quiet and not self._tick_pending:
-                self._tick_pending = True
-                self._breakloop(self._handle)
+            with self._lock:
+                if self._closed:
+                    return
+                if self._handle is not None and quiet and not self._tick_pending:
+                    self._tick_pending = True
+                    self._breakloop(self._handle)
+
+
+def _exit_with_the_agent() -> None:
+    """End this meter process as soon as the agent that started it is gone."""
+    agent = int(os.environ.get(_AGENT_PID_ENV, "0"))
+    if not agent:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(agent, 0)
+            except ProcessLookupError:
+                os._exit(0)  # no reader is left for our flows
+
+    threading.Thread(target=watch, name="auris-meter-watchdog", daemon=True).start()
 
 
 def meter_workflow(*args: Any) -> None:
     """nfstream's meter workflow, with a ticking engine for live interfaces."""
+    _exit_with_the_agent()
     mode = args[7]  # (source, snaplen, decode_tunnels, bpf_filter, promisc, n_roots, root_idx, mode, ...)
     if mode == NFMode.INTERFACE:
         create_engine = nfstream.meter.create_engine
@@ -114,6 +143,7 @@ def meter_workflow(*args: Any) -> None:
 
 def install() -> None:
     """Make nfstream start its meters through :func:`meter_workflow` (once, in the agent)."""
+    os.environ[_AGENT_PID_ENV] = str(os.getpid())
     nfstream.streamer.meter_workflow = meter_workflow
 
 
