@@ -12,7 +12,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["FEATURE_SETS", "NFSTREAM", "FeatureSet", "feature_set"]
+from auris.agent.cicflowmeter import CICFLOWMETER_COLUMNS, CICFlowMeterPlugin, extract_cicflowmeter
+
+__all__ = ["CICFLOWMETER", "FEATURE_SETS", "NFSTREAM", "FeatureSet", "feature_set"]
 
 _DIRECTIONS = ("bidirectional", "src2dst", "dst2src")
 _FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
@@ -64,7 +66,16 @@ NFSTREAM = FeatureSet(
     extract=_extract_nfstream,
 )
 
-FEATURE_SETS: dict[str, FeatureSet] = {NFSTREAM.name: NFSTREAM}
+# CICFlowMeter's columns, as in the CIC-IDS2017 table; see docs/cicflowmeter.md.
+CICFLOWMETER = FeatureSet(
+    name="cicflowmeter",
+    version="1",
+    columns=CICFLOWMETER_COLUMNS,
+    meter_options={"udps": CICFlowMeterPlugin()},
+    extract=extract_cicflowmeter,
+)
+
+FEATURE_SETS: dict[str, FeatureSet] = {NFSTREAM.name: NFSTREAM, CICFLOWMETER.name: CICFLOWMETER}
 
 
 def feature_set(name: str, version: str) -> FeatureSet:
