@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
-from auris.v1 import verdict_pb2
+from auris.v1 import flow_pb2, verdict_pb2
 from tests.conftest import MODELS, CollectorThread
 
 HOST_IP, PEER_IP = "10.231.77.1", "10.231.77.2"
@@ -184,3 +184,49 @@ def test_live_capture_on_a_veth_pair(
     assert tcp_flow.counters.src_to_dst_packets >= 6  # handshake, 3 sends, acks, fin
     assert tcp_flow.counters.dst_to_src_bytes >= 3 * 500
     assert all(v.verdict.capture_source == interface for v in stored)
+
+
+def test_the_live_flow_cap_evicts_and_counts(
+    veth: tuple[str, str], collector: CollectorThread, tmp_path: Path
+) -> None:
+    """Past max_live_flows the oldest flows leave the meter early, as EVICTED, and nothing is lost."""
+    interface, _ = veth
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'interface = "{interface}"\nbpf_filter = "udp"\nidle_timeout_s = 600\nmax_live_flows = 5\n'
+        "heartbeat_interval_s = 0.5\n"
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "auris.agent", "--insecure", "--collector", collector.address,
+         "--config", str(config), "--models-dir", str(MODELS), "--state-dir", str(tmp_path / "agent")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2.5)
+        for port in range(41000, 41020):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((HOST_IP, port))
+            s.settimeout(2)
+            s.sendto(b"q" * 40, (PEER_IP, 5300))
+            s.recvfrom(2048)
+            s.close()
+            time.sleep(0.02)
+        with CollectorClient(collector.address, insecure=True) as client:
+            assert _wait_for(lambda: len(_stored(client)) >= 15, 20)
+            agent.send_signal(signal.SIGTERM)
+            _, err = agent.communicate(timeout=30)
+            assert agent.returncode == 0, err
+            stored = _stored(client)
+            (registered,) = client.list_agents()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    ports = collections.Counter(v.verdict.flow.src_port for v in stored)
+    assert ports == collections.Counter(range(41000, 41020))  # every flow, once
+    evicted = [v for v in stored if v.verdict.end_reason == flow_pb2.FLOW_END_REASON_EVICTED]
+    assert len(evicted) >= 15  # the cap held the meter to 5 flows
+    assert all(v.verdict.counters.src_to_dst_packets == 1 for v in stored)
+    assert registered.health.flows_evicted == len(evicted)
+    assert registered.health.packets_seen >= 40

@@ -93,7 +93,7 @@ def _open_models(config: AgentConfig) -> tuple[ModelSet | None, str]:
 _RESTART_ONLY = (
     "collector", "insecure", "ca_file", "cert_file", "key_file", "agent_id", "state_dir", "pcaps",
     "interface", "bpf_filter", "snapshot_length", "promiscuous", "idle_timeout_s", "active_timeout_s",
-    "uplink_batch", "uplink_window", "spool_max_verdicts",
+    "uplink_batch", "uplink_window", "spool_max_verdicts", "max_live_flows",
 )  # fmt: skip
 
 
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     _configure_logging(config.log_level)
     preload_in_meter_processes(__name__)
-    live.install()
+    live.install(config.max_live_flows)
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 

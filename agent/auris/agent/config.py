@@ -52,6 +52,9 @@ class AgentConfig:
     promiscuous: bool = True
     idle_timeout_s: int = 120
     active_timeout_s: int = 1800
+    # Flows a meter may hold at once (0: no cap); past it the least recently seen are
+    # expired early, reported with end reason EVICTED and counted in heartbeats.
+    max_live_flows: int = 1_000_000
     # Flows scored per onnxruntime call, and its thread count.
     score_batch: int = 64
     score_threads: int = 1

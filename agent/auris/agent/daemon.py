@@ -21,12 +21,12 @@ from google.protobuf import timestamp_pb2
 
 from auris.agent import __version__, live
 from auris.agent.config import AgentConfig
-from auris.agent.meter import FlowRecord, MeterOptions, meter_source, source_label
+from auris.agent.meter import FlowRecord, MeterOptions, capture_counters, meter_source, source_label
 from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
 from auris.agent.verdicts import build_verdict
-from auris.v1 import agent_service_pb2
+from auris.v1 import agent_service_pb2, flow_pb2
 
 __all__ = ["Agent", "RunReport", "replay_key"]
 
@@ -48,8 +48,10 @@ def replay_key(source: str) -> str | None:
 class RunReport:
     flows: int = 0
     anomalies: int = 0
-    # Packets in the flows metered (kernel and capture drops are not counted yet).
+    # Packets in the flows metered.
     packets: int = 0
+    # Flows expired early by the live-flow cap.
+    evicted: int = 0
     # Flows of a resumed replay that were already spooled by an earlier run.
     flows_skipped: int = 0
     sources_skipped: int = 0
@@ -115,9 +117,13 @@ class Agent:
         """The agent's identity and health counters, as a heartbeat carries them."""
         spooled = self.spool.stats
         sent = self.uplink.stats
+        capture = capture_counters()
         health = agent_service_pb2.AgentHealth(
-            packets_seen=self.report.packets,
+            # The meters' counters lag by up to a second; flows already metered are a floor.
+            packets_seen=max(capture.packets_processed, self.report.packets),
+            packets_dropped=capture.packets_dropped,
             flows_metered=self.report.flows,
+            flows_evicted=self.report.evicted,
             verdicts_anomalous=self.report.anomalies,
             verdicts_sent=sent.verdicts_sent,
             verdicts_acknowledged=sent.verdicts_acknowledged,
@@ -220,6 +226,7 @@ class Agent:
         )
         self.report.flows += len(flows)
         self.report.packets += sum(f.packets for f in flows)
+        self.report.evicted += sum(f.end_reason == flow_pb2.FLOW_END_REASON_EVICTED for f in flows)
         self.report.anomalies += sum(v.anomalous for v in verdicts)
 
     def _apply_reload(self) -> None:

@@ -46,6 +46,9 @@ _END_OF_CAPTURE = -2
 _TIME_TICK = 2
 _original_workflow = nfstream.meter.meter_workflow
 _AGENT_PID_ENV = "AURIS_AGENT_PID"
+_MAX_FLOWS_ENV = "AURIS_MAX_LIVE_FLOWS"
+# nfstream's expiration id for flows a plugin ended early; the agent reports them as evicted.
+EVICTED = -1
 
 
 class _TickingEngine:
@@ -117,9 +120,31 @@ def _exit_with_the_agent() -> None:
     threading.Thread(target=watch, name="auris-meter-watchdog", daemon=True).start()
 
 
+def _capped(scan: Any, cap: int) -> Any:
+    """nfstream's idle scan, followed by evicting least recently used flows above ``cap``."""
+
+    def capped_scan(
+        meter_tick: int, cache: Any, idle_timeout: int, channel: Any, udps: Any, sync: bool, *engine: Any
+    ) -> int:
+        removed: int = scan(meter_tick, cache, idle_timeout, channel, udps, sync, *engine)
+        while len(cache) > cap:
+            key = cache.get_lru_key()
+            flow = cache[key]
+            flow.expiration_id = EVICTED
+            channel.put(flow.expire(udps, sync, *engine))
+            del cache[key]
+            removed += 1
+        return removed
+
+    return capped_scan
+
+
 def meter_workflow(*args: Any) -> None:
-    """nfstream's meter workflow, with a ticking engine for live interfaces."""
+    """nfstream's meter workflow, with a ticking engine for live interfaces and a flow cap."""
     _exit_with_the_agent()
+    cap = int(os.environ.get(_MAX_FLOWS_ENV, "0"))
+    if cap > 0:  # nfstream looks its helpers up at call time: patch this meter process only
+        nfstream.meter.meter_scan = _capped(nfstream.meter.meter_scan, cap)
     mode = args[7]  # (source, snaplen, decode_tunnels, bpf_filter, promisc, n_roots, root_idx, mode, ...)
     if mode == NFMode.INTERFACE:
         create_engine = nfstream.meter.create_engine
@@ -141,9 +166,15 @@ def meter_workflow(*args: Any) -> None:
     _original_workflow(*args)
 
 
-def install() -> None:
-    """Make nfstream start its meters through :func:`meter_workflow` (once, in the agent)."""
+def install(max_flows: int = 0) -> None:
+    """Make nfstream start its meters through :func:`meter_workflow` (once, in the agent).
+
+    ``max_flows`` caps the flows a meter holds (0: no cap); past it the least recently
+    seen flows are expired early and reported as evicted. Meters read both settings
+    from the environment, so call this before the first capture starts.
+    """
     os.environ[_AGENT_PID_ENV] = str(os.getpid())
+    os.environ[_MAX_FLOWS_ENV] = str(max_flows)
     nfstream.streamer.meter_workflow = meter_workflow
 
 

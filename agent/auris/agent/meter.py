@@ -15,9 +15,11 @@ from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
 
 __all__ = [
+    "CaptureCounters",
     "FlowRecord",
     "MeterOptions",
     "MeterStats",
+    "capture_counters",
     "meter_flows",
     "meter_source",
     "preload_in_meter_processes",
@@ -123,8 +125,47 @@ def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[Feature
     # threads are running by then, and forking a process that holds gRPC's locks is unsafe.
     # A forkserver child starts from a clean, single-threaded process instead (nfstream 6.6
     # keeps the context in this attribute; tests cover it through every metering run).
-    streamer._mp_context = _FORKSERVER
+    streamer._mp_context = _CountingContext(_FORKSERVER)
     return streamer
+
+
+# nfstream's meters publish (dropped by the kernel, processed, ignored) packet counts in shared
+# values it passes to each meter process; these are all of them, for health reports.
+_TRACKERS: list[Any] = []
+_TRACKER_ARG = 16  # position of the tracker in nfstream 6.6's meter_workflow arguments
+
+
+class _CountingContext:
+    """A multiprocessing context that keeps each meter's shared packet counters."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:
+        meter_args = kwargs.get("args", ())
+        if len(meter_args) > _TRACKER_ARG:
+            _TRACKERS.append(meter_args[_TRACKER_ARG])
+        return self._context.Process(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureCounters:
+    packets_processed: int
+    packets_dropped: int  # by the kernel or the interface, as libpcap reports them
+    packets_ignored: int  # not IP, or otherwise not metered
+
+
+def capture_counters() -> CaptureCounters:
+    """Packet counters of every meter this process started (updated once a second of capture time)."""
+    dropped = processed = ignored = 0
+    for tracker in _TRACKERS:
+        dropped += tracker[0].value
+        processed += tracker[1].value
+        ignored += tracker[2].value
+    return CaptureCounters(processed, dropped, ignored)
 
 
 def source_label(source: str) -> str:
