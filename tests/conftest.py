@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,24 @@ def collector(tmp_path: Path) -> Iterator[CollectorThread]:
 def client(collector: CollectorThread) -> Iterator[CollectorClient]:
     with CollectorClient(collector.address, insecure=True) as c:
         yield c
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers that must start late)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
 
 
 @dataclasses.dataclass

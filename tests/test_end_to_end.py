@@ -7,7 +7,6 @@ import csv
 import datetime as dt
 import io
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from auris.collector import ctl
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
 from auris.v1 import admin_service_pb2, query_service_pb2, verdict_pb2
-from tests.conftest import PCAPS, CollectorThread, run_agent
+from tests.conftest import PCAPS, CollectorThread, free_port, run_agent
 
 FlowFacts = tuple[str, int, str, int, int, int, int, int, int, int, int]
 
@@ -188,16 +187,9 @@ def test_reflection_lists_services(collector: CollectorThread, client: Collector
     assert "SERVING" in out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_agent_waits_for_a_late_collector(tmp_path: Path) -> None:
     """Started before its collector, the agent retries and delivers every verdict once."""
-    port = _free_port()
+    port = free_port()
     config = CollectorConfig(listen=f"127.0.0.1:{port}", insecure=True, db=str(tmp_path / "late.db"))
     late = CollectorThread(config)
     starter = threading.Timer(3.0, late.start)
@@ -216,7 +208,7 @@ def test_agent_waits_for_a_late_collector(tmp_path: Path) -> None:
 
 def test_spooled_verdicts_survive_an_unreachable_collector(tmp_path: Path) -> None:
     """Collector down: the agent exits 4 with everything spooled; the next start delivers it once."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text("uplink_deadline_s = 1.5\n")
     state = tmp_path / "agent"

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
-from tests.conftest import MODELS, PCAPS, CollectorThread
+from tests.conftest import MODELS, PCAPS, CollectorThread, free_port, wait_for
 from tests.test_end_to_end import nfstream_reference, stored_facts
 
 CAPTURE = PCAPS / "masscan_tcp_0_1000_20190821.pcap"
@@ -35,13 +34,6 @@ def _copies(tmp_path: Path, n: int) -> list[Path]:
         paths.append(folder / f"part{i:02d}.pcap")
         shutil.copy(CAPTURE, paths[-1])
     return paths
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -77,15 +69,6 @@ def _stored(db: Path) -> int:
         return 0  # not created yet
 
 
-def _wait_for(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _assert_exactly_once(address: str, pcaps: list[Path]) -> None:
     expected = nfstream_reference(CAPTURE)
     with CollectorClient(address, insecure=True) as c:
@@ -98,7 +81,7 @@ def _assert_exactly_once(address: str, pcaps: list[Path]) -> None:
 @pytest.mark.timeout(240)
 def test_collector_killed_mid_stream(tmp_path: Path) -> None:
     pcaps = _copies(tmp_path, 6)
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     db = tmp_path / "collector.db"
     ready = tmp_path / "collector.addr"
@@ -112,7 +95,7 @@ def test_collector_killed_mid_stream(tmp_path: Path) -> None:
             before = _stored(db)
             collector = _spawn(collector_args, log)
             # Let some verdicts land, then kill it without warning.
-            _wait_for(lambda: _stored(db) > before, 30)  # noqa: B023
+            wait_for(lambda: _stored(db) > before, 30)  # noqa: B023
             time.sleep(0.05)
             _kill9(collector)
             kills_mid_stream += agent.poll() is None
@@ -122,7 +105,7 @@ def test_collector_killed_mid_stream(tmp_path: Path) -> None:
         ready.unlink(missing_ok=True)
         collector = _spawn(collector_args, log)
         try:
-            assert _wait_for(ready.exists, 30)
+            assert wait_for(ready.exists, 30)
             assert agent.wait(120) == 0, log.read_text()[-3000:]
             _assert_exactly_once(address, pcaps)
         finally:
@@ -147,7 +130,7 @@ def test_agent_killed_mid_replay(collector: CollectorThread, tmp_path: Path) -> 
     for _ in range(CYCLES):
         before = _stored(db)
         agent = _spawn(_agent_args(collector.address, state, pcaps), log)
-        _wait_for(lambda: _stored(db) > before + 200, 60)  # noqa: B023
+        wait_for(lambda: _stored(db) > before + 200, 60)  # noqa: B023
         if agent.poll() is None:
             kills_mid_run += 1
         _kill9(agent)

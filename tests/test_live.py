@@ -22,7 +22,7 @@ import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.v1 import flow_pb2, verdict_pb2
-from tests.conftest import MODELS, CollectorThread
+from tests.conftest import MODELS, CollectorThread, wait_for
 
 HOST_IP, PEER_IP = "10.231.77.1", "10.231.77.2"
 
@@ -106,17 +106,17 @@ def _icmp_echo(count: int) -> None:
             s.recvfrom(2048)
 
 
+def _start_agent(collector: CollectorThread, config: Path, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "auris.agent", "--insecure", "--collector", collector.address,
+         "--config", str(config), "--models-dir", str(MODELS), "--state-dir", str(tmp_path / "agent")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
 def _stored(client: CollectorClient) -> list[verdict_pb2.StoredVerdict]:
     return list(client.query(verdict_filter(ip=PEER_IP), page_size=1000))
-
-
-def _wait_for(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_live_capture_on_a_veth_pair(
@@ -125,12 +125,7 @@ def test_live_capture_on_a_veth_pair(
     interface, _ = veth
     config = tmp_path / "agent.toml"
     config.write_text(f'interface = "{interface}"\nbpf_filter = "ip"\nidle_timeout_s = 2\n')
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "auris.agent", "--insecure", "--collector", collector.address,
-         "--config", str(config), "--models-dir", str(MODELS), "--state-dir", str(tmp_path / "agent")],
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    agent = _start_agent(collector, config, tmp_path)
     try:
         time.sleep(2.5)  # the meter is up
         with socket.create_connection((PEER_IP, 8080), timeout=5) as tcp:
@@ -146,7 +141,7 @@ def test_live_capture_on_a_veth_pair(
         _icmp_echo(3)
         with CollectorClient(collector.address, insecure=True) as client:
             # The link is quiet now: idle flows must still come out after idle_timeout_s.
-            assert _wait_for(lambda: len(_stored(client)) >= 3, 20), agent.stderr
+            assert wait_for(lambda: len(_stored(client)) >= 3, 20), agent.stderr
             quiet = {(v.verdict.flow.ip_protocol, v.verdict.flow.dst_port) for v in _stored(client)}
             assert {(6, 8080), (17, 5300), (1, 0)} <= quiet
             # A flow still open when the agent stops is flushed, not lost.
@@ -196,12 +191,7 @@ def test_the_live_flow_cap_evicts_and_counts(
         f'interface = "{interface}"\nbpf_filter = "udp"\nidle_timeout_s = 600\nmax_live_flows = 5\n'
         "heartbeat_interval_s = 0.5\n"
     )
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "auris.agent", "--insecure", "--collector", collector.address,
-         "--config", str(config), "--models-dir", str(MODELS), "--state-dir", str(tmp_path / "agent")],
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    agent = _start_agent(collector, config, tmp_path)
     try:
         time.sleep(2.5)
         for port in range(41000, 41020):
@@ -213,7 +203,7 @@ def test_the_live_flow_cap_evicts_and_counts(
             s.close()
             time.sleep(0.02)
         with CollectorClient(collector.address, insecure=True) as client:
-            assert _wait_for(lambda: len(_stored(client)) >= 15, 20)
+            assert wait_for(lambda: len(_stored(client)) >= 15, 20)
             agent.send_signal(signal.SIGTERM)
             _, err = agent.communicate(timeout=30)
             assert agent.returncode == 0, err
