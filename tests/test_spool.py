@@ -126,3 +126,17 @@ def test_sighup_reloads_all_or_nothing(collector: CollectorThread, tmp_path: Pat
     assert "reload refused, keeping the running configuration" in err
     assert "reloaded configuration and 1 model(s)" in err
     assert "bpf_filter changed; these take effect at the next restart" in err
+
+
+def test_batches_are_sent_as_the_spooled_bytes() -> None:
+    """The uplink's hand-made request equals the message protobuf would build."""
+    from auris.agent.uplink import encode_batch
+    from auris.v1 import agent_service_pb2
+
+    verdicts = [make_verdict(s) for s in (1, 2, 300)]
+    verdicts[1].explanation = "é" * 200  # a verdict longer than 127 bytes: a two-byte length
+    agent = "agent-ü-" + "x" * 150
+    raw = encode_batch(agent, (v.SerializeToString() for v in verdicts))
+    parsed = agent_service_pb2.StreamVerdictsRequest.FromString(raw)
+    assert parsed == agent_service_pb2.StreamVerdictsRequest(agent_id=agent, verdicts=verdicts)
+    assert encode_batch("a", []) == agent_service_pb2.StreamVerdictsRequest(agent_id="a").SerializeToString()

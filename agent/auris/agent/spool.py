@@ -152,18 +152,18 @@ class Spool:
             self._wakeup.notify_all()
         return verdicts
 
+    def read_raw_after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (sequence, serialised verdict) pairs above ``sequence``, in order."""
+        with self._lock:
+            rows: list[tuple[int, bytes]] = self._conn.execute(
+                "SELECT sequence, verdict FROM verdicts WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                (sequence, limit),
+            ).fetchall()
+        return rows
+
     def read_after(self, sequence: int, limit: int) -> list[verdict_pb2.Verdict]:
         """Up to ``limit`` spooled verdicts with a sequence above ``sequence``, in order."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT verdict FROM verdicts WHERE sequence > ? ORDER BY sequence LIMIT ?", (sequence, limit)
-            ).fetchall()
-        out = []
-        for (blob,) in rows:
-            verdict = verdict_pb2.Verdict()
-            verdict.ParseFromString(blob)
-            out.append(verdict)
-        return out
+        return [verdict_pb2.Verdict.FromString(blob) for _, blob in self.read_raw_after(sequence, limit)]
 
     def wait_for_more(self, sequence: int, timeout: float) -> bool:
         """Block until a verdict above ``sequence`` is spooled, or timeout; True if one is."""

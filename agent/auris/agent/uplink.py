@@ -19,15 +19,15 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
 
 from auris.agent.spool import Spool
-from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
+from auris.v1 import agent_service_pb2
 
-__all__ = ["Uplink", "UplinkStats", "is_loopback_target", "open_channel"]
+__all__ = ["Uplink", "UplinkStats", "encode_batch", "is_loopback_target", "open_channel"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,32 @@ _REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
 def _cancel(call: grpc.RpcContext | None) -> None:
     if call is not None:
         call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Tags of StreamVerdictsRequest's fields 1 (agent_id) and 2 (verdicts), both length-delimited.
+_AGENT_ID_TAG = bytes([(1 << 3) | 2])
+_VERDICT_TAG = bytes([(2 << 3) | 2])
+
+
+def encode_batch(agent_id: str, verdicts: Iterable[bytes]) -> bytes:
+    """A serialised StreamVerdictsRequest, built from verdicts already serialised in the spool.
+
+    Sending the spool's bytes as they are saves parsing and re-serialising every verdict.
+    """
+    name = agent_id.encode()
+    parts = [_AGENT_ID_TAG, _varint(len(name)), name]
+    for blob in verdicts:
+        parts += [_VERDICT_TAG, _varint(len(blob)), blob]
+    return b"".join(parts)
 
 
 def is_loopback_target(target: str) -> bool:
@@ -105,7 +131,13 @@ class Uplink:
         backoff_max_s: float = 10.0,
         ack_timeout_s: float = 60.0,
     ) -> None:
-        self._stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        service = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+        # The generated stub would serialise messages; this one sends encode_batch()'s bytes.
+        self._stream_verdicts = channel.stream_stream(
+            f"/{service}/StreamVerdicts",
+            request_serializer=None,
+            response_deserializer=agent_service_pb2.StreamVerdictsResponse.FromString,
+        )
         self._agent_id = agent_id
         self._spool = spool
         self._batch = batch
@@ -153,7 +185,7 @@ class Uplink:
         window: threading.Semaphore,
         dead: threading.Event,
         in_flight: collections.deque[tuple[int, int]],
-    ) -> Iterator[agent_service_pb2.StreamVerdictsRequest]:
+    ) -> Iterator[bytes]:
         """Batches after the last acknowledgement; runs on gRPC's request-consuming thread."""
         sent = self.stats.acknowledged_sequence
         last_progress = time.monotonic()
@@ -170,23 +202,23 @@ class Uplink:
             while True:
                 if dead.is_set() or self._abort.is_set():
                     return
-                batch = self._spool.read_after(sent, self._batch)
+                batch = self._spool.read_raw_after(sent, self._batch)
                 if batch:
                     break
                 if self._input_closed.is_set() and self._spool.stats.last_sequence <= sent:
                     return  # everything is sent: half-close, then wait for the last acks
                 self._spool.wait_for_more(sent, _POLL_S)
-            sent = batch[-1].sequence
+            sent = batch[-1][0]
             last_progress = time.monotonic()
             with self._lock:
                 in_flight.append((sent, len(batch)))
                 self.stats.verdicts_sent += len(batch)
-            yield agent_service_pb2.StreamVerdictsRequest(agent_id=self._agent_id, verdicts=batch)
+            yield encode_batch(self._agent_id, (blob for _, blob in batch))
 
     def _stream_once(self, in_flight: collections.deque[tuple[int, int]]) -> None:
         window = threading.Semaphore(self._window)
         dead = threading.Event()
-        responses = self._stub.StreamVerdicts(self._requests(window, dead, in_flight))
+        responses = self._stream_verdicts(self._requests(window, dead, in_flight))
         self._call = responses
         try:
             for response in responses:
