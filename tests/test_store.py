@@ -131,3 +131,35 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     (agent,) = store.agents(offline_after_ns=10**9)
     assert (agent.agent_id, agent.hostname, agent.verdicts_stored) == ("a", "h", 3)
     assert store.ingest("a", [make_verdict(4, agent_id="a")]).accepted == 1
+
+
+def test_a_resend_with_reordered_map_fields_is_a_duplicate_not_a_conflict(store: VerdictStore) -> None:
+    """protobuf may write map entries in any order (it differs between processes); a resend of the
+    same verdict must be recognised as one, whatever order its stored copy was written in."""
+    from auris.v1 import verdict_pb2
+
+    original = make_verdict(1)
+    original.scores[0].class_probabilities.update({"attack": 0.25, "benign": 0.75})
+    store.ingest("agent-1", [original])
+    (stored,) = store.db.execute("SELECT verdict_pb FROM verdicts").fetchone()
+
+    # Build the same verdict's bytes with the two map entries in each order, by hand.
+    score = verdict_pb2.ModelScore()
+    score.CopyFrom(original.scores[0])
+    score.ClearField("class_probabilities")
+    entries = [verdict_pb2.ModelScore(class_probabilities={k: v}).SerializeToString() for k, v in
+               (("attack", 0.25), ("benign", 0.75))]  # fmt: skip
+    bare = verdict_pb2.Verdict()
+    bare.CopyFrom(original)
+    bare.ClearField("scores")
+    variants = []
+    for first, second in (entries, entries[::-1]):
+        body = score.SerializeToString() + first + second
+        variants.append(bare.SerializeToString() + bytes([(8 << 3) | 2, len(body)]) + body)
+    assert all(verdict_pb2.Verdict.FromString(v) == original for v in variants)
+    other_order = next(v for v in variants if v != stored)
+    store.db.execute("UPDATE verdicts SET verdict_pb = ?", [other_order])
+    store.db.conn.commit()
+
+    result = store.ingest("agent-1", [original])
+    assert (result.accepted, result.duplicates) == (0, 1)

@@ -97,7 +97,7 @@ def verdict_row(v: verdict_pb2.Verdict, received_ns: int) -> tuple[Any, ...]:
         int(v.anomalous),
         decider,
         v.application_name,
-        v.SerializeToString(),
+        v.SerializeToString(deterministic=True),
     )
 
 
@@ -295,7 +295,12 @@ class VerdictStore:
         )
         blob = _INSERT_COLUMNS.index("verdict_pb")
         for row in rows:
-            if stored.get(row[1]) != row[blob]:
+            before = stored.get(row[1])
+            # Compare messages, not bytes: map fields may serialise in another order.
+            if before != row[blob] and (
+                before is None
+                or verdict_pb2.Verdict.FromString(before) != verdict_pb2.Verdict.FromString(row[blob])
+            ):
                 raise SequenceConflict(
                     f"agent {agent_id} reused sequence {row[1]} for a different verdict "
                     "(was its state directory lost or shared?); batch refused"
