@@ -283,3 +283,20 @@ def test_heartbeats_feed_the_agent_registry(tmp_path: Path) -> None:
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         running.stop()
+
+
+def test_an_agent_id_reused_with_a_fresh_state_dir_renumbers_instead_of_stalling(
+    collector: CollectorThread, client: CollectorClient, tmp_path: Path
+) -> None:
+    """Same --agent-id, lost state: the collector refuses the reused sequences, the agent renumbers."""
+    first = run_agent(collector.address, [ATTACK], tmp_path / "first", "--agent-id", "host-7")
+    assert first.returncode == 0, first.stderr
+    second_capture = PCAPS / "trickbot.pcap"
+    second = run_agent(collector.address, [second_capture], tmp_path / "second", "--agent-id", "host-7")
+    assert second.returncode == 0, second.stderr
+    assert "renumbered after it" in second.stderr
+    stored = list(client.query(verdict_filter(agent_ids=["host-7"])))
+    assert stored_facts(stored, ATTACK.name) == nfstream_reference(ATTACK)
+    assert stored_facts(stored, second_capture.name) == nfstream_reference(second_capture)
+    sequences = [s.verdict.sequence for s in stored]
+    assert len(sequences) == len(set(sequences))

@@ -165,6 +165,34 @@ class Spool:
         """Up to ``limit`` spooled verdicts with a sequence above ``sequence``, in order."""
         return [verdict_pb2.Verdict.FromString(blob) for _, blob in self.read_raw_after(sequence, limit)]
 
+    def renumber_after(self, floor: int) -> int:
+        """Give every spooled verdict a new sequence above ``floor`` (and above any used), in order.
+
+        For when the collector already holds this agent's sequences up to ``floor`` from an
+        earlier life of the same id (a lost or copied state directory). Returns how many moved.
+        """
+        with self._lock:
+            rows = self._conn.execute("SELECT sequence, verdict FROM verdicts ORDER BY sequence").fetchall()
+            start = max(floor, self._last_sequence) + 1
+            renumbered = []
+            for offset, (_, blob) in enumerate(rows):
+                verdict = verdict_pb2.Verdict.FromString(blob)
+                verdict.sequence = start + offset
+                renumbered.append((verdict.sequence, verdict.SerializeToString()))
+            last = start + len(rows) - 1 if rows else max(floor, self._last_sequence)
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM verdicts")
+                self._conn.executemany("INSERT INTO verdicts (sequence, verdict) VALUES (?, ?)", renumbered)
+                self._set_counter("last_sequence", last)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._last_sequence = last
+            self._wakeup.notify_all()
+            return len(rows)
+
     def wait_for_more(self, sequence: int, timeout: float) -> bool:
         """Block until a verdict above ``sequence`` is spooled, or timeout; True if one is."""
         with self._wakeup:

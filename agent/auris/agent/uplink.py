@@ -34,8 +34,10 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.2
 # Expected while a collector restarts or the network heals; anything else needs an operator.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-# Trailing metadata with which the collector names the highest sequence of a refused batch.
+# Trailing metadata with which the collector names the highest sequence of a refused batch,
+# and, on a sequence conflict, the highest sequence it holds for this agent.
 _REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
+_STORED_SEQUENCE_KEY = "auris-stored-sequence"
 
 
 def _cancel(call: grpc.RpcContext | None) -> None:
@@ -109,6 +111,9 @@ class UplinkStats:
     duplicates: int = 0
     # Verdicts the collector refused as malformed (dropped from the spool, never retried).
     rejected: int = 0
+    # Verdicts given new sequences because the collector held their old ones from an earlier
+    # life of this agent id.
+    renumbered: int = 0
     reconnects: int = 0
     acknowledged_sequence: int = 0
     # Wall-clock time of the last acknowledgement (for health reports), and the same on the
@@ -253,6 +258,19 @@ class Uplink:
         )
         return True
 
+    def _renumber(self, stored: int) -> None:
+        moved = self._spool.renumber_after(stored)
+        with self._lock:
+            self.stats.renumbered += moved
+            self.stats.acknowledged_sequence = max(self.stats.acknowledged_sequence, stored)
+        logger.error(
+            "the collector already holds sequences up to %d of agent %s from an earlier life (state "
+            "directory lost or shared?); %d spooled verdicts renumbered after it",
+            stored,
+            self._agent_id,
+            moved,
+        )
+
     def _run(self) -> None:
         backoff = 0.25
         while not self._abort.is_set():
@@ -275,6 +293,11 @@ class Uplink:
                     and self._reject(exc, in_flight, details)
                 ):
                     continue  # a batch-level refusal: the rest of the spool goes on
+                if code == grpc.StatusCode.FAILED_PRECONDITION and isinstance(exc, grpc.Call):
+                    stored = dict(exc.trailing_metadata() or ()).get(_STORED_SEQUENCE_KEY)
+                    if stored is not None:
+                        self._renumber(int(stored))
+                        continue
                 self.stats.reconnects += 1
                 log = logger.warning if code in _TRANSIENT else logger.error
                 log("uplink %s: %s; retrying in %.1fs", code.name, details, backoff)

@@ -30,6 +30,7 @@ from auris.v1 import (
 
 __all__ = [
     "REJECTED_SEQUENCE_KEY",
+    "STORED_SEQUENCE_KEY",
     "AdminServicer",
     "AgentServicer",
     "InvalidVerdict",
@@ -66,6 +67,9 @@ _MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the protobuf Timestamp l
 # Trailing metadata naming the highest sequence of a refused batch, so the agent can drop
 # exactly that batch; a refusal without it concerns the whole stream.
 REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
+# Trailing metadata of a sequence conflict: the highest sequence stored for the agent, above
+# which it renumbers what it still has to send.
+STORED_SEQUENCE_KEY = "auris-stored-sequence"
 
 
 class InvalidVerdict(ValueError):
@@ -156,6 +160,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 )
             except SequenceConflict as exc:
                 logger.error("refused batch from %s: %s", request.agent_id, exc)
+                context.set_trailing_metadata(((STORED_SEQUENCE_KEY, str(exc.stored_sequence)),))
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             last_sequence = top
             yield agent_service_pb2.StreamVerdictsResponse(

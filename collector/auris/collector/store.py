@@ -104,6 +104,11 @@ def verdict_row(v: verdict_pb2.Verdict, received_ns: int) -> tuple[Any, ...]:
 class SequenceConflict(Exception):
     """An agent sent a sequence number it already used for a different verdict."""
 
+    def __init__(self, message: str, stored_sequence: int) -> None:
+        super().__init__(message)
+        # The highest sequence stored for the agent: it can renumber what it has after this.
+        self.stored_sequence = stored_sequence
+
 
 @dataclasses.dataclass(frozen=True)
 class IngestResult:
@@ -301,9 +306,13 @@ class VerdictStore:
                 before is None
                 or verdict_pb2.Verdict.FromString(before) != verdict_pb2.Verdict.FromString(row[blob])
             ):
+                (highest,) = self._db.conn.execute(
+                    "SELECT MAX(sequence) FROM verdicts WHERE agent_id = ?", (agent_id,)
+                ).fetchone()
                 raise SequenceConflict(
                     f"agent {agent_id} reused sequence {row[1]} for a different verdict "
-                    "(was its state directory lost or shared?); batch refused"
+                    f"(was its state directory lost or shared?); batch refused, stored up to {highest}",
+                    int(highest),
                 )
 
     # -- queries --------------------------------------------------------------------------
