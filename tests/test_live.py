@@ -220,3 +220,36 @@ def test_the_live_flow_cap_evicts_and_counts(
     assert all(v.verdict.counters.src_to_dst_packets == 1 for v in stored)
     assert registered.health.flows_evicted == len(evicted)
     assert registered.health.packets_seen >= 40
+
+
+def _meter_processes(agent_pid: int) -> list[int]:
+    """nfstream's meters: children of the agent's forkserver (itself a child of the agent)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    return [meter for server in children.get(agent_pid, []) for meter in children.get(server, [])]
+
+
+def test_a_meter_killed_on_a_quiet_link_ends_the_agent_instead_of_hanging_it(
+    veth: tuple[str, str], collector: CollectorThread, tmp_path: Path
+) -> None:
+    interface, _ = veth
+    config = tmp_path / "agent.toml"
+    config.write_text(f'interface = "{interface}"\nbpf_filter = "udp"\n')
+    agent = _start_agent(collector, config, tmp_path)
+    try:
+        assert wait_for(lambda: _meter_processes(agent.pid), 20), "the meter did not start"
+        time.sleep(1.0)
+        for meter in _meter_processes(agent.pid):
+            os.kill(meter, signal.SIGKILL)  # as the OOM killer would
+        _, err = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 3, err
+    assert "the meter process died (exit code -9)" in err

@@ -140,3 +140,20 @@ def test_batches_are_sent_as_the_spooled_bytes() -> None:
     parsed = agent_service_pb2.StreamVerdictsRequest.FromString(raw)
     assert parsed == agent_service_pb2.StreamVerdictsRequest(agent_id=agent, verdicts=verdicts)
     assert encode_batch("a", []) == agent_service_pb2.StreamVerdictsRequest(agent_id="a").SerializeToString()
+
+
+def test_sigterm_while_waiting_for_an_unreachable_collector_exits_within_the_drain_timeout(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import free_port
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'models_dir = "{MODELS}"\nuplink_deadline_s = 300\ndrain_timeout_s = 1.0\n')
+    agent = _agent(f"127.0.0.1:{free_port()}", tmp_path / "agent", [PCAPS / "trickbot.pcap"], config)
+    time.sleep(3.0)  # metered and spooled; now waiting for the collector, up to 300 s
+    started = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    _, err = agent.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert agent.returncode == 0, err
+    assert "they are sent at the next start" in err

@@ -12,6 +12,7 @@ delivered), 4 the collector did not acknowledge everything (the rest stays spool
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import socket
@@ -98,23 +99,35 @@ _RESTART_ONLY = (
 
 
 def _reloader(
-    current: list[AgentConfig], load: Callable[[], AgentConfig]
+    running: AgentConfig, feature_sets: set[str], load: Callable[[], AgentConfig]
 ) -> Callable[[], tuple[AgentConfig, ModelSet] | None]:
+    """SIGHUP: new models and reloadable settings, all or nothing; the capture stays as it runs."""
+
     def reload() -> tuple[AgentConfig, ModelSet] | None:
         try:
-            config = load()
+            loaded = load()
         except ConfigError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return None
+        # What the running capture and uplink were built with stays until a restart.
+        config = dataclasses.replace(loaded, **{k: getattr(running, k) for k in _RESTART_ONLY})
         models, reason = _open_models(config)
         if models is None:
             logger.error("reload refused, keeping the running models: %s", reason)
             return None
-        changed = [k for k in _RESTART_ONLY if getattr(config, k) != getattr(current[0], k)]
+        wanted = {fs.name for fs in models.feature_sets}
+        if wanted != feature_sets:
+            logger.error(
+                "reload refused, keeping the running models: they need feature sets %s, the running "
+                "meter computes %s (restart to change them)",
+                ", ".join(sorted(wanted)),
+                ", ".join(sorted(feature_sets)),
+            )
+            return None
+        changed = [k for k in _RESTART_ONLY if getattr(loaded, k) != getattr(running, k)]
         if changed:
             logger.warning("reload: %s changed; these take effect at the next restart", ", ".join(changed))
         logging.getLogger().setLevel(config.log_level.upper())
-        current[0] = config
         logger.info("reloaded configuration and %d model(s)", len(models.models))
         return config, models
 
@@ -166,7 +179,7 @@ def run(
         agent_id,
         socket.gethostname(),
         reprocess=reprocess,
-        reload=_reloader([config], load) if load else None,
+        reload=_reloader(config, {fs.name for fs in models.feature_sets}, load) if load else None,
     )
     signal.signal(signal.SIGTERM, lambda signum, frame: agent.request_stop())
     signal.signal(signal.SIGINT, lambda signum, frame: agent.request_stop())

@@ -10,6 +10,7 @@ streams the spool to the collector.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import queue
 import threading
@@ -21,7 +22,14 @@ from google.protobuf import timestamp_pb2
 
 from auris.agent import __version__, live
 from auris.agent.config import AgentConfig
-from auris.agent.meter import FlowRecord, MeterOptions, capture_counters, meter_source, source_label
+from auris.agent.meter import (
+    FlowRecord,
+    MeterOptions,
+    capture_counters,
+    meter_source,
+    report_dead_meters,
+    source_label,
+)
 from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
@@ -35,13 +43,14 @@ logger = logging.getLogger(__name__)
 _QUEUE_FLOWS = 8192
 
 
-def replay_key(source: str) -> str | None:
-    """Identity of a capture file for resuming a replay: path, size and modification time."""
+def replay_key(source: str, metering: str = "") -> str | None:
+    """Identity of a replay for resuming it: the file (path, size, modification time) and how it
+    is metered (``metering``: flow splitting and order change with filter, timeouts, feature sets)."""
     path = Path(source)
     if not path.is_file():
         return None
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{metering}"
 
 
 @dataclasses.dataclass
@@ -148,7 +157,7 @@ class Agent:
         A live meter is asked to expire and hand over every flow it still caches, so
         stopping loses none; a replay stops after the current flow and resumes there.
         """
-        if not self._stop.is_set() and self.config.interface:
+        if self.config.interface:
             live.request_flush()
         self._stop.set()
 
@@ -158,7 +167,17 @@ class Agent:
 
     @property
     def sources(self) -> list[str]:
-        return list(self.config.pcaps) or ([self.config.interface] if self.config.interface else [])
+        """The capture files (each once, however often it is named) or the interface."""
+        if self.config.pcaps:
+            return list(dict.fromkeys(str(Path(p).resolve()) for p in self.config.pcaps))
+        return [self.config.interface] if self.config.interface else []
+
+    def _metering(self) -> str:
+        """A digest of everything that decides how a capture splits into flows, and their order."""
+        c = self.config
+        parts = [c.bpf_filter, c.snapshot_length, c.idle_timeout_s, c.active_timeout_s, c.max_live_flows]
+        parts += sorted(f"{fs.name}@{fs.version}" for fs in self.models.feature_sets)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def _meter(self) -> None:
         options = MeterOptions(
@@ -172,7 +191,7 @@ class Agent:
             for source in self.sources:
                 if self._stop.is_set():
                     break
-                key = replay_key(source)
+                key = replay_key(source, self._metering())
                 skip, complete = self.spool.replay_progress(key) if key else (0, False)
                 if key and self._reprocess:
                     self.spool.forget_replay(key)
@@ -199,7 +218,7 @@ class Agent:
                             break
                     else:
                         self._queue.put(_SourceDone(key))
-                except ValueError as exc:
+                except Exception as exc:  # nfstream's errors and any other: this source fails, not the run
                     self.report.sources_failed += 1
                     self.report.errors.append(f"{source_label(source)}: {exc}")
                     logger.error("cannot meter %s: %s", source_label(source), exc)
@@ -239,6 +258,13 @@ class Agent:
         config, models = loaded
         self.config, self.models = config, models
 
+    def _housekeeping(self) -> None:
+        """Once per quiet flush interval: notice dead meters, repeat a flush request after stop."""
+        if report_dead_meters():
+            logger.error("a meter process died; its capture is reported as unreadable")
+        if self._stop.is_set() and self.config.interface:
+            live.request_flush()  # a meter that started after the stop request gets it too
+
     def run(self) -> RunReport:
         started = time.monotonic()
         meter = threading.Thread(target=self._meter, name="auris-meter", daemon=True)
@@ -253,6 +279,7 @@ class Agent:
             except queue.Empty:
                 self._spool_batch(pending_key, pending)
                 pending = []
+                self._housekeeping()
                 continue
             if isinstance(item, _End):
                 break
@@ -272,11 +299,11 @@ class Agent:
                 pending = []
         self._spool_batch(pending_key, pending)
         meter.join()
-        self.report.stopped = self._stop.is_set()
-        # A stop request drains only briefly; whatever is left stays spooled for the next start.
-        drain_s = min(self.config.drain_timeout_s, self.config.uplink_deadline_s)
+        # A stop request (before or while draining) drains only briefly; whatever is left stays
+        # spooled for the next start.
         self.report.delivered = self.uplink.finish(
-            drain_s if self.report.stopped else self.config.uplink_deadline_s
+            self.config.uplink_deadline_s, stop=self._stop, drain_timeout_s=self.config.drain_timeout_s
         )
+        self.report.stopped = self._stop.is_set()
         self.report.elapsed_s = time.monotonic() - started
         return self.report

@@ -21,6 +21,7 @@ through :func:`install` also exits when the agent that started it is gone (after
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -175,6 +176,9 @@ def install(max_flows: int = 0) -> None:
     """
     os.environ[_AGENT_PID_ENV] = str(os.getpid())
     os.environ[_MAX_FLOWS_ENV] = str(max_flows)
+    # Ignored signals survive fork and exec: a meter that gets its flush request before it has
+    # installed its handler ignores it (the agent repeats it) instead of dying of it.
+    signal.signal(_STOP_SIGNAL, signal.SIG_IGN)
     nfstream.streamer.meter_workflow = meter_workflow
 
 
@@ -187,5 +191,6 @@ def request_flush() -> int:
     meters = multiprocessing.active_children()
     for meter in meters:
         if meter.pid is not None:
-            os.kill(meter.pid, _STOP_SIGNAL)
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.kill(meter.pid, _STOP_SIGNAL)
     return len(meters)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nfstream import NFStreamer
+from nfstream.utils import InternalError, NFEvent
 
 from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
@@ -23,6 +24,7 @@ __all__ = [
     "meter_flows",
     "meter_source",
     "preload_in_meter_processes",
+    "report_dead_meters",
     "source_label",
 ]
 
@@ -135,20 +137,49 @@ _TRACKERS: list[Any] = []
 _TRACKER_ARG = 16  # position of the tracker in nfstream 6.6's meter_workflow arguments
 
 
+# Meter processes with the channel they send flows on, so that a meter that dies (OOM killer,
+# a crash) can be reported instead of leaving nfstream waiting on that channel forever.
+_METERS: list[tuple[Any, Any]] = []
+_REPORTED: set[int] = set()
+
+
 class _CountingContext:
-    """A multiprocessing context that keeps each meter's shared packet counters."""
+    """A multiprocessing context that keeps each meter's counters, process and channel."""
 
     def __init__(self, context: Any) -> None:
         self._context = context
+        self._channel: Any = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
+    def Queue(self, *args: Any, **kwargs: Any) -> Any:
+        self._channel = self._context.Queue(*args, **kwargs)
+        return self._channel
+
     def Process(self, *args: Any, **kwargs: Any) -> Any:
+        process = self._context.Process(*args, **kwargs)
         meter_args = kwargs.get("args", ())
         if len(meter_args) > _TRACKER_ARG:
             _TRACKERS.append(meter_args[_TRACKER_ARG])
-        return self._context.Process(*args, **kwargs)
+            _METERS.append((process, self._channel))
+        return process
+
+
+def report_dead_meters() -> int:
+    """Make the metering of any source whose meter process died fail with a ValueError.
+
+    nfstream would wait for such a meter's flows forever; an error on its channel ends the
+    iteration the way nfstream reports its own meter errors. Returns how many were found.
+    """
+    found = 0
+    for process, channel in _METERS:
+        code = process.exitcode
+        if code not in (None, 0) and id(process) not in _REPORTED and channel is not None:
+            _REPORTED.add(id(process))
+            channel.put(InternalError(NFEvent.ERROR, f"the meter process died (exit code {code})"))
+            found += 1
+    return found
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,21 +161,33 @@ class Uplink:
     def start(self) -> None:
         self._thread.start()
 
-    def finish(self, stall_timeout_s: float) -> bool:
+    def finish(
+        self, stall_timeout_s: float, stop: threading.Event | None = None, drain_timeout_s: float = 10.0
+    ) -> bool:
         """No more verdicts will be spooled: drain the spool, return True once all are acknowledged.
 
-        Gives up (False) when no acknowledgement arrived for ``stall_timeout_s``; what
-        was not acknowledged stays in the spool for the next start.
+        Gives up (False) when no acknowledgement arrived for ``stall_timeout_s``, or
+        ``drain_timeout_s`` after ``stop`` is set (also when it is set while draining);
+        what was not acknowledged stays in the spool for the next start.
         """
         self._input_closed.set()
         last_progress = time.monotonic()
+        stopped_at: float | None = None
         acked = self.stats.verdicts_acknowledged
         while self._thread.is_alive():
+            if self._spool.stats.depth == 0:
+                self.stop()  # all acknowledged; the thread may be waiting on a collector we no longer need
+                return True
             self._thread.join(_POLL_S)
+            now = time.monotonic()
+            if stop is not None and stop.is_set() and stopped_at is None:
+                stopped_at = now
             if self.stats.verdicts_acknowledged != acked:
                 acked = self.stats.verdicts_acknowledged
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > stall_timeout_s:
+                last_progress = now
+            elif now - last_progress > stall_timeout_s or (
+                stopped_at is not None and now - stopped_at > drain_timeout_s
+            ):
                 self.stop()
                 return False
         return self._spool.stats.depth == 0
