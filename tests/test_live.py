@@ -115,6 +115,12 @@ def _start_agent(collector: CollectorThread, config: Path, tmp_path: Path) -> su
     )  # fmt: skip
 
 
+def _wait_for_capture(agent: subprocess.Popen[str]) -> None:
+    """Until the agent's meter process runs (then a moment for libpcap to open the interface)."""
+    assert wait_for(lambda: _meter_processes(agent.pid), 30), "the meter did not start"
+    time.sleep(1.0)
+
+
 def _stored(client: CollectorClient) -> list[verdict_pb2.StoredVerdict]:
     return list(client.query(verdict_filter(ip=PEER_IP), page_size=1000))
 
@@ -127,7 +133,7 @@ def test_live_capture_on_a_veth_pair(
     config.write_text(f'interface = "{interface}"\nbpf_filter = "ip"\nidle_timeout_s = 2\n')
     agent = _start_agent(collector, config, tmp_path)
     try:
-        time.sleep(2.5)  # the meter is up
+        _wait_for_capture(agent)
         with socket.create_connection((PEER_IP, 8080), timeout=5) as tcp:
             for _ in range(3):
                 tcp.sendall(b"x" * 500)
@@ -193,7 +199,7 @@ def test_the_live_flow_cap_evicts_and_counts(
     )
     agent = _start_agent(collector, config, tmp_path)
     try:
-        time.sleep(2.5)
+        _wait_for_capture(agent)
         for port in range(41000, 41020):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind((HOST_IP, port))

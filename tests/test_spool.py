@@ -11,7 +11,7 @@ from pathlib import Path
 
 from auris.agent.spool import Spool
 from auris.v1 import verdict_pb2
-from tests.conftest import MODELS, PCAPS, CollectorThread, make_verdict
+from tests.conftest import MODELS, PCAPS, CollectorThread, make_verdict, wait_for
 
 
 def _build(index: int, sequence: int) -> verdict_pb2.Verdict:
@@ -91,7 +91,9 @@ def test_sigterm_stops_cleanly_and_the_next_start_resumes(collector: CollectorTh
     config.write_text(f'drain_timeout_s = 2.0\nmodels_dir = "{MODELS}"\n')
     state = tmp_path / "agent"
     first = _agent(collector.address, state, pcaps, config)
-    time.sleep(2.0)
+    store = collector.collector.store if collector.collector else None
+    assert store is not None
+    assert wait_for(lambda: store.count() > 2000, 60)  # running, signal handlers in place
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
@@ -111,7 +113,9 @@ def test_sighup_reloads_all_or_nothing(collector: CollectorThread, tmp_path: Pat
     good = f'models_dir = "{MODELS}"\n'
     config.write_text(good)
     agent = _agent(collector.address, tmp_path / "agent", pcaps, config)
-    time.sleep(1.0)
+    store = collector.collector.store if collector.collector else None
+    assert store is not None
+    assert wait_for(lambda: store.count() > 500, 60)  # running, signal handlers in place
     config.write_text('models_dir = "/nonexistent"\n')  # valid TOML, unusable models
     agent.send_signal(signal.SIGHUP)
     time.sleep(0.6)
