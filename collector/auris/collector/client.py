@@ -99,6 +99,12 @@ class CollectorClient:
             if not token:
                 return
 
+    def subscribe(self, flt: query_service_pb2.VerdictFilter) -> Iterator[verdict_pb2.StoredVerdict]:
+        """New verdicts matching ``flt`` as the collector stores them, until cancelled or cut off."""
+        request = query_service_pb2.SubscribeVerdictsRequest(filter=flt)
+        for response in self._query.SubscribeVerdicts(request):
+            yield response.verdict
+
     def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
         response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)
         return list(response.agents)

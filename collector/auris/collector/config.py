@@ -33,6 +33,10 @@ class CollectorConfig:
     # Server-side cap on query page size, and the default when a client asks for 0.
     max_page_size: int = 1000
     default_page_size: int = 100
+    # Live subscriptions: verdicts buffered per subscriber before a slow one is cut off, and
+    # how many may subscribe at once.
+    subscriber_buffer: int = 10_000
+    max_subscribers: int = 64
     # Once serving, write the bound host:port here (useful with port 0).
     address_file: str = ""
     # An agent is offline when its last heartbeat is older than this (3 agent heartbeats).

@@ -88,7 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     verdicts = sub.add_parser("verdicts", help="list stored verdicts (newest first)")
-    verdicts.add_argument("verb", nargs="?", choices=["query"], default="query", help=argparse.SUPPRESS)
+    verdicts.add_argument(
+        "verb",
+        nargs="?",
+        choices=["query", "tail"],
+        default="query",
+        help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive",
+    )
     verdicts.add_argument("--since", type=parse_since, help="only verdicts after this (1h, 30m, ISO time)")
     verdicts.add_argument("--until", type=parse_since, help="only verdicts before this")
     verdicts.add_argument(
@@ -127,6 +133,25 @@ def _endpoint(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+def _verdict_cells(stored: verdict_pb2.StoredVerdict) -> tuple[str, ...]:
+    v = stored.verdict
+    decider = next((s.score for s in v.scores if s.model.model_id == v.model.model_id), None)
+    c = v.counters
+    return (
+        str(stored.id),
+        _fmt_time(v.last_seen_time),
+        v.agent_id,
+        _PROTOCOLS.get(v.flow.ip_protocol, str(v.flow.ip_protocol)),
+        _endpoint(v.flow.src_ip, v.flow.src_port),
+        _endpoint(v.flow.dst_ip, v.flow.dst_port),
+        str(c.src_to_dst_packets + c.dst_to_src_packets),
+        str(c.src_to_dst_bytes + c.dst_to_src_bytes),
+        v.label + ("*" if v.anomalous else ""),
+        "" if decider is None else f"{decider:.3f}",
+        v.application_name,
+    )
+
+
 def print_table(verdicts: Iterable[verdict_pb2.StoredVerdict], out: TextIO) -> int:
     header = (
         "ID",
@@ -141,26 +166,7 @@ def print_table(verdicts: Iterable[verdict_pb2.StoredVerdict], out: TextIO) -> i
         "SCORE",
         "APP",
     )
-    rows: list[tuple[str, ...]] = []
-    for stored in verdicts:
-        v = stored.verdict
-        decider = next((s.score for s in v.scores if s.model.model_id == v.model.model_id), None)
-        c = v.counters
-        rows.append(
-            (
-                str(stored.id),
-                _fmt_time(v.last_seen_time),
-                v.agent_id,
-                _PROTOCOLS.get(v.flow.ip_protocol, str(v.flow.ip_protocol)),
-                _endpoint(v.flow.src_ip, v.flow.src_port),
-                _endpoint(v.flow.dst_ip, v.flow.dst_port),
-                str(c.src_to_dst_packets + c.dst_to_src_packets),
-                str(c.src_to_dst_bytes + c.dst_to_src_bytes),
-                v.label + ("*" if v.anomalous else ""),
-                "" if decider is None else f"{decider:.3f}",
-                v.application_name,
-            )
-        )
+    rows = [_verdict_cells(stored) for stored in verdicts]
     if not rows:
         print("no verdicts match", file=out)
         return 0
@@ -185,6 +191,16 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         model_id=args.model,
         min_score=args.min_score,
     )
+    if args.verb == "tail":
+        for stored in client.subscribe(flt):
+            if args.json:
+                print(
+                    json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)), file=out
+                )
+            else:
+                print("  ".join(_verdict_cells(stored)), file=out)
+            out.flush()
+        return EXIT_OK
     results = client.query(flt, limit=args.limit or None, page_size=min(args.limit or 1000, 1000))
     if args.json:
         for stored in results:

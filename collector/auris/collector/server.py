@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from auris.collector.broker import Broker
 from auris.collector.config import CollectorConfig
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
 from auris.collector.store import VerdictStore
@@ -52,14 +53,17 @@ class Collector:
             ]
         )
         self._health = HealthServicer()
+        self.broker = Broker(config.subscriber_buffer, config.max_subscribers)
         # The servicers leave RPCs of later issues to the generated bases, which answer
         # UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.store, self._writer),  # type: ignore[abstract]
+            AgentServicer(self.store, self._writer, self._readers, self.broker),  # type: ignore[abstract]
             self._server,
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(
-            QueryServicer(self.store, self._readers, config.default_page_size, config.max_page_size),  # type: ignore[abstract]
+            QueryServicer(  # type: ignore[abstract]
+                self.store, self._readers, config.default_page_size, config.max_page_size, self.broker
+            ),
             self._server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from auris.collector.broker import Broker
 from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
     admin_service_pb2,
@@ -128,9 +129,13 @@ def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequen
 class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     """Receives verdict streams; acknowledges each batch once it is durable."""
 
-    def __init__(self, store: VerdictStore, writer: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, store: VerdictStore, writer: ThreadPoolExecutor, readers: ThreadPoolExecutor, broker: Broker
+    ) -> None:
         self._store = store
         self._writer = writer
+        self._readers = readers
+        self._broker = broker
 
     async def StreamVerdicts(
         self,
@@ -163,6 +168,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 context.set_trailing_metadata(((STORED_SEQUENCE_KEY, str(exc.stored_sequence)),))
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             last_sequence = top
+            if self._broker.active and result.stored_ids:
+                stored = await loop.run_in_executor(self._readers, self._store.fetch, result.stored_ids)
+                self._broker.publish(stored)
             yield agent_service_pb2.StreamVerdictsResponse(
                 acknowledged_sequence=top, accepted=result.accepted, duplicates=result.duplicates
             )
@@ -226,12 +234,18 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     """Answers verdict queries from the store's reader connections."""
 
     def __init__(
-        self, store: VerdictStore, readers: ThreadPoolExecutor, default_page: int, max_page: int
+        self,
+        store: VerdictStore,
+        readers: ThreadPoolExecutor,
+        default_page: int,
+        max_page: int,
+        broker: Broker,
     ) -> None:
         self._store = store
         self._readers = readers
         self._default_page = default_page
         self._max_page = max_page
+        self._broker = broker
 
     async def QueryVerdicts(
         self,
@@ -252,3 +266,32 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             )
 
         return await _call(context, work)
+
+    async def SubscribeVerdicts(
+        self,
+        request: query_service_pb2.SubscribeVerdictsRequest,
+        context: grpc.aio.ServicerContext[
+            query_service_pb2.SubscribeVerdictsRequest, query_service_pb2.SubscribeVerdictsResponse
+        ],
+    ) -> AsyncIterator[query_service_pb2.SubscribeVerdictsResponse]:
+        try:
+            subscription = self._broker.subscribe(request.filter)
+        except OverflowError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            while True:
+                if subscription.overflowed.is_set():
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"subscriber too slow: more than {subscription.queue.maxsize} verdicts waited; "
+                        "resubscribe, and query for what was missed",
+                    )
+                try:
+                    stored = await asyncio.wait_for(subscription.queue.get(), timeout=1.0)
+                except TimeoutError:
+                    continue
+                yield query_service_pb2.SubscribeVerdictsResponse(verdict=stored)
+        finally:
+            self._broker.unsubscribe(subscription)
