@@ -305,14 +305,19 @@ class Uplink:
                     and self._reject(exc, in_flight, details)
                 ):
                     continue  # a batch-level refusal: the rest of the spool goes on
-                if code == grpc.StatusCode.FAILED_PRECONDITION and isinstance(exc, grpc.Call):
-                    stored = dict(exc.trailing_metadata() or ()).get(_STORED_SEQUENCE_KEY)
-                    if stored is not None:
-                        self._renumber(int(stored))
-                        continue
-                self.stats.reconnects += 1
-                log = logger.warning if code in _TRANSIENT else logger.error
-                log("uplink %s: %s; retrying in %.1fs", code.name, details, backoff)
+                stored = (
+                    dict(exc.trailing_metadata() or ()).get(_STORED_SEQUENCE_KEY)
+                    if code == grpc.StatusCode.FAILED_PRECONDITION and isinstance(exc, grpc.Call)
+                    else None
+                )
+                if stored is not None:
+                    # Then back off like any refusal: two running agents sharing one id would
+                    # otherwise renumber against each other without pause.
+                    self._renumber(int(stored))
+                else:
+                    self.stats.reconnects += 1
+                    log = logger.warning if code in _TRANSIENT else logger.error
+                    log("uplink %s: %s; retrying in %.1fs", code.name, details, backoff)
             except Exception:  # never let the uplink thread die: the spool keeps everything
                 logger.exception("uplink failed unexpectedly; retrying in %.1fs", backoff)
             self._abort.wait(backoff * (0.5 + random.random()))
