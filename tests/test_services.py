@@ -166,3 +166,39 @@ def test_addresses_are_stored_and_matched_canonically(
     with pytest.raises(grpc.RpcError) as caught:
         client.query_page(query_service_pb2.VerdictFilter(ip="not-an-ip"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_analysts_label_verdicts_and_the_label_is_stored(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient, collector: CollectorThread
+) -> None:
+    import io
+
+    from auris.collector import ctl
+
+    list(agent_stub.StreamVerdicts(iter([_request(*(make_verdict(s) for s in (1, 2, 3)))])))
+    ids = sorted(s.id for s in client.query(verdict_filter()))
+    assert client.label(ids[:2], "attack", note="port scan, confirmed", author="ana") == 2
+    by_id = {s.id: s for s in client.query(verdict_filter())}
+    assert by_id[ids[0]].analyst_label.label == "attack"
+    assert by_id[ids[0]].analyst_label.note == "port scan, confirmed"
+    assert by_id[ids[0]].analyst_label.author == "ana"
+    assert by_id[ids[0]].analyst_label.HasField("labeled_time")
+    assert not by_id[ids[2]].HasField("analyst_label")
+    # Through aurisctl: an unknown id makes the exit status say so.
+    out = io.StringIO()
+    args = [
+        "--collector",
+        collector.address,
+        "--insecure",
+        "verdicts",
+        "label",
+        str(ids[2]),
+        "999999",
+        "--as",
+        "benign",
+    ]
+    assert ctl.main(args, out) == 1
+    assert out.getvalue().strip() == "labeled 1 of 2 verdict(s) as benign"
+    with pytest.raises(grpc.RpcError) as caught:
+        client.label(ids, "")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

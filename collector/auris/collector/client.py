@@ -105,6 +105,16 @@ class CollectorClient:
         for response in self._query.SubscribeVerdicts(request):
             yield response.verdict
 
+    def label(self, ids: list[int], label: str, note: str = "", author: str = "") -> int:
+        """Label stored verdicts (benign, unsure, or an attack class); returns how many were found."""
+        request = query_service_pb2.LabelVerdictsRequest(
+            ids=ids, label=verdict_pb2.AnalystLabel(label=label, note=note, author=author)
+        )
+        response: query_service_pb2.LabelVerdictsResponse = self._query.LabelVerdicts(
+            request, timeout=self._timeout
+        )
+        return response.labeled
+
     def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
         response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)
         return list(response.agents)

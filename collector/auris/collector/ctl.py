@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import getpass
 import json
 import re
 import sys
@@ -91,10 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     verdicts.add_argument(
         "verb",
         nargs="?",
-        choices=["query", "tail"],
+        choices=["query", "tail", "label"],
         default="query",
-        help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive",
+        help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive; "
+        "label ID...: attach an analyst label (--as)",
     )
+    verdicts.add_argument("ids", nargs="*", type=int, metavar="ID", help="verdict ids (label)")
+    verdicts.add_argument(
+        "--as", dest="label_as", metavar="LABEL", help="label: benign, unsure, or an attack class"
+    )
+    verdicts.add_argument("--note", default="", help="label: a note kept with the label")
     verdicts.add_argument("--since", type=parse_since, help="only verdicts after this (1h, 30m, ISO time)")
     verdicts.add_argument("--until", type=parse_since, help="only verdicts before this")
     verdicts.add_argument(
@@ -191,6 +198,14 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         model_id=args.model,
         min_score=args.min_score,
     )
+    if args.verb == "label":
+        if not args.ids or not args.label_as:
+            raise ConfigError("verdicts label needs verdict ids and --as LABEL")
+        labeled = client.label(args.ids, args.label_as, args.note, author=getpass.getuser())
+        print(f"labeled {labeled} of {len(args.ids)} verdict(s) as {args.label_as}", file=out)
+        return EXIT_OK if labeled == len(args.ids) else EXIT_RPC
+    if args.ids:
+        raise ConfigError("verdict ids are only for 'verdicts label'")
     if args.verb == "tail":
         for stored in client.subscribe(flt):
             if args.json:

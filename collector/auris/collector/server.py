@@ -62,7 +62,12 @@ class Collector:
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(
             QueryServicer(  # type: ignore[abstract]
-                self.store, self._readers, config.default_page_size, config.max_page_size, self.broker
+                self.store,
+                self._readers,
+                self._writer,
+                config.default_page_size,
+                config.max_page_size,
+                self.broker,
             ),
             self._server,
         )

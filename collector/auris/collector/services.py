@@ -231,18 +231,20 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
-    """Answers verdict queries from the store's reader connections."""
+    """Answers verdict queries from the store's reader connections; labels go through the writer."""
 
     def __init__(
         self,
         store: VerdictStore,
         readers: ThreadPoolExecutor,
+        writer: ThreadPoolExecutor,
         default_page: int,
         max_page: int,
         broker: Broker,
     ) -> None:
         self._store = store
         self._readers = readers
+        self._writer = writer
         self._default_page = default_page
         self._max_page = max_page
         self._broker = broker
@@ -295,3 +297,20 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                 yield query_service_pb2.SubscribeVerdictsResponse(verdict=stored)
         finally:
             self._broker.unsubscribe(subscription)
+
+    async def LabelVerdicts(
+        self,
+        request: query_service_pb2.LabelVerdictsRequest,
+        context: grpc.aio.ServicerContext[
+            query_service_pb2.LabelVerdictsRequest, query_service_pb2.LabelVerdictsResponse
+        ],
+    ) -> query_service_pb2.LabelVerdictsResponse:
+        loop = asyncio.get_running_loop()
+
+        async def work() -> query_service_pb2.LabelVerdictsResponse:
+            labeled = await loop.run_in_executor(
+                self._writer, self._store.label, list(request.ids), request.label
+            )
+            return query_service_pb2.LabelVerdictsResponse(labeled=labeled)
+
+        return await _call(context, work)

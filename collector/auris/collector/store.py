@@ -406,6 +406,23 @@ class VerdictStore:
             raise LookupError(f"no agent {agent_id!r}")
         return out
 
+    def label(self, ids: Sequence[int], label: verdict_pb2.AnalystLabel) -> int:
+        """Attach an analyst's label to stored verdicts (kept for retraining); return how many."""
+        if not ids:
+            raise ValueError("no verdict ids to label")
+        if len(ids) > 10_000:
+            raise ValueError("at most 10000 verdicts per request")
+        if not label.label or len(label.label) > 64:
+            raise ValueError("label must be 1 to 64 characters (benign, unsure, or an attack class)")
+        marks = ", ".join("?" for _ in ids)
+        with self._write_lock, self._db.atomic():
+            cursor = self._db.conn.execute(
+                "UPDATE verdicts SET analyst_label = ?, analyst_note = ?, analyst_author = ?,"
+                f" analyst_labeled_ns = ? WHERE id IN ({marks})",
+                [label.label, label.note[:1000], label.author[:128] or "unknown", time.time_ns(), *ids],
+            )
+            return cursor.rowcount
+
     def count(self) -> int:
         (n,) = self._reader().execute("SELECT COUNT(*) FROM verdicts").fetchone()
         return int(n)
