@@ -202,3 +202,67 @@ def test_analysts_label_verdicts_and_the_label_is_stored(
     with pytest.raises(grpc.RpcError) as caught:
         client.label(ids, "")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_aggregates_and_top_talkers(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient, collector: CollectorThread
+) -> None:
+    import datetime as dt
+    import io
+    import json
+
+    from auris.collector import ctl
+
+    base = 1_789_999_980_000  # ms, on a minute boundary (29,833,333 minutes)
+    verdicts = [
+        make_verdict(1, src_ip="10.0.0.5", label="attack", anomalous=True, scored_ms=base + 1_000),
+        make_verdict(2, src_ip="10.0.0.5", label="attack", anomalous=True, scored_ms=base + 2_000),
+        make_verdict(3, src_ip="10.0.0.9", scored_ms=base + 61_000),
+        make_verdict(4, src_ip="10.0.0.9", scored_ms=base + 62_000),
+        make_verdict(5, src_ip="10.0.0.9", scored_ms=base + 63_000),
+    ]
+    list(agent_stub.StreamVerdicts(iter([_request(*verdicts)])))
+
+    rows = client.aggregate(verdict_filter(), [query_service_pb2.GROUP_BY_LABEL])
+    assert {(r.group_values[0], r.verdicts, r.anomalies) for r in rows} == {
+        ("attack", 2, 2),
+        ("benign", 3, 0),
+    }
+    assert sum(r.bytes for r in rows) == 5 * 500  # make_verdict: 300 + 200 bytes each
+    per_minute = client.aggregate(verdict_filter(), [], dt.timedelta(minutes=1))
+    assert [(r.bucket_start_time.ToMilliseconds(), r.verdicts) for r in per_minute] == [
+        (base, 2),
+        (base + 60_000, 3),
+    ]
+
+    by_anomalies = client.top_talkers(verdict_filter(), query_service_pb2.TALKER_METRIC_ANOMALIES, 2)
+    # Both ends of the two anomalous flows, ties broken by address.
+    assert [(t.ip, t.anomalies) for t in by_anomalies] == [("10.0.0.2", 2), ("10.0.0.5", 2)]
+    by_flows = client.top_talkers(verdict_filter(), query_service_pb2.TALKER_METRIC_FLOWS, 3)
+    # 10.0.0.2 is the destination of all five flows; each end of a flow counts for its address.
+    assert [(t.ip, t.flows) for t in by_flows] == [("10.0.0.2", 5), ("10.0.0.9", 3), ("10.0.0.5", 2)]
+
+    out = io.StringIO()
+    args = [
+        "--collector",
+        collector.address,
+        "--insecure",
+        "stats",
+        "--by",
+        "label",
+        "--by",
+        "anomalous",
+        "--json",
+    ]
+    assert ctl.main(args, out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert sorted((x["group_values"][0], x["group_values"][1], int(x["verdicts"])) for x in lines) == [
+        ("attack", "1", 2),
+        ("benign", "0", 3),
+    ]
+    out = io.StringIO()
+    assert ctl.main(["--collector", collector.address, "--insecure", "talkers", "--by", "flows"], out) == 0
+    assert out.getvalue().splitlines()[1].split()[:2] == ["10.0.0.2", "5"]
+    with pytest.raises(grpc.RpcError) as caught:
+        client.aggregate(verdict_filter(), [query_service_pb2.GROUP_BY_UNSPECIFIED])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -105,6 +105,33 @@ class CollectorClient:
         for response in self._query.SubscribeVerdicts(request):
             yield response.verdict
 
+    def aggregate(
+        self,
+        flt: query_service_pb2.VerdictFilter,
+        group_by: list[query_service_pb2.GroupBy.ValueType],
+        bucket: dt.timedelta | None = None,
+    ) -> list[query_service_pb2.AggregateRow]:
+        """Verdict counts per group (and time bucket, when given)."""
+        request = query_service_pb2.AggregateVerdictsRequest(filter=flt, group_by=group_by)
+        if bucket is not None:
+            request.bucket.FromTimedelta(bucket)
+        response: query_service_pb2.AggregateVerdictsResponse = self._query.AggregateVerdicts(
+            request, timeout=self._timeout
+        )
+        return list(response.rows)
+
+    def top_talkers(
+        self,
+        flt: query_service_pb2.VerdictFilter,
+        metric: query_service_pb2.TalkerMetric.ValueType,
+        limit: int = 10,
+    ) -> list[query_service_pb2.Talker]:
+        request = query_service_pb2.ListTopTalkersRequest(filter=flt, metric=metric, limit=limit)
+        response: query_service_pb2.ListTopTalkersResponse = self._query.ListTopTalkers(
+            request, timeout=self._timeout
+        )
+        return list(response.talkers)
+
     def label(self, ids: list[int], label: str, note: str = "", author: str = "") -> int:
         """Label stored verdicts (benign, unsure, or an attack class); returns how many were found."""
         request = query_service_pb2.LabelVerdictsRequest(

@@ -67,6 +67,58 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return when
 
 
+_GROUPS = {
+    "agent": query_service_pb2.GROUP_BY_AGENT,
+    "label": query_service_pb2.GROUP_BY_LABEL,
+    "model": query_service_pb2.GROUP_BY_MODEL,
+    "anomalous": query_service_pb2.GROUP_BY_ANOMALOUS,
+}
+_METRICS = {
+    "bytes": query_service_pb2.TALKER_METRIC_BYTES,
+    "flows": query_service_pb2.TALKER_METRIC_FLOWS,
+    "anomalies": query_service_pb2.TALKER_METRIC_ANOMALIES,
+}
+
+
+def _duration(text: str) -> dt.timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (30s, 5m, 1h, 1d)")
+    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _add_filter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=parse_since, help="only verdicts after this (1h, 30m, ISO time)")
+    p.add_argument("--until", type=parse_since, help="only verdicts before this")
+    p.add_argument(
+        "--flow-time",
+        action="store_true",
+        help="apply --since/--until to when flows were last seen, not when they were scored (pcap replays)",
+    )
+    p.add_argument("--anomalous", action="store_true", help="only anomalous verdicts")
+    p.add_argument("--agent", action="append", default=[], help="only this agent id (repeatable)")
+    p.add_argument("--label", action="append", default=[], help="only this label (repeatable)")
+    p.add_argument("--ip", default="", help="only flows with this address at either end")
+    p.add_argument("--model", default="", help="only verdicts decided by this model id")
+    p.add_argument("--min-score", type=float, help="only verdicts whose deciding score is at least this")
+
+
+def _filter(args: argparse.Namespace) -> query_service_pb2.VerdictFilter:
+    return verdict_filter(
+        since=args.since,
+        until=args.until,
+        time_field=query_service_pb2.TIME_FIELD_FLOW
+        if args.flow_time
+        else query_service_pb2.TIME_FIELD_SCORED,
+        anomalous=True if args.anomalous else None,
+        agent_ids=args.agent,
+        labels=args.label,
+        ip=args.ip,
+        model_id=args.model,
+        min_score=args.min_score,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aurisctl",
@@ -102,23 +154,25 @@ def _parser() -> argparse.ArgumentParser:
         "--as", dest="label_as", metavar="LABEL", help="label: benign, unsure, or an attack class"
     )
     verdicts.add_argument("--note", default="", help="label: a note kept with the label")
-    verdicts.add_argument("--since", type=parse_since, help="only verdicts after this (1h, 30m, ISO time)")
-    verdicts.add_argument("--until", type=parse_since, help="only verdicts before this")
-    verdicts.add_argument(
-        "--flow-time",
-        action="store_true",
-        help="apply --since/--until to when flows were last seen, not when they were scored (pcap replays)",
-    )
-    verdicts.add_argument("--anomalous", action="store_true", help="only anomalous verdicts")
-    verdicts.add_argument("--agent", action="append", default=[], help="only this agent id (repeatable)")
-    verdicts.add_argument("--label", action="append", default=[], help="only this label (repeatable)")
-    verdicts.add_argument("--ip", default="", help="only flows with this address at either end")
-    verdicts.add_argument("--model", default="", help="only verdicts decided by this model id")
-    verdicts.add_argument(
-        "--min-score", type=float, help="only verdicts whose deciding score is at least this"
-    )
+    _add_filter_options(verdicts)
     verdicts.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    stats = sub.add_parser("stats", help="verdict counts per group and time bucket")
+    _add_filter_options(stats)
+    stats.add_argument(
+        "--by", action="append", choices=sorted(_GROUPS), default=[], help="group by this (repeatable)"
+    )
+    stats.add_argument(
+        "--bucket", type=_duration, help="time bucket width (30s, 5m, 1h); default: one bucket"
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    talkers = sub.add_parser("talkers", help="top talkers: addresses by bytes, flows or anomalies")
+    _add_filter_options(talkers)
+    talkers.add_argument("--by", choices=sorted(_METRICS), default="bytes", help="ranking (default bytes)")
+    talkers.add_argument("--limit", type=int, default=10, help="how many (default 10)")
+    talkers.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sub.add_parser("services", help="list the collector's gRPC services (server reflection) and health")
 
@@ -185,19 +239,7 @@ def print_table(verdicts: Iterable[verdict_pb2.StoredVerdict], out: TextIO) -> i
 def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.limit < 0:
         raise ConfigError("--limit must not be negative")
-    flt = verdict_filter(
-        since=args.since,
-        until=args.until,
-        time_field=query_service_pb2.TIME_FIELD_FLOW
-        if args.flow_time
-        else query_service_pb2.TIME_FIELD_SCORED,
-        anomalous=True if args.anomalous else None,
-        agent_ids=args.agent,
-        labels=args.label,
-        ip=args.ip,
-        model_id=args.model,
-        min_score=args.min_score,
-    )
+    flt = _filter(args)
     if args.verb == "label":
         if not args.ids or not args.label_as:
             raise ConfigError("verdicts label needs verdict ids and --as LABEL")
@@ -222,6 +264,47 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
             print(json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)), file=out)
     else:
         print_table(results, out)
+    return EXIT_OK
+
+
+def _stats(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    groups = [_GROUPS[name] for name in args.by]
+    rows = client.aggregate(_filter(args), groups, args.bucket)
+    if args.json:
+        for row in rows:
+            print(json.dumps(json_format.MessageToDict(row, preserving_proto_field_name=True)), file=out)
+        return EXIT_OK
+    header = (
+        "BUCKET (UTC)",
+        *(name.upper() for name in args.by),
+        "VERDICTS",
+        "ANOMALIES",
+        "PACKETS",
+        "BYTES",
+    )
+    cells = [
+        (
+            _fmt_time(r.bucket_start_time) if r.HasField("bucket_start_time") else "all",
+            *r.group_values,
+            str(r.verdicts),
+            str(r.anomalies),
+            str(r.packets),
+            str(r.bytes),
+        )
+        for r in rows
+    ]
+    _print_rows(header, cells, out)
+    return EXIT_OK
+
+
+def _talkers(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    talkers = client.top_talkers(_filter(args), _METRICS[args.by], args.limit)
+    if args.json:
+        for t in talkers:
+            print(json.dumps(json_format.MessageToDict(t, preserving_proto_field_name=True)), file=out)
+        return EXIT_OK
+    rows = [(t.ip, str(t.flows), str(t.bytes), str(t.anomalies)) for t in talkers]
+    _print_rows(("ADDRESS", "FLOWS", "BYTES", "ANOMALIES"), rows, out)
     return EXIT_OK
 
 
@@ -297,7 +380,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("aurisctl: a command is required (verdicts, agents, services)", file=sys.stderr)
+        print("aurisctl: a command is required (verdicts, stats, talkers, agents, services)", file=sys.stderr)
         return EXIT_USAGE
     try:
         config = build_config(
@@ -327,6 +410,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 return _verdicts(client, args, out)
             if args.command == "agents":
                 return _agents(client, args, out)
+            if args.command == "stats":
+                return _stats(client, args, out)
+            if args.command == "talkers":
+                return _talkers(client, args, out)
             return _services(client, out)
     except ConfigError as exc:
         print(f"aurisctl: {exc}", file=sys.stderr)

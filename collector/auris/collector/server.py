@@ -54,14 +54,14 @@ class Collector:
         )
         self._health = HealthServicer()
         self.broker = Broker(config.subscriber_buffer, config.max_subscribers)
-        # The servicers leave RPCs of later issues to the generated bases, which answer
-        # UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
+        # The agent and admin servicers leave RPCs of later issues to the generated bases, which
+        # answer UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.store, self._writer, self._readers, self.broker),  # type: ignore[abstract]
             self._server,
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(
-            QueryServicer(  # type: ignore[abstract]
+            QueryServicer(
                 self.store,
                 self._readers,
                 self._writer,

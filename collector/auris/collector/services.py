@@ -314,3 +314,39 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             return query_service_pb2.LabelVerdictsResponse(labeled=labeled)
 
         return await _call(context, work)
+
+    async def AggregateVerdicts(
+        self,
+        request: query_service_pb2.AggregateVerdictsRequest,
+        context: grpc.aio.ServicerContext[
+            query_service_pb2.AggregateVerdictsRequest, query_service_pb2.AggregateVerdictsResponse
+        ],
+    ) -> query_service_pb2.AggregateVerdictsResponse:
+        loop = asyncio.get_running_loop()
+        bucket_ns = request.bucket.ToNanoseconds() if request.HasField("bucket") else 0
+
+        async def work() -> query_service_pb2.AggregateVerdictsResponse:
+            rows = await loop.run_in_executor(
+                self._readers, self._store.aggregate, request.filter, list(request.group_by), bucket_ns
+            )
+            return query_service_pb2.AggregateVerdictsResponse(rows=rows)
+
+        return await _call(context, work)
+
+    async def ListTopTalkers(
+        self,
+        request: query_service_pb2.ListTopTalkersRequest,
+        context: grpc.aio.ServicerContext[
+            query_service_pb2.ListTopTalkersRequest, query_service_pb2.ListTopTalkersResponse
+        ],
+    ) -> query_service_pb2.ListTopTalkersResponse:
+        loop = asyncio.get_running_loop()
+        limit = min(request.limit or 10, self._max_page)
+
+        async def work() -> query_service_pb2.ListTopTalkersResponse:
+            talkers = await loop.run_in_executor(
+                self._readers, self._store.top_talkers, request.filter, request.metric, limit
+            )
+            return query_service_pb2.ListTopTalkersResponse(talkers=talkers)
+
+        return await _call(context, work)

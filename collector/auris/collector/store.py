@@ -406,6 +406,68 @@ class VerdictStore:
             raise LookupError(f"no agent {agent_id!r}")
         return out
 
+    def aggregate(
+        self,
+        flt: query_service_pb2.VerdictFilter,
+        group_by: Sequence[query_service_pb2.GroupBy.ValueType],
+        bucket_ns: int = 0,
+    ) -> list[query_service_pb2.AggregateRow]:
+        """Counts per group and time bucket (over raw rows: per-minute rollups come later)."""
+        columns = []
+        for g in group_by:
+            if g not in _GROUP_COLUMNS:
+                raise ValueError(f"cannot group by {g}")
+            columns.append(_GROUP_COLUMNS[g])
+        if bucket_ns < 0:
+            raise ValueError("bucket must not be negative")
+        where, params = filter_sql(flt)
+        time_column = _TIME_COLUMNS[flt.time_field]
+        bucket = f"({time_column} / {int(bucket_ns)}) * {int(bucket_ns)}" if bucket_ns else "NULL"
+        keys = [bucket, *columns]
+        sql = (
+            f"SELECT {', '.join(keys)}, COUNT(*), SUM(anomalous), SUM(packets), SUM(bytes) FROM verdicts"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)} LIMIT {_MAX_AGGREGATE_ROWS}"
+        )
+        rows = []
+        for values in self._reader().execute(sql, params):
+            start, *groups = values[: len(keys)]
+            count, anomalies, packets, total_bytes = values[len(keys) :]
+            row = query_service_pb2.AggregateRow(
+                group_values=[str(v) for v in groups],
+                verdicts=count,
+                anomalies=anomalies or 0,
+                packets=packets or 0,
+                bytes=total_bytes or 0,
+            )
+            if start is not None:
+                row.bucket_start_time.FromNanoseconds(start)
+            rows.append(row)
+        return rows
+
+    def top_talkers(
+        self,
+        flt: query_service_pb2.VerdictFilter,
+        metric: query_service_pb2.TalkerMetric.ValueType,
+        limit: int,
+    ) -> list[query_service_pb2.Talker]:
+        """Addresses ranked by bytes, flows or anomalies, counting both ends of each flow."""
+        order = _TALKER_ORDER.get(metric)
+        if order is None:
+            raise ValueError(f"unknown talker metric {metric}")
+        where, params = filter_sql(flt)
+        clause = " WHERE " + " AND ".join(where) if where else ""
+        sql = (
+            "SELECT ip, COUNT(*) AS flows, SUM(bytes) AS bytes, SUM(anomalous) AS anomalies FROM ("
+            f"SELECT src_ip AS ip, bytes, anomalous FROM verdicts{clause} UNION ALL "
+            f"SELECT dst_ip AS ip, bytes, anomalous FROM verdicts{clause}"
+            f") GROUP BY ip ORDER BY {order} DESC, ip LIMIT ?"
+        )
+        return [
+            query_service_pb2.Talker(ip=ip, flows=flows, bytes=total or 0, anomalies=anomalies or 0)
+            for ip, flows, total, anomalies in self._reader().execute(sql, [*params, *params, limit])
+        ]
+
     def label(self, ids: Sequence[int], label: verdict_pb2.AnalystLabel) -> int:
         """Attach an analyst's label to stored verdicts (kept for retraining); return how many."""
         if not ids:
@@ -454,6 +516,21 @@ _TIME_COLUMNS = {
     query_service_pb2.TIME_FIELD_FLOW: "last_seen_ns",
     query_service_pb2.TIME_FIELD_RECEIVED: "received_ns",
 }
+
+
+_GROUP_COLUMNS = {
+    query_service_pb2.GROUP_BY_AGENT: "agent_id",
+    query_service_pb2.GROUP_BY_LABEL: "label",
+    query_service_pb2.GROUP_BY_MODEL: "model_id || '@' || model_version",
+    query_service_pb2.GROUP_BY_ANOMALOUS: "anomalous",
+}
+_TALKER_ORDER = {
+    query_service_pb2.TALKER_METRIC_UNSPECIFIED: "bytes",
+    query_service_pb2.TALKER_METRIC_BYTES: "bytes",
+    query_service_pb2.TALKER_METRIC_FLOWS: "flows",
+    query_service_pb2.TALKER_METRIC_ANOMALIES: "anomalies",
+}
+_MAX_AGGREGATE_ROWS = 10_000
 
 
 def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[Any]]:
