@@ -88,7 +88,10 @@ def test_collector_killed_mid_stream(tmp_path: Path) -> None:
     collector_args = ["auris.collector", "serve", "--insecure", "--listen", address, "--db", str(db)]
     collector_args += ["--address-file", str(ready)]
     log = tmp_path / "processes.log"
-    agent = _spawn(_agent_args(address, tmp_path / "agent", pcaps), log)
+    # Small batches, one in flight: the stream lasts long enough to be cut several times.
+    slow = tmp_path / "agent.toml"
+    slow.write_text("uplink_batch = 32\nuplink_window = 1\n")
+    agent = _spawn([*_agent_args(address, tmp_path / "agent", pcaps), "--config", str(slow)], log)
     try:
         kills_mid_stream = 0
         for _ in range(CYCLES):
