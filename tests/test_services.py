@@ -266,3 +266,54 @@ def test_aggregates_and_top_talkers(
     with pytest.raises(grpc.RpcError) as caught:
         client.aggregate(verdict_filter(), [query_service_pb2.GROUP_BY_UNSPECIFIED])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_aurisctl_exports_verdicts(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub,
+    collector: CollectorThread,
+    tmp_path: Path,
+    suffix: str,
+) -> None:
+    import csv
+    import io
+    import json
+
+    from auris.collector import ctl
+    from auris.collector.client import EXPORT_COLUMNS
+
+    verdicts = [
+        make_verdict(s, anomalous=s % 2 == 0, label="attack" if s % 2 == 0 else "benign")
+        for s in range(1, 251)
+    ]
+    list(agent_stub.StreamVerdicts(iter([_request(*verdicts)])))
+    out_file = tmp_path / f"anomalous{suffix}"
+    args = [
+        "--collector",
+        collector.address,
+        "--insecure",
+        "verdicts",
+        "export",
+        "--anomalous",
+        "--out",
+        str(out_file),
+    ]
+    out = io.StringIO()
+    assert ctl.main(args, out) == 0
+    assert out.getvalue().strip() == f"exported 125 verdict(s) to {out_file}"  # all, not the listing's 100
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+        assert sorted(int(r["verdict"]["sequence"]) for r in rows) == list(range(2, 251, 2))
+    else:
+        if suffix == ".csv":
+            with out_file.open(newline="") as fh:
+                table = list(csv.DictReader(fh))
+            assert list(table[0]) == list(EXPORT_COLUMNS)
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(out_file).to_pylist()
+            assert list(table[0]) == list(EXPORT_COLUMNS)
+        assert sorted(int(r["sequence"]) for r in table) == list(range(2, 251, 2))
+        assert {str(r["label"]) for r in table} == {"attack"}
+        assert {r["dst_port"] for r in table} in ({443}, {"443"})

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from auris.agent.uplink import open_channel
 from auris.v1 import (
@@ -17,7 +18,7 @@ from auris.v1 import (
     verdict_pb2,
 )
 
-__all__ = ["CollectorClient", "verdict_filter"]
+__all__ = ["EXPORT_COLUMNS", "CollectorClient", "flat_verdict", "verdict_filter"]
 
 
 def verdict_filter(
@@ -45,6 +46,59 @@ def verdict_filter(
     flt.agent_ids.extend(agent_ids or [])
     flt.labels.extend(labels or [])
     return flt
+
+
+EXPORT_COLUMNS = (
+    "id", "agent_id", "sequence", "hostname", "src_ip", "src_port", "dst_ip", "dst_port", "ip_protocol",
+    "vlan_id", "first_seen", "last_seen", "scored", "received", "src_to_dst_packets", "dst_to_src_packets",
+    "src_to_dst_bytes", "dst_to_src_bytes", "application_name", "model", "label", "anomalous", "score",
+    "explanation", "analyst_label", "analyst_note",
+)  # fmt: skip
+
+
+def flat_verdict(stored: verdict_pb2.StoredVerdict) -> dict[str, object]:
+    """One stored verdict as a flat row (EXPORT_COLUMNS) for CSV and Parquet; times are ISO-8601 UTC."""
+    v = stored.verdict
+    decider = next(
+        (
+            s.score
+            for s in v.scores
+            if s.model.model_id == v.model.model_id and s.model.version == v.model.version
+        ),
+        None,
+    )
+
+    def iso(ts: timestamp_pb2.Timestamp) -> str:
+        return ts.ToDatetime(tzinfo=dt.UTC).isoformat().replace("+00:00", "Z")
+
+    return {
+        "id": stored.id,
+        "agent_id": v.agent_id,
+        "sequence": v.sequence,
+        "hostname": v.hostname,
+        "src_ip": v.flow.src_ip,
+        "src_port": v.flow.src_port,
+        "dst_ip": v.flow.dst_ip,
+        "dst_port": v.flow.dst_port,
+        "ip_protocol": v.flow.ip_protocol,
+        "vlan_id": v.flow.vlan_id,
+        "first_seen": iso(v.first_seen_time),
+        "last_seen": iso(v.last_seen_time),
+        "scored": iso(v.scored_time),
+        "received": iso(stored.received_time),
+        "src_to_dst_packets": v.counters.src_to_dst_packets,
+        "dst_to_src_packets": v.counters.dst_to_src_packets,
+        "src_to_dst_bytes": v.counters.src_to_dst_bytes,
+        "dst_to_src_bytes": v.counters.dst_to_src_bytes,
+        "application_name": v.application_name,
+        "model": f"{v.model.model_id}@{v.model.version}" if v.model.model_id else "",
+        "label": v.label,
+        "anomalous": v.anomalous,
+        "score": decider,
+        "explanation": v.explanation,
+        "analyst_label": stored.analyst_label.label,
+        "analyst_note": stored.analyst_label.note,
+    }
 
 
 class CollectorClient:

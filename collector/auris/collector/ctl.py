@@ -7,6 +7,7 @@ configuration, 3 the collector is unreachable.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import datetime as dt
 import getpass
@@ -14,6 +15,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -21,7 +23,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from auris.agent import __version__
 from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
-from auris.collector.client import CollectorClient, verdict_filter
+from auris.collector.client import EXPORT_COLUMNS, CollectorClient, flat_verdict, verdict_filter
 from auris.v1 import admin_service_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["main", "parse_since"]
@@ -144,18 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     verdicts.add_argument(
         "verb",
         nargs="?",
-        choices=["query", "tail", "label"],
+        choices=["query", "tail", "label", "export"],
         default="query",
         help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive; "
-        "label ID...: attach an analyst label (--as)",
+        "label ID...: attach an analyst label (--as); export: write them to --out",
     )
     verdicts.add_argument("ids", nargs="*", type=int, metavar="ID", help="verdict ids (label)")
     verdicts.add_argument(
         "--as", dest="label_as", metavar="LABEL", help="label: benign, unsure, or an attack class"
     )
     verdicts.add_argument("--note", default="", help="label: a note kept with the label")
+    verdicts.add_argument("--out", type=Path, help="export: file to write (.jsonl, .csv or .parquet)")
     _add_filter_options(verdicts)
-    verdicts.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
+    verdicts.add_argument(
+        "--limit", type=int, help="at most this many (0: all; default 100 when listing, all when exporting)"
+    )
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
 
     stats = sub.add_parser("stats", help="verdict counts per group and time bucket")
@@ -237,7 +242,7 @@ def print_table(verdicts: Iterable[verdict_pb2.StoredVerdict], out: TextIO) -> i
 
 
 def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
-    if args.limit < 0:
+    if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit must not be negative")
     flt = _filter(args)
     if args.verb == "label":
@@ -248,6 +253,14 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK if labeled == len(args.ids) else EXIT_RPC
     if args.ids:
         raise ConfigError("verdict ids are only for 'verdicts label'")
+    if args.verb == "export":
+        if args.out is None:
+            raise ConfigError("verdicts export needs --out FILE.jsonl|.csv|.parquet")
+        written = export(
+            client.query(flt, limit=args.limit or None, page_size=1000), args.out
+        )  # all by default
+        print(f"exported {written} verdict(s) to {args.out}", file=out)
+        return EXIT_OK
     if args.verb == "tail":
         for stored in client.subscribe(flt):
             if args.json:
@@ -258,13 +271,43 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
                 print("  ".join(_verdict_cells(stored)), file=out)
             out.flush()
         return EXIT_OK
-    results = client.query(flt, limit=args.limit or None, page_size=min(args.limit or 1000, 1000))
+    limit = 100 if args.limit is None else args.limit
+    results = client.query(flt, limit=limit or None, page_size=min(limit or 1000, 1000))
     if args.json:
         for stored in results:
             print(json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)), file=out)
     else:
         print_table(results, out)
     return EXIT_OK
+
+
+def export(verdicts: Iterable[verdict_pb2.StoredVerdict], path: Path) -> int:
+    """Write verdicts as JSON lines (full messages), CSV or Parquet (flat rows); return how many."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".parquet"):
+        raise ConfigError(f"cannot export to {path.name}: use .jsonl, .csv or .parquet")
+    count = 0
+    if suffix == ".jsonl":
+        with path.open("w", encoding="utf-8") as fh:
+            for stored in verdicts:
+                fh.write(
+                    json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)) + "\n"
+                )
+                count += 1
+        return count
+    rows = [flat_verdict(stored) for stored in verdicts]
+    if suffix == ".csv":
+        with path.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        return len(rows)
+    import pyarrow as pa  # the collector extra ships it; only exports need it
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in EXPORT_COLUMNS})
+    pq.write_table(table, path)
+    return len(rows)
 
 
 def _stats(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
