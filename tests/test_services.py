@@ -317,3 +317,33 @@ def test_aurisctl_exports_verdicts(
         assert sorted(int(r["sequence"]) for r in table) == list(range(2, 251, 2))
         assert {str(r["label"]) for r in table} == {"attack"}
         assert {r["dst_port"] for r in table} in ({443}, {"443"})
+
+
+def test_the_collector_applies_retention_and_rollups_keep_the_counts(tmp_path: Path) -> None:
+    import io
+
+    from auris.collector import ctl
+    from tests.conftest import wait_for
+
+    config = CollectorConfig(
+        listen="127.0.0.1:0",
+        insecure=True,
+        db=str(tmp_path / "r.db"),
+        retention_max_rows=5,
+        retention_interval_s=0.2,
+    )
+    running = CollectorThread(config)
+    running.start()
+    try:
+        with CollectorClient(running.address, insecure=True) as c:
+            stub = agent_service_pb2_grpc.AgentServiceStub(c.channel)
+            list(stub.StreamVerdicts(iter([_request(*(make_verdict(s) for s in range(1, 21)))])))
+            assert wait_for(lambda: len(list(c.query(verdict_filter()))) == 5, 10)
+            (rolled,) = c.aggregate(verdict_filter(), [], rollups=True)
+            assert rolled.verdicts == 20
+            out = io.StringIO()
+            args = ["--collector", running.address, "--insecure", "stats", "--rollups", "--by", "agent"]
+            assert ctl.main(args, out) == 0
+            assert out.getvalue().splitlines()[1].split() == ["all", "agent-1", "20", "0", "100", "10000"]
+    finally:
+        running.stop()

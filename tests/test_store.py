@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     )  # fmt: skip
     old.close()
     store = VerdictStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     assert "last_heartbeat_ns" in store.db.table("agents").columns_dict
     (agent,) = store.agents(offline_after_ns=10**9)
     assert (agent.agent_id, agent.hostname, agent.verdicts_stored) == ("a", "h", 3)
@@ -163,3 +164,76 @@ def test_a_resend_with_reordered_map_fields_is_a_duplicate_not_a_conflict(store:
 
     result = store.ingest("agent-1", [original])
     assert (result.accepted, result.duplicates) == (0, 1)
+
+
+def test_rollups_survive_retention(store: VerdictStore) -> None:
+    from auris.v1 import query_service_pb2 as q
+
+    base = 1_789_999_980_000  # ms, a minute boundary
+    store.ingest(
+        "agent-1",
+        [
+            make_verdict(1, label="attack", anomalous=True, scored_ms=base + 1_000),
+            make_verdict(2, scored_ms=base + 2_000),
+            make_verdict(3, scored_ms=base + 61_000),
+        ],
+    )
+    store.ingest("agent-1", [make_verdict(3, scored_ms=base + 61_000)])  # a resend: counted once
+    by_label = {
+        r.group_values[0]: r.verdicts for r in store.aggregate_rollups(q.VerdictFilter(), [q.GROUP_BY_LABEL])
+    }
+    assert by_label == {"attack": 1, "benign": 2}
+    raw_before = store.aggregate(q.VerdictFilter(), [q.GROUP_BY_LABEL])
+
+    # Everything but the newest row is older than a minute: retention removes it, rollups stay.
+    later = time.time_ns() + 3_600 * 10**9
+    assert store.retain(max_age_ns=60 * 10**9, now_ns=later) == 2
+    assert store.count() == 1
+    assert {
+        r.group_values[0]: r.verdicts for r in store.aggregate_rollups(q.VerdictFilter(), [q.GROUP_BY_LABEL])
+    } == by_label
+    assert sum(r.verdicts for r in store.aggregate(q.VerdictFilter(), [])) == 1
+    assert sum(r.verdicts for r in raw_before) == 3
+    # New rows still get increasing ids after retention.
+    result = store.ingest("agent-1", [make_verdict(4, scored_ms=base + 121_000)])
+    assert result.stored_ids[0] > 3
+
+    per_minute = store.aggregate_rollups(q.VerdictFilter(), [], bucket_ns=60 * 10**9)
+    assert [(r.bucket_start_time.ToMilliseconds(), r.verdicts) for r in per_minute] == [
+        (base, 2),
+        (base + 60_000, 1),
+        (base + 120_000, 1),
+    ]
+    with pytest.raises(ValueError, match="rollups keep no anomalous"):
+        store.aggregate_rollups(q.VerdictFilter(anomalous=True), [])
+    with pytest.raises(ValueError, match="whole number of minutes"):
+        store.aggregate_rollups(q.VerdictFilter(), [], bucket_ns=30 * 10**9)
+
+
+def test_retention_by_row_count_keeps_the_newest(store: VerdictStore) -> None:
+    store.ingest("agent-1", [make_verdict(s) for s in range(1, 21)])
+    assert store.retain(max_rows=5) == 15
+    assert [v.verdict.sequence for v in store.query(query_service_pb2.VerdictFilter(), 100, "").verdicts] == [
+        20, 19, 18, 17, 16,
+    ]  # fmt: skip
+
+
+def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from auris.collector.store import MIGRATIONS
+
+    path = tmp_path / "v2.db"
+    store = VerdictStore(path)
+    store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
+    store.close()
+    # Make it a schema-2 database again: no rollups table.
+    db = sqlite_utils.Database(path)
+    db.execute("DROP TABLE rollups")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.conn.commit()
+    db.close()
+    assert len(MIGRATIONS) == 3
+    again = VerdictStore(path)
+    assert again.schema_version() == 3
+    assert sum(r.verdicts for r in again.aggregate_rollups(query_service_pb2.VerdictFilter(), [])) == 3

@@ -164,9 +164,11 @@ class CollectorClient:
         flt: query_service_pb2.VerdictFilter,
         group_by: list[query_service_pb2.GroupBy.ValueType],
         bucket: dt.timedelta | None = None,
+        *,
+        rollups: bool = False,
     ) -> list[query_service_pb2.AggregateRow]:
-        """Verdict counts per group (and time bucket, when given)."""
-        request = query_service_pb2.AggregateVerdictsRequest(filter=flt, group_by=group_by)
+        """Verdict counts per group (and time bucket, when given), from raw rows or rollups."""
+        request = query_service_pb2.AggregateVerdictsRequest(filter=flt, group_by=group_by, rollups=rollups)
         if bucket is not None:
             request.bucket.FromTimedelta(bucket)
         response: query_service_pb2.AggregateVerdictsResponse = self._query.AggregateVerdicts(

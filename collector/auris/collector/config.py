@@ -39,6 +39,11 @@ class CollectorConfig:
     max_subscribers: int = 64
     # Once serving, write the bound host:port here (useful with port 0).
     address_file: str = ""
+    # Raw verdicts older than this many days (by arrival) are deleted, and beyond this many rows
+    # the oldest are (0: keep); per-minute rollups stay. Checked every retention_interval_s.
+    retention_days: float = 0.0
+    retention_max_rows: int = 0
+    retention_interval_s: float = 60.0
     # An agent is offline when its last heartbeat is older than this (3 agent heartbeats).
     agent_offline_after_s: float = 90.0
     # Seconds in-flight RPCs get to finish on shutdown.

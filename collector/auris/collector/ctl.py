@@ -171,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument(
         "--bucket", type=_duration, help="time bucket width (30s, 5m, 1h); default: one bucket"
     )
+    stats.add_argument(
+        "--rollups",
+        action="store_true",
+        help="read the per-minute rollups (they outlive raw-verdict retention; agent/label/model only)",
+    )
     stats.add_argument("--json", action="store_true", help="one JSON object per line")
 
     talkers = sub.add_parser("talkers", help="top talkers: addresses by bytes, flows or anomalies")
@@ -312,7 +317,7 @@ def export(verdicts: Iterable[verdict_pb2.StoredVerdict], path: Path) -> int:
 
 def _stats(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     groups = [_GROUPS[name] for name in args.by]
-    rows = client.aggregate(_filter(args), groups, args.bucket)
+    rows = client.aggregate(_filter(args), groups, args.bucket, rollups=args.rollups)
     if args.json:
         for row in rows:
             print(json.dumps(json_format.MessageToDict(row, preserving_proto_field_name=True)), file=out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +87,7 @@ class Collector:
             self._server,
         )
         self.port = 0
+        self._retention: asyncio.Task[None] | None = None
 
     def _bind(self) -> int:
         if self.config.insecure:
@@ -108,6 +111,8 @@ class Collector:
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.retention_days > 0 or self.config.retention_max_rows > 0:
+            self._retention = asyncio.get_running_loop().create_task(self._retain_forever())
         if self.config.address_file:
             Path(self.config.address_file).write_text(self.address + "\n", encoding="utf-8")
         logger.info(
@@ -117,10 +122,25 @@ class Collector:
             self.store.path,
         )
 
+    async def _retain_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_age_ns = int(self.config.retention_days * 86_400e9)
+        while True:
+            deleted = await loop.run_in_executor(
+                self._writer, self.store.retain, max_age_ns, self.config.retention_max_rows
+            )
+            if deleted:
+                logger.info("retention: deleted %d raw verdicts (rollups kept)", deleted)
+            await asyncio.sleep(self.config.retention_interval_s)
+
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
     async def stop(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.shutdown_grace_s)
         self._writer.shutdown(wait=True)

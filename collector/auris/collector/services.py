@@ -326,8 +326,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         bucket_ns = request.bucket.ToNanoseconds() if request.HasField("bucket") else 0
 
         async def work() -> query_service_pb2.AggregateVerdictsResponse:
+            method = self._store.aggregate_rollups if request.rollups else self._store.aggregate
             rows = await loop.run_in_executor(
-                self._readers, self._store.aggregate, request.filter, list(request.group_by), bucket_ns
+                self._readers, method, request.filter, list(request.group_by), bucket_ns
             )
             return query_service_pb2.AggregateVerdictsResponse(rows=rows)
 

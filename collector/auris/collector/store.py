@@ -23,7 +23,7 @@ from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, ve
 
 __all__ = ["SCHEMA_VERSION", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -186,7 +186,30 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     agents.add_column("last_heartbeat_ns", int)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+_ROLLUP_SELECT = (
+    "SELECT (scored_ns / 60000000000) * 60000000000, agent_id, label, model_id, model_version,"
+    " COUNT(*), SUM(anomalous), SUM(packets), SUM(bytes) FROM verdicts"
+)
+_ROLLUP_UPSERT = (
+    "INSERT INTO rollups (minute_ns, agent_id, label, model_id, model_version, verdicts, anomalies,"
+    " packets, bytes) {select} GROUP BY 1, 2, 3, 4, 5 ON CONFLICT DO UPDATE SET"
+    " verdicts = verdicts + excluded.verdicts, anomalies = anomalies + excluded.anomalies,"
+    " packets = packets + excluded.packets, bytes = bytes + excluded.bytes"
+)
+
+
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Per-minute rollups per agent, label and model: they outlive the raw rows' retention."""
+    db.execute(
+        "CREATE TABLE rollups (minute_ns INTEGER NOT NULL, agent_id TEXT NOT NULL, label TEXT NOT NULL,"
+        " model_id TEXT NOT NULL, model_version TEXT NOT NULL, verdicts INTEGER NOT NULL,"
+        " anomalies INTEGER NOT NULL, packets INTEGER NOT NULL, bytes INTEGER NOT NULL,"
+        " PRIMARY KEY (minute_ns, agent_id, label, model_id, model_version))"
+    )
+    db.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE true"))
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -266,6 +289,8 @@ class VerdictStore:
                 top = max((v.sequence for v in verdicts), default=0)
                 if accepted < len(rows):
                     self._check_resends(agent_id, rows)
+                if accepted:
+                    conn.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE id > ?"), (max_id,))
                 conn.execute(
                     "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns,"
                     " acknowledged_sequence, verdicts_stored) VALUES (?, ?, ?, ?, ?, ?)"
@@ -429,21 +454,22 @@ class VerdictStore:
             + (" WHERE " + " AND ".join(where) if where else "")
             + f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)} LIMIT {_MAX_AGGREGATE_ROWS}"
         )
-        rows = []
-        for values in self._reader().execute(sql, params):
-            start, *groups = values[: len(keys)]
-            count, anomalies, packets, total_bytes = values[len(keys) :]
-            row = query_service_pb2.AggregateRow(
-                group_values=[str(v) for v in groups],
-                verdicts=count,
-                anomalies=anomalies or 0,
-                packets=packets or 0,
-                bytes=total_bytes or 0,
-            )
-            if start is not None:
-                row.bucket_start_time.FromNanoseconds(start)
-            rows.append(row)
-        return rows
+        return [self._aggregate_row(values, len(keys)) for values in self._reader().execute(sql, params)]
+
+    @staticmethod
+    def _aggregate_row(values: Sequence[Any], n_keys: int) -> query_service_pb2.AggregateRow:
+        start, *groups = values[:n_keys]
+        count, anomalies, packets, total_bytes = values[n_keys:]
+        row = query_service_pb2.AggregateRow(
+            group_values=[str(v) for v in groups],
+            verdicts=count or 0,
+            anomalies=anomalies or 0,
+            packets=packets or 0,
+            bytes=total_bytes or 0,
+        )
+        if start is not None:
+            row.bucket_start_time.FromNanoseconds(start)
+        return row
 
     def top_talkers(
         self,
@@ -467,6 +493,84 @@ class VerdictStore:
             query_service_pb2.Talker(ip=ip, flows=flows, bytes=total or 0, anomalies=anomalies or 0)
             for ip, flows, total, anomalies in self._reader().execute(sql, [*params, *params, limit])
         ]
+
+    def aggregate_rollups(
+        self,
+        flt: query_service_pb2.VerdictFilter,
+        group_by: Sequence[query_service_pb2.GroupBy.ValueType],
+        bucket_ns: int = 0,
+    ) -> list[query_service_pb2.AggregateRow]:
+        """Like aggregate(), from the per-minute rollups (minutes, scored time, agent/label/model only)."""
+        minute = 60_000_000_000
+        unsupported = [
+            name
+            for name, present in (
+                ("hostnames", bool(flt.hostnames)),
+                ("ip", bool(flt.ip or flt.src_ip or flt.dst_ip)),
+                ("ports", flt.HasField("src_port") or flt.HasField("dst_port")),
+                ("ip_protocol", flt.HasField("ip_protocol")),
+                ("anomalous", flt.HasField("anomalous")),
+                ("score", flt.HasField("min_score") or flt.HasField("max_score")),
+                ("time_field", flt.time_field not in _SCORED_TIME),
+            )
+            if present
+        ]
+        if unsupported:
+            raise ValueError(f"rollups keep no {', '.join(unsupported)}: query the raw verdicts instead")
+        columns = {
+            query_service_pb2.GROUP_BY_AGENT: "agent_id",
+            query_service_pb2.GROUP_BY_LABEL: "label",
+            query_service_pb2.GROUP_BY_MODEL: "model_id || '@' || model_version",
+        }
+        keys = []
+        for g in group_by:
+            if g not in columns:
+                raise ValueError(f"rollups cannot group by {g}: only agent, label and model")
+            keys.append(columns[g])
+        if bucket_ns < 0 or bucket_ns % minute:
+            raise ValueError("a rollup bucket must be a whole number of minutes")
+        where: list[str] = []
+        params: list[Any] = []
+        for present, ts, op in (
+            (flt.time_range.HasField("start_time"), flt.time_range.start_time, ">="),
+            (flt.time_range.HasField("end_time"), flt.time_range.end_time, "<"),
+        ):
+            if present:
+                where.append(f"minute_ns {op} ?")
+                params.append(_ns(ts) // minute * minute)
+        for column, values in (("agent_id", list(flt.agent_ids)), ("label", list(flt.labels))):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+                params.extend(values)
+        if flt.model_id:
+            where.append("model_id = ?")
+            params.append(flt.model_id)
+        bucket = f"(minute_ns / {bucket_ns}) * {bucket_ns}" if bucket_ns else "NULL"
+        keys = [bucket, *keys]
+        sql = (
+            f"SELECT {', '.join(keys)}, SUM(verdicts), SUM(anomalies), SUM(packets), SUM(bytes) FROM rollups"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)} LIMIT {_MAX_AGGREGATE_ROWS}"
+        )
+        return [self._aggregate_row(values, len(keys)) for values in self._reader().execute(sql, params)]
+
+    def retain(self, max_age_ns: int = 0, max_rows: int = 0, now_ns: int | None = None) -> int:
+        """Delete raw verdicts older than ``max_age_ns`` (by arrival) or beyond the newest
+        ``max_rows``; rollups stay. The newest row always stays, so ids keep increasing."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        deleted = 0
+        with self._write_lock, self._db.atomic():
+            conn = self._db.conn
+            (newest,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
+            if max_age_ns > 0:
+                deleted += conn.execute(
+                    "DELETE FROM verdicts WHERE received_ns < ? AND id < ?", (now_ns - max_age_ns, newest)
+                ).rowcount
+            if max_rows > 0:
+                deleted += conn.execute(
+                    "DELETE FROM verdicts WHERE id <= ? AND id < ?", (newest - max_rows, newest)
+                ).rowcount
+        return deleted
 
     def label(self, ids: Sequence[int], label: verdict_pb2.AnalystLabel) -> int:
         """Attach an analyst's label to stored verdicts (kept for retraining); return how many."""
@@ -531,6 +635,7 @@ _TALKER_ORDER = {
     query_service_pb2.TALKER_METRIC_ANOMALIES: "anomalies",
 }
 _MAX_AGGREGATE_ROWS = 10_000
+_SCORED_TIME = (query_service_pb2.TIME_FIELD_UNSPECIFIED, query_service_pb2.TIME_FIELD_SCORED)
 
 
 def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[Any]]:

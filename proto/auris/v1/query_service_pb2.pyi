@@ -281,6 +281,12 @@ class AggregateVerdictsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
+    ROLLUPS_FIELD_NUMBER: _builtins.int
+    rollups: _builtins.bool
+    """Read the per-minute rollups instead of the raw verdicts: they survive the raw rows'
+    retention. Time bounds and buckets round down to whole minutes, the time field is the
+    scored time, and only agent, label and model filters and groups apply (others are refused).
+    """
     @_builtins.property
     def filter(self) -> Global___VerdictFilter: ...
     @_builtins.property
@@ -295,10 +301,11 @@ class AggregateVerdictsRequest(_message.Message):
         filter: Global___VerdictFilter | None = ...,
         group_by: _abc.Iterable[Global___GroupBy.ValueType] | None = ...,
         bucket: _duration_pb2.Duration | None = ...,
+        rollups: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "filter", b"filter", "group_by", b"group_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "filter", b"filter", "group_by", b"group_by", "rollups", b"rollups"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
