@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -52,10 +52,15 @@ def _status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _call(context: grpc.aio.ServicerContext[Any, Any], work: Callable[[], Awaitable[T]]) -> T:
-    """Run ``work``; turn a domain error into a gRPC status with a one-line message."""
+async def _run(
+    context: grpc.aio.ServicerContext[Any, Any],
+    executor: ThreadPoolExecutor,
+    fn: Callable[..., T],
+    *args: Any,
+) -> T:
+    """Run store work ``fn(*args)`` on ``executor``; a domain error becomes a one-line gRPC status."""
     try:
-        return await work()
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
     except (ValueError, LookupError) as exc:
         await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     raise AssertionError("unreachable")  # context.abort always raises
@@ -208,8 +213,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             admin_service_pb2.ListAgentsRequest, admin_service_pb2.ListAgentsResponse
         ],
     ) -> admin_service_pb2.ListAgentsResponse:
-        loop = asyncio.get_running_loop()
-        agents = await loop.run_in_executor(self._readers, self._store.agents, self._offline_after_ns)
+        agents = await _run(context, self._readers, self._store.agents, self._offline_after_ns)
         return admin_service_pb2.ListAgentsResponse(agents=agents)
 
     async def GetAgent(
@@ -219,15 +223,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             admin_service_pb2.GetAgentRequest, admin_service_pb2.GetAgentResponse
         ],
     ) -> admin_service_pb2.GetAgentResponse:
-        loop = asyncio.get_running_loop()
-
-        async def work() -> admin_service_pb2.GetAgentResponse:
-            (agent,) = await loop.run_in_executor(
-                self._readers, self._store.agents, self._offline_after_ns, request.agent_id or "?"
-            )
-            return admin_service_pb2.GetAgentResponse(agent=agent)
-
-        return await _call(context, work)
+        (agent,) = await _run(
+            context, self._readers, self._store.agents, self._offline_after_ns, request.agent_id or "?"
+        )
+        return admin_service_pb2.GetAgentResponse(agent=agent)
 
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
@@ -257,17 +256,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         ],
     ) -> query_service_pb2.QueryVerdictsResponse:
         size = min(request.page_size or self._default_page, self._max_page)
-        loop = asyncio.get_running_loop()
-
-        async def work() -> query_service_pb2.QueryVerdictsResponse:
-            page = await loop.run_in_executor(
-                self._readers, self._store.query, request.filter, size, request.page_token
-            )
-            return query_service_pb2.QueryVerdictsResponse(
-                verdicts=page.verdicts, next_page_token=page.next_page_token
-            )
-
-        return await _call(context, work)
+        page = await _run(context, self._readers, self._store.query, request.filter, size, request.page_token)
+        return query_service_pb2.QueryVerdictsResponse(
+            verdicts=page.verdicts, next_page_token=page.next_page_token
+        )
 
     async def SubscribeVerdicts(
         self,
@@ -305,15 +297,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             query_service_pb2.LabelVerdictsRequest, query_service_pb2.LabelVerdictsResponse
         ],
     ) -> query_service_pb2.LabelVerdictsResponse:
-        loop = asyncio.get_running_loop()
-
-        async def work() -> query_service_pb2.LabelVerdictsResponse:
-            labeled = await loop.run_in_executor(
-                self._writer, self._store.label, list(request.ids), request.label
-            )
-            return query_service_pb2.LabelVerdictsResponse(labeled=labeled)
-
-        return await _call(context, work)
+        labeled = await _run(context, self._writer, self._store.label, list(request.ids), request.label)
+        return query_service_pb2.LabelVerdictsResponse(labeled=labeled)
 
     async def AggregateVerdicts(
         self,
@@ -322,17 +307,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             query_service_pb2.AggregateVerdictsRequest, query_service_pb2.AggregateVerdictsResponse
         ],
     ) -> query_service_pb2.AggregateVerdictsResponse:
-        loop = asyncio.get_running_loop()
         bucket_ns = request.bucket.ToNanoseconds() if request.HasField("bucket") else 0
-
-        async def work() -> query_service_pb2.AggregateVerdictsResponse:
-            method = self._store.aggregate_rollups if request.rollups else self._store.aggregate
-            rows = await loop.run_in_executor(
-                self._readers, method, request.filter, list(request.group_by), bucket_ns
-            )
-            return query_service_pb2.AggregateVerdictsResponse(rows=rows)
-
-        return await _call(context, work)
+        method = self._store.aggregate_rollups if request.rollups else self._store.aggregate
+        rows = await _run(context, self._readers, method, request.filter, list(request.group_by), bucket_ns)
+        return query_service_pb2.AggregateVerdictsResponse(rows=rows)
 
     async def ListTopTalkers(
         self,
@@ -341,13 +319,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             query_service_pb2.ListTopTalkersRequest, query_service_pb2.ListTopTalkersResponse
         ],
     ) -> query_service_pb2.ListTopTalkersResponse:
-        loop = asyncio.get_running_loop()
         limit = min(request.limit or 10, self._max_page)
-
-        async def work() -> query_service_pb2.ListTopTalkersResponse:
-            talkers = await loop.run_in_executor(
-                self._readers, self._store.top_talkers, request.filter, request.metric, limit
-            )
-            return query_service_pb2.ListTopTalkersResponse(talkers=talkers)
-
-        return await _call(context, work)
+        talkers = await _run(
+            context, self._readers, self._store.top_talkers, request.filter, request.metric, limit
+        )
+        return query_service_pb2.ListTopTalkersResponse(talkers=talkers)
