@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,15 +61,23 @@ class CollectorThread:
         return self.collector.address
 
 
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[CollectorThread]:
-    config = CollectorConfig(listen="127.0.0.1:0", insecure=True, db=str(tmp_path / "collector" / "auris.db"))
-    running = CollectorThread(config)
+@contextlib.contextmanager
+def running_collector(db: Path, **settings: Any) -> Iterator[CollectorThread]:
+    """A plaintext collector on 127.0.0.1, any free port, with ``settings`` over the defaults."""
+    running = CollectorThread(
+        CollectorConfig(**{"listen": "127.0.0.1:0", "insecure": True, "db": str(db), **settings})
+    )
     running.start()
     try:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[CollectorThread]:
+    with running_collector(tmp_path / "collector" / "auris.db") as running:
+        yield running
 
 
 @pytest.fixture

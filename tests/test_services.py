@@ -9,9 +9,8 @@ import grpc
 import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
-from auris.collector.config import CollectorConfig
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, verdict_pb2
-from tests.conftest import CollectorThread, make_verdict
+from tests.conftest import CollectorThread, make_verdict, running_collector
 
 
 def _request(
@@ -77,13 +76,8 @@ def test_invalid_batches(
 
 @pytest.fixture
 def small_collector(tmp_path: Path) -> Iterator[CollectorThread]:
-    config = CollectorConfig(
-        listen="127.0.0.1:0", insecure=True, db=str(tmp_path / "small.db"), max_message_mib=1, max_page_size=5
-    )
-    running = CollectorThread(config)
-    running.start()
-    yield running
-    running.stop()
+    with running_collector(tmp_path / "small.db", max_message_mib=1, max_page_size=5) as running:
+        yield running
 
 
 def test_oversize_message_and_page_cap(small_collector: CollectorThread) -> None:
@@ -325,25 +319,16 @@ def test_the_collector_applies_retention_and_rollups_keep_the_counts(tmp_path: P
     from auris.collector import ctl
     from tests.conftest import wait_for
 
-    config = CollectorConfig(
-        listen="127.0.0.1:0",
-        insecure=True,
-        db=str(tmp_path / "r.db"),
-        retention_max_rows=5,
-        retention_interval_s=0.2,
-    )
-    running = CollectorThread(config)
-    running.start()
-    try:
-        with CollectorClient(running.address, insecure=True) as c:
-            stub = agent_service_pb2_grpc.AgentServiceStub(c.channel)
-            list(stub.StreamVerdicts(iter([_request(*(make_verdict(s) for s in range(1, 21)))])))
-            assert wait_for(lambda: len(list(c.query(verdict_filter()))) == 5, 10)
-            (rolled,) = c.aggregate(verdict_filter(), [], rollups=True)
-            assert rolled.verdicts == 20
-            out = io.StringIO()
-            args = ["--collector", running.address, "--insecure", "stats", "--rollups", "--by", "agent"]
-            assert ctl.main(args, out) == 0
-            assert out.getvalue().splitlines()[1].split() == ["all", "agent-1", "20", "0", "100", "10000"]
-    finally:
-        running.stop()
+    with (
+        running_collector(tmp_path / "r.db", retention_max_rows=5, retention_interval_s=0.2) as running,
+        CollectorClient(running.address, insecure=True) as c,
+    ):
+        stub = agent_service_pb2_grpc.AgentServiceStub(c.channel)
+        list(stub.StreamVerdicts(iter([_request(*(make_verdict(s) for s in range(1, 21)))])))
+        assert wait_for(lambda: len(list(c.query(verdict_filter()))) == 5, 10)
+        (rolled,) = c.aggregate(verdict_filter(), [], rollups=True)
+        assert rolled.verdicts == 20
+        out = io.StringIO()
+        args = ["--collector", running.address, "--insecure", "stats", "--rollups", "--by", "agent"]
+        assert ctl.main(args, out) == 0
+        assert out.getvalue().splitlines()[1].split() == ["all", "agent-1", "20", "0", "100", "10000"]

@@ -21,7 +21,7 @@ from auris.v1 import (
     query_service_pb2_grpc,
     verdict_pb2,
 )
-from tests.conftest import CollectorThread, make_verdict, wait_for
+from tests.conftest import CollectorThread, make_verdict, running_collector, wait_for
 
 
 def _send(
@@ -66,13 +66,8 @@ def test_subscribers_get_new_matching_verdicts(collector: CollectorThread, clien
 
 @pytest.fixture
 def small_buffer(tmp_path: Path) -> Iterator[CollectorThread]:
-    config = CollectorConfig(
-        listen="127.0.0.1:0", insecure=True, db=str(tmp_path / "s.db"), subscriber_buffer=5, max_subscribers=1
-    )
-    running = CollectorThread(config)
-    running.start()
-    yield running
-    running.stop()
+    with running_collector(tmp_path / "s.db", subscriber_buffer=5, max_subscribers=1) as running:
+        yield running
 
 
 def test_a_slow_subscriber_is_cut_off_and_ingest_does_not_wait(small_buffer: CollectorThread) -> None:
