@@ -130,6 +130,7 @@ def test_sample_configs_load_and_name_every_option(sample: str, loader: str) -> 
     import dataclasses
     import importlib
     import tomllib
+    import typing
 
     from auris.agent.config import build_config
 
@@ -138,8 +139,15 @@ def test_sample_configs_load_and_name_every_option(sample: str, loader: str) -> 
     path = REPO / "packaging" / sample
     build_config(cls, path=path)
     with path.open("rb") as fh:
-        keys = set(tomllib.load(fh))
-    assert keys == {f.name for f in dataclasses.fields(cls)}
+        data = tomllib.load(fh)
+    assert set(data) == {f.name for f in dataclasses.fields(cls)}
+    # Lists of tables ([[alert_rules]]...): between them, their tables name every key.
+    for field in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[field.name]
+        element = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+        if dataclasses.is_dataclass(element):
+            named = {key for table in data[field.name] for key in table}
+            assert named == {f.name for f in dataclasses.fields(element)}, field.name
 
 
 def test_start_failures_are_one_line(tmp_path: Path) -> None:

@@ -127,7 +127,8 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     )  # fmt: skip
     old.close()
     store = VerdictStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert {"alerts", "alert_events", "alert_outbox"} <= set(store.db.table_names())
     assert "last_heartbeat_ns" in store.db.table("agents").columns_dict
     (agent,) = store.agents(offline_after_ns=10**9)
     assert (agent.agent_id, agent.hostname, agent.verdicts_stored) == ("a", "h", 3)
@@ -227,13 +228,15 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store = VerdictStore(path)
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
-    # Make it a schema-2 database again: no rollups table.
+    # Make it a schema-2 database again: no rollups (3), no alerts (4).
     db = sqlite_utils.Database(path)
-    db.execute("DROP TABLE rollups")
+    for table in ("rollups", "alerts", "alert_events", "alert_outbox"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("DROP INDEX verdicts_anomaly_score")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.conn.commit()
     db.close()
-    assert len(MIGRATIONS) == 3
+    assert len(MIGRATIONS) == 4
     again = VerdictStore(path)
-    assert again.schema_version() == 3
+    assert again.schema_version() == 4
     assert sum(r.verdicts for r in again.aggregate_rollups(query_service_pb2.VerdictFilter(), [])) == 3

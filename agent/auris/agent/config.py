@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +77,13 @@ class AgentConfig:
 def _check_type(name: str, annotation: Any, value: Any) -> Any:
     """Return ``value`` coerced to the field's type, or raise ConfigError."""
     origin = typing.get_origin(annotation)
+    if origin is types.UnionType and type(None) in typing.get_args(annotation):
+        (inner,) = (a for a in typing.get_args(annotation) if a is not type(None))
+        return _check_type(name, inner, value)
+    if origin is tuple and dataclasses.is_dataclass(element := typing.get_args(annotation)[0]):
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{name}: expected a list of tables ([[{name.rsplit(' ', 1)[-1]}]])")
+        return tuple(_from_table(f"{name}[{i}]", element, table) for i, table in enumerate(value))
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -113,6 +121,30 @@ def _check_type(name: str, annotation: Any, value: Any) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type {annotation!r}")  # programming error
+
+
+def _from_table(name: str, cls: Any, table: Mapping[str, Any]) -> Any:
+    """A dataclass instance from one TOML table, with the same checks as top-level keys."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        field = key.replace("-", "_")
+        if field not in hints:
+            raise ConfigError(f"{name}: unknown key {key!r}")
+        values[field] = _check_type(f"{name}.{key}", hints[field], value)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
+    if missing:
+        raise ConfigError(f"{name}: missing {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except ValueError as exc:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

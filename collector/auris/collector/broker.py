@@ -1,4 +1,4 @@
-"""Live subscriptions: newly stored verdicts fanned out to subscribers, never slowing ingest.
+"""Live subscriptions: new verdicts and alert changes fanned out to subscribers, never slowing ingest.
 
 Each subscriber has a bounded buffer. Publishing never waits: a subscriber whose
 buffer is full is cut off (its stream ends with RESOURCE_EXHAUSTED) instead of
@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from auris.v1 import query_service_pb2, verdict_pb2
 
-__all__ = ["Broker", "Subscription", "matches"]
+__all__ = ["Broker", "Subscription", "check_filter", "matches"]
+
+T = TypeVar("T")
 
 
 def _ns(ts: object) -> int:
@@ -79,21 +82,31 @@ def matches(flt: query_service_pb2.VerdictFilter, stored: verdict_pb2.StoredVerd
     return True
 
 
+def check_filter(flt: query_service_pb2.VerdictFilter) -> None:
+    """Refuse a filter whose addresses a query would refuse (ValueError), before subscribing."""
+    for ip in (flt.ip, flt.src_ip, flt.dst_ip):
+        if ip:
+            try:
+                _canonical(ip)
+            except ValueError:
+                raise ValueError(f"{ip[:64]!r} is not an IP address") from None
+
+
 @dataclasses.dataclass
-class Subscription:
-    filter: query_service_pb2.VerdictFilter
-    queue: asyncio.Queue[verdict_pb2.StoredVerdict]
+class Subscription(Generic[T]):
+    wants: Callable[[T], bool]
+    queue: asyncio.Queue[T]
     # Set when the subscriber fell behind by a whole buffer and was cut off.
     overflowed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
-class Broker:
-    """Fans stored verdicts out to subscribers; lives on the server's event loop."""
+class Broker(Generic[T]):
+    """Fans stored items (verdicts, alerts) out to subscribers; lives on the server's event loop."""
 
     def __init__(self, buffer: int, max_subscribers: int) -> None:
         self._buffer = buffer
         self._max = max_subscribers
-        self._subscriptions: list[Subscription] = []
+        self._subscriptions: list[Subscription[T]] = []
 
     @property
     def active(self) -> bool:
@@ -103,33 +116,26 @@ class Broker:
     def subscribers(self) -> int:
         return len(self._subscriptions)
 
-    def subscribe(self, flt: query_service_pb2.VerdictFilter) -> Subscription:
-        """Register a subscriber; OverflowError past max_subscribers, ValueError for a bad address."""
+    def subscribe(self, wants: Callable[[T], bool]) -> Subscription[T]:
+        """Register a subscriber for the items ``wants`` accepts; OverflowError past max_subscribers."""
         if len(self._subscriptions) >= self._max:
             raise OverflowError(f"the collector already serves {self._max} subscribers")
-        # Reject bad addresses now, as a query would.
-        for ip in (flt.ip, flt.src_ip, flt.dst_ip):
-            if ip:
-                try:
-                    _canonical(ip)
-                except ValueError:
-                    raise ValueError(f"{ip[:64]!r} is not an IP address") from None
-        subscription = Subscription(flt, asyncio.Queue(maxsize=self._buffer))
+        subscription: Subscription[T] = Subscription(wants, asyncio.Queue(maxsize=self._buffer))
         self._subscriptions.append(subscription)
         return subscription
 
-    def unsubscribe(self, subscription: Subscription) -> None:
+    def unsubscribe(self, subscription: Subscription[T]) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
 
-    def publish(self, verdicts: Sequence[verdict_pb2.StoredVerdict]) -> None:
-        """Hand each verdict to every subscriber whose filter it passes; never waits."""
+    def publish(self, items: Sequence[T]) -> None:
+        """Hand each item to every subscriber that wants it; never waits."""
         for subscription in list(self._subscriptions):
-            for stored in verdicts:
-                if not matches(subscription.filter, stored):
+            for item in items:
+                if not subscription.wants(item):
                     continue
                 try:
-                    subscription.queue.put_nowait(stored)
+                    subscription.queue.put_nowait(item)
                 except asyncio.QueueFull:
                     subscription.overflowed.set()
                     self.unsubscribe(subscription)

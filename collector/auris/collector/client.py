@@ -1,4 +1,4 @@
-"""A small typed client for the collector's query RPCs, used by ``aurisctl`` and the tests."""
+"""A small typed client for the collector's query and admin RPCs, used by ``aurisctl`` and the tests."""
 
 from __future__ import annotations
 
@@ -197,6 +197,64 @@ class CollectorClient:
             request, timeout=self._timeout
         )
         return response.labeled
+
+    def top_anomalies(
+        self, flt: query_service_pb2.VerdictFilter, limit: int = 10
+    ) -> list[verdict_pb2.StoredVerdict]:
+        """Verdicts flagged anomalous with the highest deciding scores."""
+        request = query_service_pb2.ListTopAnomaliesRequest(filter=flt, limit=limit)
+        response: query_service_pb2.ListTopAnomaliesResponse = self._query.ListTopAnomalies(
+            request, timeout=self._timeout
+        )
+        return list(response.verdicts)
+
+    def alerts(
+        self,
+        states: list[admin_service_pb2.AlertState.ValueType] | None = None,
+        rules: list[str] | None = None,
+        limit: int | None = None,
+        page_size: int = 0,
+    ) -> Iterator[admin_service_pb2.Alert]:
+        """Alerts in these states and of these rules (all when None), newest first."""
+        token = ""
+        seen = 0
+        while True:
+            request = admin_service_pb2.ListAlertsRequest(
+                states=states or [], rules=rules or [], page_size=page_size, page_token=token
+            )
+            page: admin_service_pb2.ListAlertsResponse = self._admin.ListAlerts(
+                request, timeout=self._timeout
+            )
+            for alert in page.alerts:
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield alert
+            token = page.next_page_token
+            if not token:
+                return
+
+    def subscribe_alerts(
+        self,
+        states: list[admin_service_pb2.AlertState.ValueType] | None = None,
+        rules: list[str] | None = None,
+    ) -> Iterator[admin_service_pb2.Alert]:
+        """Every change (opened, new events, acknowledged, resolved) of matching alerts, as it happens."""
+        request = admin_service_pb2.SubscribeAlertsRequest(states=states or [], rules=rules or [])
+        for response in self._admin.SubscribeAlerts(request):
+            yield response.alert
+
+    def acknowledge_alert(self, alert_id: int, note: str = "") -> admin_service_pb2.Alert:
+        response: admin_service_pb2.AcknowledgeAlertResponse = self._admin.AcknowledgeAlert(
+            admin_service_pb2.AcknowledgeAlertRequest(id=alert_id, note=note), timeout=self._timeout
+        )
+        return response.alert
+
+    def resolve_alert(self, alert_id: int, note: str = "") -> admin_service_pb2.Alert:
+        response: admin_service_pb2.ResolveAlertResponse = self._admin.ResolveAlert(
+            admin_service_pb2.ResolveAlertRequest(id=alert_id, note=note), timeout=self._timeout
+        )
+        return response.alert
 
     def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
         response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)

@@ -9,6 +9,7 @@ from typing import Any
 
 from auris.agent.config import ConfigError, build_config
 from auris.agent.uplink import is_loopback_target
+from auris.collector.alerts import AlertRule, AlertSink
 
 __all__ = ["CollectorConfig", "load_collector_config"]
 
@@ -40,12 +41,23 @@ class CollectorConfig:
     # Once serving, write the bound host:port here (useful with port 0).
     address_file: str = ""
     # Raw verdicts older than this many days (by arrival) are deleted, and beyond this many rows
-    # the oldest are (0: keep); per-minute rollups stay. Checked every retention_interval_s.
+    # the oldest are (0: keep); per-minute rollups and alerts stay. Checked every
+    # retention_interval_s.
     retention_days: float = 0.0
     retention_max_rows: int = 0
+    # ... and when the database's used pages exceed this many MiB, the oldest raw verdicts go
+    # until it fits (0: no limit). The file does not shrink (free pages are reused); see
+    # `aurisctl db vacuum`.
+    retention_max_mib: float = 0.0
     retention_interval_s: float = 60.0
     # An agent is offline when its last heartbeat is older than this (3 agent heartbeats).
     agent_offline_after_s: float = 90.0
+    # Alert rules and notification sinks, as [[alert_rules]] and [[alert_sinks]] tables (every
+    # key is described in packaging/collector.toml).
+    alert_rules: tuple[AlertRule, ...] = ()
+    alert_sinks: tuple[AlertSink, ...] = ()
+    # Seconds between checks that resolve quiet alerts and forget expired match events.
+    alert_check_interval_s: float = 10.0
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
@@ -73,6 +85,13 @@ def load_collector_config(
         raise ConfigError(f"max_message_mib must be between 1 and 512, got {config.max_message_mib}")
     if not 1 <= config.default_page_size <= config.max_page_size:
         raise ConfigError("default_page_size must be between 1 and max_page_size")
+    for what, names in (
+        ("alert_rules", [r.name for r in config.alert_rules]),
+        ("alert_sinks", [s.name for s in config.alert_sinks]),
+    ):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"{what}: names must be unique ({', '.join(duplicates)} repeated)")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
     return config

@@ -20,6 +20,7 @@ from typing import TextIO
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
 
 from auris.agent import __version__
 from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
@@ -74,6 +75,11 @@ _GROUPS = {
     "label": query_service_pb2.GROUP_BY_LABEL,
     "model": query_service_pb2.GROUP_BY_MODEL,
     "anomalous": query_service_pb2.GROUP_BY_ANOMALOUS,
+}
+_ALERT_STATES = {
+    "open": admin_service_pb2.ALERT_STATE_OPEN,
+    "acknowledged": admin_service_pb2.ALERT_STATE_ACKNOWLEDGED,
+    "resolved": admin_service_pb2.ALERT_STATE_RESOLVED,
 }
 _METRICS = {
     "bytes": query_service_pb2.TALKER_METRIC_BYTES,
@@ -146,9 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     verdicts.add_argument(
         "verb",
         nargs="?",
-        choices=["query", "tail", "label", "export"],
+        choices=["query", "tail", "top", "label", "export"],
         default="query",
         help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive; "
+        "top: the anomalous verdicts with the highest scores; "
         "label ID...: attach an analyst label (--as); export: write them to --out",
     )
     verdicts.add_argument("ids", nargs="*", type=int, metavar="ID", help="verdict ids (label)")
@@ -159,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     verdicts.add_argument("--out", type=Path, help="export: file to write (.jsonl, .csv or .parquet)")
     _add_filter_options(verdicts)
     verdicts.add_argument(
-        "--limit", type=int, help="at most this many (0: all; default 100 when listing, all when exporting)"
+        "--limit",
+        type=int,
+        help="at most this many (0: all; default 100 when listing, 10 for top, all when exporting)",
     )
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -193,6 +202,43 @@ def _parser() -> argparse.ArgumentParser:
     shown = verbs.add_parser("show", help="one agent in full")
     shown.add_argument("agent_id")
     shown.add_argument("--json", action="store_true", help="JSON output")
+
+    alerts = sub.add_parser("alerts", help="alerts raised by the collector's rules")
+    verbs = alerts.add_subparsers(dest="verb", metavar="VERB")
+    for name, text in (("list", "alerts, newest first"), ("tail", "alert changes as they happen")):
+        shown = verbs.add_parser(name, help=text)
+        shown.add_argument(
+            "--state",
+            action="append",
+            choices=sorted(_ALERT_STATES),
+            default=[],
+            help="only alerts in this state (repeatable; default: all)",
+        )
+        shown.add_argument("--rule", action="append", default=[], help="only this rule (repeatable)")
+        if name == "list":
+            shown.add_argument(
+                "--limit", type=int, default=100, help="at most this many (0: all; default 100)"
+            )
+        shown.add_argument("--json", action="store_true", help="one JSON object per line")
+    for name, text in (("ack", "acknowledge: someone is on it"), ("resolve", "resolve: it is dealt with")):
+        changed = verbs.add_parser(name, help=text)
+        changed.add_argument("ids", nargs="+", type=int, metavar="ID")
+        changed.add_argument("--note", default="", help="a note kept with the alert")
+
+    db = sub.add_parser("db", help="the collector's SQLite database, on this host (no collector needed)")
+    db.add_argument(
+        "verb",
+        choices=["status", "migrate", "vacuum"],
+        help="status: schema version, size and row counts; migrate: bring the schema up to this "
+        "version; vacuum: give free pages back to the file system (pauses a running collector's ingest)",
+    )
+    db.add_argument(
+        "--db", dest="db_path", metavar="FILE", help="the database file (default: from --collector-config)"
+    )
+    db.add_argument(
+        "--collector-config", metavar="FILE", help="read the database path from this collector configuration"
+    )
+    db.add_argument("--json", action="store_true", help="JSON output")
     return p
 
 
@@ -265,6 +311,14 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
             client.query(flt, limit=args.limit or None, page_size=1000), args.out
         )  # all by default
         print(f"exported {written} verdict(s) to {args.out}", file=out)
+        return EXIT_OK
+    if args.verb == "top":
+        top = client.top_anomalies(flt, 10 if args.limit is None else args.limit)
+        if args.json:
+            for stored in top:
+                print(_json(stored), file=out)
+        else:
+            print_table(top, out)
         return EXIT_OK
     if args.verb == "tail":
         for stored in client.subscribe(flt):
@@ -397,6 +451,109 @@ def _agents(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
     return EXIT_OK
 
 
+def _json(message: Message) -> str:
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _alert_cells(a: admin_service_pb2.Alert) -> tuple[str, ...]:
+    state = admin_service_pb2.AlertState.Name(a.state).removeprefix("ALERT_STATE_").lower()
+    who = {"acknowledged": a.acknowledged_by, "resolved": a.resolved_by}.get(state, "")
+    return (
+        str(a.id),
+        state + (f" ({who})" if who else ""),
+        a.severity,
+        a.rule,
+        a.key,
+        str(a.events),
+        _fmt_time(a.first_time),
+        _fmt_time(a.last_time),
+        a.summary,
+    )
+
+
+_ALERT_HEADER = ("ID", "STATE", "SEVERITY", "RULE", "KEY", "EVENTS", "FIRST (UTC)", "LAST (UTC)", "SUMMARY")
+
+
+def _alerts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.verb is None:
+        raise ConfigError("alerts needs a verb: list, tail, ack or resolve")
+    if args.verb in ("ack", "resolve"):
+        change = client.acknowledge_alert if args.verb == "ack" else client.resolve_alert
+        for alert_id in args.ids:
+            alert = change(alert_id, args.note)
+            print(f"alert {alert.id}: {_alert_cells(alert)[1]}", file=out)
+        return EXIT_OK
+    states = [_ALERT_STATES[name] for name in args.state]
+    if args.verb == "tail":
+        for alert in client.subscribe_alerts(states, args.rule):
+            print(_json(alert) if args.json else "  ".join(_alert_cells(alert)), file=out)
+            out.flush()
+        return EXIT_OK
+    if args.limit < 0:
+        raise ConfigError("--limit must not be negative")
+    alerts = list(client.alerts(states, args.rule, limit=args.limit or None))
+    if args.json:
+        for alert in alerts:
+            print(_json(alert), file=out)
+        return EXIT_OK
+    if not alerts:
+        print("no alerts match", file=out)
+        return EXIT_OK
+    _print_rows(_ALERT_HEADER, [_alert_cells(a) for a in alerts], out)
+    print(f"{len(alerts)} alert(s)", file=out)
+    return EXIT_OK
+
+
+def _db(args: argparse.Namespace, out: TextIO) -> int:
+    """Local database maintenance: the same store code the collector runs."""
+    import sqlite3
+
+    from auris.collector.config import load_collector_config
+    from auris.collector.store import SCHEMA_VERSION, VerdictStore
+
+    path = args.db_path
+    if path is None:
+        if args.collector_config is None:
+            raise ConfigError("db needs --db FILE or --collector-config FILE")
+        path = load_collector_config(args.collector_config).db
+    if not Path(path).is_file():
+        raise ConfigError(f"no database at {path}")
+    try:
+        store = VerdictStore(path, migrate=False)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: not a usable SQLite database ({exc})") from None
+    try:
+        before = store.schema_version()
+        if before > SCHEMA_VERSION:
+            raise ConfigError(f"{path}: schema v{before} is newer than this aurisctl (v{SCHEMA_VERSION})")
+        report: dict[str, object] = {
+            "db": str(path),
+            "schema_version": before,
+            "latest_schema": SCHEMA_VERSION,
+        }
+        if args.verb == "migrate":
+            report["migrations_applied"] = store.migrate()
+            report["schema_version"] = store.schema_version()
+        elif args.verb == "vacuum":
+            report["bytes_before"], report["bytes_after"] = store.vacuum()
+        report["file_bytes"] = Path(path).stat().st_size
+        report["used_bytes"] = store.size_bytes()
+        tables = set(store.db.table_names())
+        for table in ("verdicts", "rollups", "agents", "alerts"):
+            report[f"{table}_rows"] = store.db.table(table).count if table in tables else 0
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report), file=out)
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key.ljust(width)}  {value}", file=out)
+    return EXIT_OK
+
+
 def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
@@ -428,8 +585,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("aurisctl: a command is required (verdicts, stats, talkers, agents, services)", file=sys.stderr)
+        print(
+            "aurisctl: a command is required (verdicts, stats, talkers, agents, alerts, services, db)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
+    if args.command == "db":
+        try:
+            return _db(args, out)
+        except ConfigError as exc:
+            print(f"aurisctl: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         config = build_config(
             CtlConfig,
@@ -462,6 +628,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 return _stats(client, args, out)
             if args.command == "talkers":
                 return _talkers(client, args, out)
+            if args.command == "alerts":
+                return _alerts(client, args, out)
             return _services(client, out)
     except ConfigError as exc:
         print(f"aurisctl: {exc}", file=sys.stderr)

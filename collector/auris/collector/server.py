@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from auris.collector.alerts import Alerts, Notifier
 from auris.collector.broker import Broker
 from auris.collector.config import CollectorConfig
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
@@ -24,6 +25,7 @@ from auris.v1 import (
     agent_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
+    verdict_pb2,
 )
 
 __all__ = ["Collector"]
@@ -55,11 +57,26 @@ class Collector:
             ]
         )
         self._health = HealthServicer()
-        self.broker = Broker(config.subscriber_buffer, config.max_subscribers)
+        self.broker: Broker[verdict_pb2.StoredVerdict] = Broker(
+            config.subscriber_buffer, config.max_subscribers
+        )
+        self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks)
+        if config.alert_rules:
+            self.store.on_ingest = self.alerts.evaluate
+        self.alert_broker: Broker[admin_service_pb2.Alert] = Broker(
+            config.subscriber_buffer, config.max_subscribers
+        )
+        self.notifier = (
+            Notifier(self.store, config.alert_sinks, Path(config.db).with_name("alerts-dead-letter.jsonl"))
+            if config.alert_sinks
+            else None
+        )
         # The agent and admin servicers leave RPCs of later issues to the generated bases, which
         # answer UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.store, self._writer, self._readers, self.broker),  # type: ignore[abstract]
+            AgentServicer(  # type: ignore[abstract]
+                self.store, self._writer, self._readers, self.broker, self._alerts_changed
+            ),
             self._server,
         )
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(
@@ -74,7 +91,17 @@ class Collector:
             self._server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.store, self._readers, config.agent_offline_after_s),  # type: ignore[abstract]
+            AdminServicer(  # type: ignore[abstract]
+                self.store,
+                self._readers,
+                self._writer,
+                config.agent_offline_after_s,
+                self.alerts,
+                self.alert_broker,
+                self._alerts_changed,
+                config.default_page_size,
+                config.max_page_size,
+            ),
             self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -87,7 +114,15 @@ class Collector:
             self._server,
         )
         self.port = 0
-        self._retention: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _alerts_changed(self, ids: list[int]) -> None:
+        """After a commit that changed alerts: wake the notifier, tell alert subscribers."""
+        if self.notifier is not None:
+            self.notifier.wake()
+        if self.alert_broker.active:
+            changed = await asyncio.get_running_loop().run_in_executor(self._readers, self.alerts.get, ids)
+            self.alert_broker.publish(changed)
 
     def _bind(self) -> int:
         if self.config.insecure:
@@ -111,8 +146,17 @@ class Collector:
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.retention_days > 0 or self.config.retention_max_rows > 0:
-            self._retention = asyncio.get_running_loop().create_task(self._retain_forever())
+        loop = asyncio.get_running_loop()
+        if (
+            self.config.retention_days > 0
+            or self.config.retention_max_rows > 0
+            or self.config.retention_max_mib > 0
+        ):
+            self._tasks.append(loop.create_task(self._retain_forever()))
+        if self.config.alert_rules:
+            self._tasks.append(loop.create_task(self._maintain_alerts_forever()))
+        if self.notifier is not None:
+            self.notifier.start()
         if self.config.address_file:
             Path(self.config.address_file).write_text(self.address + "\n", encoding="utf-8")
         logger.info(
@@ -129,20 +173,35 @@ class Collector:
             deleted = await loop.run_in_executor(
                 self._writer, self.store.retain, max_age_ns, self.config.retention_max_rows
             )
+            if self.config.retention_max_mib > 0:
+                deleted += await loop.run_in_executor(
+                    self._writer, self.store.retain_size, int(self.config.retention_max_mib * 1024 * 1024)
+                )
             if deleted:
                 logger.info("retention: deleted %d raw verdicts (rollups kept)", deleted)
             await asyncio.sleep(self.config.retention_interval_s)
+
+    async def _maintain_alerts_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            resolved = await loop.run_in_executor(self._writer, self.alerts.maintain)
+            if resolved:
+                logger.info("alerts: resolved %d quiet alerts", len(resolved))
+                await self._alerts_changed(resolved)
+            await asyncio.sleep(self.config.alert_check_interval_s)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
     async def stop(self) -> None:
-        if self._retention is not None:
-            self._retention.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._retention
+                await task
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.shutdown_grace_s)
+        if self.notifier is not None:
+            self.notifier.stop()
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()

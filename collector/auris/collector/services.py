@@ -12,13 +12,14 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 
-from auris.collector.broker import Broker
+from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
+from auris.collector.broker import Broker, Subscription, check_filter, matches
 from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
     admin_service_pb2,
@@ -27,6 +28,7 @@ from auris.v1 import (
     agent_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
+    verdict_pb2,
 )
 
 __all__ = [
@@ -42,9 +44,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M")
+
+# Called with the ids of alerts that changed, once their change is committed.
+AlertsChanged = Callable[[list[int]], Awaitable[None]]
 
 
 def _status_for(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, AlertStateError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, LookupError):
@@ -61,9 +69,46 @@ async def _run(
     """Run store work ``fn(*args)`` on ``executor``; a domain error becomes a one-line gRPC status."""
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-    except (ValueError, LookupError) as exc:
+    except (ValueError, LookupError, AlertStateError) as exc:
         await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     raise AssertionError("unreachable")  # context.abort always raises
+
+
+def actor_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Who is calling: the client certificate's common name under mTLS, else the peer address."""
+    names = list(context.auth_context().get("x509_common_name") or [])
+    if names:
+        return bytes(names[0]).decode("utf-8", "replace")
+    return f"unauthenticated {context.peer()}"
+
+
+async def _follow(
+    context: grpc.aio.ServicerContext[Any, Any],
+    broker: Broker[T],
+    wants: Callable[[T], bool],
+    wrap: Callable[[T], M],
+) -> AsyncIterator[M]:
+    """Serve one live subscription: each wanted item, wrapped, until the client leaves or falls
+    a whole buffer behind (then RESOURCE_EXHAUSTED)."""
+    try:
+        subscription: Subscription[T] = broker.subscribe(wants)
+    except OverflowError as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    try:
+        while True:
+            if subscription.overflowed.is_set():
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"subscriber too slow: more than {subscription.queue.maxsize} items waited; "
+                    "resubscribe, and query for what was missed",
+                )
+            try:
+                item = await asyncio.wait_for(subscription.queue.get(), timeout=1.0)
+            except TimeoutError:
+                continue
+            yield wrap(item)
+    finally:
+        broker.unsubscribe(subscription)
 
 
 # SQLite integers are signed 64-bit; packet and byte totals add two counters.
@@ -135,12 +180,18 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     """Receives verdict streams; acknowledges each batch once it is durable."""
 
     def __init__(
-        self, store: VerdictStore, writer: ThreadPoolExecutor, readers: ThreadPoolExecutor, broker: Broker
+        self,
+        store: VerdictStore,
+        writer: ThreadPoolExecutor,
+        readers: ThreadPoolExecutor,
+        broker: Broker[verdict_pb2.StoredVerdict],
+        alerts_changed: AlertsChanged,
     ) -> None:
         self._store = store
         self._writer = writer
         self._readers = readers
         self._broker = broker
+        self._alerts_changed = alerts_changed
 
     async def StreamVerdicts(
         self,
@@ -176,6 +227,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             if self._broker.active and result.stored_ids:
                 stored = await loop.run_in_executor(self._readers, self._store.fetch, result.stored_ids)
                 self._broker.publish(stored)
+            if result.alert_ids:
+                await self._alerts_changed(result.alert_ids)
             yield agent_service_pb2.StreamVerdictsResponse(
                 acknowledged_sequence=top, accepted=result.accepted, duplicates=result.duplicates
             )
@@ -199,12 +252,29 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """The agent registry (more admin RPCs come with later issues; see docs/ROADMAP.md)."""
+    """The agent registry and alerts (more admin RPCs come with later issues; see docs/ROADMAP.md)."""
 
-    def __init__(self, store: VerdictStore, readers: ThreadPoolExecutor, offline_after_s: float) -> None:
+    def __init__(
+        self,
+        store: VerdictStore,
+        readers: ThreadPoolExecutor,
+        writer: ThreadPoolExecutor,
+        offline_after_s: float,
+        alerts: Alerts,
+        alert_broker: Broker[admin_service_pb2.Alert],
+        alerts_changed: AlertsChanged,
+        default_page: int,
+        max_page: int,
+    ) -> None:
         self._store = store
         self._readers = readers
+        self._writer = writer
         self._offline_after_ns = int(offline_after_s * 1e9)
+        self._alerts = alerts
+        self._alert_broker = alert_broker
+        self._alerts_changed = alerts_changed
+        self._default_page = default_page
+        self._max_page = max_page
 
     async def ListAgents(
         self,
@@ -228,6 +298,64 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         )
         return admin_service_pb2.GetAgentResponse(agent=agent)
 
+    async def ListAlerts(
+        self,
+        request: admin_service_pb2.ListAlertsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ListAlertsRequest, admin_service_pb2.ListAlertsResponse
+        ],
+    ) -> admin_service_pb2.ListAlertsResponse:
+        size = min(request.page_size or self._default_page, self._max_page)
+        alerts, token = await _run(
+            context,
+            self._readers,
+            self._alerts.page,
+            list(request.states),
+            list(request.rules),
+            size,
+            request.page_token,
+        )
+        return admin_service_pb2.ListAlertsResponse(alerts=alerts, next_page_token=token)
+
+    async def SubscribeAlerts(
+        self,
+        request: admin_service_pb2.SubscribeAlertsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.SubscribeAlertsRequest, admin_service_pb2.SubscribeAlertsResponse
+        ],
+    ) -> AsyncIterator[admin_service_pb2.SubscribeAlertsResponse]:
+        wants = alert_wanted(list(request.states), list(request.rules))
+        async for response in _follow(
+            context, self._alert_broker, wants, lambda a: admin_service_pb2.SubscribeAlertsResponse(alert=a)
+        ):
+            yield response
+
+    async def AcknowledgeAlert(
+        self,
+        request: admin_service_pb2.AcknowledgeAlertRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.AcknowledgeAlertRequest, admin_service_pb2.AcknowledgeAlertResponse
+        ],
+    ) -> admin_service_pb2.AcknowledgeAlertResponse:
+        alert = await _run(
+            context, self._writer, self._alerts.acknowledge, request.id, actor_of(context), request.note
+        )
+        await self._alerts_changed([alert.id])
+        return admin_service_pb2.AcknowledgeAlertResponse(alert=alert)
+
+    async def ResolveAlert(
+        self,
+        request: admin_service_pb2.ResolveAlertRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ResolveAlertRequest, admin_service_pb2.ResolveAlertResponse
+        ],
+    ) -> admin_service_pb2.ResolveAlertResponse:
+        alert = await _run(
+            context, self._writer, self._alerts.resolve, request.id, actor_of(context), request.note
+        )
+        await self._alerts_changed([alert.id])
+        return admin_service_pb2.ResolveAlertResponse(alert=alert)
+
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     """Answers verdict queries from the store's reader connections; labels go through the writer."""
@@ -239,7 +367,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         writer: ThreadPoolExecutor,
         default_page: int,
         max_page: int,
-        broker: Broker,
+        broker: Broker[verdict_pb2.StoredVerdict],
     ) -> None:
         self._store = store
         self._readers = readers
@@ -269,26 +397,17 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         ],
     ) -> AsyncIterator[query_service_pb2.SubscribeVerdictsResponse]:
         try:
-            subscription = self._broker.subscribe(request.filter)
-        except OverflowError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            check_filter(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            while True:
-                if subscription.overflowed.is_set():
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"subscriber too slow: more than {subscription.queue.maxsize} verdicts waited; "
-                        "resubscribe, and query for what was missed",
-                    )
-                try:
-                    stored = await asyncio.wait_for(subscription.queue.get(), timeout=1.0)
-                except TimeoutError:
-                    continue
-                yield query_service_pb2.SubscribeVerdictsResponse(verdict=stored)
-        finally:
-            self._broker.unsubscribe(subscription)
+        flt = request.filter
+        async for response in _follow(
+            context,
+            self._broker,
+            lambda stored: matches(flt, stored),
+            lambda stored: query_service_pb2.SubscribeVerdictsResponse(verdict=stored),
+        ):
+            yield response
 
     async def LabelVerdicts(
         self,
@@ -324,3 +443,14 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             context, self._readers, self._store.top_talkers, request.filter, request.metric, limit
         )
         return query_service_pb2.ListTopTalkersResponse(talkers=talkers)
+
+    async def ListTopAnomalies(
+        self,
+        request: query_service_pb2.ListTopAnomaliesRequest,
+        context: grpc.aio.ServicerContext[
+            query_service_pb2.ListTopAnomaliesRequest, query_service_pb2.ListTopAnomaliesResponse
+        ],
+    ) -> query_service_pb2.ListTopAnomaliesResponse:
+        limit = min(request.limit or 10, self._max_page)
+        verdicts = await _run(context, self._readers, self._store.top_anomalies, request.filter, limit)
+        return query_service_pb2.ListTopAnomaliesResponse(verdicts=verdicts)

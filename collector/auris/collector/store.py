@@ -8,12 +8,14 @@ One writer connection takes every write; readers use their own connections
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import ipaddress
+import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,9 @@ import sqlite_utils
 
 from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, verdict_pb2
 
-__all__ = ["SCHEMA_VERSION", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
+__all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -116,6 +118,13 @@ class IngestResult:
     duplicates: int
     # Ids of the newly stored verdicts, for live subscribers.
     stored_ids: list[int]
+    # Ids of the alerts the batch opened or added to (IngestHook's answer).
+    alert_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+# Runs inside the ingest transaction with the newly stored (id, verdict) pairs and the arrival
+# time; returns the ids of alerts it opened or changed. Its writes commit with the batch.
+IngestHook = Callable[[sqlite3.Connection, list[tuple[int, verdict_pb2.Verdict]], int], list[int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +218,37 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE true"))
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Alerts: one open alert per (rule, key); pending events of counting rules; a notification outbox."""
+    db.execute(
+        "CREATE TABLE alerts (id INTEGER PRIMARY KEY, rule TEXT NOT NULL, key TEXT NOT NULL,"
+        " state INTEGER NOT NULL, severity TEXT NOT NULL, summary TEXT NOT NULL, events INTEGER NOT NULL,"
+        " first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, touched_ns INTEGER NOT NULL,"
+        " updated_ns INTEGER NOT NULL, verdict_ids TEXT NOT NULL, acknowledged_by TEXT NOT NULL DEFAULT '',"
+        " resolved_by TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '')"
+    )
+    # The database itself guarantees one open (not resolved) alert per rule and key.
+    db.execute("CREATE UNIQUE INDEX alerts_open ON alerts (rule, key) WHERE state != 3")
+    db.execute("CREATE INDEX alerts_state ON alerts (state, id)")
+    # Top anomalous flows; partial, so ordinary verdicts cost nothing more at ingest.
+    db.execute("CREATE INDEX verdicts_anomaly_score ON verdicts (score) WHERE anomalous = 1")
+    db.execute(
+        "CREATE TABLE alert_events (rule TEXT NOT NULL, key TEXT NOT NULL, time_ns INTEGER NOT NULL,"
+        " verdict_id INTEGER NOT NULL)"
+    )
+    db.execute("CREATE INDEX alert_events_window ON alert_events (rule, key, time_ns)")
+    db.execute(
+        "CREATE TABLE alert_outbox (id INTEGER PRIMARY KEY, sink TEXT NOT NULL, payload TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, due_ns INTEGER NOT NULL)"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -221,7 +260,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 class VerdictStore:
     """The collector's SQLite database. Thread-safe: writes are serialised on one connection."""
 
-    def __init__(self, path: Path | str, synchronous: str = "normal") -> None:
+    def __init__(self, path: Path | str, synchronous: str = "normal", *, migrate: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
@@ -232,8 +271,10 @@ class VerdictStore:
         if synchronous not in ("normal", "full"):
             raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self.migrate()
+        if migrate:
+            self.migrate()
         self._local = threading.local()
+        self.on_ingest: IngestHook | None = None
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -262,6 +303,16 @@ class VerdictStore:
                     )
             return SCHEMA_VERSION - current
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[sqlite3.Connection]:
+        """The writer connection, inside one transaction, for store extensions (alerts)."""
+        with self._write_lock, self._db.atomic():
+            yield self._db.conn
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection."""
+        return self._reader()
+
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -289,8 +340,18 @@ class VerdictStore:
                 top = max((v.sequence for v in verdicts), default=0)
                 if accepted < len(rows):
                     self._check_resends(agent_id, rows)
+                stored: list[tuple[int, int]] = []
+                alert_ids: list[int] = []
                 if accepted:
                     conn.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE id > ?"), (max_id,))
+                    stored = conn.execute(
+                        "SELECT id, sequence FROM verdicts WHERE id > ? ORDER BY id", (max_id,)
+                    ).fetchall()
+                    if self.on_ingest is not None:
+                        by_sequence = {v.sequence: v for v in verdicts}
+                        alert_ids = self.on_ingest(
+                            conn, [(row_id, by_sequence[seq]) for row_id, seq in stored], received_ns
+                        )
                 conn.execute(
                     "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns,"
                     " acknowledged_sequence, verdicts_stored) VALUES (?, ?, ?, ?, ?, ?)"
@@ -307,12 +368,12 @@ class VerdictStore:
                         accepted,
                     ),
                 )
-            stored_ids = (
-                [r[0] for r in conn.execute("SELECT id FROM verdicts WHERE id > ? ORDER BY id", (max_id,))]
-                if accepted
-                else []
-            )
-        return IngestResult(accepted=accepted, duplicates=len(rows) - accepted, stored_ids=stored_ids)
+        return IngestResult(
+            accepted=accepted,
+            duplicates=len(rows) - accepted,
+            stored_ids=[row_id for row_id, _ in stored],
+            alert_ids=alert_ids,
+        )
 
     def _check_resends(self, agent_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """A resend must be the very verdict stored before; anything else means a reused sequence."""
@@ -553,6 +614,57 @@ class VerdictStore:
             + f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)} LIMIT {_MAX_AGGREGATE_ROWS}"
         )
         return [self._aggregate_row(values, len(keys)) for values in self._reader().execute(sql, params)]
+
+    def top_anomalies(
+        self, flt: query_service_pb2.VerdictFilter, limit: int
+    ) -> list[verdict_pb2.StoredVerdict]:
+        """The verdicts flagged anomalous with the highest scores (ties: newest first)."""
+        if flt.HasField("anomalous") and not flt.anomalous:
+            raise ValueError("top anomalies are anomalous verdicts: drop anomalous=false from the filter")
+        where, params = filter_sql(flt)
+        where += ["anomalous = 1", "score IS NOT NULL"]
+        sql = f"{_SELECT_STORED} WHERE {' AND '.join(where)} ORDER BY score DESC, id DESC LIMIT ?"
+        return [stored_verdict(*row) for row in self._reader().execute(sql, [*params, limit])]
+
+    def size_bytes(self) -> int:
+        """Bytes the database's pages hold (free pages, reused before the file grows, excluded)."""
+        conn = self._reader()
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        return int((pages - free) * page_size)
+
+    def retain_size(self, max_bytes: int) -> int:
+        """Delete the oldest raw verdicts so that the database's used pages come down to about
+        ``max_bytes``; rollups, alerts and the newest verdict stay. Returns the rows deleted.
+
+        Rows to delete are estimated from the average bytes per verdict, once per call: index
+        pages emptied only in part are not freed at once but refilled by new verdicts, so
+        chasing the exact size in a loop would delete far more than needed.
+        """
+        used = self.size_bytes()
+        if used <= max_bytes:
+            return 0
+        with self._write_lock, self._db.atomic():
+            conn = self._db.conn
+            (oldest, newest, rows) = conn.execute(
+                "SELECT MIN(id), MAX(id), COUNT(*) FROM verdicts"
+            ).fetchone()
+            if not rows or oldest == newest:
+                return 0
+            excess_rows = math.ceil((used - max_bytes) / (used / rows))
+            (cut,) = conn.execute(
+                "SELECT id FROM verdicts ORDER BY id LIMIT 1 OFFSET ?", (min(excess_rows, rows - 1),)
+            ).fetchone()
+            return int(conn.execute("DELETE FROM verdicts WHERE id < ?", (cut,)).rowcount)
+
+    def vacuum(self) -> tuple[int, int]:
+        """Rebuild the file to return free pages to the file system; (bytes before, after)."""
+        before = self.path.stat().st_size
+        with self._write_lock:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return before, self.path.stat().st_size
 
     def retain(self, max_age_ns: int = 0, max_rows: int = 0, now_ns: int | None = None) -> int:
         """Delete raw verdicts older than ``max_age_ns`` (by arrival) or beyond the newest

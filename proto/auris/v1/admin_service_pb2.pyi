@@ -606,6 +606,10 @@ class Alert(_message.Message):
     LAST_TIME_FIELD_NUMBER: _builtins.int
     VERDICT_IDS_FIELD_NUMBER: _builtins.int
     ACKNOWLEDGED_BY_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     rule: _builtins.str
     key: _builtins.str
@@ -614,12 +618,23 @@ class Alert(_message.Message):
     summary: _builtins.str
     events: _builtins.int
     acknowledged_by: _builtins.str
+    severity: _builtins.str
+    """"info", "warning" or "critical", from the rule."""
+    resolved_by: _builtins.str
+    note: _builtins.str
+    """The last note given when acknowledging or resolving."""
     @_builtins.property
     def first_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def verdict_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def verdict_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The first verdicts that raised or joined the alert (at most 100)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the alert last changed (a new event, an acknowledgement, a resolution)."""
+
     def __init__(
         self,
         *,
@@ -633,10 +648,14 @@ class Alert(_message.Message):
         last_time: _timestamp_pb2.Timestamp | None = ...,
         verdict_ids: _abc.Iterable[_builtins.int] | None = ...,
         acknowledged_by: _builtins.str = ...,
+        severity: _builtins.str = ...,
+        resolved_by: _builtins.str = ...,
+        note: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "last_time", b"last_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "last_time", b"last_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_by", b"acknowledged_by", "events", b"events", "first_time", b"first_time", "id", b"id", "key", b"key", "last_time", b"last_time", "rule", b"rule", "state", b"state", "summary", b"summary", "verdict_ids", b"verdict_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_by", b"acknowledged_by", "events", b"events", "first_time", b"first_time", "id", b"id", "key", b"key", "last_time", b"last_time", "note", b"note", "resolved_by", b"resolved_by", "rule", b"rule", "severity", b"severity", "state", b"state", "summary", b"summary", "update_time", b"update_time", "verdict_ids", b"verdict_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,20 +668,28 @@ class ListAlertsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
     @_builtins.property
-    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___AlertState.ValueType]: ...
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___AlertState.ValueType]:
+        """Any of these states; all states when empty."""
+
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Any of these rule names; all rules when empty."""
+
     def __init__(
         self,
         *,
         states: _abc.Iterable[Global___AlertState.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        rules: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "rules", b"rules", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,19 +720,27 @@ Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
 
 @_typing.final
 class SubscribeAlertsRequest(_message.Message):
+    """SubscribeAlertsRequest streams every change of a matching alert: opened, new events,
+    acknowledged, resolved.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATES_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___AlertState.ValueType]: ...
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         states: _abc.Iterable[Global___AlertState.ValueType] | None = ...,
+        rules: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

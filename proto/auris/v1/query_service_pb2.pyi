@@ -444,6 +444,52 @@ class ListTopTalkersResponse(_message.Message):
 Global___ListTopTalkersResponse: _TypeAlias = ListTopTalkersResponse  # noqa: Y015
 
 @_typing.final
+class ListTopAnomaliesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """The server caps this; 0 means 10."""
+    @_builtins.property
+    def filter(self) -> Global___VerdictFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___VerdictFilter | None = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopAnomaliesRequest: _TypeAlias = ListTopAnomaliesRequest  # noqa: Y015
+
+@_typing.final
+class ListTopAnomaliesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[_verdict_pb2.StoredVerdict]:
+        """Highest score first; ties newest first."""
+
+    def __init__(
+        self,
+        *,
+        verdicts: _abc.Iterable[_verdict_pb2.StoredVerdict] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdicts", b"verdicts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopAnomaliesResponse: _TypeAlias = ListTopAnomaliesResponse  # noqa: Y015
+
+@_typing.final
 class LabelVerdictsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -55,6 +55,11 @@ class QueryServiceStub:
                 request_serializer=auris_dot_v1_dot_query__service__pb2.ListTopTalkersRequest.SerializeToString,
                 response_deserializer=auris_dot_v1_dot_query__service__pb2.ListTopTalkersResponse.FromString,
                 _registered_method=True)
+        self.ListTopAnomalies = channel.unary_unary(
+                '/auris.v1.QueryService/ListTopAnomalies',
+                request_serializer=auris_dot_v1_dot_query__service__pb2.ListTopAnomaliesRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_query__service__pb2.ListTopAnomaliesResponse.FromString,
+                _registered_method=True)
         self.LabelVerdicts = channel.unary_unary(
                 '/auris.v1.QueryService/LabelVerdicts',
                 request_serializer=auris_dot_v1_dot_query__service__pb2.LabelVerdictsRequest.SerializeToString,
@@ -94,6 +99,13 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTopAnomalies(self, request, context):
+        """ListTopAnomalies ranks verdicts by the deciding model's score, highest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LabelVerdicts(self, request, context):
         """LabelVerdicts attaches an analyst label to verdicts, for retraining.
         """
@@ -123,6 +135,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListTopTalkers,
                     request_deserializer=auris_dot_v1_dot_query__service__pb2.ListTopTalkersRequest.FromString,
                     response_serializer=auris_dot_v1_dot_query__service__pb2.ListTopTalkersResponse.SerializeToString,
+            ),
+            'ListTopAnomalies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopAnomalies,
+                    request_deserializer=auris_dot_v1_dot_query__service__pb2.ListTopAnomaliesRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_query__service__pb2.ListTopAnomaliesResponse.SerializeToString,
             ),
             'LabelVerdicts': grpc.unary_unary_rpc_method_handler(
                     servicer.LabelVerdicts,
@@ -239,6 +256,33 @@ class QueryService:
             '/auris.v1.QueryService/ListTopTalkers',
             auris_dot_v1_dot_query__service__pb2.ListTopTalkersRequest.SerializeToString,
             auris_dot_v1_dot_query__service__pb2.ListTopTalkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopAnomalies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.QueryService/ListTopAnomalies',
+            auris_dot_v1_dot_query__service__pb2.ListTopAnomaliesRequest.SerializeToString,
+            auris_dot_v1_dot_query__service__pb2.ListTopAnomaliesResponse.FromString,
             options,
             channel_credentials,
             insecure,

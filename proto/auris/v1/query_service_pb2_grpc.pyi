@@ -41,6 +41,8 @@ class QueryServiceStub:
     """AggregateVerdicts counts verdicts per group and time bucket."""
     ListTopTalkers: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListTopTalkersRequest, _query_service_pb2.ListTopTalkersResponse]
     """ListTopTalkers ranks endpoints by volume or verdict count."""
+    ListTopAnomalies: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListTopAnomaliesRequest, _query_service_pb2.ListTopAnomaliesResponse]
+    """ListTopAnomalies ranks verdicts by the deciding model's score, highest first."""
     LabelVerdicts: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.LabelVerdictsRequest, _query_service_pb2.LabelVerdictsResponse]
     """LabelVerdicts attaches an analyst label to verdicts, for retraining."""
 
@@ -57,6 +59,8 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """AggregateVerdicts counts verdicts per group and time bucket."""
     ListTopTalkers: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListTopTalkersRequest, _query_service_pb2.ListTopTalkersResponse]  # type: ignore[assignment]
     """ListTopTalkers ranks endpoints by volume or verdict count."""
+    ListTopAnomalies: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListTopAnomaliesRequest, _query_service_pb2.ListTopAnomaliesResponse]  # type: ignore[assignment]
+    """ListTopAnomalies ranks verdicts by the deciding model's score, highest first."""
     LabelVerdicts: _aio.UnaryUnaryMultiCallable[_query_service_pb2.LabelVerdictsRequest, _query_service_pb2.LabelVerdictsResponse]  # type: ignore[assignment]
     """LabelVerdicts attaches an analyst label to verdicts, for retraining."""
 
@@ -94,6 +98,14 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListTopTalkersResponse, _abc.Awaitable[_query_service_pb2.ListTopTalkersResponse]]:
         """ListTopTalkers ranks endpoints by volume or verdict count."""
+
+    @_abc_1.abstractmethod
+    def ListTopAnomalies(
+        self,
+        request: _query_service_pb2.ListTopAnomaliesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.ListTopAnomaliesResponse, _abc.Awaitable[_query_service_pb2.ListTopAnomaliesResponse]]:
+        """ListTopAnomalies ranks verdicts by the deciding model's score, highest first."""
 
     @_abc_1.abstractmethod
     def LabelVerdicts(
