@@ -185,3 +185,57 @@ def test_two_agents_cannot_share_a_state_dir(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "another auris-agent is using this state directory" in done.stderr
+
+
+def test_aurisctl_db_status_migrate_vacuum(tmp_path: Path) -> None:
+    import json
+
+    import sqlite_utils
+
+    from auris.collector.store import MIGRATIONS, SCHEMA_VERSION, VerdictStore
+    from tests.conftest import make_verdict
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    MIGRATIONS[0](old)
+    old.table("meta").insert({"key": "schema_version", "value": "1"}, pk="key")
+    old.close()
+
+    def ctl(*args: str) -> dict[str, object]:
+        result = run_cli("auris.collector.ctl", ["db", *args, "--json"])
+        assert result.returncode == 0, result.stderr
+        report: dict[str, object] = json.loads(result.stdout)
+        return report
+
+    status = ctl("status", "--db", str(path))
+    assert (status["schema_version"], status["latest_schema"], status["verdicts_rows"]) == (
+        1,
+        SCHEMA_VERSION,
+        0,
+    )
+    config = tmp_path / "collector.toml"
+    config.write_text(f'insecure = true\ndb = "{path}"\n')
+    migrated = ctl("migrate", "--collector-config", str(config))
+    assert (migrated["schema_version"], migrated["migrations_applied"]) == (
+        SCHEMA_VERSION,
+        SCHEMA_VERSION - 1,
+    )
+
+    store = VerdictStore(path)
+    for first in range(1, 5001, 500):
+        store.ingest("agent-1", [make_verdict(s) for s in range(first, first + 500)])
+    store.retain(max_rows=10)
+    store.close()
+    vacuumed = ctl("vacuum", "--db", str(path))
+    assert vacuumed["verdicts_rows"] == 10
+    assert int(vacuumed["bytes_after"]) < int(vacuumed["bytes_before"]) / 2  # type: ignore[call-overload]
+
+    missing = run_cli("auris.collector.ctl", ["db", "status", "--db", str(tmp_path / "none.db")])
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"aurisctl: no database at {tmp_path / 'none.db'}"
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    bad = run_cli("auris.collector.ctl", ["db", "status", "--db", str(garbage)])
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "not a usable SQLite database" in bad.stderr or "file is not a database" in bad.stderr

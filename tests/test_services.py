@@ -332,3 +332,34 @@ def test_the_collector_applies_retention_and_rollups_keep_the_counts(tmp_path: P
         args = ["--collector", running.address, "--insecure", "stats", "--rollups", "--by", "agent"]
         assert ctl.main(args, out) == 0
         assert out.getvalue().splitlines()[1].split() == ["all", "agent-1", "20", "0", "100", "10000"]
+
+
+def test_top_anomalies_rank_anomalous_verdicts_by_score(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient, collector: CollectorThread
+) -> None:
+    import io
+    import json
+
+    from auris.collector import ctl
+
+    scores = {1: 0.7, 2: 0.99, 3: 0.2, 4: 0.95, 5: 0.99, 6: 0.8}
+    verdicts = [make_verdict(s, anomalous=s != 3, score=score, label="attack") for s, score in scores.items()]
+    verdicts.append(make_verdict(7, anomalous=False, score=1.0))  # the highest score, but not anomalous
+    list(agent_stub.StreamVerdicts(iter([_request(*verdicts)])))
+    top = client.top_anomalies(verdict_filter(), 3)
+    # Highest first; the tie at 0.99 goes to the newer verdict.
+    assert [v.verdict.sequence for v in top] == [5, 2, 4]
+    assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(min_score=0.75), 10)] == [
+        5,
+        2,
+        4,
+        6,
+    ]
+    assert client.top_anomalies(verdict_filter(model_id="other"), 10) == []
+    with pytest.raises(grpc.RpcError) as caught:
+        client.top_anomalies(verdict_filter(anomalous=False))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    out = io.StringIO()
+    assert ctl.main(["--collector", collector.address, "--insecure", "verdicts", "top", "--limit", "2",
+                     "--json"], out) == 0  # fmt: skip
+    assert [int(json.loads(line)["verdict"]["sequence"]) for line in out.getvalue().splitlines()] == [5, 2]

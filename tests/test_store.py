@@ -240,3 +240,26 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     again = VerdictStore(path)
     assert again.schema_version() == 4
     assert sum(r.verdicts for r in again.aggregate_rollups(query_service_pb2.VerdictFilter(), [])) == 3
+
+
+def test_retention_by_size_deletes_the_oldest_until_the_database_fits(store: VerdictStore) -> None:
+    for first in range(1, 20_001, 1000):
+        store.ingest("agent-1", [make_verdict(s) for s in range(first, first + 1000)])
+    used = store.size_bytes()
+    assert store.retain_size(used * 2) == 0  # fits: nothing to do
+    deleted = store.retain_size(used // 2)
+    assert 8_000 <= deleted <= 12_000  # about half the rows, estimated from bytes per verdict
+    remaining = [
+        v.verdict.sequence for v in store.query(query_service_pb2.VerdictFilter(), 1000, "").verdicts
+    ]
+    assert remaining[0] == 20_000  # the newest stay
+    assert store.count() == 20_000 - deleted
+    assert store.db.execute("SELECT MIN(sequence) FROM verdicts").fetchone() == (
+        deleted + 1,
+    )  # the oldest went
+    # Rollups keep counting what was deleted.
+    assert sum(r.verdicts for r in store.aggregate_rollups(query_service_pb2.VerdictFilter(), [])) == 20_000
+    # Freed pages are reused: storing as many rows again barely grows the used size.
+    for first in range(20_001, 20_001 + deleted, 1000):
+        store.ingest("agent-1", [make_verdict(s) for s in range(first, min(first + 1000, 20_001 + deleted))])
+    assert store.size_bytes() < used * 1.2
