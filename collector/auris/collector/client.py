@@ -13,6 +13,7 @@ from auris.agent.uplink import open_channel
 from auris.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    model_pb2,
     query_service_pb2,
     query_service_pb2_grpc,
     verdict_pb2,
@@ -255,6 +256,23 @@ class CollectorClient:
             admin_service_pb2.ResolveAlertRequest(id=alert_id, note=note), timeout=self._timeout
         )
         return response.alert
+
+    def models(
+        self, domain: model_pb2.ModelDomain.ValueType = model_pb2.MODEL_DOMAIN_UNSPECIFIED
+    ) -> list[admin_service_pb2.RegisteredModel]:
+        """Every registered model version (of one domain, when given)."""
+        response: admin_service_pb2.ListModelsResponse = self._admin.ListModels(
+            admin_service_pb2.ListModelsRequest(domain=domain), timeout=self._timeout
+        )
+        return list(response.models)
+
+    def model(self, model_id: str, version: str = "") -> admin_service_pb2.RegisteredModel:
+        """One registered version; the production version when ``version`` is empty."""
+        request = admin_service_pb2.GetModelRequest(
+            model=model_pb2.ModelRef(model_id=model_id, version=version)
+        )
+        response: admin_service_pb2.GetModelResponse = self._admin.GetModel(request, timeout=self._timeout)
+        return response.model
 
     def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
         response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)

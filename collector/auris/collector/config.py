@@ -52,6 +52,9 @@ class CollectorConfig:
     retention_interval_s: float = 60.0
     # An agent is offline when its last heartbeat is older than this (3 agent heartbeats).
     agent_offline_after_s: float = 90.0
+    # Models to register at start (NAME.manifest.json beside its ONNX file): a version already
+    # registered with the same bytes is skipped, a bad one is reported and skipped.
+    models_dir: str = ""
     # Alert rules and notification sinks, as [[alert_rules]] and [[alert_sinks]] tables (every
     # key is described in packaging/collector.toml).
     alert_rules: tuple[AlertRule, ...] = ()

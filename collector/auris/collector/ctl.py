@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from auris.agent import __version__
 from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
 from auris.collector.client import EXPORT_COLUMNS, CollectorClient, flat_verdict, verdict_filter
-from auris.v1 import admin_service_pb2, query_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["main", "parse_since"]
 
@@ -80,6 +80,11 @@ _ALERT_STATES = {
     "open": admin_service_pb2.ALERT_STATE_OPEN,
     "acknowledged": admin_service_pb2.ALERT_STATE_ACKNOWLEDGED,
     "resolved": admin_service_pb2.ALERT_STATE_RESOLVED,
+}
+_DOMAINS = {
+    "network": model_pb2.MODEL_DOMAIN_NETWORK_FLOW,
+    "transaction": model_pb2.MODEL_DOMAIN_TRANSACTION,
+    "tick": model_pb2.MODEL_DOMAIN_TICK,
 }
 _METRICS = {
     "bytes": query_service_pb2.TALKER_METRIC_BYTES,
@@ -224,6 +229,17 @@ def _parser() -> argparse.ArgumentParser:
         changed = verbs.add_parser(name, help=text)
         changed.add_argument("ids", nargs="+", type=int, metavar="ID")
         changed.add_argument("--note", default="", help="a note kept with the alert")
+
+    models = sub.add_parser("models", help="the collector's model registry")
+    verbs = models.add_subparsers(dest="verb", metavar="VERB")
+    listed = verbs.add_parser(
+        "list", help="every registered model version with its stage and headline metrics"
+    )
+    listed.add_argument("--domain", choices=sorted(_DOMAINS), help="only models of this domain")
+    listed.add_argument("--json", action="store_true", help="one JSON object per line")
+    shown = verbs.add_parser("show", help="one model version in full (ID: its production version)")
+    shown.add_argument("model", metavar="ID[@VERSION]")
+    shown.add_argument("--json", action="store_true", help="JSON output (the whole manifest)")
 
     db = sub.add_parser("db", help="the collector's SQLite database, on this host (no collector needed)")
     db.add_argument(
@@ -504,6 +520,72 @@ def _alerts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
     return EXIT_OK
 
 
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.verb is None:
+        raise ConfigError("models needs a verb: list or show")
+    if args.verb == "show":
+        model_id, _, version = args.model.partition("@")
+        model = client.model(model_id, version)
+        if args.json:
+            print(_json(model), file=out)
+            return EXIT_OK
+        m = model.manifest
+        e = m.evaluation
+        facts = [
+            ("model", f"{m.model_id}@{m.version}"),
+            ("stage", _enum_name(admin_service_pb2.ModelStage, model.stage, "MODEL_STAGE_")),
+            ("kind", _enum_name(model_pb2.ModelKind, m.kind, "MODEL_KIND_")),
+            ("domain", _enum_name(model_pb2.ModelDomain, m.domain, "MODEL_DOMAIN_")),
+            ("description", m.description),
+            (
+                "feature set",
+                f"{m.feature_set.name} v{m.feature_set.version}, {len(m.feature_set.columns)} columns",
+            ),
+            ("labels", ", ".join(m.labels) + (f" (normal: {m.normal_label})" if m.normal_label else "")),
+            ("threshold", f"{m.threshold.value:g} ({m.threshold.method})"),
+            ("evaluation", f"{e.split}: macro F1 {e.macro_f1:.3f}, weighted F1 {e.weighted_f1:.3f}"),
+            ("baseline", f"{e.baseline_name}: macro F1 {e.baseline_macro_f1:.3f}"),
+            *(
+                (
+                    f"  {c.label}",
+                    f"precision {c.precision:.3f} recall {c.recall:.3f} F1 {c.f1:.3f} n={c.support}",
+                )
+                for c in e.per_class
+            ),
+            ("onnx", f"{m.onnx_file} sha256 {m.onnx_sha256}"),
+            ("signed", f"by {m.signing_key_id}" if m.signature else "no"),
+            ("registered", _fmt_time(model.registered_time) + " UTC"),
+        ]
+        _print_rows(("FIELD", "VALUE"), facts, out)
+        return EXIT_OK
+    models = client.models(_DOMAINS[args.domain] if args.domain else model_pb2.MODEL_DOMAIN_UNSPECIFIED)
+    if args.json:
+        for model in models:
+            print(_json(model), file=out)
+        return EXIT_OK
+    rows = [
+        (
+            f"{r.manifest.model_id}@{r.manifest.version}",
+            _enum_name(admin_service_pb2.ModelStage, r.stage, "MODEL_STAGE_"),
+            _enum_name(model_pb2.ModelKind, r.manifest.kind, "MODEL_KIND_"),
+            r.manifest.feature_set.name,
+            f"{r.manifest.evaluation.macro_f1:.3f}",
+            f"{r.manifest.evaluation.baseline_macro_f1:.3f}",
+            _fmt_time(r.registered_time),
+        )
+        for r in models
+    ]
+    if not rows:
+        print("no models registered", file=out)
+        return EXIT_OK
+    _print_rows(("MODEL", "STAGE", "KIND", "FEATURES", "MACRO F1", "BASELINE", "REGISTERED (UTC)"), rows, out)
+    return EXIT_OK
+
+
 def _db(args: argparse.Namespace, out: TextIO) -> int:
     """Local database maintenance: the same store code the collector runs."""
     import sqlite3
@@ -586,7 +668,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         print(
-            "aurisctl: a command is required (verdicts, stats, talkers, agents, alerts, services, db)",
+            "aurisctl: a command is required "
+            "(verdicts, stats, talkers, agents, alerts, models, services, db)",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -630,6 +713,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 return _talkers(client, args, out)
             if args.command == "alerts":
                 return _alerts(client, args, out)
+            if args.command == "models":
+                return _models(client, args, out)
             return _services(client, out)
     except ConfigError as exc:
         print(f"aurisctl: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from auris.collector.alerts import Alerts, Notifier
 from auris.collector.broker import Broker
 from auris.collector.config import CollectorConfig
+from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
 from auris.collector.store import VerdictStore
 from auris.v1 import (
@@ -61,6 +62,7 @@ class Collector:
             config.subscriber_buffer, config.max_subscribers
         )
         self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks)
+        self.registry = ModelRegistry(self.store)
         if config.alert_rules:
             self.store.on_ingest = self.alerts.evaluate
         self.alert_broker: Broker[admin_service_pb2.Alert] = Broker(
@@ -98,6 +100,7 @@ class Collector:
                 config.agent_offline_after_s,
                 self.alerts,
                 self.alert_broker,
+                self.registry,
                 self._alerts_changed,
                 config.default_page_size,
                 config.max_page_size,
@@ -140,6 +143,8 @@ class Collector:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
+        if self.config.models_dir:
+            self._import_models(Path(self.config.models_dir))
         self.port = self._bind()
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
@@ -165,6 +170,17 @@ class Collector:
             "INSECURE plaintext" if self.config.insecure else "mTLS",
             self.store.path,
         )
+
+    def _import_models(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise OSError(f"models_dir {folder} is not a directory")
+        result = self.registry.import_dir(folder)
+        for reason in result.refused:
+            logger.error("model refused: %s", reason)
+        logger.info(
+            "models from %s: %d registered, %d already known, %d refused",
+            folder, len(result.registered), len(result.unchanged), len(result.refused),
+        )  # fmt: skip
 
     async def _retain_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ import grpc
 
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.broker import Broker, Subscription, check_filter, matches
+from auris.collector.registry import ModelRegistry
 from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
     admin_service_pb2,
@@ -252,7 +253,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """The agent registry and alerts (more admin RPCs come with later issues; see docs/ROADMAP.md)."""
+    """The agent registry, alerts and the model registry (more admin RPCs come with later issues;
+    see docs/ROADMAP.md)."""
 
     def __init__(
         self,
@@ -262,6 +264,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         offline_after_s: float,
         alerts: Alerts,
         alert_broker: Broker[admin_service_pb2.Alert],
+        registry: ModelRegistry,
         alerts_changed: AlertsChanged,
         default_page: int,
         max_page: int,
@@ -272,6 +275,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self._offline_after_ns = int(offline_after_s * 1e9)
         self._alerts = alerts
         self._alert_broker = alert_broker
+        self._registry = registry
         self._alerts_changed = alerts_changed
         self._default_page = default_page
         self._max_page = max_page
@@ -297,6 +301,26 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             context, self._readers, self._store.agents, self._offline_after_ns, request.agent_id or "?"
         )
         return admin_service_pb2.GetAgentResponse(agent=agent)
+
+    async def ListModels(
+        self,
+        request: admin_service_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ListModelsRequest, admin_service_pb2.ListModelsResponse
+        ],
+    ) -> admin_service_pb2.ListModelsResponse:
+        models = await _run(context, self._readers, self._registry.models, request.domain)
+        return admin_service_pb2.ListModelsResponse(models=models)
+
+    async def GetModel(
+        self,
+        request: admin_service_pb2.GetModelRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.GetModelRequest, admin_service_pb2.GetModelResponse
+        ],
+    ) -> admin_service_pb2.GetModelResponse:
+        model = await _run(context, self._readers, self._registry.get, request.model)
+        return admin_service_pb2.GetModelResponse(model=model)
 
     async def ListAlerts(
         self,

@@ -25,7 +25,7 @@ from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, ve
 
 __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -243,11 +243,23 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """The model registry: each version's manifest, ONNX bytes and stage."""
+    db.execute(
+        "CREATE TABLE models (model_id TEXT NOT NULL, version TEXT NOT NULL, domain INTEGER NOT NULL,"
+        " stage INTEGER NOT NULL, sha256 TEXT NOT NULL, manifest_pb BLOB NOT NULL, onnx BLOB NOT NULL,"
+        " registered_ns INTEGER NOT NULL, promoted_ns INTEGER, PRIMARY KEY (model_id, version))"
+    )
+    # One production version per model id.
+    db.execute("CREATE UNIQUE INDEX models_production ON models (model_id) WHERE stage = 2")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 ]
 
 

@@ -1,0 +1,114 @@
+"""The model registry on a real collector: models imported from a folder at start, listed and shown
+over gRPC and through aurisctl; bad manifests refused one by one while the rest come in."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from auris.agent.manifest import ManifestError, dump_manifest, read_manifest
+from auris.collector import ctl
+from auris.collector.client import CollectorClient
+from auris.collector.registry import ModelRegistry
+from auris.collector.store import VerdictStore
+from auris.v1 import admin_service_pb2, model_pb2
+from tests.conftest import MODELS, running_collector
+
+PRODUCTION = admin_service_pb2.MODEL_STAGE_PRODUCTION
+CANDIDATE = admin_service_pb2.MODEL_STAGE_CANDIDATE
+
+
+def _models_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for path in [*MODELS.glob("nfstream-rf.*"), *(MODELS / "candidates").glob("nfstream-ae.*")]:
+        shutil.copy(path, folder)
+    # A second version of the classifier (same bytes, new version): a candidate.
+    manifest = read_manifest(folder / "nfstream-rf.manifest.json")
+    manifest.version = "2099.1"
+    (folder / "nfstream-rf-next.manifest.json").write_text(dump_manifest(manifest))
+    # Two bad ones: not JSON; an ONNX file whose bytes differ from the manifest's sha256.
+    (folder / "broken.manifest.json").write_text("{ not json")
+    manifest.version = "2099.2"
+    manifest.onnx_file = "tampered.onnx"
+    (folder / "tampered.manifest.json").write_text(dump_manifest(manifest))
+    (folder / "tampered.onnx").write_bytes(b"\x00" * 64)
+    return folder
+
+
+def test_models_are_imported_listed_and_shown(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = _models_dir(tmp_path)
+    with (
+        caplog.at_level(logging.INFO, logger="auris.collector.server"),
+        running_collector(tmp_path / "auris.db", models_dir=str(folder)) as running,
+        CollectorClient(running.address, insecure=True) as client,
+    ):
+        models = {(m.manifest.model_id, m.manifest.version): m.stage for m in client.models()}
+        rf_version = read_manifest(MODELS / "nfstream-rf.manifest.json").version
+        assert models == {
+            (
+                "nfstream-ae",
+                read_manifest(MODELS / "candidates" / "nfstream-ae.manifest.json").version,
+            ): PRODUCTION,
+            ("nfstream-rf", rf_version): PRODUCTION,
+            ("nfstream-rf", "2099.1"): CANDIDATE,
+        }
+        refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model refused")]
+        assert len(refusals) == 2
+        assert any("broken.manifest.json: not a valid manifest" in r for r in refusals)
+        assert any("refusing a modified model" in r for r in refusals)
+        assert "3 registered, 0 already known, 2 refused" in caplog.text
+
+        assert client.models(model_pb2.MODEL_DOMAIN_TICK) == []
+        production = client.model("nfstream-rf")
+        assert (production.manifest.version, production.stage) == (rf_version, PRODUCTION)
+        assert production.manifest.evaluation.per_class  # the manifest travels whole
+        with pytest.raises(grpc.RpcError) as caught:
+            client.model("nope")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+        out = io.StringIO()
+        assert ctl.main(["--collector", running.address, "--insecure", "models", "list"], out) == 0
+        lines = out.getvalue().splitlines()
+        assert lines[0].split()[:3] == ["MODEL", "STAGE", "KIND"]
+        assert any(line.split()[:2] == ["nfstream-rf@2099.1", "candidate"] for line in lines)
+        out = io.StringIO()
+        assert (
+            ctl.main(
+                ["--collector", running.address, "--insecure", "models", "show", "nfstream-rf@2099.1"], out
+            )
+            == 0
+        )
+        assert "candidate" in out.getvalue()
+        assert "macro F1" in out.getvalue()
+        out = io.StringIO()
+        args = ["--collector", running.address, "--insecure", "models", "show", "nfstream-ae", "--json"]
+        assert ctl.main(args, out) == 0
+        assert json.loads(out.getvalue())["manifest"]["kind"] == "MODEL_KIND_AUTOENCODER"
+
+    # A restart with the same folder registers nothing twice.
+    with caplog.at_level(logging.INFO, logger="auris.collector.server"):
+        caplog.clear()
+        with running_collector(tmp_path / "auris.db", models_dir=str(folder)):
+            pass
+        assert "0 registered, 3 already known, 2 refused" in caplog.text
+
+
+def test_a_version_is_immutable(tmp_path: Path) -> None:
+    store = VerdictStore(tmp_path / "auris.db")
+    registry = ModelRegistry(store)
+    manifest = read_manifest(MODELS / "nfstream-rf.manifest.json")
+    onnx = (MODELS / "nfstream-rf.onnx").read_bytes()
+    assert registry.register(manifest, onnx) is True
+    assert registry.register(manifest, onnx) is False  # the same bytes again: nothing to do
+    manifest.onnx_sha256 = "0" * 64
+    with pytest.raises(ManifestError, match="already registered with other bytes"):
+        registry.register(manifest, onnx)
+    assert [m.stage for m in registry.models()] == [PRODUCTION]
+    store.close()
