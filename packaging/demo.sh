@@ -7,9 +7,28 @@ bin=.venv/bin
 demo=.demo
 pcaps=tests/data/pcaps
 rm -rf "$demo" && mkdir -p "$demo"
+# Two alert rules and a JSON-lines sink (every option: packaging/collector.toml).
+cat >"$demo/collector.toml" <<EOF
+models_dir = "models"
+[[alert_rules]]
+name = "attack-source"
+anomalous = true
+group_by = ["src_ip"]
+severity = "critical"
+[[alert_rules]]
+name = "port-sweep"
+anomalous = true
+group_by = ["src_ip"]
+count = 50
+window_minutes = 5.0
+[[alert_sinks]]
+name = "log"
+kind = "jsonl"
+path = "$demo/alerts.jsonl"
+EOF
 
-"$bin/auris-collector" serve --insecure --listen 127.0.0.1:0 --db "$demo/auris.db" \
-    --address-file "$demo/collector.addr" --log-level warning 2>"$demo/collector.log" &
+"$bin/auris-collector" --config "$demo/collector.toml" serve --insecure --listen 127.0.0.1:0 \
+    --db "$demo/auris.db" --address-file "$demo/collector.addr" --log-level warning 2>"$demo/collector.log" &
 collector=$!
 trap 'kill "$collector" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do [ -s "$demo/collector.addr" ] && break; sleep 0.1; done
@@ -29,6 +48,10 @@ total=$("$bin/aurisctl" --insecure --collector "$address" verdicts --since 1h --
 flagged=$("$bin/aurisctl" --insecure --collector "$address" verdicts --since 1h --anomalous --limit 0 --json | wc -l)
 echo "== $total verdicts stored, $flagged anomalous; the newest 25 anomalous:"
 "$bin/aurisctl" --insecure --collector "$address" verdicts --since 1h --anomalous --limit 25
+echo "== open alerts (one per rule and source; notifications in $demo/alerts.jsonl):"
+"$bin/aurisctl" --insecure --collector "$address" alerts list --state open
+echo "== models in the collector's registry:"
+"$bin/aurisctl" --insecure --collector "$address" models list
 
 kill -TERM "$collector"
 wait "$collector"

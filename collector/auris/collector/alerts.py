@@ -143,17 +143,20 @@ class AlertRule:
         return " ".join(f"{f}={_GROUP_FIELDS[f](v)}" for f in self.group_by)
 
     def describe(self, key: str) -> str:
-        """One line for the alert's summary."""
+        """The alert's summary, e.g. "anomalous, score >= 0.9 (model ae); 20 within 5 min; src_ip=..."."""
         what = []
-        if self.min_score is not None:
-            what.append(f"score >= {self.min_score:g}")
         if self.anomalous is not None:
             what.append("anomalous" if self.anomalous else "not anomalous")
+        if self.min_score is not None:
+            what.append(f"score >= {self.min_score:g}")
         if self.labels:
-            what.append(f"label in {', '.join(self.labels)}")
-        judged = f" by {self.model}" if self.model else ""
-        many = f"{self.count} verdicts within {self.window_minutes:g} min" if self.count > 1 else "a verdict"
-        return f"{many}{judged} {' and '.join(what)}" + (f" for {key}" if key else "")
+            what.append(f"label {' or '.join(self.labels)}")
+        parts = [", ".join(what) + (f" (model {self.model})" if self.model else "")]
+        if self.count > 1:
+            parts.append(f"{self.count} within {self.window_minutes:g} min")
+        if key:
+            parts.append(key)
+        return "; ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
