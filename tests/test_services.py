@@ -363,3 +363,58 @@ def test_top_anomalies_rank_anomalous_verdicts_by_score(
     assert ctl.main(["--collector", collector.address, "--insecure", "verdicts", "top", "--limit", "2",
                      "--json"], out) == 0  # fmt: skip
     assert [int(json.loads(line)["verdict"]["sequence"]) for line in out.getvalue().splitlines()] == [5, 2]
+
+
+def test_concurrent_agent_streams_are_each_stored_exactly_once(tmp_path: Path) -> None:
+    """Eight agents stream at once over their own channels, each resending its last batch;
+    every verdict is stored once, acknowledgements only grow, and alerts count every stream."""
+    import threading
+
+    from auris.collector.alerts import AlertRule
+
+    agents, batches, size = 8, 15, 40
+    rule = AlertRule(name="per-agent", anomalous=True, group_by=("agent_id",))
+    acks: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    with running_collector(tmp_path / "c.db", alert_rules=(rule,)) as running:
+
+        def agent(n: int) -> None:
+            agent_id = f"agent-{n}"
+            try:
+                with CollectorClient(running.address, insecure=True) as c:
+                    stub = agent_service_pb2_grpc.AgentServiceStub(c.channel)
+                    requests = [
+                        _request(
+                            *(
+                                make_verdict(s, agent_id=agent_id, anomalous=s % 10 == 0)
+                                for s in range(b * size + 1, (b + 1) * size + 1)
+                            ),
+                            agent_id=agent_id,
+                        )
+                        for b in range(batches)
+                    ]
+                    responses = list(stub.StreamVerdicts(iter(requests)))
+                    responses += list(stub.StreamVerdicts(iter(requests[-1:])))  # a resend
+                    acks[agent_id] = [r.acknowledged_sequence for r in responses]
+            except BaseException as exc:  # reported below, on the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=agent, args=(n,)) for n in range(agents)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors
+        with CollectorClient(running.address, insecure=True) as c:
+            assert running.collector is not None
+            assert running.collector.store.count() == agents * batches * size
+            for agent_id, seen in acks.items():
+                assert seen[:-1] == [size * (b + 1) for b in range(batches)]
+                assert seen[-1] == batches * size
+                stored = [v.verdict.sequence for v in c.query(verdict_filter(agent_ids=[agent_id]))]
+                assert sorted(stored) == list(range(1, batches * size + 1))
+            assert {a.agent_id: a.verdicts_stored for a in c.list_agents()} == {
+                f"agent-{n}": batches * size for n in range(agents)
+            }
+            alerts = {a.key: a.events for a in c.alerts()}
+            assert alerts == {f"agent_id=agent-{n}": batches * size // 10 for n in range(agents)}

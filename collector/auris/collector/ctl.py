@@ -229,6 +229,7 @@ def _parser() -> argparse.ArgumentParser:
         changed = verbs.add_parser(name, help=text)
         changed.add_argument("ids", nargs="+", type=int, metavar="ID")
         changed.add_argument("--note", default="", help="a note kept with the alert")
+        changed.add_argument("--json", action="store_true", help="each changed alert as a JSON object")
 
     models = sub.add_parser("models", help="the collector's model registry")
     verbs = models.add_subparsers(dest="verb", metavar="VERB")
@@ -497,7 +498,7 @@ def _alerts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
         change = client.acknowledge_alert if args.verb == "ack" else client.resolve_alert
         for alert_id in args.ids:
             alert = change(alert_id, args.note)
-            print(f"alert {alert.id}: {_alert_cells(alert)[1]}", file=out)
+            print(_json(alert) if args.json else f"alert {alert.id}: {_alert_cells(alert)[1]}", file=out)
         return EXIT_OK
     states = [_ALERT_STATES[name] for name in args.state]
     if args.verb == "tail":
