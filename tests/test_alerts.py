@@ -59,12 +59,13 @@ def test_a_single_match_rule_keeps_one_open_alert_per_key(tmp_path: Path) -> Non
     assert list(seven.verdict_ids) == [result.stored_ids[0], result.stored_ids[3]]
     assert "src_ip=10.0.0.7" in seven.summary
     # Later matches join the open alert instead of opening another.
-    store.ingest("agent-1", [make_verdict(5, anomalous=True, src_ip="10.0.0.7")])
+    fifth = make_verdict(5, anomalous=True, src_ip="10.0.0.7")
+    store.ingest("agent-1", [fifth])
     after = {a.key: a for a in _all(alerts)}
     assert len(after) == 2
     assert after["src_ip=10.0.0.7"].events == 3
     # A resent batch stores nothing and adds no events.
-    again = store.ingest("agent-1", [make_verdict(5, anomalous=True, src_ip="10.0.0.7")])
+    again = store.ingest("agent-1", [fifth])
     assert again.duplicates == 1
     assert again.alert_ids == []
     assert {a.key: a for a in _all(alerts)}["src_ip=10.0.0.7"].events == 3
@@ -311,7 +312,7 @@ def test_alerts_end_to_end_on_a_real_collector(tmp_path: Path, hook_server: _Hoo
             resolved = client.resolve_alert(attack.id, "false positive")
             assert resolved.state == RESOLVED
             assert resolved.note == "false positive"
-            assert resolved.acknowledged_by.startswith("unauthenticated ipv4:127.0.0.1")
+            assert resolved.acknowledged_by.startswith("insecure ipv4:127.0.0.1")
             with pytest.raises(grpc.RpcError) as info:
                 client.acknowledge_alert(attack.id)
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -322,7 +323,7 @@ def test_alerts_end_to_end_on_a_real_collector(tmp_path: Path, hook_server: _Hoo
             out = io.StringIO()
             assert ctl.main(["--collector", running.address, "--insecure", "alerts", "list", "--state",
                              "resolved"], out=out) == 0  # fmt: skip
-            assert "resolved (unauthenticated" in out.getvalue()
+            assert "resolved (insecure" in out.getvalue()
             assert "burst" not in out.getvalue()
 
             # Subscribers saw every change of the rule they follow, in order.

@@ -103,8 +103,12 @@ def test_query_errors_map_to_statuses(client: CollectorClient) -> None:
 
 def test_contract_rpcs_not_served_yet_say_so(agent_stub: agent_service_pb2_grpc.AgentServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        agent_stub.Enroll(agent_service_pb2.EnrollRequest(token="t"))
+        list(agent_stub.WatchModelUpdates(agent_service_pb2.WatchModelUpdatesRequest(agent_id="agent-1")))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Enrollment needs the CA's key, which this collector was not given.
+    with pytest.raises(grpc.RpcError) as caught:
+        agent_stub.Enroll(agent_service_pb2.EnrollRequest(token="t"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _trailing(exc: grpc.RpcError) -> dict[str, str]:

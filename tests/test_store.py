@@ -127,7 +127,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     )  # fmt: skip
     old.close()
     store = VerdictStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.schema_version() == SCHEMA_VERSION == 6
     assert {"alerts", "alert_events", "alert_outbox"} <= set(store.db.table_names())
     assert "last_heartbeat_ns" in store.db.table("agents").columns_dict
     (agent,) = store.agents(offline_after_ns=10**9)
@@ -228,17 +228,20 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store = VerdictStore(path)
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
-    # Make it a schema-2 database again: no rollups (3), no alerts (4), no model registry (5).
+    # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6).
     db = sqlite_utils.Database(path)
-    for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models"):
+    for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
+                  "enrollment_tokens", "audit"):  # fmt: skip
         db.execute(f"DROP TABLE {table}")
+    for column in ("revoked_ns", "revoked_reason", "cert_serial"):
+        db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
     db.execute("DROP INDEX verdicts_anomaly_score")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.conn.commit()
     db.close()
-    assert len(MIGRATIONS) == 5
+    assert len(MIGRATIONS) == 6
     again = VerdictStore(path)
-    assert again.schema_version() == 5
+    assert again.schema_version() == 6
     assert sum(r.verdicts for r in again.aggregate_rollups(query_service_pb2.VerdictFilter(), [])) == 3
 
 

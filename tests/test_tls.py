@@ -12,7 +12,7 @@ import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
-from auris.v1 import query_service_pb2, query_service_pb2_grpc
+from auris.v1 import admin_service_pb2, query_service_pb2, query_service_pb2_grpc
 from tests.conftest import MODELS, PCAPS, CollectorThread, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
@@ -66,6 +66,7 @@ def tls_collector(tmp_path: Path, pki: Path) -> Iterator[CollectorThread]:
         ca_file=str(pki / "ca.pem"),
         cert_file=str(pki / "collector.pem"),
         key_file=str(pki / "collector.key"),
+        api_listen="127.0.0.1:0",
     )
     running = CollectorThread(config)
     running.start()
@@ -92,13 +93,13 @@ def test_agent_delivers_over_mtls(tls_collector: CollectorThread, pki: Path, tmp
     done = run_cli("auris.agent", [*args, "--config", str(config), "--pcap", str(pcap)])
     assert done.returncode == 0, done.stderr
     assert "INSECURE" not in done.stderr
-    with CollectorClient(
-        tls_collector.address,
-        ca_file=str(pki / "ca.pem"),
-        cert_file=str(pki / "agent-1.pem"),
-        key_file=str(pki / "agent-1.key"),
-    ) as c:
-        assert len(list(c.query(verdict_filter()))) > 0
+    assert tls_collector.collector is not None
+    token, _ = tls_collector.collector.authority.create_token("test", admin_service_pb2.ROLE_READER)
+    with CollectorClient(tls_collector.collector.api_address, ca_file=str(pki / "ca.pem"), token=token) as c:
+        stored = list(c.query(verdict_filter()))
+    # The agent took its id from its certificate.
+    assert len(stored) > 0
+    assert {v.verdict.agent_id for v in stored} == {"agent-1"}
 
 
 @pytest.mark.parametrize("who", ["rogue", "plaintext"])

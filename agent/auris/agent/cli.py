@@ -148,7 +148,7 @@ def run(
     state_dir = Path(config.state_dir)
     try:
         lock_state_dir(state_dir)
-        agent_id = agent_identity(state_dir, config.agent_id)
+        agent_id = agent_identity(state_dir, config.agent_id, "" if config.insecure else config.cert_file)
         spool = Spool(state_dir / "spool.db", config.spool_max_verdicts)
     except (OSError, ValueError) as exc:
         logger.error("state dir %s unusable: %s", state_dir, exc)

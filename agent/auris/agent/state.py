@@ -8,7 +8,7 @@ import socket
 import uuid
 from pathlib import Path
 
-__all__ = ["agent_identity", "lock_state_dir"]
+__all__ = ["agent_identity", "certificate_identity", "lock_state_dir"]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -25,8 +25,30 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-def agent_identity(state_dir: Path, configured: str = "") -> str:
-    """The configured id, else the one stored in ``state_dir``, else a new stored one."""
+def certificate_identity(cert_file: str) -> str:
+    """The agent id an agent certificate carries (its common name): the collector knows the
+    agent by it, so the agent must use it too."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the agent certificate {cert_file}: {exc}") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise ValueError(f"the agent certificate {cert_file} has no common name")
+    return str(names[0].value)
+
+
+def agent_identity(state_dir: Path, configured: str = "", cert_file: str = "") -> str:
+    """The certificate's id (which a configured id must equal), else the configured id, else the
+    one stored in ``state_dir``, else a new stored one."""
+    if cert_file:
+        certified = certificate_identity(cert_file)
+        if configured and configured != certified:
+            raise ValueError(f"agent_id {configured!r} differs from the certificate's {certified!r}")
+        return certified
     if configured:
         return configured
     path = state_dir / "agent-id"

@@ -83,9 +83,16 @@ def is_loopback_target(target: str) -> bool:
 
 
 def open_channel(
-    target: str, *, insecure: bool, ca_file: str = "", cert_file: str = "", key_file: str = ""
+    target: str,
+    *,
+    insecure: bool,
+    ca_file: str = "",
+    cert_file: str = "",
+    key_file: str = "",
+    token: str = "",
 ) -> grpc.Channel:
-    """A channel to the collector: mTLS by default, plaintext only to loopback when insecure."""
+    """A channel to the collector: TLS (with a client certificate when given: mTLS; with an API
+    token when given) by default, plaintext only to loopback when insecure."""
     options = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -97,9 +104,13 @@ def open_channel(
         return grpc.insecure_channel(target, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(ca_file).read_bytes(),
-        private_key=Path(key_file).read_bytes(),
-        certificate_chain=Path(cert_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
     )
+    if token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(token)
+        )
     return grpc.secure_channel(target, credentials, options=options)
 
 

@@ -113,10 +113,11 @@ class CollectorClient:
         ca_file: str = "",
         cert_file: str = "",
         key_file: str = "",
+        token: str = "",
         timeout_s: float = 30.0,
     ) -> None:
         self._channel = open_channel(
-            target, insecure=insecure, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+            target, insecure=insecure, ca_file=ca_file, cert_file=cert_file, key_file=key_file, token=token
         )
         self._query = query_service_pb2_grpc.QueryServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)

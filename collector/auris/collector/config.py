@@ -22,9 +22,17 @@ class CollectorConfig:
     listen: str = "127.0.0.1:50051"
     # Plaintext gRPC, for local development only; refuses a non-loopback listen address.
     insecure: bool = False
+    # API port for query and admin clients (TLS, API tokens); empty: none. Not used when insecure
+    # (the one plaintext port serves everything).
+    api_listen: str = "127.0.0.1:50052"
+    # TLS: the CA that signs agent certificates, and the collector's own certificate (chain) and key.
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # The CA's private key, to sign agent certificates at enrollment (empty: this collector does
+    # not enroll agents), and how long those certificates are valid.
+    ca_key_file: str = ""
+    agent_cert_days: float = 365.0
     db: str = "/var/lib/auris-collector/auris.db"
     # "normal": an acknowledged batch survives a collector crash; "full": also an OS crash or
     # power loss, at one fsync per batch.
@@ -38,8 +46,9 @@ class CollectorConfig:
     # how many may subscribe at once.
     subscriber_buffer: int = 10_000
     max_subscribers: int = 64
-    # Once serving, write the bound host:port here (useful with port 0).
+    # Once serving, write the bound host:port here (useful with port 0); the API port's too.
     address_file: str = ""
+    api_address_file: str = ""
     # Raw verdicts older than this many days (by arrival) are deleted, and beyond this many rows
     # the oldest are (0: keep); per-minute rollups and alerts stay. Checked every
     # retention_interval_s.

@@ -14,8 +14,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from auris.collector.alerts import Alerts, Notifier
+from auris.collector.auth import AuthInterceptor, Authority
 from auris.collector.broker import Broker
 from auris.collector.config import CollectorConfig
+from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
 from auris.collector.store import VerdictStore
@@ -49,13 +51,20 @@ class Collector:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auris-reader")
         limit = config.max_message_mib * 1024 * 1024
+        self.authority = Authority(self.store, insecure=config.insecure)
+        self.signer = (
+            AgentSigner(Path(config.ca_file), Path(config.ca_key_file), config.agent_cert_days)
+            if config.ca_key_file
+            else None
+        )
         self._server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.authority, self._writer)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
+            ],
         )
         self._health = HealthServicer()
         self.broker: Broker[verdict_pb2.StoredVerdict] = Broker(
@@ -77,7 +86,13 @@ class Collector:
         # answer UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(  # type: ignore[abstract]
-                self.store, self._writer, self._readers, self.broker, self._alerts_changed
+                self.store,
+                self._writer,
+                self._readers,
+                self.broker,
+                self._alerts_changed,
+                self.authority,
+                self.signer,
             ),
             self._server,
         )
@@ -104,6 +119,8 @@ class Collector:
                 self._alerts_changed,
                 config.default_page_size,
                 config.max_page_size,
+                self.authority,
+                self.signer.ca_sha256 if self.signer else "",
             ),
             self._server,
         )
@@ -117,6 +134,7 @@ class Collector:
             self._server,
         )
         self.port = 0
+        self.api_port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _alerts_changed(self, ids: list[int]) -> None:
@@ -128,14 +146,30 @@ class Collector:
             self.alert_broker.publish(changed)
 
     def _bind(self) -> int:
+        """Open the agent port (mTLS: a client certificate from our CA is required at the handshake)
+        and the API port (TLS; callers present API tokens). Insecure: one plaintext port."""
         if self.config.insecure:
             return self._server.add_insecure_port(self.config.listen)
-        credentials = grpc.ssl_server_credentials(
-            [(Path(self.config.key_file).read_bytes(), Path(self.config.cert_file).read_bytes())],
-            root_certificates=Path(self.config.ca_file).read_bytes(),
-            require_client_auth=True,
+        chain = Path(self.config.cert_file).read_bytes()
+        key = Path(self.config.key_file).read_bytes()
+        agents = grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=Path(self.config.ca_file).read_bytes(), require_client_auth=True
         )
-        return self._server.add_secure_port(self.config.listen, credentials)
+        port = self._server.add_secure_port(self.config.listen, agents)
+        if self.config.api_listen:
+            self.api_port = self._server.add_secure_port(
+                self.config.api_listen, grpc.ssl_server_credentials([(key, chain)])
+            )
+            if self.api_port == 0:
+                raise OSError(f"cannot listen on {self.config.api_listen}")
+        return port
+
+    @property
+    def api_address(self) -> str:
+        """Where query and admin clients connect (the agent port too, in insecure mode)."""
+        if self.config.insecure or not self.api_port:
+            return self.address
+        return f"{self.config.api_listen.rsplit(':', 1)[0]}:{self.api_port}"
 
     @property
     def address(self) -> str:
@@ -164,6 +198,8 @@ class Collector:
             self.notifier.start()
         if self.config.address_file:
             Path(self.config.address_file).write_text(self.address + "\n", encoding="utf-8")
+        if self.config.api_address_file:
+            Path(self.config.api_address_file).write_text(self.api_address + "\n", encoding="utf-8")
         logger.info(
             "collector listening on %s (%s), database %s",
             self.address,

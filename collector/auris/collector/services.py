@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,9 @@ from typing import Any, TypeVar
 import grpc
 
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
+from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
 from auris.collector.broker import Broker, Subscription, check_filter, matches
+from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
@@ -73,14 +76,6 @@ async def _run(
     except (ValueError, LookupError, AlertStateError) as exc:
         await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     raise AssertionError("unreachable")  # context.abort always raises
-
-
-def actor_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """Who is calling: the client certificate's common name under mTLS, else the peer address."""
-    names = list(context.auth_context().get("x509_common_name") or [])
-    if names:
-        return bytes(names[0]).decode("utf-8", "replace")
-    return f"unauthenticated {context.peer()}"
 
 
 async def _follow(
@@ -187,12 +182,70 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         readers: ThreadPoolExecutor,
         broker: Broker[verdict_pb2.StoredVerdict],
         alerts_changed: AlertsChanged,
+        authority: Authority,
+        signer: AgentSigner | None,
     ) -> None:
         self._store = store
         self._writer = writer
         self._readers = readers
         self._broker = broker
         self._alerts_changed = alerts_changed
+        self._authority = authority
+        self._signer = signer
+
+    async def _check_identity(self, agent_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """An agent speaks only for itself (its certificate names it), and not once revoked."""
+        certified = current_principal().agent_id
+        if certified and agent_id and agent_id != certified:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this certificate is for agent {certified}, not {agent_id[:128]}",
+            )
+        if self._authority.is_revoked(certified or agent_id):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"agent {certified or agent_id} is revoked"
+            )
+
+    async def Enroll(
+        self,
+        request: agent_service_pb2.EnrollRequest,
+        context: grpc.aio.ServicerContext[agent_service_pb2.EnrollRequest, agent_service_pb2.EnrollResponse],
+    ) -> agent_service_pb2.EnrollResponse:
+        if self._signer is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this collector does not enroll agents (no ca_key_file configured)",
+            )
+        agent_id = request.agent_id or f"agent-{secrets.token_hex(4)}"
+        if not valid_agent_id(agent_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "agent_id must be 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        if self._authority.is_revoked(agent_id):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"agent {agent_id} is revoked; enroll under a new id"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._writer, self._authority.redeem_enrollment_token, request.token, agent_id
+            )
+        except Refused as exc:
+            await context.abort(exc.code, str(exc))
+        try:
+            certificate, serial = self._signer.sign(request.csr_pem.encode(), agent_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await loop.run_in_executor(
+            self._writer, self._store.record_enrollment, agent_id, request.hostname, serial, time.time_ns()
+        )
+        logger.info("enrolled agent %s (%s), certificate serial %s", agent_id, request.hostname[:128], serial)
+        return agent_service_pb2.EnrollResponse(
+            agent_id=agent_id,
+            certificate_pem=certificate.decode(),
+            ca_certificate_pem=self._signer.ca_pem.decode(),
+        )
 
     async def StreamVerdicts(
         self,
@@ -204,6 +257,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         loop = asyncio.get_running_loop()
         last_sequence = 0
         async for request in request_iterator:
+            await self._check_identity(request.agent_id, context)
             try:
                 top = validate_batch(request, last_sequence)
             except ValueError as exc:
@@ -243,6 +297,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     ) -> agent_service_pb2.HeartbeatResponse:
         if not request.agent_id or len(request.agent_id) > 128:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id must be 1 to 128 characters")
+        await self._check_identity(request.agent_id, context)
         now = time.time_ns()
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self._store.record_heartbeat, request, now
@@ -268,7 +323,11 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         alerts_changed: AlertsChanged,
         default_page: int,
         max_page: int,
+        authority: Authority,
+        ca_sha256: str,
     ) -> None:
+        self._authority = authority
+        self._ca_sha256 = ca_sha256
         self._store = store
         self._readers = readers
         self._writer = writer
@@ -301,6 +360,71 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             context, self._readers, self._store.agents, self._offline_after_ns, request.agent_id or "?"
         )
         return admin_service_pb2.GetAgentResponse(agent=agent)
+
+    async def RevokeAgent(
+        self,
+        request: admin_service_pb2.RevokeAgentRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.RevokeAgentRequest, admin_service_pb2.RevokeAgentResponse
+        ],
+    ) -> admin_service_pb2.RevokeAgentResponse:
+        await _run(context, self._writer, self._authority.revoke_agent, request.agent_id, request.reason)
+        logger.warning(
+            "agent %s revoked by %s: %s", request.agent_id, current_principal().name, request.reason
+        )
+        return admin_service_pb2.RevokeAgentResponse()
+
+    async def CreateEnrollmentToken(
+        self,
+        request: admin_service_pb2.CreateEnrollmentTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.CreateEnrollmentTokenRequest, admin_service_pb2.CreateEnrollmentTokenResponse
+        ],
+    ) -> admin_service_pb2.CreateEnrollmentTokenResponse:
+        ttl_s = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 3600.0
+        token, expire_ns = await _run(
+            context, self._writer, self._authority.create_enrollment_token, ttl_s, request.note
+        )
+        response = admin_service_pb2.CreateEnrollmentTokenResponse(token=token, ca_sha256=self._ca_sha256)
+        response.expire_time.FromNanoseconds(expire_ns)
+        return response
+
+    async def CreateApiToken(
+        self,
+        request: admin_service_pb2.CreateApiTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.CreateApiTokenRequest, admin_service_pb2.CreateApiTokenResponse
+        ],
+    ) -> admin_service_pb2.CreateApiTokenResponse:
+        ttl_s = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 0.0
+        token, token_id = await _run(
+            context, self._writer, self._authority.create_token, request.name, request.role, ttl_s
+        )
+        return admin_service_pb2.CreateApiTokenResponse(token=token, token_id=token_id)
+
+    async def RevokeApiToken(
+        self,
+        request: admin_service_pb2.RevokeApiTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.RevokeApiTokenRequest, admin_service_pb2.RevokeApiTokenResponse
+        ],
+    ) -> admin_service_pb2.RevokeApiTokenResponse:
+        await _run(context, self._writer, self._authority.revoke_token, request.token_id)
+        return admin_service_pb2.RevokeApiTokenResponse()
+
+    async def ListAuditEvents(
+        self,
+        request: admin_service_pb2.ListAuditEventsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ListAuditEventsRequest, admin_service_pb2.ListAuditEventsResponse
+        ],
+    ) -> admin_service_pb2.ListAuditEventsResponse:
+        since_ns = request.since_time.ToNanoseconds() if request.HasField("since_time") else 0
+        size = min(request.page_size or self._default_page, self._max_page)
+        events, token = await _run(
+            context, self._readers, self._authority.audit_page, since_ns, size, request.page_token
+        )
+        return admin_service_pb2.ListAuditEventsResponse(events=events, next_page_token=token)
 
     async def ListModels(
         self,
@@ -362,7 +486,12 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         ],
     ) -> admin_service_pb2.AcknowledgeAlertResponse:
         alert = await _run(
-            context, self._writer, self._alerts.acknowledge, request.id, actor_of(context), request.note
+            context,
+            self._writer,
+            self._alerts.acknowledge,
+            request.id,
+            current_principal().name,
+            request.note,
         )
         await self._alerts_changed([alert.id])
         return admin_service_pb2.AcknowledgeAlertResponse(alert=alert)
@@ -375,7 +504,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         ],
     ) -> admin_service_pb2.ResolveAlertResponse:
         alert = await _run(
-            context, self._writer, self._alerts.resolve, request.id, actor_of(context), request.note
+            context, self._writer, self._alerts.resolve, request.id, current_principal().name, request.note
         )
         await self._alerts_changed([alert.id])
         return admin_service_pb2.ResolveAlertResponse(alert=alert)

@@ -25,7 +25,7 @@ from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, ve
 
 __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -254,12 +254,40 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE UNIQUE INDEX models_production ON models (model_id) WHERE stage = 2")
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Identity: API tokens and enrollment tokens (hashed), revoked agents, an append-only audit log."""
+    db.execute(
+        "CREATE TABLE api_tokens (token_id TEXT PRIMARY KEY, name TEXT NOT NULL, role INTEGER NOT NULL,"
+        " secret_sha256 TEXT NOT NULL, created_ns INTEGER NOT NULL, expire_ns INTEGER, revoked_ns INTEGER)"
+    )
+    db.execute(
+        "CREATE TABLE enrollment_tokens (token_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL,"
+        " note TEXT NOT NULL, created_ns INTEGER NOT NULL, expire_ns INTEGER NOT NULL, used_ns INTEGER,"
+        " used_by TEXT)"
+    )
+    agents = db.table("agents")
+    agents.add_column("revoked_ns", int)
+    agents.add_column("revoked_reason", str)
+    agents.add_column("cert_serial", str)
+    db.execute(
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, actor TEXT NOT NULL,"
+        " action TEXT NOT NULL, target TEXT NOT NULL, result TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX audit_time ON audit (time_ns)")
+    for event in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER audit_append_only_{event.lower()} BEFORE {event} ON audit"
+            " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+        )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 
 
@@ -467,11 +495,21 @@ class VerdictStore:
                 ),
             )
 
+    def record_enrollment(self, agent_id: str, hostname: str, cert_serial: str, now_ns: int) -> None:
+        with self._write_lock, self._db.atomic():
+            self._db.conn.execute(
+                "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns, acknowledged_sequence,"
+                " verdicts_stored, cert_serial) VALUES (?, ?, ?, ?, 0, 0, ?)"
+                " ON CONFLICT(agent_id) DO UPDATE SET hostname = excluded.hostname,"
+                " cert_serial = excluded.cert_serial",
+                (agent_id, hostname[:255], now_ns, now_ns, cert_serial),
+            )
+
     def agents(self, offline_after_ns: int, agent_id: str = "") -> list[admin_service_pb2.AgentInfo]:
         """Every agent (or one), online when its last heartbeat is younger than ``offline_after_ns``."""
         sql = (
             "SELECT agent_id, hostname, agent_version, models, health_pb, last_heartbeat_ns, first_seen_ns,"
-            " verdicts_stored FROM agents"
+            " verdicts_stored, revoked_ns FROM agents"
         )
         params: list[Any] = []
         if agent_id:
@@ -480,7 +518,7 @@ class VerdictStore:
         now = time.time_ns()
         out = []
         for row in self._reader().execute(sql + " ORDER BY agent_id", params):
-            agent, hostname, version, models, health, heartbeat_ns, first_ns, stored = row
+            agent, hostname, version, models, health, heartbeat_ns, first_ns, stored, revoked_ns = row
             info = admin_service_pb2.AgentInfo(
                 agent_id=agent,
                 hostname=hostname or "",
@@ -497,7 +535,11 @@ class VerdictStore:
                 info.last_heartbeat_time.FromNanoseconds(heartbeat_ns)
             online = heartbeat_ns is not None and now - heartbeat_ns < offline_after_ns
             info.state = (
-                admin_service_pb2.AGENT_STATE_ONLINE if online else admin_service_pb2.AGENT_STATE_OFFLINE
+                admin_service_pb2.AGENT_STATE_REVOKED
+                if revoked_ns is not None
+                else admin_service_pb2.AGENT_STATE_ONLINE
+                if online
+                else admin_service_pb2.AGENT_STATE_OFFLINE
             )
             out.append(info)
         if agent_id and not out:

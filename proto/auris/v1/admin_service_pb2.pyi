@@ -308,8 +308,11 @@ class CreateEnrollmentTokenResponse(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CA_SHA256_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """Shown once; the collector stores only its hash."""
+    ca_sha256: _builtins.str
+    """sha256 of the collector CA's certificate (DER, hex): enrolling agents pin it."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -317,10 +320,11 @@ class CreateEnrollmentTokenResponse(_message.Message):
         *,
         token: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        ca_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_sha256", b"ca_sha256", "expire_time", b"expire_time", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,11 +29,16 @@ class EnrollRequest(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     CSR_PEM_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     hostname: _builtins.str
     csr_pem: _builtins.str
     """PEM certificate signing request whose key stays on the agent."""
     agent_version: _builtins.str
+    agent_id: _builtins.str
+    """The id the agent asks for (its configured or saved id); empty: the collector picks one.
+    The certificate's common name is the id granted.
+    """
     def __init__(
         self,
         *,
@@ -41,10 +46,11 @@ class EnrollRequest(_message.Message):
         hostname: _builtins.str = ...,
         csr_pem: _builtins.str = ...,
         agent_version: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "csr_pem", b"csr_pem", "hostname", b"hostname", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "csr_pem", b"csr_pem", "hostname", b"hostname", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

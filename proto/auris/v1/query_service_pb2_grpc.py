@@ -100,7 +100,7 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTopAnomalies(self, request, context):
-        """ListTopAnomalies ranks verdicts by the deciding model's score, highest first.
+        """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

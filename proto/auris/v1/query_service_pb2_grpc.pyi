@@ -42,7 +42,7 @@ class QueryServiceStub:
     ListTopTalkers: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListTopTalkersRequest, _query_service_pb2.ListTopTalkersResponse]
     """ListTopTalkers ranks endpoints by volume or verdict count."""
     ListTopAnomalies: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListTopAnomaliesRequest, _query_service_pb2.ListTopAnomaliesResponse]
-    """ListTopAnomalies ranks verdicts by the deciding model's score, highest first."""
+    """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score."""
     LabelVerdicts: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.LabelVerdictsRequest, _query_service_pb2.LabelVerdictsResponse]
     """LabelVerdicts attaches an analyst label to verdicts, for retraining."""
 
@@ -60,7 +60,7 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListTopTalkers: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListTopTalkersRequest, _query_service_pb2.ListTopTalkersResponse]  # type: ignore[assignment]
     """ListTopTalkers ranks endpoints by volume or verdict count."""
     ListTopAnomalies: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListTopAnomaliesRequest, _query_service_pb2.ListTopAnomaliesResponse]  # type: ignore[assignment]
-    """ListTopAnomalies ranks verdicts by the deciding model's score, highest first."""
+    """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score."""
     LabelVerdicts: _aio.UnaryUnaryMultiCallable[_query_service_pb2.LabelVerdictsRequest, _query_service_pb2.LabelVerdictsResponse]  # type: ignore[assignment]
     """LabelVerdicts attaches an analyst label to verdicts, for retraining."""
 
@@ -105,7 +105,7 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.ListTopAnomaliesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListTopAnomaliesResponse, _abc.Awaitable[_query_service_pb2.ListTopAnomaliesResponse]]:
-        """ListTopAnomalies ranks verdicts by the deciding model's score, highest first."""
+        """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score."""
 
     @_abc_1.abstractmethod
     def LabelVerdicts(

@@ -1,0 +1,455 @@
+"""Who may call what.
+
+Agents prove who they are with their client certificate (the agent port is mTLS-only, and a
+certificate's common name is the agent id). People and programs present an API token with a
+role on the API port (TLS): reader (query, subscribe), analyst (+ label, alerts), admin (+
+agents, models, feeds, tokens, audit). ``POLICY`` names what every RPC needs and
+``AuthInterceptor`` enforces it in one place, writing each action, and each refusal, to the
+append-only audit log.
+
+Tokens are shown once; the collector keeps the sha256 of their secret part only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import dataclasses
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
+from auris.v1 import admin_service_pb2
+
+__all__ = [
+    "AGENT",
+    "OPEN",
+    "POLICY",
+    "AuthInterceptor",
+    "Authority",
+    "Principal",
+    "Refused",
+    "current_principal",
+]
+
+READER = admin_service_pb2.ROLE_READER
+ANALYST = admin_service_pb2.ROLE_ANALYST
+ADMIN = admin_service_pb2.ROLE_ADMIN
+# Pseudo-roles: an agent certificate; nothing (enrollment carries its own token).
+AGENT = -1
+OPEN = 0
+
+_ROLE_NAMES = {READER: "reader", ANALYST: "analyst", ADMIN: "admin", AGENT: "an agent certificate"}
+_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Method -> (who may call it, whether a call is an action for the audit log). A method that is
+# not here is refused: new RPCs are closed until someone decides who may call them.
+POLICY: dict[str, tuple[int, bool]] = {
+    "/auris.v1.AgentService/Enroll": (OPEN, True),
+    "/auris.v1.AgentService/StreamVerdicts": (AGENT, False),
+    "/auris.v1.AgentService/Heartbeat": (AGENT, False),
+    "/auris.v1.AgentService/WatchModelUpdates": (AGENT, False),
+    "/auris.v1.AgentService/DownloadModel": (AGENT, False),
+    "/auris.v1.QueryService/QueryVerdicts": (READER, False),
+    "/auris.v1.QueryService/SubscribeVerdicts": (READER, False),
+    "/auris.v1.QueryService/AggregateVerdicts": (READER, False),
+    "/auris.v1.QueryService/ListTopTalkers": (READER, False),
+    "/auris.v1.QueryService/ListTopAnomalies": (READER, False),
+    "/auris.v1.QueryService/LabelVerdicts": (ANALYST, True),
+    "/auris.v1.AdminService/ListAgents": (READER, False),
+    "/auris.v1.AdminService/GetAgent": (READER, False),
+    "/auris.v1.AdminService/RevokeAgent": (ADMIN, True),
+    "/auris.v1.AdminService/CreateEnrollmentToken": (ADMIN, True),
+    "/auris.v1.AdminService/ListModels": (READER, False),
+    "/auris.v1.AdminService/GetModel": (READER, False),
+    "/auris.v1.AdminService/RegisterModel": (ADMIN, True),
+    "/auris.v1.AdminService/PromoteModel": (ADMIN, True),
+    "/auris.v1.AdminService/ListFeeds": (READER, False),
+    "/auris.v1.AdminService/ListAlerts": (READER, False),
+    "/auris.v1.AdminService/SubscribeAlerts": (READER, False),
+    "/auris.v1.AdminService/AcknowledgeAlert": (ANALYST, True),
+    "/auris.v1.AdminService/ResolveAlert": (ANALYST, True),
+    "/auris.v1.AdminService/CreateApiToken": (ADMIN, True),
+    "/auris.v1.AdminService/RevokeApiToken": (ADMIN, True),
+    "/auris.v1.AdminService/ListAuditEvents": (ADMIN, False),
+    "/auris.v1.FeedService/StreamTransactions": (ADMIN, False),
+    "/auris.v1.FeedService/SubmitTransactions": (ADMIN, False),
+    "/auris.v1.FeedService/StreamTicks": (ADMIN, False),
+    "/auris.v1.FeedService/SubmitTicks": (ADMIN, False),
+    "/auris.v1.FeedService/QueryFeedScores": (READER, False),
+}
+# Infrastructure anyone may call: health checking and server reflection.
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                    "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """The caller: an agent (by certificate), a token holder, or anyone in insecure mode."""
+
+    name: str
+    role: int
+    agent_id: str = ""
+
+
+_CURRENT: contextvars.ContextVar[Principal] = contextvars.ContextVar("auris_principal")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by AuthInterceptor before the handler runs)."""
+    return _CURRENT.get(Principal("unknown", OPEN))
+
+
+class Refused(Exception):
+    """An authentication or authorisation failure: a status and a one-line reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _new_token(prefix: str) -> tuple[str, str, str]:
+    """(token, token_id, sha256 of the secret)."""
+    token_id = secrets.token_hex(4)
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    return f"{prefix}_{token_id}_{secret}", token_id, _sha256(secret)
+
+
+def _split_token(token: str, prefix: str) -> tuple[str, str]:
+    parts = token.strip().split("_", 2)
+    if len(parts) != 3 or parts[0] != prefix or not parts[1] or not parts[2]:
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the token is malformed")
+    return parts[1], parts[2]
+
+
+class Authority:
+    """Tokens, revocations and the audit log, over the collector's database."""
+
+    def __init__(self, store: VerdictStore, *, insecure: bool) -> None:
+        self._store = store
+        self.insecure = insecure
+        self._revoked = {
+            row[0]
+            for row in store.reader().execute("SELECT agent_id FROM agents WHERE revoked_ns IS NOT NULL")
+        }
+        # token_id -> (principal, secret sha256, valid until monotonic); dropped on revocation.
+        self._cache: dict[str, tuple[Principal, str, float]] = {}
+
+    # -- API tokens ---------------------------------------------------------------------------
+
+    def create_token(self, name: str, role: int, ttl_s: float = 0) -> tuple[str, str]:
+        """A new API token; (token, token_id). The token is returned once and never stored."""
+        if not name or len(name) > 64:
+            raise ValueError("a token needs a name of 1 to 64 characters")
+        if role not in (READER, ANALYST, ADMIN):
+            raise ValueError("role must be reader, analyst or admin")
+        if ttl_s < 0:
+            raise ValueError("ttl must not be negative")
+        token, token_id, digest = _new_token("auris")
+        now = time.time_ns()
+        with self._store.writing() as conn:
+            conn.execute(
+                "INSERT INTO api_tokens (token_id, name, role, secret_sha256, created_ns, expire_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (token_id, name, role, digest, now, now + int(ttl_s * 1e9) if ttl_s else None),
+            )
+        return token, token_id
+
+    def revoke_token(self, token_id: str) -> None:
+        with self._store.writing() as conn:
+            changed = conn.execute(
+                "UPDATE api_tokens SET revoked_ns = ? WHERE token_id = ? AND revoked_ns IS NULL",
+                (time.time_ns(), token_id),
+            ).rowcount
+        self._cache.pop(token_id, None)
+        if not changed:
+            raise LookupError(f"no active token {token_id!r}")
+
+    def verify_token(self, token: str) -> Principal:
+        """The principal a bearer token stands for; Refused(UNAUTHENTICATED) when it is not valid."""
+        token_id, secret = _split_token(token, "auris")
+        digest = _sha256(secret)
+        cached = self._cache.get(token_id)
+        if cached is not None and cached[2] > time.monotonic() and hmac.compare_digest(cached[1], digest):
+            return cached[0]
+        row = (
+            self._store.reader()
+            .execute(
+                "SELECT name, role, secret_sha256, expire_ns, revoked_ns FROM api_tokens WHERE token_id = ?",
+                (token_id,),
+            )
+            .fetchone()
+        )
+        if row is None or not hmac.compare_digest(row[2], digest):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the API token is not valid")
+        name, role, stored, expire_ns, revoked_ns = row
+        if revoked_ns is not None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"API token {token_id} was revoked")
+        now = time.time_ns()
+        if expire_ns is not None and expire_ns <= now:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"API token {token_id} has expired")
+        principal = Principal(f"token:{name}", role)
+        # Cache for a few seconds, never past the token's expiry.
+        horizon = 5.0 if expire_ns is None else min(5.0, (expire_ns - now) / 1e9)
+        self._cache[token_id] = (principal, stored, time.monotonic() + horizon)
+        return principal
+
+    # -- enrollment tokens ----------------------------------------------------------------------
+
+    def create_enrollment_token(self, ttl_s: float, note: str) -> tuple[str, int]:
+        """A one-time enrollment token; (token, expiry in ns)."""
+        if not 0 < ttl_s <= 30 * 86400:
+            raise ValueError("ttl must be between 1 second and 30 days")
+        token, token_id, digest = _new_token("aurisenroll")
+        now = time.time_ns()
+        expire_ns = now + int(ttl_s * 1e9)
+        with self._store.writing() as conn:
+            conn.execute(
+                "INSERT INTO enrollment_tokens (token_id, secret_sha256, note, created_ns, expire_ns)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (token_id, digest, note[:200], now, expire_ns),
+            )
+        return token, expire_ns
+
+    def redeem_enrollment_token(self, token: str, agent_id: str) -> None:
+        """Use up a one-time token for ``agent_id``; Refused(UNAUTHENTICATED) when it cannot be."""
+        token_id, secret = _split_token(token, "aurisenroll")
+        now = time.time_ns()
+        with self._store.writing() as conn:
+            row = conn.execute(
+                "SELECT secret_sha256, expire_ns, used_ns FROM enrollment_tokens WHERE token_id = ?",
+                (token_id,),
+            ).fetchone()
+            if row is None or not hmac.compare_digest(row[0], _sha256(secret)):
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the enrollment token is not valid")
+            if row[2] is not None:
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED, f"enrollment token {token_id} was already used"
+                )
+            if row[1] <= now:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"enrollment token {token_id} has expired")
+            conn.execute(
+                "UPDATE enrollment_tokens SET used_ns = ?, used_by = ? WHERE token_id = ?",
+                (now, agent_id, token_id),
+            )
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    def is_revoked(self, agent_id: str) -> bool:
+        return agent_id in self._revoked
+
+    def revoke_agent(self, agent_id: str, reason: str) -> None:
+        """Refuse the agent from now on: its streams end at their next batch, its calls fail."""
+        with self._store.writing() as conn:
+            changed = conn.execute(
+                "UPDATE agents SET revoked_ns = ?, revoked_reason = ? WHERE agent_id = ?",
+                (time.time_ns(), reason[:200], agent_id),
+            ).rowcount
+        if not changed:
+            raise LookupError(f"no agent {agent_id!r}")
+        self._revoked.add(agent_id)
+
+    # -- audit ------------------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, target: str, result: str) -> None:
+        with self._store.writing() as conn:
+            conn.execute(
+                "INSERT INTO audit (time_ns, actor, action, target, result) VALUES (?, ?, ?, ?, ?)",
+                (time.time_ns(), actor[:200], action, target[:200], result),
+            )
+
+    def audit_page(
+        self, since_ns: int, page_size: int, page_token: str
+    ) -> tuple[list[admin_service_pb2.AuditEvent], str]:
+        """Audit events since ``since_ns``, newest first, and the cursor to the next page."""
+        sql = "SELECT id, time_ns, actor, action, target, result FROM audit WHERE time_ns >= ?"
+        params: list[Any] = [since_ns]
+        if page_token:
+            sql += " AND id < ?"
+            params.append(decode_page_token(page_token))
+        rows = (
+            self._store.reader()
+            .execute(sql + " ORDER BY id DESC LIMIT ?", [*params, page_size + 1])
+            .fetchall()
+        )
+        events = []
+        for row_id, time_ns, actor, action, target, result in rows[:page_size]:
+            event = admin_service_pb2.AuditEvent(
+                id=row_id, actor=actor, action=action, target=target, result=result
+            )
+            event.time.FromNanoseconds(time_ns)
+            events.append(event)
+        token = encode_page_token(events[-1].id) if len(rows) > page_size and events else ""
+        return events, token
+
+    # -- who is calling ---------------------------------------------------------------------------
+
+    def principal(self, context: grpc.aio.ServicerContext[Any, Any], need: int) -> Principal:
+        """Who the caller is, checked against what the method needs; Refused when not allowed."""
+        if self.insecure:
+            return Principal(f"insecure {context.peer()}", ADMIN)
+        if need == OPEN:
+            return Principal(f"unauthenticated {context.peer()}", OPEN)
+        names = list(context.auth_context().get("x509_common_name") or [])
+        if need == AGENT:
+            if not names:
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "agent RPCs need an agent certificate on the agent port (enroll first)",
+                )
+            agent_id = bytes(names[0]).decode("utf-8", "replace")
+            if self.is_revoked(agent_id):
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"agent {agent_id} is revoked")
+            return Principal(f"agent:{agent_id}", OPEN, agent_id)
+        bearer = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+                bearer = value[7:]
+        if not bearer:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED, "this RPC needs an API token (authorization: Bearer ...)"
+            )
+        principal = self.verify_token(bearer)
+        if principal.role < need:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.name} ({_ROLE_NAMES[principal.role]}) may not call this: "
+                f"it needs {_ROLE_NAMES[need]}",
+            )
+        return principal
+
+
+def _target(request: object) -> str:
+    """What an action was about, for the audit log."""
+    for field in ("agent_id", "token_id", "name", "id"):
+        value = getattr(request, field, None)
+        if value:
+            return f"{field}={value}"
+    ids = getattr(request, "ids", None)
+    if ids:
+        shown = ",".join(str(i) for i in list(ids)[:20])
+        return f"ids={shown}" + ("..." if len(ids) > 20 else "")
+    model = getattr(request, "model", None)
+    if model is not None and getattr(model, "model_id", None):
+        return f"model={model.model_id}@{model.version}"
+    return ""
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # the runtime class is not generic
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
+    """Checks POLICY before every handler and audits actions and refusals."""
+
+    def __init__(self, authority: Authority, writer: ThreadPoolExecutor) -> None:
+        self._authority = authority
+        self._writer = writer
+
+    async def _audit(self, principal: str, method: str, target: str, result: str) -> None:
+        action = method.rsplit("/", 1)[-1]
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self._authority.audit, principal, action, target, result
+        )
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        need = POLICY.get(method, (None, False))[0]
+        if need is None:
+            await self._audit(f"? {context.peer()}", method, "", "PERMISSION_DENIED")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} has no access policy")
+        try:
+            principal = self._authority.principal(context, need)
+        except Refused as exc:
+            await self._audit(f"? {context.peer()}", method, "", exc.code.name)
+            await context.abort(exc.code, str(exc))
+        _CURRENT.set(principal)
+        return principal
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        # The aio handlers are coroutine functions and async generators; the stubs describe the
+        # sync server's, hence Any.
+        handler: Any = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_PUBLIC_PREFIXES):
+            return handler  # type: ignore[no-any-return]
+        audited = POLICY.get(method, (0, False))[1]
+        admit = self._admit
+        audit = self._audit
+
+        async def finish(principal: Principal, request: object, context: Any, call: Awaitable[Any]) -> Any:
+            if not audited:
+                return await call
+            try:
+                response = await call
+            except BaseException:
+                code = context.code() if hasattr(context, "code") else None
+                name = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
+                await audit(principal.name, method, _target(request), name)
+                raise
+            await audit(principal.name, method, _target(request), "OK")
+            return response
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                principal = await admit(method, context)
+                return await finish(principal, request, context, inner_uu(request, context))
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                await admit(method, context)
+                async for response in inner_us(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: Any) -> Any:
+                await admit(method, context)
+                return await inner_su(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+            await admit(method, context)
+            async for response in inner_ss(requests, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+
+
+def valid_agent_id(agent_id: str) -> bool:
+    return bool(_AGENT_ID.match(agent_id))
