@@ -112,9 +112,11 @@ def current_principal() -> Principal:
 class Refused(Exception):
     """An authentication or authorisation failure: a status and a one-line reason."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, actor: str = "") -> None:
         super().__init__(message)
         self.code = code
+        # Who was refused, when known (a valid token with too small a role).
+        self.actor = actor
 
 
 def _sha256(text: str) -> str:
@@ -328,6 +330,7 @@ class Authority:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{principal.name} ({_ROLE_NAMES[principal.role]}) may not call this: "
                 f"it needs {_ROLE_NAMES[need]}",
+                principal.name,
             )
         return principal
 
@@ -375,7 +378,7 @@ class AuthInterceptor(_Interceptor):
         try:
             principal = self._authority.principal(context, need)
         except Refused as exc:
-            await self._audit(f"? {context.peer()}", method, "", exc.code.name)
+            await self._audit(exc.actor or f"? {context.peer()}", method, "", exc.code.name)
             await context.abort(exc.code, str(exc))
         _CURRENT.set(principal)
         return principal

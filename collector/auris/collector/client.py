@@ -275,6 +275,60 @@ class CollectorClient:
         response: admin_service_pb2.GetModelResponse = self._admin.GetModel(request, timeout=self._timeout)
         return response.model
 
+    def revoke_agent(self, agent_id: str, reason: str = "") -> None:
+        self._admin.RevokeAgent(
+            admin_service_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason), timeout=self._timeout
+        )
+
+    def create_enrollment_token(
+        self, ttl: dt.timedelta, note: str = ""
+    ) -> admin_service_pb2.CreateEnrollmentTokenResponse:
+        request = admin_service_pb2.CreateEnrollmentTokenRequest(note=note)
+        request.ttl.FromTimedelta(ttl)
+        response: admin_service_pb2.CreateEnrollmentTokenResponse = self._admin.CreateEnrollmentToken(
+            request, timeout=self._timeout
+        )
+        return response
+
+    def create_api_token(
+        self, name: str, role: admin_service_pb2.Role.ValueType, ttl: dt.timedelta | None = None
+    ) -> tuple[str, str]:
+        """A new API token; (token, token_id). The token is shown once."""
+        request = admin_service_pb2.CreateApiTokenRequest(name=name, role=role)
+        if ttl is not None:
+            request.ttl.FromTimedelta(ttl)
+        response: admin_service_pb2.CreateApiTokenResponse = self._admin.CreateApiToken(
+            request, timeout=self._timeout
+        )
+        return response.token, response.token_id
+
+    def revoke_api_token(self, token_id: str) -> None:
+        self._admin.RevokeApiToken(
+            admin_service_pb2.RevokeApiTokenRequest(token_id=token_id), timeout=self._timeout
+        )
+
+    def audit_events(
+        self, since: dt.datetime | None = None, limit: int | None = None
+    ) -> Iterator[admin_service_pb2.AuditEvent]:
+        """Audit events, newest first."""
+        token = ""
+        seen = 0
+        while True:
+            request = admin_service_pb2.ListAuditEventsRequest(page_token=token)
+            if since is not None:
+                request.since_time.FromDatetime(since.astimezone(dt.UTC))
+            page: admin_service_pb2.ListAuditEventsResponse = self._admin.ListAuditEvents(
+                request, timeout=self._timeout
+            )
+            for event in page.events:
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield event
+            token = page.next_page_token
+            if not token:
+                return
+
     def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
         response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)
         return list(response.agents)

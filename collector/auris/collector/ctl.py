@@ -23,13 +23,15 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from auris.agent import __version__
-from auris.agent.config import DEFAULT_COLLECTOR, ConfigError, build_config
+from auris.agent.config import ConfigError, build_config
 from auris.collector.client import EXPORT_COLUMNS, CollectorClient, flat_verdict, verdict_filter
 from auris.v1 import admin_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["main", "parse_since"]
 
 EXIT_OK, EXIT_RPC, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# The collector's API port on this host (its default api_listen).
+DEFAULT_API = "127.0.0.1:50052"
 
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -40,9 +42,14 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 class CtlConfig:
     """Connection settings for ``aurisctl`` (TOML file, AURIS_CTL_* environment, flags)."""
 
-    collector: str = DEFAULT_COLLECTOR
+    # The collector's API port (TLS; API tokens).
+    collector: str = DEFAULT_API
     insecure: bool = False
+    # The collector's CA certificate, to check the collector's TLS certificate.
     ca_file: str = ""
+    # An API token (better set as AURIS_CTL_TOKEN than written in a file).
+    token: str = ""
+    # A client certificate and key, for collectors that want one (optional).
     cert_file: str = ""
     key_file: str = ""
     timeout_s: float = 30.0
@@ -80,6 +87,11 @@ _ALERT_STATES = {
     "open": admin_service_pb2.ALERT_STATE_OPEN,
     "acknowledged": admin_service_pb2.ALERT_STATE_ACKNOWLEDGED,
     "resolved": admin_service_pb2.ALERT_STATE_RESOLVED,
+}
+_ROLES = {
+    "reader": admin_service_pb2.ROLE_READER,
+    "analyst": admin_service_pb2.ROLE_ANALYST,
+    "admin": admin_service_pb2.ROLE_ADMIN,
 }
 _DOMAINS = {
     "network": model_pb2.MODEL_DOMAIN_NETWORK_FLOW,
@@ -143,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="TOML file with collector, insecure, ca_file, cert_file, key_file"
     )
     p.add_argument(
-        "--collector", metavar="HOST:PORT", help=f"collector address (default {DEFAULT_COLLECTOR})"
+        "--collector", metavar="HOST:PORT", help=f"the collector's API address (default {DEFAULT_API})"
     )
     p.add_argument(
         "--insecure",
@@ -207,6 +219,56 @@ def _parser() -> argparse.ArgumentParser:
     shown = verbs.add_parser("show", help="one agent in full")
     shown.add_argument("agent_id")
     shown.add_argument("--json", action="store_true", help="JSON output")
+    revoked = verbs.add_parser("revoke", help="refuse this agent's certificate from now on")
+    revoked.add_argument("agent_id")
+    revoked.add_argument("--reason", default="", help="kept in the registry and the audit log")
+
+    enroll = sub.add_parser("enroll", help="enrollment tokens for new agents")
+    verbs = enroll.add_subparsers(dest="verb", metavar="VERB")
+    created = verbs.add_parser("create", help="a one-time token an agent exchanges for its certificate")
+    created.add_argument(
+        "--ttl", type=_duration, default=dt.timedelta(hours=1), help="valid for (default 1h)"
+    )
+    created.add_argument("--note", default="", help="what it is for (kept with the token)")
+
+    tokens = sub.add_parser("tokens", help="API tokens for aurisctl and other gRPC clients")
+    verbs = tokens.add_subparsers(dest="verb", metavar="VERB")
+    created = verbs.add_parser("create", help="a new token with a role; shown once")
+    created.add_argument("--name", required=True, help="who or what uses it")
+    created.add_argument("--role", required=True, choices=sorted(_ROLES))
+    created.add_argument("--ttl", type=_duration, help="valid for (default: until revoked)")
+    created.add_argument(
+        "--db",
+        dest="db_path",
+        metavar="FILE",
+        help="write it straight into this collector database (bootstrap: the first admin token)",
+    )
+    revoked = verbs.add_parser("revoke", help="refuse a token from now on")
+    revoked.add_argument("token_id")
+
+    audit = sub.add_parser("audit", help="the audit log: who did what, when, with what result")
+    audit.add_argument("--since", type=parse_since, help="only events after this (1h, 7d, ISO time)")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    ca = sub.add_parser("ca", help="the collector's certificate authority, on the collector's host")
+    verbs = ca.add_subparsers(dest="verb", metavar="VERB")
+    init = verbs.add_parser("init", help="create the CA and the collector's certificate")
+    init.add_argument(
+        "--dir", type=Path, required=True, help="where to write ca.pem, ca.key, collector.pem/.key"
+    )
+    init.add_argument(
+        "--name",
+        action="append",
+        required=True,
+        help="a DNS name or IP address agents and clients use for the collector (repeatable)",
+    )
+    init.add_argument(
+        "--days", type=float, default=825, help="the collector certificate's lifetime (default 825)"
+    )
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing CA (every agent must enroll again)"
+    )
 
     alerts = sub.add_parser("alerts", help="alerts raised by the collector's rules")
     verbs = alerts.add_subparsers(dest="verb", metavar="VERB")
@@ -587,6 +649,70 @@ def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
     return EXIT_OK
 
 
+def _identity(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    """agents revoke, enroll create, tokens create|revoke, audit."""
+    if getattr(args, "verb", None) is None and args.command != "audit":
+        raise ConfigError(f"{args.command} needs a verb")
+    if args.command == "agents":  # revoke
+        client.revoke_agent(args.agent_id, args.reason)
+        print(f"agent {args.agent_id} revoked", file=out)
+    elif args.command == "enroll":
+        enrollment = client.create_enrollment_token(args.ttl, args.note)
+        expires = _fmt_time(enrollment.expire_time)
+        print(f"enrollment token (one use, expires {expires} UTC):\n{enrollment.token}", file=out)
+        print("on the agent's host:\n  auris-agent enroll --collector HOST:PORT "
+              f"--ca-sha256 {enrollment.ca_sha256} --token TOKEN", file=out)  # fmt: skip
+    elif args.command == "tokens" and args.verb == "create":
+        token, token_id = client.create_api_token(args.name, _ROLES[args.role], args.ttl)
+        print(f"token {token_id} ({args.role}) for {args.name}; shown once:\n{token}", file=out)
+    elif args.command == "tokens":
+        client.revoke_api_token(args.token_id)
+        print(f"token {args.token_id} revoked", file=out)
+    else:
+        if args.limit < 0:
+            raise ConfigError("--limit must not be negative")
+        events = list(client.audit_events(args.since, limit=args.limit or None))
+        if args.json:
+            for event in events:
+                print(_json(event), file=out)
+            return EXIT_OK
+        rows = [(_fmt_time(e.time), e.actor, e.action, e.target, e.result) for e in events]
+        _print_rows(("TIME (UTC)", "ACTOR", "ACTION", "TARGET", "RESULT"), rows, out)
+    return EXIT_OK
+
+
+def _local(args: argparse.Namespace, out: TextIO) -> int:
+    """Commands that work on the collector's host without a collector: ca init, a bootstrap token."""
+    if args.command == "ca":
+        from auris.collector.pki import PkiError, fingerprint, init_pki
+
+        if args.verb != "init":
+            raise ConfigError("ca needs a verb: init")
+        try:
+            paths = init_pki(args.dir, args.name, args.days, force=args.force)
+        except (PkiError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        print(f"CA {paths.ca_cert} (key {paths.ca_key}, keep it private); collector certificate "
+              f"{paths.cert} (key {paths.key}) for {', '.join(args.name)}", file=out)  # fmt: skip
+        print(f"CA sha256 (enrolling agents pin it): {fingerprint(paths.ca_cert.read_bytes())}", file=out)
+        return EXIT_OK
+    from auris.collector.auth import Authority
+    from auris.collector.store import VerdictStore
+
+    if not Path(args.db_path).is_file():
+        raise ConfigError(f"no database at {args.db_path}")
+    store = VerdictStore(args.db_path)
+    try:
+        ttl_s = args.ttl.total_seconds() if args.ttl else 0.0
+        token, token_id = Authority(store, insecure=False).create_token(args.name, _ROLES[args.role], ttl_s)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        store.close()
+    print(f"token {token_id} ({args.role}) for {args.name}; shown once:\n{token}", file=out)
+    return EXIT_OK
+
+
 def _db(args: argparse.Namespace, out: TextIO) -> int:
     """Local database maintenance: the same store code the collector runs."""
     import sqlite3
@@ -670,13 +796,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(
             "aurisctl: a command is required "
-            "(verdicts, stats, talkers, agents, alerts, models, services, db)",
+            "(verdicts, stats, talkers, agents, alerts, models, enroll, tokens, audit, services, db, ca)",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.command == "db":
+    local = args.command in ("db", "ca") or (args.command == "tokens" and getattr(args, "db_path", None))
+    if local:
         try:
-            return _db(args, out)
+            return _db(args, out) if args.command == "db" else _local(args, out)
         except ConfigError as exc:
             print(f"aurisctl: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -687,16 +814,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             env_prefix="AURIS_CTL_",
             overrides={"collector": args.collector, "insecure": args.insecure},
         )
-        if not config.insecure and not (config.ca_file and config.cert_file and config.key_file):
-            raise ConfigError(
-                "TLS needs ca_file, cert_file and key_file; pass --insecure for a local collector"
-            )
+        if not config.insecure and not config.ca_file:
+            raise ConfigError("TLS needs ca_file (the collector's CA); pass --insecure for a local collector")
+        if not config.insecure and not config.token:
+            raise ConfigError("set an API token: AURIS_CTL_TOKEN, or token in the config file")
         client = CollectorClient(
             config.collector,
             insecure=config.insecure,
             ca_file=config.ca_file,
             cert_file=config.cert_file,
             key_file=config.key_file,
+            token=config.token,
             timeout_s=config.timeout_s,
         )
     except (ConfigError, ValueError, OSError) as exc:
@@ -706,6 +834,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         with client:
             if args.command == "verdicts":
                 return _verdicts(client, args, out)
+            if args.command in ("enroll", "tokens", "audit") or (
+                args.command == "agents" and args.verb == "revoke"
+            ):
+                return _identity(client, args, out)
             if args.command == "agents":
                 return _agents(client, args, out)
             if args.command == "stats":
