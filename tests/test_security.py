@@ -275,3 +275,31 @@ def test_actions_and_refusals_are_audited_in_an_append_only_log(secure: Secure, 
         pytest.raises(sqlite3.DatabaseError, match="append-only"),
     ):
         conn.execute("DELETE FROM audit")
+
+
+def test_the_agent_enrolls_with_a_pinned_ca_then_delivers_over_mtls(secure: Secure, tmp_path: Path) -> None:
+    from tests.conftest import MODELS, PCAPS
+
+    with secure.client(secure.admin_token) as admin:
+        made = admin.create_enrollment_token(ttl=dt.timedelta(minutes=5))
+    state = tmp_path / "agent-state"
+    api = secure.collector.api_address
+    # A wrong pin: the agent refuses before sending the token anywhere.
+    common = ["--collector", api, "--token", made.token, "--state-dir", str(state), "--agent-id", "edge-42"]
+    wrong = run_cli("auris.agent", ["enroll", *common, "--ca-sha256", "ab" * 32])
+    assert wrong.returncode == 4
+    assert "does not present the CA" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
+    done = run_cli("auris.agent", ["enroll", *common, "--ca-sha256", made.ca_sha256])
+    assert done.returncode == 0, done.stderr
+    assert "enrolled as edge-42" in done.stdout
+    assert oct((state / "pki" / "agent.key").stat().st_mode & 0o777) == "0o600"
+    # No TLS settings given: the enrolled certificate is used, and its id.
+    pcap = str(PCAPS / "trickbot.pcap")
+    args = ["--collector", secure.collector.address, "--models-dir", str(MODELS), "--state-dir", str(state)]
+    run = run_cli("auris.agent", [*args, "--pcap", pcap])
+    assert run.returncode == 0, run.stderr
+    with secure.client(secure.admin_token) as admin:
+        stored = list(admin.query(verdict_filter()))
+    assert stored
+    assert {v.verdict.agent_id for v in stored} == {"edge-42"}

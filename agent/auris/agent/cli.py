@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from auris.agent import __version__, live
-from auris.agent.config import AgentConfig, ConfigError, load_agent_config
+from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.health import Heartbeat
 from auris.agent.meter import preload_in_meter_processes
@@ -233,7 +233,51 @@ def run(
     return EXIT_OK
 
 
+def _enroll_main(argv: Sequence[str]) -> int:
+    from auris.agent.enroll import EnrollError, enroll
+
+    p = argparse.ArgumentParser(
+        prog="auris-agent enroll",
+        description="Exchange a one-time enrollment token for this agent's certificate (kept in the state "
+        "dir; later runs use it for mTLS).",
+        epilog="Exit codes: 0 enrolled, 2 usage or configuration, 4 the collector refused or is unreachable.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file (for state_dir and agent_id)")
+    p.add_argument("--collector", required=True, metavar="HOST:PORT", help="the collector's API address")
+    p.add_argument("--token", required=True, help="from `aurisctl enroll create`")
+    p.add_argument(
+        "--ca-sha256", required=True, help="the collector CA's sha256, from `aurisctl enroll create`"
+    )
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument(
+        "--agent-id", metavar="ID", help="the id to ask for (default: the configured or stored one)"
+    )
+    args = p.parse_args(argv)
+    try:
+        config = build_config(
+            AgentConfig,
+            path=args.config,
+            env_prefix="AURIS_AGENT_",
+            overrides={"state_dir": args.state_dir, "agent_id": args.agent_id},
+        )
+        state_dir = Path(config.state_dir)
+        wanted = agent_identity(state_dir, config.agent_id)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"auris-agent enroll: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        granted = enroll(args.collector, args.token, args.ca_sha256, state_dir, wanted)
+    except EnrollError as exc:
+        print(f"auris-agent enroll: {exc}", file=sys.stderr)
+        return EXIT_DELIVERY
+    print(f"auris-agent: enrolled as {granted}; certificate in {state_dir / 'pki'}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["enroll"]:
+        return _enroll_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {
         "pcaps": args.pcaps,

@@ -217,9 +217,16 @@ def load_agent_config(
     )
     if config.pcaps and config.interface:
         raise ConfigError("give either pcaps or interface, not both")
+    enrolled = [Path(config.state_dir) / "pki" / name for name in ("ca.pem", "agent.pem", "agent.key")]
+    unset = not (config.ca_file or config.cert_file or config.key_file)
+    if not config.insecure and unset and all(path.is_file() for path in enrolled):  # `auris-agent enroll`
+        config = dataclasses.replace(
+            config, ca_file=str(enrolled[0]), cert_file=str(enrolled[1]), key_file=str(enrolled[2])
+        )
     if not config.insecure and not (config.ca_file and config.cert_file and config.key_file):
         raise ConfigError(
-            "TLS needs ca_file, cert_file and key_file; pass --insecure for local plaintext development"
+            "TLS needs ca_file, cert_file and key_file (or `auris-agent enroll` first); "
+            "pass --insecure for local plaintext development"
         )
     if min(config.score_batch, config.uplink_batch, config.uplink_window, config.spool_max_verdicts) < 1:
         raise ConfigError(
