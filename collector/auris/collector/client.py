@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -102,6 +103,24 @@ def flat_verdict(stored: verdict_pb2.StoredVerdict) -> dict[str, object]:
     }
 
 
+T = TypeVar("T")
+
+
+def _follow_pages(page: Callable[[str], tuple[Sequence[T], str]], limit: int | None) -> Iterator[T]:
+    """Items from successive pages (``page(token)`` -> items, next token) until the end or ``limit``."""
+    token = ""
+    seen = 0
+    while True:
+        items, token = page(token)
+        for item in items:
+            if limit is not None and seen >= limit:
+                return
+            seen += 1
+            yield item
+        if not token:
+            return
+
+
 class CollectorClient:
     """Query verdicts from a collector. Use as a context manager, or call close()."""
 
@@ -142,18 +161,12 @@ class CollectorClient:
         self, flt: query_service_pb2.VerdictFilter, limit: int | None = None, page_size: int = 0
     ) -> Iterator[verdict_pb2.StoredVerdict]:
         """Every matching verdict, newest first, following the cursor until ``limit``."""
-        token = ""
-        seen = 0
-        while True:
-            page = self.query_page(flt, page_size, token)
-            for verdict in page.verdicts:
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                yield verdict
-            token = page.next_page_token
-            if not token:
-                return
+
+        def page(token: str) -> tuple[Sequence[verdict_pb2.StoredVerdict], str]:
+            response = self.query_page(flt, page_size, token)
+            return response.verdicts, response.next_page_token
+
+        return _follow_pages(page, limit)
 
     def subscribe(self, flt: query_service_pb2.VerdictFilter) -> Iterator[verdict_pb2.StoredVerdict]:
         """New verdicts matching ``flt`` as the collector stores them, until cancelled or cut off."""
@@ -218,23 +231,17 @@ class CollectorClient:
         page_size: int = 0,
     ) -> Iterator[admin_service_pb2.Alert]:
         """Alerts in these states and of these rules (all when None), newest first."""
-        token = ""
-        seen = 0
-        while True:
+
+        def page(token: str) -> tuple[Sequence[admin_service_pb2.Alert], str]:
             request = admin_service_pb2.ListAlertsRequest(
                 states=states or [], rules=rules or [], page_size=page_size, page_token=token
             )
-            page: admin_service_pb2.ListAlertsResponse = self._admin.ListAlerts(
+            response: admin_service_pb2.ListAlertsResponse = self._admin.ListAlerts(
                 request, timeout=self._timeout
             )
-            for alert in page.alerts:
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                yield alert
-            token = page.next_page_token
-            if not token:
-                return
+            return response.alerts, response.next_page_token
+
+        return _follow_pages(page, limit)
 
     def subscribe_alerts(
         self,
@@ -311,23 +318,17 @@ class CollectorClient:
         self, since: dt.datetime | None = None, limit: int | None = None
     ) -> Iterator[admin_service_pb2.AuditEvent]:
         """Audit events, newest first."""
-        token = ""
-        seen = 0
-        while True:
+
+        def page(token: str) -> tuple[Sequence[admin_service_pb2.AuditEvent], str]:
             request = admin_service_pb2.ListAuditEventsRequest(page_token=token)
             if since is not None:
                 request.since_time.FromDatetime(since.astimezone(dt.UTC))
-            page: admin_service_pb2.ListAuditEventsResponse = self._admin.ListAuditEvents(
+            response: admin_service_pb2.ListAuditEventsResponse = self._admin.ListAuditEvents(
                 request, timeout=self._timeout
             )
-            for event in page.events:
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                yield event
-            token = page.next_page_token
-            if not token:
-                return
+            return response.events, response.next_page_token
+
+        return _follow_pages(page, limit)
 
     def list_agents(self) -> list[admin_service_pb2.AgentInfo]:
         response = self._admin.ListAgents(admin_service_pb2.ListAgentsRequest(), timeout=self._timeout)

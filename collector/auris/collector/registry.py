@@ -24,6 +24,7 @@ __all__ = ["ImportResult", "ModelRegistry"]
 logger = logging.getLogger(__name__)
 
 _COLUMNS = "manifest_pb, stage, registered_ns, promoted_ns"
+PRODUCTION = admin_service_pb2.MODEL_STAGE_PRODUCTION
 
 
 @dataclasses.dataclass
@@ -128,24 +129,12 @@ class ModelRegistry:
         """One version, or the production version when ``ref.version`` is empty."""
         if not ref.model_id:
             raise ValueError("model_id is required")
-        if ref.version:
-            row = (
-                self._store.reader()
-                .execute(
-                    f"SELECT {_COLUMNS} FROM models WHERE model_id = ? AND version = ?",
-                    (ref.model_id, ref.version),
-                )
-                .fetchone()
-            )
-        else:
-            row = (
-                self._store.reader()
-                .execute(
-                    f"SELECT {_COLUMNS} FROM models WHERE model_id = ? AND stage = ?",
-                    (ref.model_id, admin_service_pb2.MODEL_STAGE_PRODUCTION),
-                )
-                .fetchone()
-            )
+        where, param = ("version = ?", ref.version) if ref.version else ("stage = ?", PRODUCTION)
+        row = (
+            self._store.reader()
+            .execute(f"SELECT {_COLUMNS} FROM models WHERE model_id = ? AND {where}", (ref.model_id, param))
+            .fetchone()
+        )
         if row is None:
             raise LookupError(
                 f"no model {ref.model_id}" + (f"@{ref.version}" if ref.version else " in production")
