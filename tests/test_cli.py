@@ -239,3 +239,10 @@ def test_aurisctl_db_status_migrate_vacuum(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "not a usable SQLite database" in bad.stderr or "file is not a database" in bad.stderr
+
+
+def test_collector_takes_config_before_or_after_serve(tmp_path: Path) -> None:
+    for args in (["--config", "/nonexistent.toml", "serve"], ["serve", "--config", "/nonexistent.toml"]):
+        done = run_cli("auris.collector", args)
+        assert done.returncode == 2
+        assert done.stderr.strip() == "auris-collector: config file /nonexistent.toml does not exist"

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    # Also accepted after the command: `auris-collector serve --config FILE`.
+    serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0: any free port)")
     serve.add_argument("--db", metavar="FILE", help="SQLite database file")
     serve.add_argument(
