@@ -246,3 +246,16 @@ def test_collector_takes_config_before_or_after_serve(tmp_path: Path) -> None:
         done = run_cli("auris.collector", args)
         assert done.returncode == 2
         assert done.stderr.strip() == "auris-collector: config file /nonexistent.toml does not exist"
+
+
+def test_an_unusable_ca_key_is_a_one_line_start_failure(tmp_path: Path) -> None:
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\ndb = "{tmp_path / "c.db"}"\nca_file = "{tmp_path / "ca.pem"}"\n'
+        f'cert_file = "{tmp_path / "c.pem"}"\nkey_file = "{tmp_path / "c.key"}"\n'
+        f'ca_key_file = "{tmp_path / "ca.key"}"\n'
+    )
+    done = run_cli("auris.collector", ["--config", str(config), "serve"])
+    assert done.returncode == 3
+    assert "cannot start: cannot load the CA" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -57,7 +57,7 @@ async def _serve(config: CollectorConfig) -> int:
     try:
         collector = Collector(config)
         await collector.start()
-    except (OSError, RuntimeError, sqlite3.Error) as exc:
+    except (OSError, RuntimeError, ValueError, sqlite3.Error) as exc:  # ValueError: an unusable CA
         logger.error("cannot start: %s", exc)
         return EXIT_START
     if config.insecure:
