@@ -15,11 +15,9 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -35,9 +33,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchlib import command as _command
+from benchlib import cpu_s as _cpu_s
+from benchlib import fmt as _fmt
+from benchlib import loadavg as _loadavg
+from benchlib import machine as _machine
+from benchlib import percentile as _percentile
+from benchlib import verdict as _verdict
+from benchlib import versions as _versions
+
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
+    pass
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -356,15 +362,6 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a running process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _children(pid: int) -> list[int]:
     found: list[int] = []
     try:
@@ -541,11 +538,6 @@ class Collector:
         self.log.close()
 
 
-def _command(script: str, module: str) -> list[str]:
-    exe = BIN / script
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
-
-
 # --------------------------------------------------------------------------------------------
 # The measurements
 # --------------------------------------------------------------------------------------------
@@ -720,85 +712,9 @@ def measure_scoring(rows_wanted: int, batches: Sequence[int], modelset_batch: in
     )
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    import numpy as np
-
-    array: npt.NDArray[np.float64] = np.asarray(values, dtype=np.float64)
-    return float(np.percentile(array, q))
-
-
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float, unit: str = "") -> str:
-    if value >= 100:
-        text = f"{value:,.0f}"
-    elif value >= 10:
-        text = f"{value:.1f}"
-    else:
-        text = f"{value:.2f}"
-    return f"{text} {unit}".strip()
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**NOT MET**"
-
-
-def _machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    return {
-        "cores": f"{os.cpu_count()} logical ({len(os.sched_getaffinity(0))} usable by this process)",
-        "CPU": cpu,
-        "memory": mem,
-        "kernel": platform.release(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("auris", "nfstream", "onnxruntime", "numpy", "grpcio", "protobuf", "sqlite-utils"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        out["git"] = head + (" with uncommitted changes to tracked files" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        out["git"] = "unknown"
-    return out
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def _mb(kb: float) -> float:
@@ -1017,7 +933,7 @@ def render(r: Report) -> str:
         + (f"; models refused: {'; '.join(r.scoring.errors)}" if r.scoring.errors else ""),
     ]
     machine = _machine()
-    versions = _versions()
+    versions = _versions(("auris", "nfstream", "onnxruntime", "numpy", "grpcio", "protobuf", "sqlite-utils"))
     out = [
         "# Agent benchmark",
         "",

@@ -18,12 +18,9 @@ import bisect
 import contextlib
 import dataclasses
 import datetime
-import importlib.metadata
 import itertools
 import json
-import math
 import os
-import platform
 import random
 import re
 import select
@@ -50,10 +47,18 @@ from auris.collector.store import (
     verdict_row,
 )
 from auris.v1 import flow_pb2, model_pb2, query_service_pb2, verdict_pb2
+from benchlib import command as _command
+from benchlib import cpu_s as _cpu_s
+from benchlib import fmt as _fmt
+from benchlib import loadavg as _loadavg
+from benchlib import machine as _machine
+from benchlib import percentile as _percentile
+from benchlib import say as _say
+from benchlib import verdict as _verdict
+from benchlib import versions as _versions
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
+    pass
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -304,24 +309,6 @@ def _zipf_cum(n: int, s: float) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------
-
-
-def _say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _command(script: str, module: str) -> list[str]:
-    exe = BIN / script
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
-
-
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a running process (all its threads)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:
@@ -1251,92 +1238,12 @@ def measure_queries(
 # --------------------------------------------------------------------------------------------
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    import numpy as np
-
-    if not values:
-        return math.nan
-    array: npt.NDArray[np.float64] = np.asarray(values, dtype=np.float64)
-    return float(np.percentile(array, q))
-
-
-def _fmt(value: float, unit: str = "") -> str:
-    if math.isnan(value):
-        return "n/a"
-    if abs(value) >= 100:
-        text = f"{value:,.0f}"
-    elif abs(value) >= 10:
-        text = f"{value:.1f}"
-    else:
-        text = f"{value:.2f}"
-    return f"{text} {unit}".strip()
-
-
 def _ms(seconds: float) -> str:
     return _fmt(seconds * 1000, "ms")
 
 
 def _p50_p99(values: Sequence[float]) -> str:
     return f"{_fmt(_percentile(values, 50) * 1000)} / {_ms(_percentile(values, 99))}"
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**NOT MET**"
-
-
-def _machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    return {
-        "cores": f"{os.cpu_count()} logical ({len(os.sched_getaffinity(0))} usable by this process)",
-        "CPU": cpu,
-        "memory": mem,
-        "kernel": platform.release(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "SQLite library": sqlite3.sqlite_version}
-    for dist in ("auris", "grpcio", "protobuf", "sqlite-utils"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        out["git"] = head + (" with uncommitted changes to tracked files" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        out["git"] = "unknown"
-    return out
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 @dataclasses.dataclass
@@ -1627,7 +1534,9 @@ def render(r: Report) -> str:
     ]
     params += [f"{q.name}: {q.note}" for q in r.queries if q.note]
     machine = _machine()
-    versions = _versions()
+    versions = _versions(
+        ("auris", "grpcio", "protobuf", "sqlite-utils"), **{"SQLite library": sqlite3.sqlite_version}
+    )
     out = [
         "# Collector benchmark",
         "",

@@ -1,0 +1,138 @@
+"""What every benchmark here shares: the machine and versions it ran on, percentiles, number
+formatting, and process helpers. The scripts run as ``python bench/NAME.py``, so this module sits
+on their import path."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = [
+    "BIN",
+    "REPO",
+    "command",
+    "cpu_s",
+    "fmt",
+    "loadavg",
+    "machine",
+    "percentile",
+    "say",
+    "verdict",
+    "versions",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def command(script: str, module: str) -> list[str]:
+    """The installed console script, else ``python -m module``."""
+    exe = BIN / script
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
+
+
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    import numpy as np
+
+    if not values:
+        return math.nan
+    array: npt.NDArray[np.float64] = np.asarray(values, dtype=np.float64)
+    return float(np.percentile(array, q))
+
+
+def fmt(value: float, unit: str = "") -> str:
+    if math.isnan(value):
+        return "n/a"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT MET**"
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "cores": f"{os.cpu_count()} logical ({len(os.sched_getaffinity(0))} usable by this process)",
+        "CPU": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def versions(dists: Sequence[str], **extra: str) -> dict[str, str]:
+    """Python, ``extra`` (name: version), each distribution's version, and the git commit."""
+    out = {"python": platform.python_version(), **extra}
+    for dist in dists:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        out["git"] = head + (" with uncommitted changes to tracked files" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        out["git"] = "unknown"
+    return out
