@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -71,7 +72,7 @@ def pinned_ca(host: str, port: int, ca_sha256: str, timeout_s: float = 10.0) -> 
     leaf = x509.load_der_x509_certificate(chain[0])
     try:
         leaf.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+    except (InvalidSignature, ValueError, TypeError) as exc:
         raise EnrollError(f"the collector's certificate was not issued by the pinned CA ({exc!r})") from None
     return ca.public_bytes(serialization.Encoding.PEM)
 

@@ -402,9 +402,7 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
     if args.verb == "tail":
         for stored in client.subscribe(flt):
             if args.json:
-                print(
-                    json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)), file=out
-                )
+                print(_json(stored), file=out)
             else:
                 print("  ".join(_verdict_cells(stored)), file=out)
             out.flush()
@@ -413,7 +411,7 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
     results = client.query(flt, limit=limit or None, page_size=min(limit or 1000, 1000))
     if args.json:
         for stored in results:
-            print(json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)), file=out)
+            print(_json(stored), file=out)
     else:
         print_table(results, out)
     return EXIT_OK
@@ -428,9 +426,7 @@ def export(verdicts: Iterable[verdict_pb2.StoredVerdict], path: Path) -> int:
     if suffix == ".jsonl":
         with path.open("w", encoding="utf-8") as fh:
             for stored in verdicts:
-                fh.write(
-                    json.dumps(json_format.MessageToDict(stored, preserving_proto_field_name=True)) + "\n"
-                )
+                fh.write(_json(stored) + "\n")
                 count += 1
         return count
     rows = [flat_verdict(stored) for stored in verdicts]
@@ -453,7 +449,7 @@ def _stats(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> in
     rows = client.aggregate(_filter(args), groups, args.bucket, rollups=args.rollups)
     if args.json:
         for row in rows:
-            print(json.dumps(json_format.MessageToDict(row, preserving_proto_field_name=True)), file=out)
+            print(_json(row), file=out)
         return EXIT_OK
     header = (
         "BUCKET (UTC)",
@@ -482,7 +478,7 @@ def _talkers(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> 
     talkers = client.top_talkers(_filter(args), _METRICS[args.by], args.limit)
     if args.json:
         for t in talkers:
-            print(json.dumps(json_format.MessageToDict(t, preserving_proto_field_name=True)), file=out)
+            print(_json(t), file=out)
         return EXIT_OK
     rows = [(t.ip, str(t.flows), str(t.bytes), str(t.anomalies)) for t in talkers]
     _print_rows(("ADDRESS", "FLOWS", "BYTES", "ANOMALIES"), rows, out)
@@ -495,7 +491,7 @@ def _agents(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
     agents = client.list_agents() if args.verb == "list" else [client.get_agent(args.agent_id)]
     if args.json:
         for agent in agents:
-            print(json.dumps(json_format.MessageToDict(agent, preserving_proto_field_name=True)), file=out)
+            print(_json(agent), file=out)
         return EXIT_OK
     if args.verb == "show":
         print(json_format.MessageToJson(agents[0], preserving_proto_field_name=True, indent=2), file=out)
