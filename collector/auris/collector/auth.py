@@ -73,6 +73,8 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.AdminService/GetModel": (READER, False),
     "/auris.v1.AdminService/RegisterModel": (ADMIN, True),
     "/auris.v1.AdminService/PromoteModel": (ADMIN, True),
+    "/auris.v1.AdminService/RollbackModel": (ADMIN, True),
+    "/auris.v1.AdminService/RetireModel": (ADMIN, True),
     "/auris.v1.AdminService/ListFeeds": (READER, False),
     "/auris.v1.AdminService/ListAlerts": (READER, False),
     "/auris.v1.AdminService/SubscribeAlerts": (READER, False),

@@ -134,6 +134,7 @@ class AgentInfo(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     ENROLLED_TIME_FIELD_NUMBER: _builtins.int
     VERDICTS_STORED_FIELD_NUMBER: _builtins.int
+    REFUSED_MODELS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     hostname: _builtins.str
     agent_version: _builtins.str
@@ -147,6 +148,10 @@ class AgentInfo(_message.Message):
     def health(self) -> _agent_service_pb2.AgentHealth: ...
     @_builtins.property
     def enrolled_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def refused_models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRefusal]:
+        """Models the collector wanted that this agent refused, from its last heartbeat."""
+
     def __init__(
         self,
         *,
@@ -159,10 +164,11 @@ class AgentInfo(_message.Message):
         health: _agent_service_pb2.AgentHealth | None = ...,
         enrolled_time: _timestamp_pb2.Timestamp | None = ...,
         verdicts_stored: _builtins.int = ...,
+        refused_models: _abc.Iterable[_model_pb2.ModelRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_time", b"enrolled_time", "health", b"health", "last_heartbeat_time", b"last_heartbeat_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "enrolled_time", b"enrolled_time", "health", b"health", "hostname", b"hostname", "last_heartbeat_time", b"last_heartbeat_time", "models", b"models", "state", b"state", "verdicts_stored", b"verdicts_stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "enrolled_time", b"enrolled_time", "health", b"health", "hostname", b"hostname", "last_heartbeat_time", b"last_heartbeat_time", "models", b"models", "refused_models", b"refused_models", "state", b"state", "verdicts_stored", b"verdicts_stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,6 +344,7 @@ class RegisteredModel(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     REGISTERED_TIME_FIELD_NUMBER: _builtins.int
     PROMOTED_TIME_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     stage: Global___ModelStage.ValueType
     @_builtins.property
     def manifest(self) -> _model_pb2.ModelManifest: ...
@@ -345,6 +352,10 @@ class RegisteredModel(_message.Message):
     def registered_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def promoted_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rollout(self) -> Global___ModelRollout:
+        """For the production version: how far it has reached the fleet."""
+
     def __init__(
         self,
         *,
@@ -352,14 +363,67 @@ class RegisteredModel(_message.Message):
         stage: Global___ModelStage.ValueType = ...,
         registered_time: _timestamp_pb2.Timestamp | None = ...,
         promoted_time: _timestamp_pb2.Timestamp | None = ...,
+        rollout: Global___ModelRollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "promoted_time", b"promoted_time", "registered_time", b"registered_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "promoted_time", b"promoted_time", "registered_time", b"registered_time", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "promoted_time", b"promoted_time", "registered_time", b"registered_time", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "promoted_time", b"promoted_time", "registered_time", b"registered_time", "rollout", b"rollout", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisteredModel: _TypeAlias = RegisteredModel  # noqa: Y015
+
+@_typing.final
+class ModelRollout(_message.Message):
+    """ModelRollout counts the agents (not revoked, heard from within the offline timeout) running a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_ONLINE_FIELD_NUMBER: _builtins.int
+    AGENTS_RUNNING_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
+    agents_online: _builtins.int
+    agents_running: _builtins.int
+    @_builtins.property
+    def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentModelRefusal]:
+        """Agents that refused this version, with their reasons."""
+
+    def __init__(
+        self,
+        *,
+        agents_online: _builtins.int = ...,
+        agents_running: _builtins.int = ...,
+        refusals: _abc.Iterable[Global___AgentModelRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_online", b"agents_online", "agents_running", b"agents_running", "refusals", b"refusals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelRollout: _TypeAlias = ModelRollout  # noqa: Y015
+
+@_typing.final
+class AgentModelRefusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentModelRefusal: _TypeAlias = AgentModelRefusal  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
@@ -524,6 +588,87 @@ class PromoteModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromoteModelResponse: _TypeAlias = PromoteModelResponse  # noqa: Y015
+
+@_typing.final
+class RollbackModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackModelRequest: _TypeAlias = RollbackModelRequest  # noqa: Y015
+
+@_typing.final
+class RollbackModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___RegisteredModel:
+        """The version now in production again."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___RegisteredModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackModelResponse: _TypeAlias = RollbackModelResponse  # noqa: Y015
+
+@_typing.final
+class RetireModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> _model_pb2.ModelRef: ...
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.ModelRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireModelRequest: _TypeAlias = RetireModelRequest  # noqa: Y015
+
+@_typing.final
+class RetireModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___RegisteredModel: ...
+    def __init__(
+        self,
+        *,
+        model: Global___RegisteredModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireModelResponse: _TypeAlias = RetireModelResponse  # noqa: Y015
 
 @_typing.final
 class FeedInfo(_message.Message):

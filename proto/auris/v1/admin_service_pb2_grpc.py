@@ -75,6 +75,16 @@ class AdminServiceStub:
                 request_serializer=auris_dot_v1_dot_admin__service__pb2.PromoteModelRequest.SerializeToString,
                 response_deserializer=auris_dot_v1_dot_admin__service__pb2.PromoteModelResponse.FromString,
                 _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/auris.v1.AdminService/RollbackModel',
+                request_serializer=auris_dot_v1_dot_admin__service__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_admin__service__pb2.RollbackModelResponse.FromString,
+                _registered_method=True)
+        self.RetireModel = channel.unary_unary(
+                '/auris.v1.AdminService/RetireModel',
+                request_serializer=auris_dot_v1_dot_admin__service__pb2.RetireModelRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_admin__service__pb2.RetireModelResponse.FromString,
+                _registered_method=True)
         self.ListFeeds = channel.unary_unary(
                 '/auris.v1.AdminService/ListFeeds',
                 request_serializer=auris_dot_v1_dot_admin__service__pb2.ListFeedsRequest.SerializeToString,
@@ -172,6 +182,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollbackModel(self, request, context):
+        """RollbackModel puts back the version that was in production before the current one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireModel(self, request, context):
+        """RetireModel takes a version out of service for good; agents stop running it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListFeeds(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -262,6 +286,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PromoteModel,
                     request_deserializer=auris_dot_v1_dot_admin__service__pb2.PromoteModelRequest.FromString,
                     response_serializer=auris_dot_v1_dot_admin__service__pb2.PromoteModelResponse.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=auris_dot_v1_dot_admin__service__pb2.RollbackModelRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_admin__service__pb2.RollbackModelResponse.SerializeToString,
+            ),
+            'RetireModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireModel,
+                    request_deserializer=auris_dot_v1_dot_admin__service__pb2.RetireModelRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_admin__service__pb2.RetireModelResponse.SerializeToString,
             ),
             'ListFeeds': grpc.unary_unary_rpc_method_handler(
                     servicer.ListFeeds,
@@ -521,6 +555,60 @@ class AdminService:
             '/auris.v1.AdminService/PromoteModel',
             auris_dot_v1_dot_admin__service__pb2.PromoteModelRequest.SerializeToString,
             auris_dot_v1_dot_admin__service__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.AdminService/RollbackModel',
+            auris_dot_v1_dot_admin__service__pb2.RollbackModelRequest.SerializeToString,
+            auris_dot_v1_dot_admin__service__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.AdminService/RetireModel',
+            auris_dot_v1_dot_admin__service__pb2.RetireModelRequest.SerializeToString,
+            auris_dot_v1_dot_admin__service__pb2.RetireModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

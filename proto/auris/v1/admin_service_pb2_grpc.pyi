@@ -44,6 +44,10 @@ class AdminServiceStub:
     """RegisterModel uploads a signed model bundle in chunks."""
     PromoteModel: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PromoteModelRequest, _admin_service_pb2.PromoteModelResponse]
     """PromoteModel makes a registered version the one agents should run."""
+    RollbackModel: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RollbackModelRequest, _admin_service_pb2.RollbackModelResponse]
+    """RollbackModel puts back the version that was in production before the current one."""
+    RetireModel: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RetireModelRequest, _admin_service_pb2.RetireModelResponse]
+    """RetireModel takes a version out of service for good; agents stop running it."""
     ListFeeds: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListFeedsRequest, _admin_service_pb2.ListFeedsResponse]
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAlertsRequest, _admin_service_pb2.ListAlertsResponse]
     SubscribeAlerts: _grpc.UnaryStreamMultiCallable[_admin_service_pb2.SubscribeAlertsRequest, _admin_service_pb2.SubscribeAlertsResponse]
@@ -69,6 +73,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """RegisterModel uploads a signed model bundle in chunks."""
     PromoteModel: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PromoteModelRequest, _admin_service_pb2.PromoteModelResponse]  # type: ignore[assignment]
     """PromoteModel makes a registered version the one agents should run."""
+    RollbackModel: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RollbackModelRequest, _admin_service_pb2.RollbackModelResponse]  # type: ignore[assignment]
+    """RollbackModel puts back the version that was in production before the current one."""
+    RetireModel: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RetireModelRequest, _admin_service_pb2.RetireModelResponse]  # type: ignore[assignment]
+    """RetireModel takes a version out of service for good; agents stop running it."""
     ListFeeds: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListFeedsRequest, _admin_service_pb2.ListFeedsResponse]  # type: ignore[assignment]
     ListAlerts: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAlertsRequest, _admin_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
     SubscribeAlerts: _aio.UnaryStreamMultiCallable[_admin_service_pb2.SubscribeAlertsRequest, _admin_service_pb2.SubscribeAlertsResponse]  # type: ignore[assignment]
@@ -139,6 +147,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.PromoteModelResponse, _abc.Awaitable[_admin_service_pb2.PromoteModelResponse]]:
         """PromoteModel makes a registered version the one agents should run."""
+
+    @_abc_1.abstractmethod
+    def RollbackModel(
+        self,
+        request: _admin_service_pb2.RollbackModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RollbackModelResponse, _abc.Awaitable[_admin_service_pb2.RollbackModelResponse]]:
+        """RollbackModel puts back the version that was in production before the current one."""
+
+    @_abc_1.abstractmethod
+    def RetireModel(
+        self,
+        request: _admin_service_pb2.RetireModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RetireModelResponse, _abc.Awaitable[_admin_service_pb2.RetireModelResponse]]:
+        """RetireModel takes a version out of service for good; agents stop running it."""
 
     @_abc_1.abstractmethod
     def ListFeeds(

@@ -63,19 +63,23 @@ class EnrollResponse(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    MODEL_SIGNING_KEY_PEM_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     certificate_pem: _builtins.str
     ca_certificate_pem: _builtins.str
+    model_signing_key_pem: _builtins.str
+    """The Ed25519 public key (PEM) the collector signs models with; empty when it signs none."""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         certificate_pem: _builtins.str = ...,
         ca_certificate_pem: _builtins.str = ...,
+        model_signing_key_pem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "model_signing_key_pem", b"model_signing_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,13 +208,20 @@ class HeartbeatRequest(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    REFUSED_MODELS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     hostname: _builtins.str
     agent_version: _builtins.str
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRef]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRef]:
+        """The models the agent runs now."""
+
     @_builtins.property
     def health(self) -> Global___AgentHealth: ...
+    @_builtins.property
+    def refused_models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRefusal]:
+        """Models the collector wants that the agent refused (bad signature, unknown feature set...)."""
+
     def __init__(
         self,
         *,
@@ -219,10 +230,11 @@ class HeartbeatRequest(_message.Message):
         agent_version: _builtins.str = ...,
         models: _abc.Iterable[_model_pb2.ModelRef] | None = ...,
         health: Global___AgentHealth | None = ...,
+        refused_models: _abc.Iterable[_model_pb2.ModelRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "health", b"health", "hostname", b"hostname", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "health", b"health", "hostname", b"hostname", "models", b"models", "refused_models", b"refused_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,7 +295,11 @@ class WatchModelUpdatesResponse(_message.Message):
 
     DESIRED_MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def desired_models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRef]: ...
+    def desired_models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRef]:
+        """The complete set of models the agent should run; empty: the collector has no opinion and
+        the agent keeps its local models.
+        """
+
     def __init__(
         self,
         *,

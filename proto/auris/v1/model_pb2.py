@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61uris/v1/model.proto\x12\x08\x61uris.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"<\n\nFeatureSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\"*\n\tThreshold\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0e\n\x06method\x18\x02 \x01(\t\"]\n\x0c\x43lassMetrics\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tprecision\x18\x02 \x01(\x01\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x0f\n\x07support\x18\x05 \x01(\x04\"\xc8\x02\n\nEvaluation\x12\r\n\x05split\x18\x01 \x01(\t\x12)\n\tper_class\x18\x02 \x03(\x0b\x32\x16.auris.v1.ClassMetrics\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\x13\n\x0bweighted_f1\x18\x04 \x01(\x01\x12\x0e\n\x06pr_auc\x18\x05 \x01(\x01\x12\x1b\n\x13\x66\x61lse_positive_rate\x18\x06 \x01(\x01\x12\x15\n\rbaseline_name\x18\x07 \x01(\t\x12\x19\n\x11\x62\x61seline_macro_f1\x18\x08 \x01(\x01\x12\x1c\n\x14\x62\x61seline_weighted_f1\x18\t \x01(\x01\x12.\n\x05\x65xtra\x18\n \x03(\x0b\x32\x1f.auris.v1.Evaluation.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\nDataSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x04\"\xdd\x05\n\rModelManifest\x12\x18\n\x10manifest_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12!\n\x04kind\x18\x04 \x01(\x0e\x32\x13.auris.v1.ModelKind\x12%\n\x06\x64omain\x18\x05 \x01(\x0e\x32\x15.auris.v1.ModelDomain\x12)\n\x0b\x66\x65\x61ture_set\x18\x06 \x01(\x0b\x32\x14.auris.v1.FeatureSet\x12\x12\n\ninput_name\x18\x07 \x01(\t\x12\x14\n\x0cscore_output\x18\x08 \x01(\t\x12\x0e\n\x06labels\x18\t \x03(\t\x12\x14\n\x0cnormal_label\x18\n \x01(\t\x12&\n\tthreshold\x18\x0b \x01(\x0b\x32\x13.auris.v1.Threshold\x12\x15\n\rpreprocessing\x18\x0c \x01(\t\x12(\n\nevaluation\x18\r \x01(\x0b\x32\x14.auris.v1.Evaluation\x12+\n\rtraining_data\x18\x0e \x03(\x0b\x32\x14.auris.v1.DataSource\x12\x46\n\x10library_versions\x18\x0f \x03(\x0b\x32,.auris.v1.ModelManifest.LibraryVersionsEntry\x12\x11\n\tonnx_file\x18\x10 \x01(\t\x12\x13\n\x0bonnx_sha256\x18\x11 \x01(\t\x12\x30\n\x0c\x63reated_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x13 \x01(\t\x12\x11\n\tsignature\x18\x14 \x01(\t\x12\x16\n\x0esigning_key_id\x18\x15 \x01(\t\x12\x1a\n\x12\x65xplanation_output\x18\x16 \x01(\t\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xb7\x01\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_CLASSIFIER\x10\x01\x12\x1a\n\x16MODEL_KIND_AUTOENCODER\x10\x02\x12\x1f\n\x1bMODEL_KIND_ISOLATION_FOREST\x10\x03\x12\x17\n\x13MODEL_KIND_SEQUENCE\x10\x04\x12\x1d\n\x19MODEL_KIND_ANOMALY_SCORER\x10\x05*\x7f\n\x0bModelDomain\x12\x1c\n\x18MODEL_DOMAIN_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_DOMAIN_NETWORK_FLOW\x10\x01\x12\x1c\n\x18MODEL_DOMAIN_TRANSACTION\x10\x02\x12\x15\n\x11MODEL_DOMAIN_TICK\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61uris/v1/model.proto\x12\x08\x61uris.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"A\n\x0cModelRefusal\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\nFeatureSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\"*\n\tThreshold\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0e\n\x06method\x18\x02 \x01(\t\"]\n\x0c\x43lassMetrics\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tprecision\x18\x02 \x01(\x01\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x0f\n\x07support\x18\x05 \x01(\x04\"\xc8\x02\n\nEvaluation\x12\r\n\x05split\x18\x01 \x01(\t\x12)\n\tper_class\x18\x02 \x03(\x0b\x32\x16.auris.v1.ClassMetrics\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\x13\n\x0bweighted_f1\x18\x04 \x01(\x01\x12\x0e\n\x06pr_auc\x18\x05 \x01(\x01\x12\x1b\n\x13\x66\x61lse_positive_rate\x18\x06 \x01(\x01\x12\x15\n\rbaseline_name\x18\x07 \x01(\t\x12\x19\n\x11\x62\x61seline_macro_f1\x18\x08 \x01(\x01\x12\x1c\n\x14\x62\x61seline_weighted_f1\x18\t \x01(\x01\x12.\n\x05\x65xtra\x18\n \x03(\x0b\x32\x1f.auris.v1.Evaluation.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\nDataSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x04\"\xdd\x05\n\rModelManifest\x12\x18\n\x10manifest_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12!\n\x04kind\x18\x04 \x01(\x0e\x32\x13.auris.v1.ModelKind\x12%\n\x06\x64omain\x18\x05 \x01(\x0e\x32\x15.auris.v1.ModelDomain\x12)\n\x0b\x66\x65\x61ture_set\x18\x06 \x01(\x0b\x32\x14.auris.v1.FeatureSet\x12\x12\n\ninput_name\x18\x07 \x01(\t\x12\x14\n\x0cscore_output\x18\x08 \x01(\t\x12\x0e\n\x06labels\x18\t \x03(\t\x12\x14\n\x0cnormal_label\x18\n \x01(\t\x12&\n\tthreshold\x18\x0b \x01(\x0b\x32\x13.auris.v1.Threshold\x12\x15\n\rpreprocessing\x18\x0c \x01(\t\x12(\n\nevaluation\x18\r \x01(\x0b\x32\x14.auris.v1.Evaluation\x12+\n\rtraining_data\x18\x0e \x03(\x0b\x32\x14.auris.v1.DataSource\x12\x46\n\x10library_versions\x18\x0f \x03(\x0b\x32,.auris.v1.ModelManifest.LibraryVersionsEntry\x12\x11\n\tonnx_file\x18\x10 \x01(\t\x12\x13\n\x0bonnx_sha256\x18\x11 \x01(\t\x12\x30\n\x0c\x63reated_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x13 \x01(\t\x12\x11\n\tsignature\x18\x14 \x01(\t\x12\x16\n\x0esigning_key_id\x18\x15 \x01(\t\x12\x1a\n\x12\x65xplanation_output\x18\x16 \x01(\t\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xb7\x01\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_CLASSIFIER\x10\x01\x12\x1a\n\x16MODEL_KIND_AUTOENCODER\x10\x02\x12\x1f\n\x1bMODEL_KIND_ISOLATION_FOREST\x10\x03\x12\x17\n\x13MODEL_KIND_SEQUENCE\x10\x04\x12\x1d\n\x19MODEL_KIND_ANOMALY_SCORER\x10\x05*\x7f\n\x0bModelDomain\x12\x1c\n\x18MODEL_DOMAIN_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_DOMAIN_NETWORK_FLOW\x10\x01\x12\x1c\n\x18MODEL_DOMAIN_TRANSACTION\x10\x02\x12\x15\n\x11MODEL_DOMAIN_TICK\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,26 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATION_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._loaded_options = None
   _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELKIND']._serialized_start=1441
-  _globals['_MODELKIND']._serialized_end=1624
-  _globals['_MODELDOMAIN']._serialized_start=1626
-  _globals['_MODELDOMAIN']._serialized_end=1753
+  _globals['_MODELKIND']._serialized_start=1508
+  _globals['_MODELKIND']._serialized_end=1691
+  _globals['_MODELDOMAIN']._serialized_start=1693
+  _globals['_MODELDOMAIN']._serialized_end=1820
   _globals['_MODELREF']._serialized_start=67
   _globals['_MODELREF']._serialized_end=112
-  _globals['_FEATURESET']._serialized_start=114
-  _globals['_FEATURESET']._serialized_end=174
-  _globals['_THRESHOLD']._serialized_start=176
-  _globals['_THRESHOLD']._serialized_end=218
-  _globals['_CLASSMETRICS']._serialized_start=220
-  _globals['_CLASSMETRICS']._serialized_end=313
-  _globals['_EVALUATION']._serialized_start=316
-  _globals['_EVALUATION']._serialized_end=644
-  _globals['_EVALUATION_EXTRAENTRY']._serialized_start=600
-  _globals['_EVALUATION_EXTRAENTRY']._serialized_end=644
-  _globals['_DATASOURCE']._serialized_start=646
-  _globals['_DATASOURCE']._serialized_end=702
-  _globals['_MODELMANIFEST']._serialized_start=705
-  _globals['_MODELMANIFEST']._serialized_end=1438
-  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_start=1384
-  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_end=1438
+  _globals['_MODELREFUSAL']._serialized_start=114
+  _globals['_MODELREFUSAL']._serialized_end=179
+  _globals['_FEATURESET']._serialized_start=181
+  _globals['_FEATURESET']._serialized_end=241
+  _globals['_THRESHOLD']._serialized_start=243
+  _globals['_THRESHOLD']._serialized_end=285
+  _globals['_CLASSMETRICS']._serialized_start=287
+  _globals['_CLASSMETRICS']._serialized_end=380
+  _globals['_EVALUATION']._serialized_start=383
+  _globals['_EVALUATION']._serialized_end=711
+  _globals['_EVALUATION_EXTRAENTRY']._serialized_start=667
+  _globals['_EVALUATION_EXTRAENTRY']._serialized_end=711
+  _globals['_DATASOURCE']._serialized_start=713
+  _globals['_DATASOURCE']._serialized_end=769
+  _globals['_MODELMANIFEST']._serialized_start=772
+  _globals['_MODELMANIFEST']._serialized_end=1505
+  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_start=1451
+  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

@@ -97,6 +97,31 @@ class ModelRef(_message.Message):
 Global___ModelRef: _TypeAlias = ModelRef  # noqa: Y015
 
 @_typing.final
+class ModelRefusal(_message.Message):
+    """ModelRefusal is a model an agent would not run, and why (one line)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def model(self) -> Global___ModelRef: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelRefusal: _TypeAlias = ModelRefusal  # noqa: Y015
+
+@_typing.final
 class FeatureSet(_message.Message):
     """FeatureSet names the ordered input columns a model expects."""
 
