@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from auris.agent.manifest import dump_manifest, read_manifest
+from auris.agent.signing import ModelTrust, key_id, sign_manifest
 from auris.collector.client import CollectorClient
 from auris.collector.config import CollectorConfig
 from auris.collector.server import Collector
@@ -26,6 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 PCAPS = DATA / "pcaps"
 MODELS = REPO / "models"
+
+# A model-signing key made for this test run, and a trust that accepts only it.
+TEST_SIGNING_KEY = Ed25519PrivateKey.generate()
+TEST_TRUST = ModelTrust({key_id(TEST_SIGNING_KEY.public_key()): TEST_SIGNING_KEY.public_key()})
+
+
+def resign(manifest_path: Path, key: Ed25519PrivateKey = TEST_SIGNING_KEY) -> None:
+    """Sign a manifest file again (after a test edited it) with ``key``."""
+    manifest = read_manifest(manifest_path, verify_file=False)
+    sign_manifest(manifest, key)
+    manifest_path.write_text(dump_manifest(manifest))
 
 
 class CollectorThread:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 
 from auris.agent.features import NFSTREAM
-from auris.agent.manifest import find_manifests, read_manifest
+from auris.agent.manifest import ManifestError, dump_manifest, find_manifests, read_manifest
 from auris.agent.meter import meter_flows
 from auris.agent.scoring import load_model, load_models, to_matrix
+from auris.agent.signing import ModelTrust, sign_manifest
 from auris.v1 import model_pb2
-from tests.conftest import MODELS, PCAPS
+from tests.conftest import MODELS, PCAPS, TEST_SIGNING_KEY, TEST_TRUST, resign
 
 
 def test_shipped_models_load_and_carry_their_evaluation() -> None:
@@ -53,6 +55,39 @@ def test_a_modified_onnx_file_is_refused(tmp_path: Path) -> None:
     assert "refusing a modified model" in errors[0]
 
 
+def test_unsigned_modified_and_foreign_models_are_refused(tmp_path: Path) -> None:
+    """The release key verifies the shipped model; any edit, no signature or another key: refused."""
+    path = _copy_model(tmp_path)
+    models, errors = load_models(tmp_path)  # default trust: the release keys only
+    assert errors == []
+    assert len(models.models) == 1
+    shipped = read_manifest(path)
+
+    def refusal(manifest: model_pb2.ModelManifest, trust: ModelTrust | None = None) -> str:
+        path.write_text(dump_manifest(manifest))
+        models, errors = load_models(tmp_path, trust=trust)
+        assert not models.models
+        assert len(errors) == 1
+        assert len(errors[0].splitlines()) == 1
+        return errors[0]
+
+    lowered = model_pb2.ModelManifest()
+    lowered.CopyFrom(shipped)
+    lowered.threshold.value = 0.99  # a quieter model, same signature: must not pass
+    assert "signature of nfstream-rf@1 does not verify" in refusal(lowered)
+    unsigned = model_pb2.ModelManifest()
+    unsigned.CopyFrom(shipped)
+    unsigned.ClearField("signature")
+    assert "is not signed" in refusal(unsigned)
+    # Unsigned passes only where a developer asked for it; a bad signature never does.
+    path.write_text(dump_manifest(unsigned))
+    assert load_models(tmp_path, trust=ModelTrust({}, allow_unsigned=True))[0].models
+    assert "does not verify" in refusal(lowered, ModelTrust.load([], allow_unsigned=True))
+    sign_manifest(unsigned, TEST_SIGNING_KEY)
+    assert "which is not trusted here" in refusal(unsigned)  # a key the agent does not know
+    assert load_models(tmp_path, trust=TEST_TRUST)[0].models
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -71,7 +106,9 @@ def test_manifests_the_agent_cannot_honour_are_refused(tmp_path: Path, edit: obj
     data = json.loads(path.read_text())
     edit(data)  # type: ignore[operator]
     path.write_bytes(json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogateescape"))
-    models, errors = load_models(tmp_path)
+    with contextlib.suppress(ManifestError):  # one the reader cannot parse stays as written
+        resign(path)
+    models, errors = load_models(tmp_path, trust=TEST_TRUST)
     assert not models.models
     assert message in errors[0]
     assert len(errors[0].splitlines()) == 1
@@ -127,8 +164,9 @@ def test_training_export_and_agent_scoring_agree(tmp_path: Path) -> None:
         evaluation=evaluation,
         provenance={str(f.path): ("0" * 64, 1) for f in files},
         description="test model",
+        signing_key=TEST_SIGNING_KEY,
     )
-    model = load_model(manifest_path)
+    model = load_model(manifest_path, trust=TEST_TRUST)
     assert model.manifest.input_name == INPUT_NAME
     # Fresh flows through the agent's meter and the loaded model: same scores as scikit-learn.
     flows = list(meter_flows([str(PCAPS / "trickbot.pcap")], [NFSTREAM]))

@@ -23,9 +23,12 @@ from pathlib import Path
 from auris.agent import __version__, live
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
+from auris.agent.enroll import model_key_file
 from auris.agent.health import Heartbeat
 from auris.agent.meter import preload_in_meter_processes
-from auris.agent.scoring import ModelSet, load_models
+from auris.agent.model_updates import ModelCatalog, ModelWatcher
+from auris.agent.scoring import ModelSet
+from auris.agent.signing import ModelTrust
 from auris.agent.spool import Spool
 from auris.agent.state import agent_identity, lock_state_dir
 from auris.agent.uplink import Uplink, open_channel
@@ -77,14 +80,33 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _catalog(config: AgentConfig) -> ModelCatalog:
+    """Where models come from, and the keys they must be signed with; ValueError for a bad key file."""
+    state_dir = Path(config.state_dir)
+    keys = [Path(k) for k in config.model_keys]
+    if model_key_file(state_dir).is_file():
+        keys.append(model_key_file(state_dir))
+    trust = ModelTrust.load(keys, allow_unsigned=config.allow_unsigned_models)
+    return ModelCatalog(Path(config.models_dir), state_dir, trust, config.score_threads)
+
+
 def _open_models(config: AgentConfig) -> tuple[ModelSet | None, str]:
-    """The models in models_dir, or None and the reason none is usable."""
+    """The models to run (those the collector last asked for, else models_dir's), or None and the
+    reason none is usable."""
     if not config.models_dir:
         return None, "models_dir is not set; pass --models-dir or set it in the config file"
     models_dir = Path(config.models_dir)
     if not models_dir.is_dir():
         return None, f"models_dir {models_dir} is not a folder"
-    models, errors = load_models(models_dir, threads=config.score_threads)
+    try:
+        catalog = _catalog(config)
+    except ValueError as exc:
+        return None, f"models_dir is not usable: {exc}"
+    models, refusals, errors = catalog.compose()
+    if refusals:
+        logger.warning(
+            "%d model(s) the collector asked for are refused: %s", len(refusals), refusals[0].reason
+        )
     if not models.models:
         return None, errors[0] if errors else f"no *.manifest.json in {models_dir}"
     return models, ""
@@ -185,12 +207,23 @@ def run(
     signal.signal(signal.SIGINT, lambda signum, frame: agent.request_stop())
     signal.signal(signal.SIGHUP, lambda signum, frame: agent.request_reload())
     heartbeat = Heartbeat(channel, agent.heartbeat, config.heartbeat_interval_s)
+    agent.on_models_swapped = heartbeat.poke
+    watcher = ModelWatcher(
+        channel,
+        agent_id,
+        _catalog(config),
+        lambda: agent.models,
+        agent.offer_models,
+        metered={fs.name for fs in models.feature_sets},
+    )
     uplink.start()
     heartbeat.start()
+    watcher.start()
     logger.info(
         "agent %s metering %s with %d model(s)", agent_id, ", ".join(agent.sources), len(models.models)
     )
     report = agent.run()
+    watcher.stop()
     heartbeat.stop(final=True)
     spooled = spool.stats
     stats = uplink.stats

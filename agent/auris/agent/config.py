@@ -45,6 +45,11 @@ class AgentConfig:
     state_dir: str = "/var/lib/auris-agent"
     # Folder holding *.manifest.json + ONNX files.
     models_dir: str = ""
+    # Ed25519 public keys (PEM files) whose model signatures the agent accepts, besides the Auris
+    # release keys and the collector's key learnt at enrollment (state_dir/pki/models.pub).
+    model_keys: tuple[str, ...] = ()
+    # Development only: run models that carry no signature (a bad signature is still refused).
+    allow_unsigned_models: bool = False
     # Capture sources: pcap/pcapng files (replay), or one interface (live).
     pcaps: tuple[str, ...] = ()
     interface: str = ""

@@ -30,6 +30,7 @@ from auris.agent.meter import (
     report_dead_meters,
     source_label,
 )
+from auris.agent.model_updates import Refusal
 from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
@@ -121,6 +122,11 @@ class Agent:
         self._reload_requested = threading.Event()
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=_QUEUE_FLOWS)
         self._started = time.monotonic()
+        # A model set offered by the model watcher, swapped in by the scoring loop between batches.
+        self._offered: tuple[ModelSet, list[Refusal]] | None = None
+        self._offer_lock = threading.Lock()
+        self.model_refusals: list[Refusal] = []
+        self.on_models_swapped: Callable[[], None] | None = None
 
     def heartbeat(self) -> agent_service_pb2.HeartbeatRequest:
         """The agent's identity and health counters, as a heartbeat carries them."""
@@ -149,7 +155,29 @@ class Agent:
         )
         for model in self.models.models:
             request.models.add(model_id=model.manifest.model_id, version=model.manifest.version)
+        request.refused_models.extend(r.to_proto() for r in self.model_refusals)
         return request
+
+    def offer_models(self, models: ModelSet, refusals: list[Refusal]) -> None:
+        """Hand over a new model set (from any thread); it replaces the running one between batches."""
+        with self._offer_lock:
+            self._offered = (models, refusals)
+
+    def _swap_models(self) -> None:
+        with self._offer_lock:
+            offered, self._offered = self._offered, None
+        if offered is None:
+            return
+        models, refusals = offered
+        before = sorted(m.ref for m in self.models.models)
+        if models is not self.models:  # the error counter is the agent's, not the set's
+            models.errors += self.models.errors
+        self.models, self.model_refusals = models, refusals
+        after = sorted(m.ref for m in models.models)
+        if after != before:
+            logger.info("now running %s (was %s)", ", ".join(after), ", ".join(before))
+        if self.on_models_swapped is not None:
+            self.on_models_swapped()
 
     def request_stop(self) -> None:
         """Stop metering, spool what was metered, drain briefly, exit (SIGTERM).
@@ -274,6 +302,8 @@ class Agent:
         while True:
             if self._reload_requested.is_set():
                 self._apply_reload()
+            if self._offered is not None:
+                self._swap_models()
             try:
                 item = self._queue.get(timeout=self._flush_interval_s)
             except queue.Empty:

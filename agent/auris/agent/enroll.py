@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from auris.agent import __version__
+from auris.agent.signing import load_public_key
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
 
-__all__ = ["EnrollError", "enroll", "enrolled_files", "pinned_ca"]
+__all__ = ["EnrollError", "enroll", "enrolled_files", "model_key_file", "pinned_ca"]
 
 
 class EnrollError(Exception):
@@ -35,6 +36,11 @@ def enrolled_files(state_dir: Path) -> tuple[Path, Path, Path]:
     """Where an enrolled agent keeps (CA certificate, its certificate, its key)."""
     folder = state_dir / "pki"
     return folder / "ca.pem", folder / "agent.pem", folder / "agent.key"
+
+
+def model_key_file(state_dir: Path) -> Path:
+    """Where an enrolled agent keeps the collector's model-signing public key."""
+    return state_dir / "pki" / "models.pub"
 
 
 def _presented_chain(host: str, port: int, timeout_s: float) -> list[bytes]:
@@ -121,4 +127,11 @@ def enroll(
         )
     cert_path.write_text(response.certificate_pem, encoding="utf-8")
     ca_path.write_bytes(ca_pem)
+    if response.model_signing_key_pem:
+        # Arrived over the channel authenticated by the pinned CA: the key this collector signs with.
+        try:
+            load_public_key(response.model_signing_key_pem.encode(), "the collector's model key")
+        except ValueError as exc:
+            raise EnrollError(str(exc)) from None
+        model_key_file(state_dir).write_text(response.model_signing_key_pem, encoding="utf-8")
     return response.agent_id

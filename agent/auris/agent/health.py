@@ -33,6 +33,7 @@ class Heartbeat:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="auris-heartbeat", daemon=True)
         self._failing = False
         self.sent = 0
@@ -55,14 +56,23 @@ class Heartbeat:
         self.sent += 1
         return True
 
+    def poke(self) -> None:
+        """Send the next heartbeat now (after a model swap, so the collector sees it at once)."""
+        self._wake.set()
+
     def stop(self, final: bool = True) -> None:
         """Stop the thread; with ``final`` send one last heartbeat with the closing counters."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(self._timeout_s + 1)
         if final:
             self.send_now()
 
     def _run(self) -> None:
         self.send_now()
-        while not self._stop.wait(self._interval_s):
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self.send_now()

@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from auris.agent.features import FeatureSet, feature_set
 from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
+from auris.agent.signing import ModelTrust
 from auris.v1 import model_pb2
 
 __all__ = ["LoadedModel", "ModelSet", "Score", "load_model", "load_models", "to_matrix"]
@@ -109,9 +110,13 @@ class LoadedModel:
         ]
 
 
-def load_model(manifest_path: Path, threads: int = 1) -> LoadedModel:
-    """Load and validate one model; raise ManifestError with a one-line reason."""
+def load_model(manifest_path: Path, threads: int = 1, trust: ModelTrust | None = None) -> LoadedModel:
+    """Load and validate one model; raise ManifestError with a one-line reason.
+
+    The manifest must be signed by a key ``trust`` holds (by default: the release keys).
+    """
     manifest = read_manifest(manifest_path)
+    (trust or ModelTrust.load([])).verify(manifest, str(manifest_path))
     if manifest.domain not in (model_pb2.MODEL_DOMAIN_NETWORK_FLOW, model_pb2.MODEL_DOMAIN_UNSPECIFIED):
         raise ManifestError(f"{manifest_path}: not a network-flow model")
     try:
@@ -184,13 +189,16 @@ class ModelSet:
         return per_flow
 
 
-def load_models(folder: Path, threads: int = 1) -> tuple[ModelSet, list[str]]:
+def load_models(
+    folder: Path, threads: int = 1, trust: ModelTrust | None = None
+) -> tuple[ModelSet, list[str]]:
     """Load every valid model in ``folder``; return them and one error line per refused model."""
+    trust = trust or ModelTrust.load([])
     models: list[LoadedModel] = []
     errors: list[str] = []
     for path in find_manifests(folder):
         try:
-            model = load_model(path, threads)
+            model = load_model(path, threads, trust)
         except ManifestError as exc:
             errors.append(str(exc))
             logger.error("refusing model: %s", exc)

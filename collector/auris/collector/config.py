@@ -33,6 +33,13 @@ class CollectorConfig:
     # not enroll agents), and how long those certificates are valid.
     ca_key_file: str = ""
     agent_cert_days: float = 365.0
+    # Ed25519 key (`aurisctl ca init` writes models.key) that signs every model registered without
+    # a signature; agents learn its public half at enrollment. Empty: unsigned models are refused.
+    signing_key_file: str = ""
+    # More Ed25519 public keys (PEM) whose model signatures are accepted, besides the release keys.
+    model_keys: tuple[str, ...] = ()
+    # Development only: register models without a signature when there is no signing key.
+    allow_unsigned_models: bool = False
     db: str = "/var/lib/auris-collector/auris.db"
     # "normal": an acknowledged batch survives a collector crash; "full": also an OS crash or
     # power loss, at one fsync per batch.

@@ -690,6 +690,7 @@ def _local(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError(str(exc)) from None
         print(f"CA {paths.ca_cert} (key {paths.ca_key}, keep it private); collector certificate "
               f"{paths.cert} (key {paths.key}) for {', '.join(args.name)}", file=out)  # fmt: skip
+        print(f"model-signing key {paths.model_key} (keep it private; public half beside it)", file=out)
         print(f"CA sha256 (enrolling agents pin it): {fingerprint(paths.ca_cert.read_bytes())}", file=out)
         return EXIT_OK
     from auris.collector.auth import Authority

@@ -17,7 +17,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from auris.agent.signing import private_key_pem, public_key_pem
 
 __all__ = [
     "AgentSigner",
@@ -40,6 +43,8 @@ class PkiPaths:
     ca_key: Path
     cert: Path
     key: Path
+    # Ed25519: the collector signs models with it; agents learn the public half at enrollment.
+    model_key: Path
 
 
 def fingerprint(cert_pem: bytes) -> str:
@@ -104,7 +109,10 @@ def init_pki(folder: Path, names: list[str], days: float = 825, *, force: bool =
     """
     if not names:
         raise PkiError("give at least one name (DNS name or IP address) the agents use for the collector")
-    paths = PkiPaths(folder / "ca.pem", folder / "ca.key", folder / "collector.pem", folder / "collector.key")
+    paths = PkiPaths(
+        folder / "ca.pem", folder / "ca.key", folder / "collector.pem", folder / "collector.key",
+        folder / "models.key",
+    )  # fmt: skip
     existing = [p for p in dataclasses.astuple(paths) if p.exists()]
     if existing and not force:
         raise PkiError(f"{existing[0]} exists; refusing to replace a CA (--force replaces it, and every "
@@ -133,6 +141,11 @@ def init_pki(folder: Path, names: list[str], days: float = 825, *, force: bool =
     _write(paths.ca_key, _key_pem(ca_key), private=True)
     _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM) + ca_pem, private=False)
     _write(paths.key, _key_pem(key), private=True)
+    model_key = Ed25519PrivateKey.generate()
+    _write(paths.model_key, private_key_pem(model_key), private=True)
+    _write(
+        paths.model_key.with_suffix(".pub"), public_key_pem(model_key.public_key()).encode(), private=False
+    )
     return paths
 
 

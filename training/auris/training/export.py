@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import timestamp_pb2
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
 from auris.agent.features import FeatureSet
 from auris.agent.manifest import MANIFEST_SUFFIX, MANIFEST_VERSION, dump_manifest, file_sha256
+from auris.agent.signing import sign_manifest
 from auris.v1 import model_pb2
 
 __all__ = ["INPUT_NAME", "PROBABILITIES", "export_classifier", "library_versions", "parity", "write_model"]
@@ -72,8 +74,10 @@ def write_model(
     provenance: dict[str, tuple[str, int]],
     description: str,
     data_root: Path | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Path:
-    """Write ``stem.onnx`` and ``stem.manifest.json`` into out_dir; return the manifest path."""
+    """Write ``stem.onnx`` and ``stem.manifest.json`` into out_dir (signed when a key is given); return
+    the manifest path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / f"{stem}.onnx"
     onnx_path.write_bytes(onnx_bytes)
@@ -106,6 +110,8 @@ def write_model(
     for path, (sha, rows) in sorted(provenance.items()):
         shown = str(Path(path).relative_to(data_root)) if data_root else path
         manifest.training_data.add(path=shown, sha256=sha, rows=rows)
+    if signing_key is not None:
+        sign_manifest(manifest, signing_key)
     manifest_path = out_dir / f"{stem}{MANIFEST_SUFFIX}"
     manifest_path.write_text(dump_manifest(manifest), encoding="utf-8")
     return manifest_path
