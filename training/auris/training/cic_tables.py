@@ -6,6 +6,8 @@ rows show the older build's definitions in some columns (checked on the rows, se
 ``HARMONISED_COLUMNS``). A model trained on both reads only the columns whose definitions agree,
 so it cannot learn "which tool wrote this row" instead of "is this an attack".
 
+Times are rounded to the agent's millisecond clock (``at_agent_resolution``).
+
 Labels are mapped onto one taxonomy (``TAXONOMY``) that means the same thing in both tables;
 each row keeps its source class (the table's own label) for splitting and reporting.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "TAXONOMY",
     "TII_FILE",
     "FlowFrame",
+    "at_agent_resolution",
     "cic_frame",
     "clean_features",
     "load_flow_frames",
@@ -171,6 +174,39 @@ def clean_features(
     return to_matrix(values.tolist(), len(columns))
 
 
+# Columns in microseconds, and the rates over the flow's duration.
+_TIME_COLUMNS = tuple(
+    c for c in CICFLOWMETER_COLUMNS if "IAT" in c or c.startswith(("Active", "Idle")) or c == "Flow Duration"
+)
+_RATES = {
+    "Flow Bytes/s": ("Total Length of Fwd Packet", "Total Length of Bwd Packet"),
+    "Flow Packets/s": ("Total Fwd Packet", "Total Bwd packets"),
+    "Fwd Packets/s": ("Total Fwd Packet",),
+    "Bwd Packets/s": ("Total Bwd packets",),
+}
+
+
+def at_agent_resolution(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Rows as the agent's clock would have measured them: times in whole milliseconds.
+
+    nfstream stamps packets in milliseconds, so the agent's durations, gaps and active/idle times
+    are multiples of 1,000 µs (29% of the flows of the shared benign captures last 0 µs), while the
+    tables were measured in µs. Each time column is rounded to the nearest 1,000 µs (an
+    approximation for means and deviations, which the per-packet times would give exactly) and the
+    rates are recomputed from the rounded duration, 0 when it is 0 as the agent writes them.
+    """
+    out = x.astype(np.float64)
+    col = {c: i for i, c in enumerate(CICFLOWMETER_COLUMNS)}
+    for c in _TIME_COLUMNS:
+        out[:, col[c]] = np.round(out[:, col[c]] / 1000.0) * 1000.0
+    seconds = out[:, col["Flow Duration"]] / 1e6
+    positive = seconds > 0
+    for rate, parts in _RATES.items():
+        total = sum(out[:, col[p]] for p in parts)
+        out[:, col[rate]] = np.where(positive, total / np.where(positive, seconds, 1.0), 0.0)
+    return out.astype(np.float32)
+
+
 def _frame(
     table: pd.DataFrame,
     dataset: str,
@@ -182,7 +218,7 @@ def _frame(
     source_arr = source.astype(str).to_numpy()
     subtype_arr = subtype.astype(str).to_numpy()
     return FlowFrame(
-        x=clean_features(table),
+        x=at_agent_resolution(clean_features(table)),
         dataset=np.full(len(table), dataset),
         source_class=source_arr,
         subtype=subtype_arr,

@@ -89,7 +89,10 @@ def classifier_evaluation(
 
 
 def natural_balance_weights(
-    groups: Sequence[str], labels: Sequence[str], normal_label: str, normal_share: dict[str, float]
+    groups: Sequence[str] | npt.NDArray[np.str_],
+    labels: Sequence[str] | npt.NDArray[np.str_],
+    normal_label: str,
+    normal_share: dict[str, float],
 ) -> npt.NDArray[np.float64]:
     """Row weights that give ``normal_label`` the share ``normal_share[group]`` inside each group.
 
