@@ -127,7 +127,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     )  # fmt: skip
     old.close()
     store = VerdictStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 6
+    assert store.schema_version() == SCHEMA_VERSION == len(MIGRATIONS)
     assert {"alerts", "alert_events", "alert_outbox"} <= set(store.db.table_names())
     assert "last_heartbeat_ns" in store.db.table("agents").columns_dict
     (agent,) = store.agents(offline_after_ns=10**9)
@@ -222,13 +222,14 @@ def test_retention_by_row_count_keeps_the_newest(store: VerdictStore) -> None:
 def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) -> None:
     import sqlite_utils
 
-    from auris.collector.store import MIGRATIONS
+    from auris.collector.store import MIGRATIONS, SCHEMA_VERSION
 
     path = tmp_path / "v2.db"
     store = VerdictStore(path)
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
-    # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6).
+    # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
+    # query indexes (7).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
                   "enrollment_tokens", "audit"):  # fmt: skip
@@ -236,12 +237,17 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     for column in ("revoked_ns", "revoked_reason", "cert_serial"):
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
     db.execute("DROP INDEX verdicts_anomaly_score")
+    for index in ("verdicts_agent_id", "verdicts_last_seen_minute", "verdicts_src_ip_block",
+                  "verdicts_dst_ip_block"):  # fmt: skip
+        db.execute(f"DROP INDEX {index}")
+    db.execute("CREATE INDEX idx_verdicts_last_seen_ns ON verdicts (last_seen_ns)")
+    db.execute("DELETE FROM meta WHERE key = 'raw_deleted_through_ns'")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.conn.commit()
     db.close()
-    assert len(MIGRATIONS) == 6
+    assert len(MIGRATIONS) == SCHEMA_VERSION
     again = VerdictStore(path)
-    assert again.schema_version() == 6
+    assert again.schema_version() == SCHEMA_VERSION
     assert sum(r.verdicts for r in again.aggregate_rollups(query_service_pb2.VerdictFilter(), [])) == 3
 
 
@@ -266,3 +272,56 @@ def test_retention_by_size_deletes_the_oldest_until_the_database_fits(store: Ver
     for first in range(20_001, 20_001 + deleted, 1000):
         store.ingest("agent-1", [make_verdict(s) for s in range(first, min(first + 1000, 20_001 + deleted))])
     assert store.size_bytes() < used * 1.2
+
+
+def test_migration_7_adds_the_query_indexes_to_a_version_6_database(tmp_path: Path) -> None:
+    """A schema-6 database with verdicts, rollups and rows retention already deleted: migration 7
+    indexes it, queries answer the same, and the rollup minutes retention emptied in part are noted."""
+    import sqlite_utils
+
+    from auris.collector.store import _INSERT_SQL, _ROLLUP_SELECT, _ROLLUP_UPSERT, MIGRATIONS, verdict_row
+
+    path = tmp_path / "v6.db"
+    old = sqlite_utils.Database(path)
+    for migration in MIGRATIONS[:6]:
+        migration(old)
+    old.table("meta").insert({"key": "schema_version", "value": "6"}, pk="key")
+    base = 1_700_000_040_000  # a whole minute, in ms
+    verdicts = [
+        make_verdict(
+            s,
+            src_ip=f"10.0.0.{s % 3}",
+            dst_ip="2001:db8::1" if s % 2 else "10.9.9.9",
+            scored_ms=base + s * 7_000,
+        )
+        for s in range(1, 41)
+    ]
+    old.conn.executemany(_INSERT_SQL, [verdict_row(v, 10**18 + v.sequence) for v in verdicts])
+    old.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE true"))
+    old.execute("DELETE FROM verdicts WHERE sequence <= 10")  # retention, before the upgrade
+    old.conn.commit()
+    old.close()
+
+    store = VerdictStore(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    indexes = {row[1]: row[2] for row in store.db.execute("PRAGMA index_list(verdicts)").fetchall()}
+    assert {"verdicts_agent_id", "verdicts_last_seen_minute", "verdicts_src_ip_block",
+            "verdicts_dst_ip_block"} <= set(indexes)  # fmt: skip
+    assert "idx_verdicts_last_seen_ns" not in indexes
+    # Sequence 10 was scored at base + 70 s: its minute is the newest that lost raw rows.
+    (through,) = store.db.execute("SELECT value FROM meta WHERE key = 'raw_deleted_through_ns'").fetchone()
+    assert int(through) == (base + 60_000) * 1_000_000 + 60_000_000_000 - 1
+    assert store.db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+    def seqs(**fields: object) -> list[int]:
+        flt = query_service_pb2.VerdictFilter(**fields)  # type: ignore[arg-type]
+        return [v.verdict.sequence for v in store.query(flt, 100, "").verdicts]
+
+    assert seqs(src_ip="10.0.0.1") == [s for s in range(40, 10, -1) if s % 3 == 1]
+    assert seqs(ip="2001:db8::1") == [s for s in range(40, 10, -1) if s % 2]
+    assert seqs(agent_ids=["agent-1"]) == list(range(40, 10, -1))
+    flow = query_service_pb2.VerdictFilter(time_field=query_service_pb2.TIME_FIELD_FLOW)
+    flow.time_range.start_time.FromMilliseconds(base + 20 * 7_000 - 10)
+    flow.time_range.end_time.FromMilliseconds(base + 30 * 7_000 - 10)
+    assert [v.verdict.sequence for v in store.query(flow, 100, "").verdicts] == list(range(29, 19, -1))
+    assert store.ingest("agent-1", [make_verdict(41)]).accepted == 1

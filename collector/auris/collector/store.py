@@ -25,7 +25,7 @@ from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, ve
 
 __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -281,6 +281,42 @@ def _migration_6(db: sqlite_utils.Database) -> None:
         )
 
 
+_MINUTE_NS = 60_000_000_000
+# Verdict ids fall in blocks of this many; the address indexes are ordered by block first.
+ID_BLOCK = 4096
+# meta key: the newest scored time of any raw verdict that retention deleted (-1: none). Rollup
+# minutes after it still count exactly the raw rows, so aggregates over raw rows may read them.
+RAW_DELETED_THROUGH = "raw_deleted_through_ns"
+
+
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """Indexes for the query targets at a bearable ingest cost (bench/results/collector.md).
+
+    - (agent_id, id): an agent's newest verdicts without sorting all of them.
+    - The flow-time index becomes one on the minute of last_seen_ns: flows are reported minutes
+      after their last packet, so an index on the exact value took its inserts all over a window
+      of entries; per minute they append (equal keys are kept in id order).
+    - Addresses: indexes on (id block, address). A lookup walks the blocks newest first; an insert
+      lands in the newest block (a few pages), where an (address, id) index writes pages all over
+      itself (inserts 4x slower).
+    - Where retention has already deleted raw rows, rollup minutes count more than the raw rows:
+      note the newest such minute (raw-row aggregates read rollups only after it).
+    """
+    db.execute("CREATE INDEX verdicts_agent_id ON verdicts (agent_id, id)")
+    db.execute("DROP INDEX IF EXISTS idx_verdicts_last_seen_ns")
+    db.execute(f"CREATE INDEX verdicts_last_seen_minute ON verdicts (last_seen_ns / {_MINUTE_NS})")
+    for column in ("src_ip", "dst_ip"):
+        db.execute(f"CREATE INDEX verdicts_{column}_block ON verdicts (id / {ID_BLOCK}, {column})")
+    (minute,) = db.execute(
+        "SELECT COALESCE(MAX(minute), -1) FROM (SELECT minute, SUM(n) AS difference FROM ("
+        f" SELECT scored_ns / {_MINUTE_NS} * {_MINUTE_NS} AS minute, COUNT(*) AS n FROM verdicts GROUP BY 1"
+        " UNION ALL SELECT minute_ns, -SUM(verdicts) FROM rollups GROUP BY 1"
+        ") GROUP BY minute HAVING difference != 0)"
+    ).fetchone()
+    through = minute + _MINUTE_NS - 1 if minute >= 0 else -1
+    db.table("meta").insert({"key": RAW_DELETED_THROUGH, "value": str(through)}, pk="key", replace=True)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -288,6 +324,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 
