@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from auris.agent.manifest import dump_manifest, read_manifest
-from auris.agent.signing import ModelTrust, key_id, sign_manifest
+from auris.agent.signing import ModelTrust, key_id, private_key_pem, public_key_pem, sign_manifest
 from auris.collector.client import CollectorClient
 from auris.collector.config import CollectorConfig
 from auris.collector.server import Collector
@@ -33,6 +33,13 @@ MODELS = REPO / "models"
 # A model-signing key made for this test run, and a trust that accepts only it.
 TEST_SIGNING_KEY = Ed25519PrivateKey.generate()
 TEST_TRUST = ModelTrust({key_id(TEST_SIGNING_KEY.public_key()): TEST_SIGNING_KEY.public_key()})
+
+
+def write_test_key(path: Path) -> Path:
+    """Write the test signing key (PEM) to ``path``, its public half beside it (``.pub``)."""
+    path.write_bytes(private_key_pem(TEST_SIGNING_KEY))
+    path.with_suffix(".pub").write_text(public_key_pem(TEST_SIGNING_KEY.public_key()))
+    return path
 
 
 def resign(manifest_path: Path, key: Ed25519PrivateKey = TEST_SIGNING_KEY) -> None:

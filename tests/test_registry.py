@@ -3,6 +3,7 @@ over gRPC and through aurisctl; bad manifests refused one by one while the rest 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -13,12 +14,13 @@ import grpc
 import pytest
 
 from auris.agent.manifest import ManifestError, dump_manifest, read_manifest
+from auris.agent.signing import key_id
 from auris.collector import ctl
 from auris.collector.client import CollectorClient
 from auris.collector.registry import ModelRegistry
 from auris.collector.store import VerdictStore
 from auris.v1 import admin_service_pb2, model_pb2
-from tests.conftest import MODELS, running_collector
+from tests.conftest import MODELS, TEST_SIGNING_KEY, TEST_TRUST, running_collector, write_test_key
 
 PRODUCTION = admin_service_pb2.MODEL_STAGE_PRODUCTION
 CANDIDATE = admin_service_pb2.MODEL_STAGE_CANDIDATE
@@ -29,24 +31,34 @@ def _models_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     for path in [*MODELS.glob("nfstream-rf.*"), *(MODELS / "candidates").glob("nfstream-ae.*")]:
         shutil.copy(path, folder)
-    # A second version of the classifier (same bytes, new version): a candidate.
+    # A second version of the classifier (same bytes, new version, unsigned): a candidate, which
+    # the collector signs with its own key.
     manifest = read_manifest(folder / "nfstream-rf.manifest.json")
     manifest.version = "2099.1"
+    manifest.ClearField("signature")
+    manifest.ClearField("signing_key_id")
     (folder / "nfstream-rf-next.manifest.json").write_text(dump_manifest(manifest))
-    # Two bad ones: not JSON; an ONNX file whose bytes differ from the manifest's sha256.
+    # Three bad ones: not JSON; an ONNX file whose bytes differ from the manifest's sha256; a
+    # signature that does not verify (the version was changed after signing).
     (folder / "broken.manifest.json").write_text("{ not json")
     manifest.version = "2099.2"
     manifest.onnx_file = "tampered.onnx"
     (folder / "tampered.manifest.json").write_text(dump_manifest(manifest))
     (folder / "tampered.onnx").write_bytes(b"\x00" * 64)
+    forged = read_manifest(folder / "nfstream-rf.manifest.json")
+    forged.version = "2099.3"
+    (folder / "forged.manifest.json").write_text(dump_manifest(forged))
     return folder
 
 
 def test_models_are_imported_listed_and_shown(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = _models_dir(tmp_path)
+    key = write_test_key(tmp_path / "models.key")
     with (
         caplog.at_level(logging.INFO, logger="auris.collector.server"),
-        running_collector(tmp_path / "auris.db", models_dir=str(folder)) as running,
+        running_collector(
+            tmp_path / "auris.db", models_dir=str(folder), signing_key_file=str(key)
+        ) as running,
         CollectorClient(running.address, insecure=True) as client,
     ):
         models = {(m.manifest.model_id, m.manifest.version): m.stage for m in client.models()}
@@ -60,10 +72,19 @@ def test_models_are_imported_listed_and_shown(tmp_path: Path, caplog: pytest.Log
             ("nfstream-rf", "2099.1"): CANDIDATE,
         }
         refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model refused")]
-        assert len(refusals) == 2
+        assert len(refusals) == 3
         assert any("broken.manifest.json: not a valid manifest" in r for r in refusals)
-        assert any("refusing a modified model" in r for r in refusals)
-        assert "3 registered, 0 already known, 2 refused" in caplog.text
+        assert any("tampered.manifest.json" in r and "refusing a modified model" in r for r in refusals)
+        assert any("forged.manifest.json" in r and "does not verify" in r for r in refusals)
+        assert "3 registered, 0 already known, 3 refused" in caplog.text
+        signed_here = client.model("nfstream-rf", "2099.1").manifest
+        assert signed_here.signing_key_id == key_id(TEST_SIGNING_KEY.public_key())
+        TEST_TRUST.verify(signed_here, "test")
+        # The shipped models keep the release signature.
+        assert (
+            client.model("nfstream-rf").manifest.signing_key_id
+            == read_manifest(MODELS / "nfstream-rf.manifest.json").signing_key_id
+        )
 
         assert client.models(model_pb2.MODEL_DOMAIN_TICK) == []
         production = client.model("nfstream-rf")
@@ -95,20 +116,28 @@ def test_models_are_imported_listed_and_shown(tmp_path: Path, caplog: pytest.Log
     # A restart with the same folder registers nothing twice.
     with caplog.at_level(logging.INFO, logger="auris.collector.server"):
         caplog.clear()
-        with running_collector(tmp_path / "auris.db", models_dir=str(folder)):
+        with running_collector(tmp_path / "auris.db", models_dir=str(folder), signing_key_file=str(key)):
             pass
-        assert "0 registered, 3 already known, 2 refused" in caplog.text
+        assert "0 registered, 3 already known, 3 refused" in caplog.text
 
 
-def test_a_version_is_immutable(tmp_path: Path) -> None:
+def test_a_version_is_immutable_and_must_be_signed(tmp_path: Path) -> None:
     store = VerdictStore(tmp_path / "auris.db")
-    registry = ModelRegistry(store)
     manifest = read_manifest(MODELS / "nfstream-rf.manifest.json")
     onnx = (MODELS / "nfstream-rf.onnx").read_bytes()
-    assert registry.register(manifest, onnx) is True
-    assert registry.register(manifest, onnx) is False  # the same bytes again: nothing to do
-    manifest.onnx_sha256 = "0" * 64
+    unsigned = ModelRegistry(store)  # no signing key: only signed models come in
+    assert unsigned.register(manifest, onnx) is True
+    assert unsigned.register(manifest, onnx) is False  # the same bytes again: nothing to do
+    other = bytearray(onnx)
+    other[-1] ^= 1
+    manifest.onnx_sha256 = hashlib.sha256(other).hexdigest()
+    manifest.ClearField("signature")
+    with pytest.raises(ManifestError, match="is not signed"):
+        unsigned.register(manifest, bytes(other))
+    with pytest.raises(ManifestError, match="refusing a modified model"):
+        unsigned.register(manifest, onnx)  # bytes that are not the ones the manifest names
+    signing = ModelRegistry(store, signing_key=TEST_SIGNING_KEY)
     with pytest.raises(ManifestError, match="already registered with other bytes"):
-        registry.register(manifest, onnx)
-    assert [m.stage for m in registry.models()] == [PRODUCTION]
+        signing.register(manifest, bytes(other))
+    assert [m.stage for m in signing.models()] == [PRODUCTION]
     store.close()

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
-from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, query_service_pb2, verdict_pb2
+from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, model_pb2, query_service_pb2, verdict_pb2
 from tests.conftest import CollectorThread, make_verdict, running_collector
 
 
@@ -101,10 +101,20 @@ def test_query_errors_map_to_statuses(client: CollectorClient) -> None:
     assert "page_token" in (caught.value.details() or "")
 
 
-def test_contract_rpcs_not_served_yet_say_so(agent_stub: agent_service_pb2_grpc.AgentServiceStub) -> None:
+def test_model_watch_answers_at_once_and_enrollment_needs_a_ca_key(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub,
+) -> None:
+    # No model registered: the wanted set is empty (the agent keeps its own models).
+    watch = agent_stub.WatchModelUpdates(agent_service_pb2.WatchModelUpdatesRequest(agent_id="agent-1"))
+    assert list(next(iter(watch)).desired_models) == []
+    watch.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
     with pytest.raises(grpc.RpcError) as caught:
-        list(agent_stub.WatchModelUpdates(agent_service_pb2.WatchModelUpdatesRequest(agent_id="agent-1")))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        list(
+            agent_stub.DownloadModel(
+                agent_service_pb2.DownloadModelRequest(model=model_pb2.ModelRef(model_id="nope"))
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # Enrollment needs the CA's key, which this collector was not given.
     with pytest.raises(grpc.RpcError) as caught:
         agent_stub.Enroll(agent_service_pb2.EnrollRequest(token="t"))

@@ -128,6 +128,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     old.close()
     store = VerdictStore(path)
     assert store.schema_version() == SCHEMA_VERSION == len(MIGRATIONS)
+    assert "refusals_pb" in store.db.table("agents").columns_dict
     assert {"alerts", "alert_events", "alert_outbox"} <= set(store.db.table_names())
     assert "last_heartbeat_ns" in store.db.table("agents").columns_dict
     (agent,) = store.agents(offline_after_ns=10**9)
@@ -229,12 +230,12 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
     # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
-    # query indexes (7).
+    # query indexes (7), model refusals (8).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
                   "enrollment_tokens", "audit"):  # fmt: skip
         db.execute(f"DROP TABLE {table}")
-    for column in ("revoked_ns", "revoked_reason", "cert_serial"):
+    for column in ("revoked_ns", "revoked_reason", "cert_serial", "refusals_pb"):
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
     db.execute("DROP INDEX verdicts_anomaly_score")
     for index in ("verdicts_agent_id", "verdicts_last_seen_minute", "verdicts_src_ip_block",

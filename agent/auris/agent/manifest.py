@@ -18,6 +18,7 @@ __all__ = [
     "MANIFEST_SUFFIX",
     "MANIFEST_VERSION",
     "ManifestError",
+    "check_manifest",
     "dump_manifest",
     "file_sha256",
     "find_manifests",
@@ -66,25 +67,7 @@ def read_manifest(path: Path, *, verify_file: bool = True) -> model_pb2.ModelMan
     except json_format.ParseError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "invalid JSON"
         raise ManifestError(f"{path}: not a valid manifest: {first_line}") from None
-    if manifest.manifest_version > MANIFEST_VERSION:
-        raise ManifestError(
-            f"{path}: manifest_version {manifest.manifest_version} is newer than this reader "
-            f"({MANIFEST_VERSION}); upgrade Auris"
-        )
-    for field in ("model_id", "version", "onnx_file", "onnx_sha256", "input_name", "score_output"):
-        if not getattr(manifest, field):
-            raise ManifestError(f"{path}: {field} is empty")
-    if manifest.kind == model_pb2.MODEL_KIND_UNSPECIFIED:
-        raise ManifestError(f"{path}: kind is not set")
-    if not manifest.feature_set.name or not manifest.feature_set.columns:
-        raise ManifestError(f"{path}: feature_set needs a name and columns")
-    if manifest.kind == model_pb2.MODEL_KIND_CLASSIFIER:
-        if len(manifest.labels) < 2:
-            raise ManifestError(f"{path}: a classifier needs at least two labels")
-        if manifest.normal_label not in manifest.labels:
-            raise ManifestError(f"{path}: normal_label {manifest.normal_label!r} is not among labels")
-    if not manifest.HasField("threshold"):
-        raise ManifestError(f"{path}: threshold is not set")
+    check_manifest(manifest, str(path))
     if verify_file:
         onnx_path = onnx_path_of(path, manifest)
         if not onnx_path.is_file():
@@ -96,6 +79,31 @@ def read_manifest(path: Path, *, verify_file: bool = True) -> model_pb2.ModelMan
                 f"{manifest.onnx_sha256[:12]}…; refusing a modified model"
             )
     return manifest
+
+
+def check_manifest(manifest: model_pb2.ModelManifest, where: str) -> None:
+    """Raise ManifestError (one line, starting with ``where``) unless the manifest is usable."""
+    if manifest.manifest_version > MANIFEST_VERSION:
+        raise ManifestError(
+            f"{where}: manifest_version {manifest.manifest_version} is newer than this reader "
+            f"({MANIFEST_VERSION}); upgrade Auris"
+        )
+    for field in ("model_id", "version", "onnx_file", "onnx_sha256", "input_name", "score_output"):
+        if not getattr(manifest, field):
+            raise ManifestError(f"{where}: {field} is empty")
+    if Path(manifest.onnx_file).name != manifest.onnx_file:
+        raise ManifestError(f"{where}: onnx_file must be a bare file name, got {manifest.onnx_file!r}")
+    if manifest.kind == model_pb2.MODEL_KIND_UNSPECIFIED:
+        raise ManifestError(f"{where}: kind is not set")
+    if not manifest.feature_set.name or not manifest.feature_set.columns:
+        raise ManifestError(f"{where}: feature_set needs a name and columns")
+    if manifest.kind == model_pb2.MODEL_KIND_CLASSIFIER:
+        if len(manifest.labels) < 2:
+            raise ManifestError(f"{where}: a classifier needs at least two labels")
+        if manifest.normal_label not in manifest.labels:
+            raise ManifestError(f"{where}: normal_label {manifest.normal_label!r} is not among labels")
+    if not manifest.HasField("threshold"):
+        raise ManifestError(f"{where}: threshold is not set")
 
 
 def onnx_path_of(manifest_path: Path, manifest: model_pb2.ModelManifest) -> Path:

@@ -339,7 +339,7 @@ class Authority:
 
 def _target(request: object) -> str:
     """What an action was about, for the audit log."""
-    for field in ("agent_id", "token_id", "name", "id"):
+    for field in ("agent_id", "token_id", "name", "id", "model_id"):
         value = getattr(request, field, None)
         if value:
             return f"{field}={value}"

@@ -282,6 +282,45 @@ class CollectorClient:
         response: admin_service_pb2.GetModelResponse = self._admin.GetModel(request, timeout=self._timeout)
         return response.model
 
+    def register_model(
+        self, manifest: model_pb2.ModelManifest, onnx: bytes, chunk: int = 1 << 20
+    ) -> admin_service_pb2.RegisteredModel:
+        """Upload one model version (the collector signs it when it carries no signature)."""
+        parts = [admin_service_pb2.RegisterModelRequest(manifest=manifest, chunk=onnx[:chunk])]
+        parts += [
+            admin_service_pb2.RegisterModelRequest(chunk=onnx[i : i + chunk])
+            for i in range(chunk, len(onnx), chunk)
+        ]
+        response: admin_service_pb2.RegisterModelResponse = self._admin.RegisterModel(
+            iter(parts), timeout=self._timeout
+        )
+        return response.model
+
+    def promote_model(self, model_id: str, version: str) -> admin_service_pb2.RegisteredModel:
+        request = admin_service_pb2.PromoteModelRequest(
+            model=model_pb2.ModelRef(model_id=model_id, version=version)
+        )
+        response: admin_service_pb2.PromoteModelResponse = self._admin.PromoteModel(
+            request, timeout=self._timeout
+        )
+        return response.model
+
+    def rollback_model(self, model_id: str) -> admin_service_pb2.RegisteredModel:
+        """Put back the version in production before the current one; returns it."""
+        response: admin_service_pb2.RollbackModelResponse = self._admin.RollbackModel(
+            admin_service_pb2.RollbackModelRequest(model_id=model_id), timeout=self._timeout
+        )
+        return response.model
+
+    def retire_model(self, model_id: str, version: str) -> admin_service_pb2.RegisteredModel:
+        request = admin_service_pb2.RetireModelRequest(
+            model=model_pb2.ModelRef(model_id=model_id, version=version)
+        )
+        response: admin_service_pb2.RetireModelResponse = self._admin.RetireModel(
+            request, timeout=self._timeout
+        )
+        return response.model
+
     def revoke_agent(self, agent_id: str, reason: str = "") -> None:
         self._admin.RevokeAgent(
             admin_service_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason), timeout=self._timeout

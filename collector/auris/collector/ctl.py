@@ -303,6 +303,26 @@ def _parser() -> argparse.ArgumentParser:
     shown = verbs.add_parser("show", help="one model version in full (ID: its production version)")
     shown.add_argument("model", metavar="ID[@VERSION]")
     shown.add_argument("--json", action="store_true", help="JSON output (the whole manifest)")
+    imported = verbs.add_parser(
+        "import", help="register models (NAME.manifest.json beside its ONNX file, or folders of them)"
+    )
+    imported.add_argument("paths", nargs="+", type=Path, metavar="MANIFEST|DIR")
+    promoted = verbs.add_parser("promote", help="put a version into production; agents switch to it")
+    promoted.add_argument("model", metavar="ID@VERSION")
+    rolled = verbs.add_parser("rollback", help="put back the version in production before the current one")
+    rolled.add_argument("model_id", metavar="ID")
+    retired = verbs.add_parser(
+        "retire", help="take a version out of service for good (the production one: agents stop the model)"
+    )
+    retired.add_argument("model", metavar="ID@VERSION")
+    diffed = verbs.add_parser("diff", help="two versions side by side: metrics, threshold, features, data")
+    diffed.add_argument("a", metavar="ID[@VERSION]")
+    diffed.add_argument("b", metavar="ID[@VERSION]")
+    signed = verbs.add_parser(
+        "sign", help="sign manifests with an Ed25519 key, on this host (no collector needed)"
+    )
+    signed.add_argument("--key", required=True, type=Path, help="the private key (PEM)")
+    signed.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
 
     db = sub.add_parser("db", help="the collector's SQLite database, on this host (no collector needed)")
     db.add_argument(
@@ -583,11 +603,135 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix).lower()
 
 
+def _ref(text: str, *, version: bool) -> tuple[str, str]:
+    model_id, _, ver = text.partition("@")
+    if not model_id or (version and not ver):
+        raise ConfigError(
+            f"expected ID@VERSION, got {text!r}" if version else f"expected ID[@VERSION], got {text!r}"
+        )
+    return model_id, ver
+
+
+def _rollout(model: admin_service_pb2.RegisteredModel) -> str:
+    if model.stage != admin_service_pb2.MODEL_STAGE_PRODUCTION:
+        return ""
+    r = model.rollout
+    return f"{r.agents_running}/{r.agents_online} online agents" + (
+        f", {len(r.refusals)} refused" if r.refusals else ""
+    )
+
+
+def _import_models(client: CollectorClient, paths: Sequence[Path], out: TextIO) -> int:
+    from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
+
+    manifests = [m for p in paths for m in (find_manifests(p) if p.is_dir() else [p])]
+    if not manifests:
+        raise ConfigError("no *.manifest.json found")
+    failed = 0
+    for path in manifests:
+        try:
+            manifest = read_manifest(path)
+            model = client.register_model(manifest, onnx_path_of(path, manifest).read_bytes())
+        except (ManifestError, OSError) as exc:
+            print(f"aurisctl: {str(exc).splitlines()[0]}", file=sys.stderr)
+            failed += 1
+            continue
+        except grpc.RpcError as exc:
+            if not isinstance(exc, grpc.Call) or exc.code() not in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
+                raise
+            print(f"aurisctl: {path}: {exc.details()}", file=sys.stderr)
+            failed += 1
+            continue
+        stage = _enum_name(admin_service_pb2.ModelStage, model.stage, "MODEL_STAGE_")
+        print(f"registered {model.manifest.model_id}@{model.manifest.version} ({stage}, signed by "
+              f"{model.manifest.signing_key_id})", file=out)  # fmt: skip
+    return EXIT_RPC if failed else EXIT_OK
+
+
+def _diff(a: admin_service_pb2.RegisteredModel, b: admin_service_pb2.RegisteredModel, out: TextIO) -> None:
+    ma, mb = a.manifest, b.manifest
+
+    def metrics(m: model_pb2.ModelManifest) -> dict[str, str]:
+        e = m.evaluation
+        rows = {
+            "stage": "",
+            "kind": _enum_name(model_pb2.ModelKind, m.kind, "MODEL_KIND_"),
+            "feature set": f"{m.feature_set.name} v{m.feature_set.version}",
+            "columns": str(len(m.feature_set.columns)),
+            "threshold": f"{m.threshold.value:g}",
+            "macro F1": f"{e.macro_f1:.3f}",
+            "weighted F1": f"{e.weighted_f1:.3f}",
+            "PR-AUC": f"{e.pr_auc:.3f}",
+            "false-positive rate": f"{e.false_positive_rate:.4f}",
+            "baseline macro F1": f"{e.baseline_macro_f1:.3f}",
+            **{f"F1 {c.label}": f"{c.f1:.3f}" for c in e.per_class},
+            **{k: f"{v:.4g}" for k, v in sorted(e.extra.items())},
+            "training rows": str(sum(d.rows for d in m.training_data)),
+            "onnx sha256": m.onnx_sha256[:16],
+            "signed by": m.signing_key_id or "-",
+        }
+        return rows
+
+    left, right = metrics(ma), metrics(mb)
+    left["stage"] = _enum_name(admin_service_pb2.ModelStage, a.stage, "MODEL_STAGE_")
+    right["stage"] = _enum_name(admin_service_pb2.ModelStage, b.stage, "MODEL_STAGE_")
+    keys = list(dict.fromkeys([*left, *right]))
+    rows = [
+        (k, left.get(k, "-"), right.get(k, "-"), "" if left.get(k) == right.get(k) else "*") for k in keys
+    ]
+    _print_rows(("", f"{ma.model_id}@{ma.version}", f"{mb.model_id}@{mb.version}", "DIFFERS"), rows, out)
+    gone = [c for c in ma.feature_set.columns if c not in set(mb.feature_set.columns)]
+    added = [c for c in mb.feature_set.columns if c not in set(ma.feature_set.columns)]
+    if gone or added:
+        print(f"columns only in the first: {', '.join(gone) or '-'}", file=out)
+        print(f"columns only in the second: {', '.join(added) or '-'}", file=out)
+    elif list(ma.feature_set.columns) != list(mb.feature_set.columns):
+        print("same columns in another order", file=out)
+
+
+def _sign(args: argparse.Namespace, out: TextIO) -> int:
+    from auris.agent.manifest import ManifestError, dump_manifest, read_manifest
+    from auris.agent.signing import load_private_key, sign_manifest
+
+    try:
+        key = load_private_key(args.key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for path in args.manifests:
+        try:
+            manifest = read_manifest(path)  # the ONNX file must match before it is vouched for
+        except ManifestError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
+        sign_manifest(manifest, key)
+        path.write_text(dump_manifest(manifest), encoding="utf-8")
+        print(f"signed {manifest.model_id}@{manifest.version} ({path}) with key {manifest.signing_key_id}",
+              file=out)  # fmt: skip
+    return EXIT_OK
+
+
 def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.verb is None:
-        raise ConfigError("models needs a verb: list or show")
+        raise ConfigError("models needs a verb: list, show, import, promote, rollback, retire, diff or sign")
+    if args.verb == "import":
+        return _import_models(client, args.paths, out)
+    if args.verb in ("promote", "retire", "rollback"):
+        if args.verb == "rollback":
+            model = client.rollback_model(args.model_id)
+        else:
+            model_id, version = _ref(args.model, version=True)
+            change = client.promote_model if args.verb == "promote" else client.retire_model
+            model = change(model_id, version)
+        stage = _enum_name(admin_service_pb2.ModelStage, model.stage, "MODEL_STAGE_")
+        print(f"{model.manifest.model_id}@{model.manifest.version} is now {stage}", file=out)
+        return EXIT_OK
+    if args.verb == "diff":
+        _diff(client.model(*_ref(args.a, version=False)), client.model(*_ref(args.b, version=False)), out)
+        return EXIT_OK
     if args.verb == "show":
-        model_id, _, version = args.model.partition("@")
+        model_id, version = _ref(args.model, version=False)
         model = client.model(model_id, version)
         if args.json:
             print(_json(model), file=out)
@@ -618,6 +762,8 @@ def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
             ("onnx", f"{m.onnx_file} sha256 {m.onnx_sha256}"),
             ("signed", f"by {m.signing_key_id}" if m.signature else "no"),
             ("registered", _fmt_time(model.registered_time) + " UTC"),
+            *((("rollout", _rollout(model)),) if _rollout(model) else ()),
+            *((f"  refused by {r.agent_id}", r.reason) for r in model.rollout.refusals),
         ]
         _print_rows(("FIELD", "VALUE"), facts, out)
         return EXIT_OK
@@ -635,13 +781,15 @@ def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
             f"{r.manifest.evaluation.macro_f1:.3f}",
             f"{r.manifest.evaluation.baseline_macro_f1:.3f}",
             _fmt_time(r.registered_time),
+            _rollout(r) or "-",
         )
         for r in models
     ]
     if not rows:
         print("no models registered", file=out)
         return EXIT_OK
-    _print_rows(("MODEL", "STAGE", "KIND", "FEATURES", "MACRO F1", "BASELINE", "REGISTERED (UTC)"), rows, out)
+    header = ("MODEL", "STAGE", "KIND", "FEATURES", "MACRO F1", "BASELINE", "REGISTERED (UTC)", "ROLLOUT")
+    _print_rows(header, rows, out)
     return EXIT_OK
 
 
@@ -797,6 +945,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.command == "models" and args.verb == "sign":
+        try:
+            return _sign(args, out)
+        except ConfigError as exc:
+            print(f"aurisctl: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     local = args.command in ("db", "ca") or (args.command == "tokens" and getattr(args, "db_path", None))
     if local:
         try:

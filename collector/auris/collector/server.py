@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from auris.agent.signing import ModelTrust, load_private_key, public_key_pem
 from auris.collector.alerts import Alerts, Notifier
 from auris.collector.auth import AuthInterceptor, Authority
 from auris.collector.broker import Broker
@@ -71,7 +72,14 @@ class Collector:
             config.subscriber_buffer, config.max_subscribers
         )
         self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks)
-        self.registry = ModelRegistry(self.store)
+        signing_key = load_private_key(Path(config.signing_key_file)) if config.signing_key_file else None
+        self.registry = ModelRegistry(
+            self.store,
+            ModelTrust.load(
+                [Path(k) for k in config.model_keys], allow_unsigned=config.allow_unsigned_models
+            ),
+            signing_key,
+        )
         if config.alert_rules:
             self.store.on_ingest = self.alerts.evaluate
         self.alert_broker: Broker[admin_service_pb2.Alert] = Broker(
@@ -85,7 +93,7 @@ class Collector:
         # The agent and admin servicers leave RPCs of later issues to the generated bases, which
         # answer UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(  # type: ignore[abstract]
+            AgentServicer(
                 self.store,
                 self._writer,
                 self._readers,
@@ -93,6 +101,8 @@ class Collector:
                 self._alerts_changed,
                 self.authority,
                 self.signer,
+                self.registry,
+                public_key_pem(signing_key.public_key()) if signing_key else "",
             ),
             self._server,
         )

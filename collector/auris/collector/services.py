@@ -23,13 +23,14 @@ from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
 from auris.collector.broker import Broker, Subscription, check_filter, matches
 from auris.collector.pki import AgentSigner
-from auris.collector.registry import ModelRegistry
+from auris.collector.registry import ModelRegistry, StageError
 from auris.collector.store import SequenceConflict, VerdictStore
 from auris.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
     agent_service_pb2,
     agent_service_pb2_grpc,
+    model_pb2,
     query_service_pb2,
     query_service_pb2_grpc,
     verdict_pb2,
@@ -55,7 +56,7 @@ AlertsChanged = Callable[[list[int]], Awaitable[None]]
 
 
 def _status_for(exc: Exception) -> grpc.StatusCode:
-    if isinstance(exc, AlertStateError):
+    if isinstance(exc, AlertStateError | StageError):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -73,7 +74,7 @@ async def _run(
     """Run store work ``fn(*args)`` on ``executor``; a domain error becomes a one-line gRPC status."""
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-    except (ValueError, LookupError, AlertStateError) as exc:
+    except (ValueError, LookupError, AlertStateError, StageError) as exc:
         await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     raise AssertionError("unreachable")  # context.abort always raises
 
@@ -117,6 +118,12 @@ REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
 # Trailing metadata of a sequence conflict: the highest sequence stored for the agent, above
 # which it renumbers what it still has to send.
 STORED_SEQUENCE_KEY = "auris-stored-sequence"
+
+
+# Models travel in slices of this many bytes (well under the message size limit).
+_CHUNK = 1 << 20
+# The largest model accepted for registration.
+_MAX_MODEL_BYTES = 256 << 20
 
 
 class InvalidVerdict(ValueError):
@@ -184,6 +191,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         alerts_changed: AlertsChanged,
         authority: Authority,
         signer: AgentSigner | None,
+        registry: ModelRegistry,
+        model_key_pem: str = "",
+        model_poll_s: float = 0.5,
     ) -> None:
         self._store = store
         self._writer = writer
@@ -192,6 +202,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self._alerts_changed = alerts_changed
         self._authority = authority
         self._signer = signer
+        self._registry = registry
+        self._model_key_pem = model_key_pem
+        self._model_poll_s = model_poll_s
 
     async def _check_identity(self, agent_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """An agent speaks only for itself (its certificate names it), and not once revoked."""
@@ -245,6 +258,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             agent_id=agent_id,
             certificate_pem=certificate.decode(),
             ca_certificate_pem=self._signer.ca_pem.decode(),
+            model_signing_key_pem=self._model_key_pem,
         )
 
     async def StreamVerdicts(
@@ -302,9 +316,42 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self._store.record_heartbeat, request, now
         )
-        response = agent_service_pb2.HeartbeatResponse()
+        response = agent_service_pb2.HeartbeatResponse(desired_models=self._registry.desired())
         response.server_time.FromNanoseconds(now)
         return response
+
+    async def WatchModelUpdates(
+        self,
+        request: agent_service_pb2.WatchModelUpdatesRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.WatchModelUpdatesRequest, agent_service_pb2.WatchModelUpdatesResponse
+        ],
+    ) -> AsyncIterator[agent_service_pb2.WatchModelUpdatesResponse]:
+        """The wanted model set now, then again whenever promotion, rollback or retirement changes it."""
+        await self._check_identity(request.agent_id, context)
+        loop = asyncio.get_running_loop()
+        generation = -1
+        while True:
+            if self._registry.generation != generation:
+                generation = self._registry.generation
+                desired = await loop.run_in_executor(self._readers, self._registry.desired)
+                yield agent_service_pb2.WatchModelUpdatesResponse(desired_models=desired)
+            await asyncio.sleep(self._model_poll_s)
+            # A revoked agent loses its model feed too.
+            await self._check_identity(request.agent_id, context)
+
+    async def DownloadModel(
+        self,
+        request: agent_service_pb2.DownloadModelRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.DownloadModelRequest, agent_service_pb2.DownloadModelResponse
+        ],
+    ) -> AsyncIterator[agent_service_pb2.DownloadModelResponse]:
+        await self._check_identity("", context)
+        manifest, onnx = await _run(context, self._readers, self._registry.onnx, request.model)
+        yield agent_service_pb2.DownloadModelResponse(manifest=manifest, chunk=onnx[:_CHUNK])
+        for offset in range(_CHUNK, len(onnx), _CHUNK):
+            yield agent_service_pb2.DownloadModelResponse(chunk=onnx[offset : offset + _CHUNK])
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
@@ -433,7 +480,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             admin_service_pb2.ListModelsRequest, admin_service_pb2.ListModelsResponse
         ],
     ) -> admin_service_pb2.ListModelsResponse:
-        models = await _run(context, self._readers, self._registry.models, request.domain)
+        models = await _run(
+            context, self._readers, self._registry.models, request.domain, self._offline_after_ns
+        )
         return admin_service_pb2.ListModelsResponse(models=models)
 
     async def GetModel(
@@ -443,8 +492,71 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             admin_service_pb2.GetModelRequest, admin_service_pb2.GetModelResponse
         ],
     ) -> admin_service_pb2.GetModelResponse:
-        model = await _run(context, self._readers, self._registry.get, request.model)
+        model = await _run(context, self._readers, self._registry.get, request.model, self._offline_after_ns)
         return admin_service_pb2.GetModelResponse(model=model)
+
+    async def RegisterModel(
+        self,
+        request_iterator: AsyncIterator[admin_service_pb2.RegisterModelRequest],
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.RegisterModelRequest, admin_service_pb2.RegisterModelResponse
+        ],
+    ) -> admin_service_pb2.RegisterModelResponse:
+        manifest: model_pb2.ModelManifest | None = None
+        chunks: list[bytes] = []
+        size = 0
+        async for part in request_iterator:
+            if manifest is None:
+                if not part.HasField("manifest"):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"
+                    )
+                manifest = part.manifest
+            size += len(part.chunk)
+            if size > _MAX_MODEL_BYTES:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"model larger than {_MAX_MODEL_BYTES >> 20} MiB"
+                )
+            chunks.append(part.chunk)
+        if manifest is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no manifest sent")
+        await _run(context, self._writer, self._registry.register, manifest, b"".join(chunks))
+        ref = model_pb2.ModelRef(model_id=manifest.model_id, version=manifest.version)
+        model = await _run(context, self._readers, self._registry.get, ref, self._offline_after_ns)
+        return admin_service_pb2.RegisterModelResponse(model=model)
+
+    async def PromoteModel(
+        self,
+        request: admin_service_pb2.PromoteModelRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.PromoteModelRequest, admin_service_pb2.PromoteModelResponse
+        ],
+    ) -> admin_service_pb2.PromoteModelResponse:
+        model = await _run(context, self._writer, self._registry.promote, request.model)
+        logger.info("promoted %s@%s", model.manifest.model_id, model.manifest.version)
+        return admin_service_pb2.PromoteModelResponse(model=model)
+
+    async def RollbackModel(
+        self,
+        request: admin_service_pb2.RollbackModelRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.RollbackModelRequest, admin_service_pb2.RollbackModelResponse
+        ],
+    ) -> admin_service_pb2.RollbackModelResponse:
+        model = await _run(context, self._writer, self._registry.rollback, request.model_id)
+        logger.info("rolled %s back to %s", model.manifest.model_id, model.manifest.version)
+        return admin_service_pb2.RollbackModelResponse(model=model)
+
+    async def RetireModel(
+        self,
+        request: admin_service_pb2.RetireModelRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.RetireModelRequest, admin_service_pb2.RetireModelResponse
+        ],
+    ) -> admin_service_pb2.RetireModelResponse:
+        model = await _run(context, self._writer, self._registry.retire, request.model)
+        logger.info("retired %s@%s", model.manifest.model_id, model.manifest.version)
+        return admin_service_pb2.RetireModelResponse(model=model)
 
     async def ListAlerts(
         self,

@@ -21,11 +21,11 @@ from typing import Any
 
 import sqlite_utils
 
-from auris.v1 import admin_service_pb2, agent_service_pb2, query_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, agent_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -317,6 +317,11 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     db.table("meta").insert({"key": RAW_DELETED_THROUGH, "value": str(through)}, pk="key", replace=True)
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """Model rollout: the models each agent refused, from its last heartbeat."""
+    db.table("agents").add_column("refusals_pb", bytes)  # a HeartbeatRequest holding refused_models
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -325,6 +330,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 
 
@@ -512,14 +518,16 @@ class VerdictStore:
 
     def record_heartbeat(self, request: agent_service_pb2.HeartbeatRequest, received_ns: int) -> None:
         models = ", ".join(f"{m.model_id}@{m.version}" for m in request.models)
+        refusals = agent_service_pb2.HeartbeatRequest(refused_models=request.refused_models[:64])
         with self._write_lock, self._db.atomic():
             self._db.conn.execute(
                 "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns, acknowledged_sequence,"
-                " verdicts_stored, agent_version, models, health_pb, last_heartbeat_ns)"
-                " VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?, ?) ON CONFLICT(agent_id) DO UPDATE SET"
+                " verdicts_stored, agent_version, models, health_pb, last_heartbeat_ns, refusals_pb)"
+                " VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?) ON CONFLICT(agent_id) DO UPDATE SET"
                 " hostname = excluded.hostname, last_seen_ns = excluded.last_seen_ns,"
                 " agent_version = excluded.agent_version, models = excluded.models,"
-                " health_pb = excluded.health_pb, last_heartbeat_ns = excluded.last_heartbeat_ns",
+                " health_pb = excluded.health_pb, last_heartbeat_ns = excluded.last_heartbeat_ns,"
+                " refusals_pb = excluded.refusals_pb",
                 (
                     request.agent_id,
                     request.hostname,
@@ -529,8 +537,32 @@ class VerdictStore:
                     models,
                     request.health.SerializeToString(),
                     received_ns,
+                    refusals.SerializeToString(),
                 ),
             )
+
+    def model_rollout(
+        self, ref: model_pb2.ModelRef, offline_after_ns: int
+    ) -> tuple[int, int, list[tuple[str, str]]]:
+        """Among online, unrevoked agents: how many there are, how many run ``ref`` (by their last
+        heartbeat), and (agent id, reason) for each that refused it."""
+        since = time.time_ns() - offline_after_ns
+        wanted = f"{ref.model_id}@{ref.version}"
+        online = running = 0
+        refusals: list[tuple[str, str]] = []
+        rows = self._reader().execute(
+            "SELECT agent_id, models, refusals_pb FROM agents"
+            " WHERE revoked_ns IS NULL AND last_heartbeat_ns >= ? ORDER BY agent_id",
+            (since,),
+        )
+        for agent_id, models, refusals_pb in rows:
+            online += 1
+            running += wanted in (models or "").split(", ")
+            if refusals_pb:
+                for refusal in agent_service_pb2.HeartbeatRequest.FromString(refusals_pb).refused_models:
+                    if (refusal.model.model_id, refusal.model.version) == (ref.model_id, ref.version):
+                        refusals.append((agent_id, refusal.reason))
+        return online, running, refusals
 
     def record_enrollment(self, agent_id: str, hostname: str, cert_serial: str, now_ns: int) -> None:
         with self._write_lock, self._db.atomic():
@@ -546,7 +578,7 @@ class VerdictStore:
         """Every agent (or one), online when its last heartbeat is younger than ``offline_after_ns``."""
         sql = (
             "SELECT agent_id, hostname, agent_version, models, health_pb, last_heartbeat_ns, first_seen_ns,"
-            " verdicts_stored, revoked_ns FROM agents"
+            " verdicts_stored, revoked_ns, refusals_pb FROM agents"
         )
         params: list[Any] = []
         if agent_id:
@@ -555,7 +587,9 @@ class VerdictStore:
         now = time.time_ns()
         out = []
         for row in self._reader().execute(sql + " ORDER BY agent_id", params):
-            agent, hostname, version, models, health, heartbeat_ns, first_ns, stored, revoked_ns = row
+            agent, hostname, version, models, health, heartbeat_ns, first_ns, stored, revoked_ns, refused = (
+                row
+            )
             info = admin_service_pb2.AgentInfo(
                 agent_id=agent,
                 hostname=hostname or "",
@@ -567,6 +601,10 @@ class VerdictStore:
                 info.models.add(model_id=model_id, version=version_)
             if health:
                 info.health.ParseFromString(health)
+            if refused:
+                info.refused_models.extend(
+                    agent_service_pb2.HeartbeatRequest.FromString(refused).refused_models
+                )
             info.enrolled_time.FromNanoseconds(first_ns)
             if heartbeat_ns:
                 info.last_heartbeat_time.FromNanoseconds(heartbeat_ns)
