@@ -141,3 +141,53 @@ def test_a_version_is_immutable_and_must_be_signed(tmp_path: Path) -> None:
         signing.register(manifest, bytes(other))
     assert [m.stage for m in signing.models()] == [PRODUCTION]
     store.close()
+
+
+def test_aurisctl_signs_imports_promotes_diffs_rolls_back_and_retires(tmp_path: Path) -> None:
+    folder = tmp_path / "next"
+    folder.mkdir()
+    shutil.copy(MODELS / "nfstream-rf.onnx", folder)
+    manifest = read_manifest(MODELS / "nfstream-rf.manifest.json")
+    manifest.version = "2"
+    manifest.threshold.value = 0.3
+    (folder / "nfstream-rf.manifest.json").write_text(dump_manifest(manifest))  # signature now stale
+    key = write_test_key(tmp_path / "release.key")
+
+    def ctl_ok(*args: str) -> str:
+        out = io.StringIO()
+        assert ctl.main(list(args), out) == 0, out.getvalue()
+        return out.getvalue()
+
+    # Offline signing (a release step): the manifest is checked against its ONNX file first.
+    assert "signed nfstream-rf@2" in ctl_ok(
+        "models", "sign", "--key", str(key), str(folder / "nfstream-rf.manifest.json")
+    )
+    TEST_TRUST.verify(read_manifest(folder / "nfstream-rf.manifest.json"), "test")
+    assert (
+        ctl.main(
+            ["models", "sign", "--key", str(tmp_path / "nope.key"), str(folder / "x.json")], io.StringIO()
+        )
+        == 2
+    )
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for path in MODELS.glob("nfstream-rf.*"):
+        shutil.copy(path, shipped)
+    with running_collector(
+        tmp_path / "auris.db", models_dir=str(shipped), model_keys=(str(key.with_suffix(".pub")),)
+    ) as running:
+        base = ["--collector", running.address, "--insecure", "models"]
+        assert "registered nfstream-rf@2 (candidate" in ctl_ok(*base, "import", str(folder))
+        diff = ctl_ok(*base, "diff", "nfstream-rf", "nfstream-rf@2").splitlines()
+        assert any(line.split()[:1] == ["threshold"] and line.rstrip().endswith("*") for line in diff)
+        assert any(line.split()[:2] == ["macro", "F1"] and not line.rstrip().endswith("*") for line in diff)
+        assert "nfstream-rf@2 is now production" in ctl_ok(*base, "promote", "nfstream-rf@2")
+        assert "nfstream-rf@1 is now production" in ctl_ok(*base, "rollback", "nfstream-rf")
+        # Nothing earlier than the first version: a clear refusal, exit 5 (the RPC failed).
+        err = io.StringIO()
+        assert ctl.main([*base, "rollback", "nfstream-rf"], err) != 0
+        assert "nfstream-rf@2 is now retired" in ctl_ok(*base, "retire", "nfstream-rf@2")
+        assert ctl.main([*base, "promote", "nfstream-rf@2"], io.StringIO()) != 0  # retired is for good
+        listed = ctl_ok(*base, "list")
+        assert "0/0 online agents" in listed

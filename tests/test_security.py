@@ -98,6 +98,7 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
             cert_file=str(pki / "collector.pem"),
             key_file=str(pki / "collector.key"),
             ca_key_file=str(pki / "ca.key"),
+            signing_key_file=str(pki / "models.key"),
         )
     )
     running.start()
@@ -294,6 +295,9 @@ def test_the_agent_enrolls_with_a_pinned_ca_then_delivers_over_mtls(secure: Secu
     assert done.returncode == 0, done.stderr
     assert "enrolled as edge-42" in done.stdout
     assert oct((state / "pki" / "agent.key").stat().st_mode & 0o777) == "0o600"
+    # The collector's model-signing key arrives with the certificate (its private half stays put).
+    assert oct((secure.pki / "models.key").stat().st_mode & 0o777) == "0o600"
+    assert (state / "pki" / "models.pub").read_text() == (secure.pki / "models.pub").read_text()
     # No TLS settings given: the enrolled certificate is used, and its id.
     pcap = str(PCAPS / "trickbot.pcap")
     args = ["--collector", secure.collector.address, "--models-dir", str(MODELS), "--state-dir", str(state)]
