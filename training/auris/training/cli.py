@@ -97,7 +97,107 @@ def _parser() -> argparse.ArgumentParser:
     )
     cic.add_argument("--skip-pcaps", action="store_true", help="no run through the agent's extractor")
     cic.add_argument("--model-version", default="1")
+    zoo = sub.add_parser("zoo", help="any model kind on any numeric table (CSV or Parquet), exported to ONNX")
+    zoo.add_argument("--data", type=Path, required=True, help="a .csv, .csv.gz or .parquet table")
+    zoo.add_argument(
+        "--kind", required=True, help="one of the kinds, or 'all' to compare every kind in one report"
+    )
+    zoo.add_argument(
+        "--label", help="label column (supervised kinds need it; others then fit on normal rows)"
+    )
+    zoo.add_argument("--time-column", help="column that orders rows in time (default: row order)")
+    zoo.add_argument(
+        "--features",
+        choices=("numeric", "cicflowmeter"),
+        default="numeric",
+        help="feature columns: every numeric one, or the agent's cicflowmeter ones (default %(default)s)",
+    )
+    zoo.add_argument(
+        "--normal-share", type=float, help="weight normal test rows to this share in the comparison"
+    )
+    zoo.add_argument(
+        "--out", type=Path, default=Path("models/candidates"), help="output folder (%(default)s)"
+    )
+    zoo.add_argument("--report", type=Path, help="folder for the comparison report (default OUT/../reports)")
+    zoo.add_argument("--model-id", help="model id (default: the kind)")
+    zoo.add_argument("--signing-key", type=Path, help="Ed25519 private key (PEM) to sign the manifest with")
     return p
+
+
+def _train_zoo(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from auris.agent.cicflowmeter import CICFLOWMETER_COLUMNS
+    from auris.agent.signing import load_private_key
+    from auris.training.zoo import KINDS, SUPERVISED, compare, save_model, train_model
+
+    if args.kind != "all" and args.kind not in KINDS:
+        print(
+            f"auris-train: unknown kind {args.kind!r}; choose one of {', '.join(KINDS)} or all",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        key = load_private_key(args.signing_key) if args.signing_key else None
+        if args.data.suffix == ".parquet":
+            table = pd.read_parquet(args.data)
+        else:
+            table = pd.read_csv(args.data, low_memory=False)
+    except (OSError, ValueError) as exc:
+        print(f"auris-train: {args.data}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    columns = (
+        [c for c in CICFLOWMETER_COLUMNS if c in table.columns] if args.features == "cicflowmeter" else None
+    )
+    try:
+        if args.kind == "all":
+            if not args.label:
+                print(
+                    "auris-train: --kind all compares against a label: pass --label COLUMN", file=sys.stderr
+                )
+                return EXIT_USAGE
+            name = "zoo-" + args.data.name.split(".")[0]
+            if args.data.parent.name not in ("", "."):
+                name = "zoo-" + args.data.parent.name
+            report, models = compare(
+                table,
+                KINDS,
+                args.label,
+                args.report or args.out.parent / "reports",
+                name,
+                time_column=args.time_column,
+                columns=columns,
+                normal_share=args.normal_share,
+                source=str(args.data),
+                progress=lambda kinds: tqdm(kinds, desc="zoo", unit="model"),
+            )
+            for kind, model in models.items():
+                print(f"wrote {save_model(args.out, model, key)} ({kind})")
+            print(f"wrote {report}")
+            return EXIT_OK
+        model = train_model(
+            table,
+            args.kind,
+            args.label,
+            model_id=args.model_id,
+            time_column=args.time_column,
+            columns=columns,
+            source=str(args.data),
+        )
+    except ValueError as exc:
+        print(f"auris-train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    path = save_model(args.out, model, key)
+    evaluation = model.manifest.evaluation
+    kind = "supervised" if args.kind in SUPERVISED else "anomaly detector"
+    print(f"wrote {path} ({kind}; threshold {model.manifest.threshold.value:.6g})")
+    if evaluation.per_class:
+        print(
+            f"macro F1 {evaluation.macro_f1:.4f} (baseline {evaluation.baseline_name}: "
+            f"{evaluation.baseline_macro_f1:.4f}); PR-AUC {evaluation.pr_auc:.4f}; "
+            f"normal FPR {evaluation.false_positive_rate:.4f}"
+        )
+    return EXIT_OK
 
 
 def _train_network_cic(args: argparse.Namespace) -> int:
@@ -328,8 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "network-cic":
         preload_in_meter_processes(__name__)
         return _train_network_cic(args)
+    if args.command == "zoo":
+        return _train_zoo(args)
     parser.print_usage(sys.stderr)
-    print("auris-train: a command is required (network-pcap, network-cic)", file=sys.stderr)
+    print("auris-train: a command is required (network-pcap, network-cic, zoo)", file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -19,6 +19,7 @@ from auris.v1 import model_pb2
 __all__ = [
     "evaluation_markdown",
     "markdown_table",
+    "plot_comparison",
     "plot_confusion",
     "plot_curves",
     "plot_importances",
@@ -120,6 +121,36 @@ def plot_importances(names: Sequence[str], values: npt.NDArray[np.float64], path
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.barh([names[i] for i in order], values[order])
     ax.set_xlabel("drop in PR-AUC when the feature is shuffled")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_comparison(
+    kinds: Sequence[str],
+    series: dict[str, Sequence[float]],
+    baselines: dict[str, float],
+    path: Path,
+    title: str,
+) -> None:
+    """Grouped bars, one group per model kind; dashed lines mark each series' trivial baseline."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(kinds) + 2), 4.5))
+    width = 0.8 / max(1, len(series))
+    positions = np.arange(len(kinds))
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(positions + i * width, values, width, label=name)
+        if name in baselines:
+            ax.axhline(
+                baselines[name],
+                color=bars.patches[0].get_facecolor(),
+                linestyle="--",
+                linewidth=1,
+                label=f"{name}: trivial baseline",
+            )
+    ax.set_xticks(positions + width * (len(series) - 1) / 2, kinds, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
