@@ -38,6 +38,7 @@ TII_SAMPLE = NETWORK / "tii-ssrc-23-sample.csv.gz"
 # Trees compare float32 inputs on both sides; the autoencoder's float32 matmuls differ in rounding.
 TREE_TOLERANCE = 1e-5
 AE_RELATIVE_TOLERANCE = 1e-4
+CANDIDATES = ("cic-rf", "cic-ae", "cic-iforest", "cic-kmeans")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,7 @@ def test_exported_models_score_alike_in_the_agent_without_training_libraries(
             signing_key=TEST_SIGNING_KEY,
         )
     # The shipped candidates on the same set, signed here with the test key (they ship unsigned).
-    for stem in ("cic-rf", "cic-ae", "cic-iforest"):
+    for stem in CANDIDATES:
         for suffix in (".onnx", ".manifest.json"):
             shutil.copy(MODELS / "candidates" / f"{stem}{suffix}", models_dir / f"{stem}{suffix}")
         resign(models_dir / f"{stem}.manifest.json")
@@ -211,7 +212,7 @@ def test_exported_models_score_alike_in_the_agent_without_training_libraries(
     result = json.loads(done.stdout)
     assert result["errors"] == []
     scores = {k: np.asarray(v) for k, v in result["scores"].items()}
-    assert set(scores) == {"rf", "if", "ae", "cic-rf", "cic-ae", "cic-iforest"}
+    assert set(scores) == {"rf", "if", "ae", *CANDIDATES}
     rows = _harmonised(full_rows)
     np.testing.assert_allclose(
         scores["rf"], 1.0 - forest.predict_proba(rows)[:, classes.index(BENIGN)], atol=TREE_TOLERANCE, rtol=0
@@ -222,14 +223,14 @@ def test_exported_models_score_alike_in_the_agent_without_training_libraries(
         np.max(np.abs(scores["ae"] - reference) / np.maximum(1.0, np.abs(reference))) < AE_RELATIVE_TOLERANCE
     )
     # The shipped candidates: the same figures through the agent in this process.
-    for stem in ("cic-rf", "cic-ae", "cic-iforest"):
+    for stem in CANDIDATES:
         model = load_model(models_dir / f"{stem}.manifest.json", trust=TEST_TRUST)
         np.testing.assert_allclose(scores[stem], [s.score for s in model.score_matrix(full_rows)], atol=1e-6)
 
 
 def test_shipped_cicflowmeter_candidates_carry_honest_evaluations() -> None:
     """Their manifests state how they were judged: time split, baseline, data, pcap run, report."""
-    for stem in ("cic-rf", "cic-ae", "cic-iforest"):
+    for stem in CANDIDATES:
         manifest = read_manifest(MODELS / "candidates" / f"{stem}.manifest.json")
         assert (MODELS / "candidates" / manifest.onnx_file).stat().st_size < 5_000_000
         assert manifest.feature_set.name == "cicflowmeter"
@@ -278,6 +279,7 @@ def test_network_cic_pipeline_writes_models_and_reports(tmp_path: Path) -> None:
         "cic-rf.manifest.json",
         "cic-ae.manifest.json",
         "cic-iforest.manifest.json",
+        "cic-kmeans.manifest.json",
     ]
     assert written[0].parent == out
     assert {p.parent for p in written[1:]} == {out / "candidates"}

@@ -10,7 +10,7 @@ import pytest
 
 from auris.agent.cicflowmeter import CICFLOWMETER_COLUMNS
 from auris.agent.scoring import load_model
-from auris.training.zoo import KINDS, SUPERVISED, _Scaling, nearest_point_graph, save_model, train_model
+from auris.training.zoo import KINDS, SUPERVISED, LogScaling, nearest_point_graph, save_model, train_model
 from auris.v1 import model_pb2
 from tests.conftest import DATA, TEST_SIGNING_KEY, TEST_TRUST
 
@@ -62,7 +62,7 @@ def test_nearest_point_graph_is_the_nearest_neighbour_distance(table: pd.DataFra
     from sklearn.neighbors import NearestNeighbors
 
     x = table[list(CICFLOWMETER_COLUMNS)].to_numpy(dtype=np.float32)
-    scaling = _Scaling.fit(x[:200])
+    scaling = LogScaling.fit(x[:200])
     points = scaling.apply(x[:200])[::3]
     session = ort.InferenceSession(
         nearest_point_graph(scaling, points, "t"), providers=["CPUExecutionProvider"]
@@ -82,7 +82,7 @@ def test_one_class_svm_graph_negates_the_decision_function(table: pd.DataFrame) 
     from auris.training.zoo import _one_class_svm_graph
 
     x = table[list(CICFLOWMETER_COLUMNS)].to_numpy(dtype=np.float32)
-    scaling = _Scaling.fit(x)
+    scaling = LogScaling.fit(x)
     svm = OneClassSVM(nu=0.05, gamma="scale").fit(scaling.apply(x))
     graph = _one_class_svm_graph(scaling, svm, x.shape[1])
     (ours,) = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(["score"], {"features": x})

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("--model-version", default="1")
     cic = sub.add_parser(
         "network-cic",
-        help="classifier, autoencoder, isolation forest on the cicflowmeter set (CIC-IDS2017, TII-SSRC-23)",
+        help="classifier and benign-only detectors on the cicflowmeter set (CIC-IDS2017, TII-SSRC-23)",
     )
     cic.add_argument(
         "--data",
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     cic.add_argument(
         "--default",
         action="append",
-        choices=("cic-rf", "cic-ae", "cic-iforest"),
+        choices=("cic-rf", "cic-ae", "cic-iforest", "cic-kmeans"),
         help="a model for OUT, loaded by default (repeatable; needs --signing-key); others: candidates",
     )
     cic.add_argument(

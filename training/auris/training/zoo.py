@@ -48,7 +48,17 @@ from auris.training.isolation_forest import isolation_forest_to_onnx
 from auris.training.metrics import classifier_evaluation, detector_evaluation, split_by_time
 from auris.v1 import model_pb2
 
-__all__ = ["KINDS", "SUPERVISED", "ZooModel", "compare", "save_model", "table_matrix", "train_model"]
+__all__ = [
+    "KINDS",
+    "SUPERVISED",
+    "LogScaling",
+    "ZooModel",
+    "compare",
+    "nearest_point_graph",
+    "save_model",
+    "table_matrix",
+    "train_model",
+]
 
 SUPERVISED = ("random-forest", "gradient-boosting", "mlp")
 UNSUPERVISED = ("isolation-forest", "one-class-svm", "kmeans", "dbscan", "autoencoder")
@@ -78,16 +88,16 @@ def _log_scale(x: Matrix) -> Matrix:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Scaling:
+class LogScaling:
     mean: Matrix
     std: Matrix
 
     @staticmethod
-    def fit(x: Matrix) -> _Scaling:
+    def fit(x: Matrix) -> LogScaling:
         scaled = _log_scale(x)
         std = scaled.std(axis=0).astype(np.float32)
         std[std < 1e-6] = 1.0
-        return _Scaling(scaled.mean(axis=0).astype(np.float32), std)
+        return LogScaling(scaled.mean(axis=0).astype(np.float32), std)
 
     def apply(self, x: Matrix) -> Matrix:
         return ((_log_scale(x) - self.mean) / self.std).astype(np.float32)
@@ -126,7 +136,7 @@ def _finish(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], n: int, 
     return data
 
 
-def nearest_point_graph(scaling: _Scaling, points: Matrix, name: str) -> bytes:
+def nearest_point_graph(scaling: LogScaling, points: Matrix, name: str) -> bytes:
     """score = Euclidean distance from the scaled row to the nearest of ``points`` (scaled space)."""
     nodes, inits = scaling.nodes()
     inits += [
@@ -150,13 +160,13 @@ def nearest_point_graph(scaling: _Scaling, points: Matrix, name: str) -> bytes:
     return _finish(nodes, inits, points.shape[1], name)
 
 
-def _nearest_distance(scaling: _Scaling, points: Matrix, x: Matrix) -> npt.NDArray[np.float64]:
+def _nearest_distance(scaling: LogScaling, points: Matrix, x: Matrix) -> npt.NDArray[np.float64]:
     nn = NearestNeighbors(n_neighbors=1).fit(points)
     distances, _ = nn.kneighbors(scaling.apply(x))
     return np.asarray(distances[:, 0], dtype=np.float64)
 
 
-def _one_class_svm_graph(scaling: _Scaling, svm: OneClassSVM, n: int) -> bytes:
+def _one_class_svm_graph(scaling: LogScaling, svm: OneClassSVM, n: int) -> bytes:
     """The scaling nodes, then the converted SVM with its decision value negated (higher = anomalous)."""
     converted = convert_sklearn(svm, initial_types=[("z", FloatTensorType([None, n]))], target_opset=_OPSETS)
     nodes, inits = scaling.nodes()
@@ -279,7 +289,7 @@ def train_model(
     fit_rows = fit_rows[np.argsort(order[fit_rows], kind="stable")]
     cut = round(len(fit_rows) * 0.8)
     fit, calibration = fit_rows[:cut], fit_rows[cut:]
-    scaling = _Scaling.fit(x[fit])
+    scaling = LogScaling.fit(x[fit])
     sample = fit if len(fit) <= _MAX_FIT_ROWS else np.sort(rng.choice(fit, _MAX_FIT_ROWS, replace=False))
     threshold_method = ""
     explanation = ""
