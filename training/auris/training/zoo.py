@@ -258,9 +258,7 @@ def train_model(
         raise ValueError(f"no column {missing[0]!r} in the table")
     if not columns:
         raise ValueError("the table has no numeric feature columns")
-    values = table[columns].to_numpy(dtype=np.float64)
-    values[~np.isfinite(values)] = 0.0
-    x = np.clip(values, -1e12, 1e12).astype(np.float32)
+    x = _clean(table, columns)
     n = x.shape[1]
     order = table[time_column].rank(method="first").to_numpy() if time_column else np.arange(len(table))
     labels = table[label].astype(str).to_numpy() if label is not None else np.full(len(table), "")
@@ -591,7 +589,12 @@ def compare(
 
 def table_matrix(table: pd.DataFrame, model: ZooModel, rows: int = 256) -> Matrix:
     """The first ``rows`` rows of ``table`` in the model's column order, cleaned as for training."""
-    values = table[list(model.manifest.feature_set.columns)].head(rows).to_numpy(dtype=np.float64)
+    return _clean(table.head(rows), list(model.manifest.feature_set.columns))
+
+
+def _clean(table: pd.DataFrame, columns: Sequence[str]) -> Matrix:
+    """float32 features with NaN and infinities as 0 and magnitudes capped, as the agent's to_matrix."""
+    values = table[list(columns)].to_numpy(dtype=np.float64)
     values[~np.isfinite(values)] = 0.0
     clipped: Matrix = np.clip(values, -1e12, 1e12).astype(np.float32)
     return clipped
