@@ -61,6 +61,10 @@ class AgentConfig:
     # Flows a meter may hold at once (0: no cap); past it the least recently seen are
     # expired early, reported with end reason EVICTED and counted in heartbeats.
     max_live_flows: int = 1_000_000
+    # Send flows' feature vectors with their verdicts, for retraining: "anomalous" (flagged flows,
+    # the ones analysts label most), "all" (also what the models missed; with the nfstream set a
+    # verdict grows from 264 to 520 bytes) or "none".
+    send_features: str = "anomalous"
     # Flows scored per onnxruntime call, and its thread count.
     score_batch: int = 64
     score_threads: int = 1
@@ -237,6 +241,8 @@ def load_agent_config(
         raise ConfigError(
             "score_batch, uplink_batch, uplink_window and spool_max_verdicts must be at least 1"
         )
+    if config.send_features not in ("all", "anomalous", "none"):
+        raise ConfigError(f"send_features: expected all, anomalous or none, got {config.send_features!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
     return config

@@ -259,6 +259,7 @@ class Agent:
         scored_time = timestamp_pb2.Timestamp()
         scored_time.GetCurrentTime()
         scores = self.models.score([f.features for f in flows])
+        feature_sets = self.models.feature_sets
         verdicts = self.spool.append(
             lambda index, sequence: build_verdict(
                 agent_id=self.agent_id,
@@ -267,6 +268,8 @@ class Agent:
                 scores=scores[index],
                 hostname=self.hostname,
                 scored_time=scored_time,
+                features=[(fs.name, fs.version, flows[index].features[fs.name]) for fs in feature_sets],
+                features_when=self.config.send_features,
             ),
             len(flows),
             replay=(key, len(flows)) if key else None,

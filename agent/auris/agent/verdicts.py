@@ -62,7 +62,11 @@ def build_verdict(
     scores: Sequence[Score],
     hostname: str,
     scored_time: timestamp_pb2.Timestamp,
+    features: Sequence[tuple[str, str, Sequence[float]]] = (),
+    features_when: str = "all",
 ) -> verdict_pb2.Verdict:
+    """The verdict on one flow; it carries ``features`` ((set, version, values) each) for every flow
+    (``features_when`` "all"), for anomalous ones ("anomalous"), or never ("none")."""
     decider, label, anomalous, explanation = decide(scores)
     verdict = verdict_pb2.Verdict(
         agent_id=agent_id,
@@ -107,4 +111,7 @@ def build_verdict(
             class_probabilities=s.probabilities,
             top_features=[verdict_pb2.FeatureContribution(feature=f, value=v) for f, v in s.top_features],
         )
+    if features_when == "all" or (features_when == "anomalous" and anomalous):
+        for name, version, values in features:
+            verdict.features.add(feature_set=name, version=version, values=values)
     return verdict

@@ -318,6 +318,23 @@ def _parser() -> argparse.ArgumentParser:
     diffed = verbs.add_parser("diff", help="two versions side by side: metrics, threshold, features, data")
     diffed.add_argument("a", metavar="ID[@VERSION]")
     diffed.add_argument("b", metavar="ID[@VERSION]")
+    retrain = verbs.add_parser(
+        "retrain",
+        help="train a new version of a classifier from analyst-labelled flows, judge it against the "
+        "production version on the same held-back slice, register it as a candidate (on the "
+        "collector's host: reads --db; needs the training extra)",
+    )
+    retrain.add_argument("--feed", choices=["network"], default="network")
+    retrain.add_argument("--model", required=True, metavar="ID", help="the classifier to retrain")
+    retrain.add_argument(
+        "--db", dest="db_path", required=True, metavar="PATH", help="the collector's database"
+    )
+    retrain.add_argument(
+        "--signing-key", type=Path, metavar="FILE", help="the collector's model key (signing_key_file)"
+    )
+    retrain.add_argument("--version", dest="new_version", help="the new version (default: a UTC timestamp)")
+    retrain.add_argument("--trees", type=int, default=40)
+    retrain.add_argument("--json", action="store_true", help="the comparison as one JSON object")
     signed = verbs.add_parser(
         "sign", help="sign manifests with an Ed25519 key, on this host (no collector needed)"
     )
@@ -712,6 +729,69 @@ def _sign(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _retrain(args: argparse.Namespace, out: TextIO) -> int:
+    """models retrain: on the collector's host, against its database."""
+    import datetime as dt
+
+    from auris.agent.features import feature_set
+    from auris.agent.manifest import ManifestError
+    from auris.agent.signing import ModelTrust, load_private_key
+    from auris.collector.registry import ModelRegistry
+    from auris.collector.store import VerdictStore
+
+    try:
+        from auris.training.retrain import LabelledFlow, retrain_classifier
+    except ImportError as exc:
+        raise ConfigError(
+            f"retraining needs the training extra (pip install 'auris[training]'): {exc}"
+        ) from None
+    if not Path(args.db_path).is_file():
+        raise ConfigError(f"no database at {args.db_path}")
+    try:
+        key = load_private_key(args.signing_key) if args.signing_key else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    store = VerdictStore(args.db_path)
+    try:
+        registry = ModelRegistry(store, ModelTrust.load([]), key)
+        try:
+            active = registry.get(model_pb2.ModelRef(model_id=args.model))
+        except LookupError as exc:
+            raise ConfigError(str(exc)) from None
+        manifest = active.manifest
+        fs = manifest.feature_set
+        columns = feature_set(fs.name, fs.version).columns
+        ref = model_pb2.ModelRef(model_id=manifest.model_id, version=manifest.version)
+        _, active_onnx = registry.onnx(ref)
+        rows = store.labelled_features(fs.name, fs.version)
+        flows = [LabelledFlow(t, label, values) for t, label, values in rows]
+        version = args.new_version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
+        try:
+            result = retrain_classifier(manifest, active_onnx, flows, columns, version, trees=args.trees)
+            registry.register(result.manifest, result.onnx)
+        except (ValueError, ManifestError) as exc:
+            raise ConfigError(f"retrain {args.model}: {str(exc).splitlines()[0]}") from None
+    finally:
+        store.close()
+    new = f"{manifest.model_id}@{version}"
+    if args.json:
+        comparison = {k: {"active": a, "new": b} for k, (a, b) in result.comparison.items()}
+        print(json.dumps({"registered": new, "active": f"{manifest.model_id}@{manifest.version}",
+                          "rows": len(flows) - sum(result.dropped.values()), "dropped": result.dropped,
+                          "comparison": comparison}),
+              file=out)  # fmt: skip
+        return EXIT_OK
+    dropped = sum(result.dropped.values())
+    print(f"{len(flows)} labelled flows with {fs.name} features"
+          + (f" ({dropped} dropped: unsure or unmapped labels)" if dropped else ""), file=out)  # fmt: skip
+    rows_out = [(name, f"{a:.3f}", f"{b:.3f}") for name, (a, b) in result.comparison.items()]
+    _print_rows(("SAME HELD-BACK SLICE", f"{manifest.model_id}@{manifest.version}", new), rows_out, out)
+    print(
+        f"registered {new} as a candidate; `aurisctl models promote {new}` puts it into production", file=out
+    )
+    return EXIT_OK
+
+
 def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.verb is None:
         raise ConfigError("models needs a verb: list, show, import, promote, rollback, retire, diff or sign")
@@ -945,9 +1025,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.command == "models" and args.verb == "sign":
+    if args.command == "models" and args.verb in ("sign", "retrain"):
         try:
-            return _sign(args, out)
+            return _sign(args, out) if args.verb == "sign" else _retrain(args, out)
         except ConfigError as exc:
             print(f"aurisctl: {exc}", file=sys.stderr)
             return EXIT_USAGE

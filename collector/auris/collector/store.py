@@ -541,6 +541,21 @@ class VerdictStore:
                 ),
             )
 
+    def labelled_features(self, feature_set: str, version: str) -> list[tuple[int, str, list[float]]]:
+        """(flow first-seen time, analyst label, values) of every labelled verdict that carries a
+        vector of ``feature_set`` at ``version``: what retraining learns from."""
+        rows = self._reader().execute(
+            "SELECT first_seen_ns, analyst_label, verdict_pb FROM verdicts"
+            " WHERE analyst_label IS NOT NULL AND analyst_label != '' ORDER BY id"
+        )
+        out = []
+        for first_ns, label, blob in rows:
+            for vector in verdict_pb2.Verdict.FromString(blob).features:
+                if (vector.feature_set, vector.version) == (feature_set, version):
+                    out.append((first_ns or 0, label, list(vector.values)))
+                    break
+        return out
+
     def model_rollout(
         self, ref: model_pb2.ModelRef, offline_after_ns: int
     ) -> tuple[int, int, list[tuple[str, str]]]:

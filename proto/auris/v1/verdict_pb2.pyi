@@ -141,6 +141,7 @@ class Verdict(_message.Message):
     SCORED_TIME_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     CAPTURE_SOURCE_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     sequence: _builtins.int
     """Per-agent, strictly increasing, starting at 1. (agent_id, sequence) is unique."""
@@ -173,6 +174,12 @@ class Verdict(_message.Message):
     def scored_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent scored the flow."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureVector]:
+        """The flow's feature vectors, one per feature set the agent metered (when it is configured to
+        send them): what retraining learns from.
+        """
+
     def __init__(
         self,
         *,
@@ -192,14 +199,43 @@ class Verdict(_message.Message):
         scored_time: _timestamp_pb2.Timestamp | None = ...,
         hostname: _builtins.str = ...,
         capture_source: _builtins.str = ...,
+        features: _abc.Iterable[Global___FeatureVector] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "first_seen_time", b"first_seen_time", "flow", b"flow", "last_seen_time", b"last_seen_time", "model", b"model", "scored_time", b"scored_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "anomalous", b"anomalous", "application_name", b"application_name", "capture_source", b"capture_source", "counters", b"counters", "end_reason", b"end_reason", "explanation", b"explanation", "first_seen_time", b"first_seen_time", "flow", b"flow", "hostname", b"hostname", "label", b"label", "last_seen_time", b"last_seen_time", "model", b"model", "scored_time", b"scored_time", "scores", b"scores", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "anomalous", b"anomalous", "application_name", b"application_name", "capture_source", b"capture_source", "counters", b"counters", "end_reason", b"end_reason", "explanation", b"explanation", "features", b"features", "first_seen_time", b"first_seen_time", "flow", b"flow", "hostname", b"hostname", "label", b"label", "last_seen_time", b"last_seen_time", "model", b"model", "scored_time", b"scored_time", "scores", b"scores", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class FeatureVector(_message.Message):
+    """FeatureVector is one flow's values of one feature set, in the set's column order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_SET_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    feature_set: _builtins.str
+    version: _builtins.str
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        feature_set: _builtins.str = ...,
+        version: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_set", b"feature_set", "values", b"values", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureVector: _TypeAlias = FeatureVector  # noqa: Y015
 
 @_typing.final
 class AnalystLabel(_message.Message):
