@@ -191,3 +191,19 @@ def test_aurisctl_signs_imports_promotes_diffs_rolls_back_and_retires(tmp_path: 
         assert ctl.main([*base, "promote", "nfstream-rf@2"], io.StringIO()) != 0  # retired is for good
         listed = ctl_ok(*base, "list")
         assert "0/0 online agents" in listed
+
+
+def test_aurisctl_trains_a_zoo_model_on_a_table_and_the_collector_signs_it(tmp_path: Path) -> None:
+    sample = Path(__file__).parent / "data" / "network" / "cicids2017-sample.csv.gz"
+    key = write_test_key(tmp_path / "models.key")
+    with running_collector(tmp_path / "auris.db", signing_key_file=str(key)) as running:
+        base = ["--collector", running.address, "--insecure", "models", "train", "--data", str(sample)]
+        out = io.StringIO()
+        assert ctl.main([*base, "--kind", "kmeans", "--label", "Label", "--model-id", "zoo-km"], out) == 0
+        assert "registered zoo-km@1 (production, signed by " in out.getvalue()
+        with CollectorClient(running.address, insecure=True) as client:
+            model = client.model("zoo-km")
+            TEST_TRUST.verify(model.manifest, "test")
+            assert model.manifest.evaluation.baseline_name
+        # A supervised kind without a label column: one line, exit 2, nothing registered.
+        assert ctl.main([*base, "--kind", "random-forest", "--model-id", "zoo-rf"], io.StringIO()) == 2

@@ -318,6 +318,18 @@ def _parser() -> argparse.ArgumentParser:
     diffed = verbs.add_parser("diff", help="two versions side by side: metrics, threshold, features, data")
     diffed.add_argument("a", metavar="ID[@VERSION]")
     diffed.add_argument("b", metavar="ID[@VERSION]")
+    trained = verbs.add_parser(
+        "train",
+        help="train any model of the zoo on a numeric table (CSV or Parquet) here and register it "
+        "(needs the training extra; the collector signs it)",
+    )
+    trained.add_argument("--data", required=True, type=Path, metavar="FILE.csv|.parquet")
+    trained.add_argument("--kind", required=True, help="random-forest, gradient-boosting, mlp, "
+                         "isolation-forest, one-class-svm, kmeans, dbscan or autoencoder")  # fmt: skip
+    trained.add_argument("--label", metavar="COLUMN", help="the label column (supervised kinds need one)")
+    trained.add_argument("--time-column", metavar="COLUMN", help="split by this time inside each class")
+    trained.add_argument("--model-id", metavar="ID", help="default: zoo-KIND")
+    trained.add_argument("--version", dest="new_version", default="1")
     retrain = verbs.add_parser(
         "retrain",
         help="train a new version of a classifier from analyst-labelled flows, judge it against the "
@@ -792,11 +804,48 @@ def _retrain(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _train(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    """models train: the zoo, on a table the user brings, registered with the collector."""
+    try:
+        import pandas as pd
+
+        from auris.training.zoo import train_model
+    except ImportError as exc:
+        raise ConfigError(f"training needs the training extra (auris[training]): {exc}") from None
+    try:
+        table = pd.read_parquet(args.data) if args.data.suffix == ".parquet" else pd.read_csv(args.data)
+        model = train_model(
+            table,
+            args.kind,
+            args.label,
+            model_id=args.model_id,
+            version=args.new_version,
+            time_column=args.time_column,
+            source=str(args.data),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{args.data}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    registered = client.register_model(model.manifest, model.onnx_bytes)
+    m = registered.manifest
+    stage = _enum_name(admin_service_pb2.ModelStage, registered.stage, "MODEL_STAGE_")
+    e = m.evaluation
+    print(f"registered {m.model_id}@{m.version} ({stage}, signed by {m.signing_key_id}): {e.split}; "
+          f"macro F1 {e.macro_f1:.3f} (baseline {e.baseline_name}: {e.baseline_macro_f1:.3f}), "
+          f"PR-AUC {e.pr_auc:.3f}", file=out)  # fmt: skip
+    return EXIT_OK
+
+
 def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.verb is None:
-        raise ConfigError("models needs a verb: list, show, import, promote, rollback, retire, diff or sign")
+        raise ConfigError(
+            "models needs a verb: list, show, import, train, retrain, promote, rollback, retire, diff or sign"
+        )
     if args.verb == "import":
         return _import_models(client, args.paths, out)
+    if args.verb == "train":
+        return _train(client, args, out)
     if args.verb in ("promote", "retire", "rollback"):
         if args.verb == "rollback":
             model = client.rollback_model(args.model_id)
