@@ -235,3 +235,12 @@ def test_the_candidate_autoencoder_reports_its_weakness() -> None:
     assert evaluation.baseline_name == "flag everything"
     assert evaluation.macro_f1 < evaluation.baseline_macro_f1
     assert [p.name for p in find_manifests(MODELS)] == ["nfstream-rf.manifest.json"]
+
+
+def test_every_shipped_model_carries_a_release_signature() -> None:
+    """Defaults and candidates alike: an agent with no other key runs any of them."""
+    trust = ModelTrust.load([])
+    manifests = find_manifests(MODELS) + find_manifests(MODELS / "candidates")
+    assert len(manifests) >= 2
+    for path in manifests:
+        trust.verify(read_manifest(path), str(path))
