@@ -5,7 +5,9 @@ while the old version keeps scoring."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -22,13 +24,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from auris.agent.manifest import ManifestError, read_manifest
 from auris.agent.model_updates import ModelCatalog
 from auris.agent.signing import ModelTrust, public_key_pem, sign_manifest
+from auris.collector import ctl
 from auris.collector.client import CollectorClient, verdict_filter
+from auris.collector.registry import ModelRegistry
+from auris.collector.store import VerdictStore
 from auris.v1 import admin_service_pb2, model_pb2
 from tests.conftest import (
     MODELS,
+    PCAPS,
     TEST_SIGNING_KEY,
     TEST_TRUST,
     CollectorThread,
+    run_agent,
     running_collector,
     wait_for,
     write_test_key,
@@ -228,3 +235,64 @@ def test_a_tampered_download_is_refused_and_a_restart_runs_the_wanted_set(tmp_pa
     models, refusals, _ = catalog.compose()
     assert [r.reason for r in refusals] == [f"{RF}@99 is not downloaded yet"]
     assert [m.ref for m in models.models] == [f"{RF}@{_shipped()[0].version}"]
+
+
+def test_a_shadow_version_scores_beside_production_and_compare_counts_it(tmp_path: Path) -> None:
+    key = write_test_key(tmp_path / "models.key")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for path in MODELS.glob(f"{RF}.*"):
+        shutil.copy(path, shipped)
+    db = tmp_path / "auris.db"
+    with running_collector(db, models_dir=str(shipped), signing_key_file=str(key)) as collector:
+        with CollectorClient(collector.address, insecure=True) as client:
+            _, onnx = _shipped()
+            # The same graph with a lower threshold: it flags every flow production flags, and more.
+            client.register_model(_version("2", threshold=0.05), onnx)
+            shadowed = client.shadow_model(RF, "2")
+            assert shadowed.stage == admin_service_pb2.MODEL_STAGE_SHADOW
+        # What the agent would have downloaded and kept: a restart runs it from its disk at once.
+        store = VerdictStore(db)
+        manifest, signed_onnx = ModelRegistry(store).onnx(model_pb2.ModelRef(model_id=RF, version="2"))
+        store.close()
+        catalog = ModelCatalog(
+            MODELS, tmp_path / "agent", ModelTrust.load([]).with_key(TEST_SIGNING_KEY.public_key())
+        )
+        catalog.store(manifest, signed_onnx)
+        catalog.save_desired(
+            [model_pb2.ModelRef(model_id=RF, version="1")], [model_pb2.ModelRef(model_id=RF, version="2")]
+        )
+        config = tmp_path / "agent.toml"
+        config.write_text(f'model_keys = ["{tmp_path / "models.pub"}"]\n')
+        pcaps = [PCAPS / "masscan_tcp_0_1000_20190821.pcap", PCAPS / "KakaoTalk_chat.pcap"]
+        run = run_agent(collector.address, pcaps, tmp_path / "agent", "--config", str(config))
+        assert run.returncode == 0, run.stderr
+        with CollectorClient(collector.address, insecure=True) as client:
+            stored = list(client.query(verdict_filter(), page_size=1000))
+            assert stored
+            for v in stored:
+                by_version = {s.model.version: s for s in v.verdict.scores}
+                assert set(by_version) == {"1", "2"}
+                assert by_version["2"].shadow
+                assert not by_version["1"].shadow
+                # Production alone decides the verdict.
+                assert v.verdict.model.version == "1"
+                assert v.verdict.anomalous == by_version["1"].anomalous
+            since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+            c = client.compare_models(RF, "2", since=since)
+            assert c.flows == len(stored)
+            assert c.production_anomalous == sum(v.verdict.anomalous for v in stored)
+            assert c.only_production == 0
+            assert c.shadow_anomalous >= c.production_anomalous
+            assert c.agree == c.flows - c.only_shadow
+            out = io.StringIO()
+            assert (
+                ctl.main(
+                    ["--collector", collector.address, "--insecure", "models", "compare", f"{RF}@2"], out
+                )
+                == 0
+            )
+            assert f"agreement {c.agree / c.flows:.1%}" in out.getvalue()
+            assert (
+                client.shadow_model(RF, "2", enabled=False).stage == admin_service_pb2.MODEL_STAGE_CANDIDATE
+            )

@@ -68,20 +68,32 @@ class ModelCatalog:
         self.trust = trust
         self.threads = threads
 
-    def desired(self) -> list[model_pb2.ModelRef]:
-        """The set the collector last asked for; empty when it never asked (or asked for none)."""
+    def wanted(self) -> tuple[list[model_pb2.ModelRef], list[model_pb2.ModelRef]]:
+        """The (production, shadow) sets the collector last asked for; empty when it never asked."""
         try:
             data = json.loads((self.folder / _DESIRED).read_text(encoding="utf-8"))
-            return [model_pb2.ModelRef(model_id=d["model_id"], version=d["version"]) for d in data]
+            refs = [
+                [model_pb2.ModelRef(model_id=d["model_id"], version=d["version"]) for d in data[key]]
+                for key in ("models", "shadow")
+            ]
+            return refs[0], refs[1]
         except FileNotFoundError:
-            return []
+            return [], []
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.error("ignoring %s: %s", self.folder / _DESIRED, exc)
-            return []
+            return [], []
 
-    def save_desired(self, refs: Sequence[model_pb2.ModelRef]) -> None:
+    def desired(self) -> list[model_pb2.ModelRef]:
+        return self.wanted()[0]
+
+    def save_desired(
+        self, refs: Sequence[model_pb2.ModelRef], shadow: Sequence[model_pb2.ModelRef] = ()
+    ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        data = [{"model_id": r.model_id, "version": r.version} for r in refs]
+        data = {
+            key: [{"model_id": r.model_id, "version": r.version} for r in group]
+            for key, group in (("models", refs), ("shadow", shadow))
+        }
         _write_atomically(self.folder / _DESIRED, json.dumps(data, indent=1).encode())
 
     def find(self, ref: model_pb2.ModelRef) -> Path | None:
@@ -129,11 +141,11 @@ class ModelCatalog:
         meter is built for whatever this returns). Returns the set, the refused wanted models,
         and one error line per refused shipped model when nothing is wanted.
         """
-        wanted = self.desired()
+        wanted, shadow = self.wanted()
         if not wanted:
             models, errors = load_models(self.models_dir, self.threads, self.trust)
             return models, [], errors
-        before = {m.manifest.model_id: m for m in running.models} if running else {}
+        before = {m.manifest.model_id: m for m in running.models if not m.shadow} if running else {}
         chosen: list[LoadedModel] = []
         refusals: list[Refusal] = []
         for ref in wanted:
@@ -157,12 +169,33 @@ class ModelCatalog:
                 logger.error("refusing model %s: %s%s", ref_name(ref), reason, kept)
                 continue
             chosen.append(model)
+        shadows = [s for s in (self._load_shadow(ref, metered, refusals) for ref in shadow) if s is not None]
         if not chosen:
             if running is not None:
                 return running, refusals, []
             models, errors = load_models(self.models_dir, self.threads, self.trust)
             return models, refusals, errors
-        return ModelSet(chosen), refusals, []
+        return ModelSet(chosen + shadows), refusals, []
+
+    def _load_shadow(
+        self, ref: model_pb2.ModelRef, metered: set[str] | None, refusals: list[Refusal]
+    ) -> LoadedModel | None:
+        """A shadow model, or None (refused and reported: nothing else to keep running for it)."""
+        path = self.find(ref)
+        try:
+            if path is None:
+                raise ManifestError(f"{ref_name(ref)} is not downloaded yet")
+            model = load_model(path, self.threads, self.trust)
+            if metered is not None and model.feature_set.name not in metered:
+                raise ManifestError(
+                    f"{ref_name(ref)} needs feature set {model.feature_set.name!r}, not metered"
+                )
+        except ManifestError as exc:
+            refusals.append(Refusal(ref.model_id, ref.version, str(exc).splitlines()[0]))
+            logger.error("refusing shadow model %s: %s", ref_name(ref), exc)
+            return None
+        model.shadow = True
+        return model
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -222,18 +255,22 @@ class ModelWatcher:
         self._catalog.store(manifest, b"".join(chunks))
         logger.info("downloaded model %s", ref_name(ref))
 
-    def apply(self, wanted: Sequence[model_pb2.ModelRef]) -> None:
-        """Fetch what is missing, remember the wanted set, offer the resulting set for a swap."""
-        names = sorted(ref_name(r) for r in wanted)
+    def apply(self, wanted: Sequence[model_pb2.ModelRef], shadow: Sequence[model_pb2.ModelRef] = ()) -> None:
+        """Fetch what is missing, remember the wanted sets, offer the resulting set for a swap."""
+        names = (sorted(ref_name(r) for r in wanted), sorted(ref_name(r) for r in shadow))
         running = self._running()
-        if names == sorted(m.ref for m in running.models):
+        if names == (
+            sorted(m.ref for m in running.models if not m.shadow),
+            sorted(m.ref for m in running.models if m.shadow),
+        ):
             # Already running exactly this (a reconnect repeats the set): nothing to load.
-            if names != sorted(ref_name(r) for r in self._catalog.desired()):
-                self._catalog.save_desired(wanted)
+            saved = self._catalog.wanted()
+            if names != (sorted(ref_name(r) for r in saved[0]), sorted(ref_name(r) for r in saved[1])):
+                self._catalog.save_desired(wanted, shadow)
             self._offer(running, [])
             return
         refusals: list[Refusal] = []
-        for ref in wanted:
+        for ref in [*wanted, *shadow]:
             if self._catalog.find(ref) is not None:
                 continue
             try:
@@ -241,7 +278,7 @@ class ModelWatcher:
             except ManifestError as exc:
                 refusals.append(Refusal(ref.model_id, ref.version, str(exc).splitlines()[0]))
                 logger.error("refusing model %s: %s", ref_name(ref), exc)
-        self._catalog.save_desired(wanted)
+        self._catalog.save_desired(wanted, shadow)
         models, refused, _ = self._catalog.compose(self._running(), self._metered)
         failed_downloads = {(r.model_id, r.version) for r in refusals}
         refusals += [r for r in refused if (r.model_id, r.version) not in failed_downloads]
@@ -262,7 +299,7 @@ class ModelWatcher:
                 for response in call:
                     backoff = 0.5
                     if response.desired_models or self._catalog.desired():
-                        self.apply(list(response.desired_models))
+                        self.apply(list(response.desired_models), list(response.shadow_models))
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return

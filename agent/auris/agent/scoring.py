@@ -52,6 +52,8 @@ class Score:
     probabilities: dict[str, float] = dataclasses.field(default_factory=dict)
     # Explaining detectors: (feature, contribution), largest first.
     top_features: tuple[tuple[str, float], ...] = ()
+    # A shadow model's score: reported, never deciding the verdict.
+    shadow: bool = False
 
 
 # How many features an explanation names.
@@ -66,6 +68,8 @@ class LoadedModel:
     # Index of each manifest column in the feature set's vector.
     column_index: npt.NDArray[np.intp]
     normal_index: int
+    # Runs beside production for comparison (the collector's shadow stage).
+    shadow: bool = False
 
     @property
     def ref(self) -> str:
@@ -105,7 +109,9 @@ class LoadedModel:
                 for idx, row in zip(top.tolist(), contributions, strict=True)
             ]
         return [
-            Score(m.model_id, m.version, m.kind, float(s), threshold, s >= threshold, label, p, t)
+            Score(
+                m.model_id, m.version, m.kind, float(s), threshold, s >= threshold, label, p, t, self.shadow
+            )
             for s, label, p, t in zip(scores.tolist(), labels, probabilities, top_features, strict=True)
         ]
 

@@ -40,6 +40,7 @@ def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
     normal label otherwise. The deciding model is the first that fired, else the
     first classifier, else the first model.
     """
+    scores = [s for s in scores if not s.shadow]  # shadow models never decide
     if not scores:
         return None, NORMAL_LABEL, False, "no model scored this flow"
     fired = [s for s in scores if s.anomalous]
@@ -110,6 +111,7 @@ def build_verdict(
             label=s.label,
             class_probabilities=s.probabilities,
             top_features=[verdict_pb2.FeatureContribution(feature=f, value=v) for f, v in s.top_features],
+            shadow=s.shadow,
         )
     if features_when == "all" or (features_when == "anomalous" and anomalous):
         for name, version, values in features:

@@ -75,6 +75,8 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.AdminService/PromoteModel": (ADMIN, True),
     "/auris.v1.AdminService/RollbackModel": (ADMIN, True),
     "/auris.v1.AdminService/RetireModel": (ADMIN, True),
+    "/auris.v1.AdminService/ShadowModel": (ADMIN, True),
+    "/auris.v1.AdminService/CompareModels": (READER, False),
     "/auris.v1.AdminService/ListFeeds": (READER, False),
     "/auris.v1.AdminService/ListAlerts": (READER, False),
     "/auris.v1.AdminService/SubscribeAlerts": (READER, False),

@@ -321,6 +321,31 @@ class CollectorClient:
         )
         return response.model
 
+    def shadow_model(
+        self, model_id: str, version: str, enabled: bool = True
+    ) -> admin_service_pb2.RegisteredModel:
+        request = admin_service_pb2.ShadowModelRequest(
+            model=model_pb2.ModelRef(model_id=model_id, version=version), enabled=enabled
+        )
+        response: admin_service_pb2.ShadowModelResponse = self._admin.ShadowModel(
+            request, timeout=self._timeout
+        )
+        return response.model
+
+    def compare_models(
+        self, model_id: str, version: str, since: dt.datetime | None = None, max_verdicts: int = 0
+    ) -> admin_service_pb2.CompareModelsResponse:
+        """A shadow version's recorded scores beside production's on the same flows."""
+        request = admin_service_pb2.CompareModelsRequest(
+            model=model_pb2.ModelRef(model_id=model_id, version=version), max_verdicts=max_verdicts
+        )
+        if since is not None:
+            request.time_range.start_time.FromDatetime(since)
+        response: admin_service_pb2.CompareModelsResponse = self._admin.CompareModels(
+            request, timeout=self._timeout
+        )
+        return response
+
     def revoke_agent(self, agent_id: str, reason: str = "") -> None:
         self._admin.RevokeAgent(
             admin_service_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason), timeout=self._timeout

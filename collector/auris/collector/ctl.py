@@ -311,6 +311,19 @@ def _parser() -> argparse.ArgumentParser:
     promoted.add_argument("model", metavar="ID@VERSION")
     rolled = verbs.add_parser("rollback", help="put back the version in production before the current one")
     rolled.add_argument("model_id", metavar="ID")
+    shadowed = verbs.add_parser(
+        "shadow", help="run a candidate beside production on agents (scores recorded, never deciding)"
+    )
+    shadowed.add_argument("model", metavar="ID@VERSION")
+    shadowed.add_argument("--off", action="store_true", help="stop shadowing it (back to candidate)")
+    compared = verbs.add_parser(
+        "compare", help="a shadow version beside production on the same flows: agreement, would-be alerts"
+    )
+    compared.add_argument("model", metavar="ID@VERSION", help="the shadow version")
+    compared.add_argument(
+        "--since", type=parse_since, default="1h", help="flows scored after this (default 1h)"
+    )
+    compared.add_argument("--json", action="store_true")
     retired = verbs.add_parser(
         "retire", help="take a version out of service for good (the production one: agents stop the model)"
     )
@@ -855,6 +868,33 @@ def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
             model = change(model_id, version)
         stage = _enum_name(admin_service_pb2.ModelStage, model.stage, "MODEL_STAGE_")
         print(f"{model.manifest.model_id}@{model.manifest.version} is now {stage}", file=out)
+        return EXIT_OK
+    if args.verb == "shadow":
+        model = client.shadow_model(*_ref(args.model, version=True), enabled=not args.off)
+        stage = _enum_name(admin_service_pb2.ModelStage, model.stage, "MODEL_STAGE_")
+        print(f"{model.manifest.model_id}@{model.manifest.version} is now {stage}", file=out)
+        return EXIT_OK
+    if args.verb == "compare":
+        c = client.compare_models(*_ref(args.model, version=True), since=args.since)
+        if args.json:
+            print(_json(c), file=out)
+            return EXIT_OK
+        prod, shadow = (
+            f"{c.production.model_id}@{c.production.version}",
+            f"{c.shadow.model_id}@{c.shadow.version}",
+        )
+        if not c.flows:
+            print(f"no flow carries scores of both {prod} and {shadow} in that time", file=out)
+            return EXIT_OK
+        table = [
+            ("flows scored by both", str(c.flows), str(c.flows)),
+            ("anomalous", str(c.production_anomalous), str(c.shadow_anomalous)),
+            ("flagged by this one only", str(c.only_production), str(c.only_shadow)),
+            ("sources an alert rule would key on", str(c.production_alert_keys), str(c.shadow_alert_keys)),
+        ]
+        _print_rows(("", prod, shadow + " (shadow)"), table, out)
+        agreement = f"agreement {c.agree / c.flows:.1%} ({c.agree} of {c.flows})"
+        print(f"{agreement}; class changed on {c.label_changes}", file=out)
         return EXIT_OK
     if args.verb == "diff":
         _diff(client.model(*_ref(args.a, version=False)), client.model(*_ref(args.b, version=False)), out)

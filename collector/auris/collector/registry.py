@@ -36,6 +36,11 @@ _COLUMNS = "manifest_pb, stage, registered_ns, promoted_ns"
 CANDIDATE = admin_service_pb2.MODEL_STAGE_CANDIDATE
 PRODUCTION = admin_service_pb2.MODEL_STAGE_PRODUCTION
 RETIRED = admin_service_pb2.MODEL_STAGE_RETIRED
+SHADOW = admin_service_pb2.MODEL_STAGE_SHADOW
+
+
+# (production, shadow) versions agents should run.
+_Wanted = tuple[list[model_pb2.ModelRef], list[model_pb2.ModelRef]]
 
 
 class StageError(Exception):
@@ -78,7 +83,7 @@ class ModelRegistry:
             self._trust = self._trust.with_key(signing_key.public_key())
         # Bumped by every change of what agents should run; watchers compare it.
         self._generation = 0
-        self._desired_cache: tuple[int, list[model_pb2.ModelRef]] | None = None
+        self._desired_cache: tuple[int, _Wanted] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -246,23 +251,61 @@ class ModelRegistry:
                 "UPDATE models SET stage = ? WHERE model_id = ? AND version = ?",
                 (RETIRED, ref.model_id, ref.version),
             )
-        if row[0] == PRODUCTION:
+        if row[0] in (PRODUCTION, SHADOW):
             self._changed()
         return self.get(ref)
 
-    def desired(self, domain: int = model_pb2.MODEL_DOMAIN_NETWORK_FLOW) -> list[model_pb2.ModelRef]:
-        """The production version of every model of ``domain``: what its agents should run."""
+    def shadow(self, ref: model_pb2.ModelRef, enabled: bool = True) -> admin_service_pb2.RegisteredModel:
+        """Run a candidate beside production on agents (its scores recorded, never deciding), or stop.
+
+        One shadow per model id: a new one sends the previous back to the candidates.
+        """
+        if not ref.model_id or not ref.version:
+            raise ValueError("shadow needs a model id and a version")
+        with self._store.writing() as conn:
+            row = conn.execute(
+                "SELECT stage FROM models WHERE model_id = ? AND version = ?", (ref.model_id, ref.version)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"no model {ref.model_id}@{ref.version}")
+            if enabled and row[0] != CANDIDATE:
+                raise StageError(
+                    f"{ref.model_id}@{ref.version} is not a candidate; only candidates run in shadow"
+                )
+            if not enabled and row[0] != SHADOW:
+                raise StageError(f"{ref.model_id}@{ref.version} is not in shadow")
+            if enabled:
+                conn.execute(
+                    "UPDATE models SET stage = ? WHERE model_id = ? AND stage = ?",
+                    (CANDIDATE, ref.model_id, SHADOW),
+                )
+            conn.execute(
+                "UPDATE models SET stage = ? WHERE model_id = ? AND version = ?",
+                (SHADOW if enabled else CANDIDATE, ref.model_id, ref.version),
+            )
+        self._changed()
+        return self.get(ref)
+
+    def _wanted(self, stage: int, domain: int) -> list[model_pb2.ModelRef]:
+        rows = self._store.reader().execute(
+            "SELECT model_id, version FROM models WHERE stage = ? AND domain = ? ORDER BY model_id",
+            (stage, domain),
+        )
+        return [model_pb2.ModelRef(model_id=m, version=v) for m, v in rows]
+
+    def wanted(self, domain: int = model_pb2.MODEL_DOMAIN_NETWORK_FLOW) -> _Wanted:
+        """(production, shadow) versions of every model of ``domain``: what its agents should run."""
         generation = self._generation
         cached = self._desired_cache
         if cached is not None and cached[0] == generation:
             return cached[1]
-        rows = self._store.reader().execute(
-            "SELECT model_id, version FROM models WHERE stage = ? AND domain = ? ORDER BY model_id",
-            (PRODUCTION, domain),
-        )
-        refs = [model_pb2.ModelRef(model_id=m, version=v) for m, v in rows]
+        refs = (self._wanted(PRODUCTION, domain), self._wanted(SHADOW, domain))
         self._desired_cache = (generation, refs)
         return refs
+
+    def desired(self, domain: int = model_pb2.MODEL_DOMAIN_NETWORK_FLOW) -> list[model_pb2.ModelRef]:
+        """The production version of every model of ``domain``."""
+        return self.wanted(domain)[0]
 
     def onnx(self, ref: model_pb2.ModelRef) -> tuple[model_pb2.ModelManifest, bytes]:
         """One version's signed manifest and ONNX bytes, for an agent to download."""

@@ -334,8 +334,10 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         while True:
             if self._registry.generation != generation:
                 generation = self._registry.generation
-                desired = await loop.run_in_executor(self._readers, self._registry.desired)
-                yield agent_service_pb2.WatchModelUpdatesResponse(desired_models=desired)
+                desired, shadow = await loop.run_in_executor(self._readers, self._registry.wanted)
+                yield agent_service_pb2.WatchModelUpdatesResponse(
+                    desired_models=desired, shadow_models=shadow
+                )
             await asyncio.sleep(self._model_poll_s)
             # A revoked agent loses its model feed too.
             await self._check_identity(request.agent_id, context)
@@ -546,6 +548,40 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         model = await _run(context, self._writer, self._registry.rollback, request.model_id)
         logger.info("rolled %s back to %s", model.manifest.model_id, model.manifest.version)
         return admin_service_pb2.RollbackModelResponse(model=model)
+
+    async def ShadowModel(
+        self,
+        request: admin_service_pb2.ShadowModelRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ShadowModelRequest, admin_service_pb2.ShadowModelResponse
+        ],
+    ) -> admin_service_pb2.ShadowModelResponse:
+        model = await _run(context, self._writer, self._registry.shadow, request.model, request.enabled)
+        logger.info("%s@%s %s shadow", model.manifest.model_id, model.manifest.version,
+                    "in" if request.enabled else "out of")  # fmt: skip
+        return admin_service_pb2.ShadowModelResponse(model=model)
+
+    async def CompareModels(
+        self,
+        request: admin_service_pb2.CompareModelsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.CompareModelsRequest, admin_service_pb2.CompareModelsResponse
+        ],
+    ) -> admin_service_pb2.CompareModelsResponse:
+        production = await _run(
+            context, self._readers, self._registry.get, model_pb2.ModelRef(model_id=request.model.model_id)
+        )
+        now = time.time_ns()
+        tr = request.time_range
+        since = tr.start_time.ToNanoseconds() if tr.HasField("start_time") else now - 3600 * 10**9
+        until = tr.end_time.ToNanoseconds() if tr.HasField("end_time") else now
+        limit = min(request.max_verdicts or 100_000, 1_000_000)
+        prod_ref = model_pb2.ModelRef(
+            model_id=production.manifest.model_id, version=production.manifest.version
+        )
+        return await _run(
+            context, self._readers, self._store.compare_scores, prod_ref, request.model, since, until, limit
+        )
 
     async def RetireModel(
         self,

@@ -556,6 +556,50 @@ class VerdictStore:
                     break
         return out
 
+    def compare_scores(
+        self,
+        production: model_pb2.ModelRef,
+        shadow: model_pb2.ModelRef,
+        since_ns: int,
+        until_ns: int,
+        limit: int,
+    ) -> admin_service_pb2.CompareModelsResponse:
+        """Production's and a shadow version's scores on the same flows (newest ``limit`` verdicts
+        scored in [since, until))."""
+        out = admin_service_pb2.CompareModelsResponse(production=production, shadow=shadow)
+        prod_key = (production.model_id, production.version)
+        shadow_key = (shadow.model_id, shadow.version)
+        prod_sources: set[str] = set()
+        shadow_sources: set[str] = set()
+        rows = self._reader().execute(
+            "SELECT src_ip, verdict_pb FROM verdicts WHERE scored_ns >= ? AND scored_ns < ?"
+            " ORDER BY id DESC LIMIT ?",
+            (since_ns, until_ns, limit),
+        )
+        for src_ip, blob in rows:
+            found = {}
+            for score in verdict_pb2.Verdict.FromString(blob).scores:
+                key = (score.model.model_id, score.model.version)
+                if key in (prod_key, shadow_key):
+                    found[key] = score
+            if len(found) < 2:
+                continue
+            p, s = found[prod_key], found[shadow_key]
+            out.flows += 1
+            out.agree += p.anomalous == s.anomalous
+            out.production_anomalous += p.anomalous
+            out.shadow_anomalous += s.anomalous
+            out.only_production += p.anomalous and not s.anomalous
+            out.only_shadow += s.anomalous and not p.anomalous
+            out.label_changes += p.label != s.label
+            if p.anomalous:
+                prod_sources.add(src_ip)
+            if s.anomalous:
+                shadow_sources.add(src_ip)
+        out.production_alert_keys = len(prod_sources)
+        out.shadow_alert_keys = len(shadow_sources)
+        return out
+
     def model_rollout(
         self, ref: model_pb2.ModelRef, offline_after_ns: int
     ) -> tuple[int, int, list[tuple[str, str]]]:

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from auris.v1 import agent_service_pb2 as _agent_service_pb2
+from auris.v1 import flow_pb2 as _flow_pb2
 from auris.v1 import model_pb2 as _model_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -53,6 +54,8 @@ class _ModelStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelStage
     MODEL_STAGE_CANDIDATE: _ModelStage.ValueType  # 1
     MODEL_STAGE_PRODUCTION: _ModelStage.ValueType  # 2
     MODEL_STAGE_RETIRED: _ModelStage.ValueType  # 3
+    MODEL_STAGE_SHADOW: _ModelStage.ValueType  # 4
+    """A candidate agents run beside production: its scores are recorded, never decide."""
 
 class ModelStage(_ModelStage, metaclass=_ModelStageEnumTypeWrapper):
     """ModelStage is where a registered model version stands in its lifecycle."""
@@ -61,6 +64,8 @@ MODEL_STAGE_UNSPECIFIED: ModelStage.ValueType  # 0
 MODEL_STAGE_CANDIDATE: ModelStage.ValueType  # 1
 MODEL_STAGE_PRODUCTION: ModelStage.ValueType  # 2
 MODEL_STAGE_RETIRED: ModelStage.ValueType  # 3
+MODEL_STAGE_SHADOW: ModelStage.ValueType  # 4
+"""A candidate agents run beside production: its scores are recorded, never decide."""
 Global___ModelStage: _TypeAlias = ModelStage  # noqa: Y015
 
 class _FeedKind:
@@ -669,6 +674,140 @@ class RetireModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetireModelResponse: _TypeAlias = RetireModelResponse  # noqa: Y015
+
+@_typing.final
+class ShadowModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """False takes it out of shadow (back to candidate)."""
+    @_builtins.property
+    def model(self) -> _model_pb2.ModelRef: ...
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.ModelRef | None = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowModelRequest: _TypeAlias = ShadowModelRequest  # noqa: Y015
+
+@_typing.final
+class ShadowModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___RegisteredModel: ...
+    def __init__(
+        self,
+        *,
+        model: Global___RegisteredModel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowModelResponse: _TypeAlias = ShadowModelResponse  # noqa: Y015
+
+@_typing.final
+class CompareModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TIME_RANGE_FIELD_NUMBER: _builtins.int
+    MAX_VERDICTS_FIELD_NUMBER: _builtins.int
+    max_verdicts: _builtins.int
+    """Most verdicts to read (newest first); 0: a server default."""
+    @_builtins.property
+    def model(self) -> _model_pb2.ModelRef:
+        """The shadow version; it is compared with the production version of the same model id."""
+
+    @_builtins.property
+    def time_range(self) -> _flow_pb2.TimeRange:
+        """Flows scored in this range (by scored time); unset: the last hour."""
+
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.ModelRef | None = ...,
+        time_range: _flow_pb2.TimeRange | None = ...,
+        max_verdicts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "time_range", b"time_range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_verdicts", b"max_verdicts", "model", b"model", "time_range", b"time_range"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareModelsRequest: _TypeAlias = CompareModelsRequest  # noqa: Y015
+
+@_typing.final
+class CompareModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCTION_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    FLOWS_FIELD_NUMBER: _builtins.int
+    AGREE_FIELD_NUMBER: _builtins.int
+    PRODUCTION_ANOMALOUS_FIELD_NUMBER: _builtins.int
+    SHADOW_ANOMALOUS_FIELD_NUMBER: _builtins.int
+    ONLY_PRODUCTION_FIELD_NUMBER: _builtins.int
+    ONLY_SHADOW_FIELD_NUMBER: _builtins.int
+    PRODUCTION_ALERT_KEYS_FIELD_NUMBER: _builtins.int
+    SHADOW_ALERT_KEYS_FIELD_NUMBER: _builtins.int
+    LABEL_CHANGES_FIELD_NUMBER: _builtins.int
+    flows: _builtins.int
+    """Verdicts that carry scores of both."""
+    agree: _builtins.int
+    """Flows where both agree on anomalous / normal."""
+    production_anomalous: _builtins.int
+    shadow_anomalous: _builtins.int
+    only_production: _builtins.int
+    """Flagged by one only."""
+    only_shadow: _builtins.int
+    production_alert_keys: _builtins.int
+    """Distinct source addresses with at least one anomalous flow: the keys a per-source alert rule
+    on this model would open alerts for.
+    """
+    shadow_alert_keys: _builtins.int
+    label_changes: _builtins.int
+    """Classifiers: flows whose predicted class differs."""
+    @_builtins.property
+    def production(self) -> _model_pb2.ModelRef: ...
+    @_builtins.property
+    def shadow(self) -> _model_pb2.ModelRef: ...
+    def __init__(
+        self,
+        *,
+        production: _model_pb2.ModelRef | None = ...,
+        shadow: _model_pb2.ModelRef | None = ...,
+        flows: _builtins.int = ...,
+        agree: _builtins.int = ...,
+        production_anomalous: _builtins.int = ...,
+        shadow_anomalous: _builtins.int = ...,
+        only_production: _builtins.int = ...,
+        only_shadow: _builtins.int = ...,
+        production_alert_keys: _builtins.int = ...,
+        shadow_alert_keys: _builtins.int = ...,
+        label_changes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["production", b"production", "shadow", b"shadow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "flows", b"flows", "label_changes", b"label_changes", "only_production", b"only_production", "only_shadow", b"only_shadow", "production", b"production", "production_alert_keys", b"production_alert_keys", "production_anomalous", b"production_anomalous", "shadow", b"shadow", "shadow_alert_keys", b"shadow_alert_keys", "shadow_anomalous", b"shadow_anomalous"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareModelsResponse: _TypeAlias = CompareModelsResponse  # noqa: Y015
 
 @_typing.final
 class FeedInfo(_message.Message):

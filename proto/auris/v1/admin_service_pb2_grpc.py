@@ -85,6 +85,16 @@ class AdminServiceStub:
                 request_serializer=auris_dot_v1_dot_admin__service__pb2.RetireModelRequest.SerializeToString,
                 response_deserializer=auris_dot_v1_dot_admin__service__pb2.RetireModelResponse.FromString,
                 _registered_method=True)
+        self.ShadowModel = channel.unary_unary(
+                '/auris.v1.AdminService/ShadowModel',
+                request_serializer=auris_dot_v1_dot_admin__service__pb2.ShadowModelRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_admin__service__pb2.ShadowModelResponse.FromString,
+                _registered_method=True)
+        self.CompareModels = channel.unary_unary(
+                '/auris.v1.AdminService/CompareModels',
+                request_serializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsResponse.FromString,
+                _registered_method=True)
         self.ListFeeds = channel.unary_unary(
                 '/auris.v1.AdminService/ListFeeds',
                 request_serializer=auris_dot_v1_dot_admin__service__pb2.ListFeedsRequest.SerializeToString,
@@ -196,6 +206,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShadowModel(self, request, context):
+        """ShadowModel makes a candidate run beside production on agents (or stops it: enabled false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareModels(self, request, context):
+        """CompareModels sets a shadow version's recorded scores beside production's on the same flows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListFeeds(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -296,6 +320,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RetireModel,
                     request_deserializer=auris_dot_v1_dot_admin__service__pb2.RetireModelRequest.FromString,
                     response_serializer=auris_dot_v1_dot_admin__service__pb2.RetireModelResponse.SerializeToString,
+            ),
+            'ShadowModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShadowModel,
+                    request_deserializer=auris_dot_v1_dot_admin__service__pb2.ShadowModelRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_admin__service__pb2.ShadowModelResponse.SerializeToString,
+            ),
+            'CompareModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareModels,
+                    request_deserializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsResponse.SerializeToString,
             ),
             'ListFeeds': grpc.unary_unary_rpc_method_handler(
                     servicer.ListFeeds,
@@ -609,6 +643,60 @@ class AdminService:
             '/auris.v1.AdminService/RetireModel',
             auris_dot_v1_dot_admin__service__pb2.RetireModelRequest.SerializeToString,
             auris_dot_v1_dot_admin__service__pb2.RetireModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShadowModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.AdminService/ShadowModel',
+            auris_dot_v1_dot_admin__service__pb2.ShadowModelRequest.SerializeToString,
+            auris_dot_v1_dot_admin__service__pb2.ShadowModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.AdminService/CompareModels',
+            auris_dot_v1_dot_admin__service__pb2.CompareModelsRequest.SerializeToString,
+            auris_dot_v1_dot_admin__service__pb2.CompareModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class AdminServiceStub:
     """RollbackModel puts back the version that was in production before the current one."""
     RetireModel: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RetireModelRequest, _admin_service_pb2.RetireModelResponse]
     """RetireModel takes a version out of service for good; agents stop running it."""
+    ShadowModel: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ShadowModelRequest, _admin_service_pb2.ShadowModelResponse]
+    """ShadowModel makes a candidate run beside production on agents (or stops it: enabled false)."""
+    CompareModels: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CompareModelsRequest, _admin_service_pb2.CompareModelsResponse]
+    """CompareModels sets a shadow version's recorded scores beside production's on the same flows."""
     ListFeeds: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListFeedsRequest, _admin_service_pb2.ListFeedsResponse]
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAlertsRequest, _admin_service_pb2.ListAlertsResponse]
     SubscribeAlerts: _grpc.UnaryStreamMultiCallable[_admin_service_pb2.SubscribeAlertsRequest, _admin_service_pb2.SubscribeAlertsResponse]
@@ -77,6 +81,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """RollbackModel puts back the version that was in production before the current one."""
     RetireModel: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RetireModelRequest, _admin_service_pb2.RetireModelResponse]  # type: ignore[assignment]
     """RetireModel takes a version out of service for good; agents stop running it."""
+    ShadowModel: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ShadowModelRequest, _admin_service_pb2.ShadowModelResponse]  # type: ignore[assignment]
+    """ShadowModel makes a candidate run beside production on agents (or stops it: enabled false)."""
+    CompareModels: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CompareModelsRequest, _admin_service_pb2.CompareModelsResponse]  # type: ignore[assignment]
+    """CompareModels sets a shadow version's recorded scores beside production's on the same flows."""
     ListFeeds: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListFeedsRequest, _admin_service_pb2.ListFeedsResponse]  # type: ignore[assignment]
     ListAlerts: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAlertsRequest, _admin_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
     SubscribeAlerts: _aio.UnaryStreamMultiCallable[_admin_service_pb2.SubscribeAlertsRequest, _admin_service_pb2.SubscribeAlertsResponse]  # type: ignore[assignment]
@@ -163,6 +171,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.RetireModelResponse, _abc.Awaitable[_admin_service_pb2.RetireModelResponse]]:
         """RetireModel takes a version out of service for good; agents stop running it."""
+
+    @_abc_1.abstractmethod
+    def ShadowModel(
+        self,
+        request: _admin_service_pb2.ShadowModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ShadowModelResponse, _abc.Awaitable[_admin_service_pb2.ShadowModelResponse]]:
+        """ShadowModel makes a candidate run beside production on agents (or stops it: enabled false)."""
+
+    @_abc_1.abstractmethod
+    def CompareModels(
+        self,
+        request: _admin_service_pb2.CompareModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.CompareModelsResponse, _abc.Awaitable[_admin_service_pb2.CompareModelsResponse]]:
+        """CompareModels sets a shadow version's recorded scores beside production's on the same flows."""
 
     @_abc_1.abstractmethod
     def ListFeeds(

@@ -294,20 +294,26 @@ class WatchModelUpdatesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DESIRED_MODELS_FIELD_NUMBER: _builtins.int
+    SHADOW_MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def desired_models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRef]:
         """The complete set of models the agent should run; empty: the collector has no opinion and
         the agent keeps its local models.
         """
 
+    @_builtins.property
+    def shadow_models(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelRef]:
+        """Candidates to run beside them in shadow: scored and reported, never deciding a verdict."""
+
     def __init__(
         self,
         *,
         desired_models: _abc.Iterable[_model_pb2.ModelRef] | None = ...,
+        shadow_models: _abc.Iterable[_model_pb2.ModelRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_models", b"desired_models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_models", b"desired_models", "shadow_models", b"shadow_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from auris.v1 import model_pb2 as auris_dot_v1_dot_model__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61uris/v1/verdict.proto\x12\x08\x61uris.v1\x1a\x13\x61uris/v1/flow.proto\x1a\x14\x61uris/v1/model.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x02\n\nModelScore\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.auris.v1.ModelKind\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x11\n\tanomalous\x18\x05 \x01(\x08\x12\r\n\x05label\x18\x06 \x01(\t\x12I\n\x13\x63lass_probabilities\x18\x07 \x03(\x0b\x32,.auris.v1.ModelScore.ClassProbabilitiesEntry\x12\x33\n\x0ctop_features\x18\x08 \x03(\x0b\x32\x1d.auris.v1.FeatureContribution\x1a\x39\n\x17\x43lassProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\xae\x04\n\x07Verdict\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1f\n\x04\x66low\x18\x03 \x01(\x0b\x32\x11.auris.v1.FlowKey\x12\x33\n\x0f\x66irst_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x16.auris.v1.FlowCounters\x12!\n\x05model\x18\x07 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12$\n\x06scores\x18\x08 \x03(\x0b\x32\x14.auris.v1.ModelScore\x12\r\n\x05label\x18\t \x01(\t\x12\x11\n\tanomalous\x18\n \x01(\x08\x12\x13\n\x0b\x65xplanation\x18\x0b \x01(\t\x12\x18\n\x10\x61pplication_name\x18\x0c \x01(\t\x12+\n\nend_reason\x18\r \x01(\x0e\x32\x17.auris.v1.FlowEndReason\x12/\n\x0bscored_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08hostname\x18\x0f \x01(\t\x12\x16\n\x0e\x63\x61pture_source\x18\x10 \x01(\t\x12)\n\x08\x66\x65\x61tures\x18\x11 \x03(\x0b\x32\x17.auris.v1.FeatureVector\"E\n\rFeatureVector\x12\x13\n\x0b\x66\x65\x61ture_set\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06values\x18\x03 \x03(\x02\"m\n\x0c\x41nalystLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x30\n\x0clabeled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\rStoredVerdict\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x11.auris.v1.Verdict\x12\x31\n\rreceived_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ranalyst_label\x18\x04 \x01(\x0b\x32\x16.auris.v1.AnalystLabelb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61uris/v1/verdict.proto\x12\x08\x61uris.v1\x1a\x13\x61uris/v1/flow.proto\x1a\x14\x61uris/v1/model.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x02\n\nModelScore\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.auris.v1.ModelKind\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x11\n\tanomalous\x18\x05 \x01(\x08\x12\r\n\x05label\x18\x06 \x01(\t\x12I\n\x13\x63lass_probabilities\x18\x07 \x03(\x0b\x32,.auris.v1.ModelScore.ClassProbabilitiesEntry\x12\x33\n\x0ctop_features\x18\x08 \x03(\x0b\x32\x1d.auris.v1.FeatureContribution\x12\x0e\n\x06shadow\x18\t \x01(\x08\x1a\x39\n\x17\x43lassProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\xae\x04\n\x07Verdict\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1f\n\x04\x66low\x18\x03 \x01(\x0b\x32\x11.auris.v1.FlowKey\x12\x33\n\x0f\x66irst_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x16.auris.v1.FlowCounters\x12!\n\x05model\x18\x07 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12$\n\x06scores\x18\x08 \x03(\x0b\x32\x14.auris.v1.ModelScore\x12\r\n\x05label\x18\t \x01(\t\x12\x11\n\tanomalous\x18\n \x01(\x08\x12\x13\n\x0b\x65xplanation\x18\x0b \x01(\t\x12\x18\n\x10\x61pplication_name\x18\x0c \x01(\t\x12+\n\nend_reason\x18\r \x01(\x0e\x32\x17.auris.v1.FlowEndReason\x12/\n\x0bscored_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08hostname\x18\x0f \x01(\t\x12\x16\n\x0e\x63\x61pture_source\x18\x10 \x01(\t\x12)\n\x08\x66\x65\x61tures\x18\x11 \x03(\x0b\x32\x17.auris.v1.FeatureVector\"E\n\rFeatureVector\x12\x13\n\x0b\x66\x65\x61ture_set\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06values\x18\x03 \x03(\x02\"m\n\x0c\x41nalystLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x30\n\x0clabeled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\rStoredVerdict\x12\n\n\x02id\x18\x01 \x01(\x04\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x11.auris.v1.Verdict\x12\x31\n\rreceived_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ranalyst_label\x18\x04 \x01(\x0b\x32\x16.auris.v1.AnalystLabelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSCORE_CLASSPROBABILITIESENTRY']._loaded_options = None
   _globals['_MODELSCORE_CLASSPROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_MODELSCORE']._serialized_start=113
-  _globals['_MODELSCORE']._serialized_end=450
-  _globals['_MODELSCORE_CLASSPROBABILITIESENTRY']._serialized_start=393
-  _globals['_MODELSCORE_CLASSPROBABILITIESENTRY']._serialized_end=450
-  _globals['_FEATURECONTRIBUTION']._serialized_start=452
-  _globals['_FEATURECONTRIBUTION']._serialized_end=505
-  _globals['_VERDICT']._serialized_start=508
-  _globals['_VERDICT']._serialized_end=1066
-  _globals['_FEATUREVECTOR']._serialized_start=1068
-  _globals['_FEATUREVECTOR']._serialized_end=1137
-  _globals['_ANALYSTLABEL']._serialized_start=1139
-  _globals['_ANALYSTLABEL']._serialized_end=1248
-  _globals['_STOREDVERDICT']._serialized_start=1251
-  _globals['_STOREDVERDICT']._serialized_end=1412
+  _globals['_MODELSCORE']._serialized_end=466
+  _globals['_MODELSCORE_CLASSPROBABILITIESENTRY']._serialized_start=409
+  _globals['_MODELSCORE_CLASSPROBABILITIESENTRY']._serialized_end=466
+  _globals['_FEATURECONTRIBUTION']._serialized_start=468
+  _globals['_FEATURECONTRIBUTION']._serialized_end=521
+  _globals['_VERDICT']._serialized_start=524
+  _globals['_VERDICT']._serialized_end=1082
+  _globals['_FEATUREVECTOR']._serialized_start=1084
+  _globals['_FEATUREVECTOR']._serialized_end=1153
+  _globals['_ANALYSTLABEL']._serialized_start=1155
+  _globals['_ANALYSTLABEL']._serialized_end=1264
+  _globals['_STOREDVERDICT']._serialized_start=1267
+  _globals['_STOREDVERDICT']._serialized_end=1428
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,7 @@ class ModelScore(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     CLASS_PROBABILITIES_FIELD_NUMBER: _builtins.int
     TOP_FEATURES_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     kind: _model_pb2.ModelKind.ValueType
     score: _builtins.float
     """Higher means more suspicious: attack probability for classifiers,
@@ -64,6 +65,8 @@ class ModelScore(_message.Message):
     anomalous: _builtins.bool
     label: _builtins.str
     """Predicted class for classifiers; empty for detectors."""
+    shadow: _builtins.bool
+    """A shadow model's score: recorded for comparison, never part of the verdict's decision."""
     @_builtins.property
     def model(self) -> _model_pb2.ModelRef: ...
     @_builtins.property
@@ -85,10 +88,11 @@ class ModelScore(_message.Message):
         label: _builtins.str = ...,
         class_probabilities: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         top_features: _abc.Iterable[Global___FeatureContribution] | None = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous", b"anomalous", "class_probabilities", b"class_probabilities", "kind", b"kind", "label", b"label", "model", b"model", "score", b"score", "threshold", b"threshold", "top_features", b"top_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous", b"anomalous", "class_probabilities", b"class_probabilities", "kind", b"kind", "label", b"label", "model", b"model", "score", b"score", "shadow", b"shadow", "threshold", b"threshold", "top_features", b"top_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
