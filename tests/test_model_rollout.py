@@ -40,7 +40,7 @@ from tests.conftest import (
     wait_for,
     write_test_key,
 )
-from tests.test_live import PEER_IP, veth  # noqa: F401  # the fixture
+from tests.test_live import PEER_IP, _wait_for_capture, veth  # noqa: F401  # the fixture
 
 RF = "nfstream-rf"
 
@@ -122,6 +122,8 @@ def test_promotion_reaches_two_agents_and_rollback_restores(
         with CollectorClient(collector.address, insecure=True) as client:
             shipped = f"{RF}@{_shipped()[0].version}"
             assert wait_for(lambda: _running(client) == {"agent-1": [shipped], "agent-2": [shipped]}, 60)
+            for agent in agents:
+                _wait_for_capture(agent)
             rollout = client.model(RF).rollout
             assert (rollout.agents_running, rollout.agents_online) == (2, 2)
 
@@ -136,14 +138,14 @@ def test_promotion_reaches_two_agents_and_rollback_restores(
             assert client.model(RF).rollout.agents_running == 2
             # Flows metered after the swap are scored by the new version.
             _udp_flow()
-            assert wait_for(
-                lambda: any(
-                    s.model.version == "2"
-                    for v in client.query(verdict_filter(ip=PEER_IP), page_size=100)
-                    for s in v.verdict.scores
-                ),
-                20,
-            )
+
+            def scored() -> list[tuple[int, list[str]]]:
+                stored = client.query(verdict_filter(ip=PEER_IP), page_size=100)
+                return [
+                    (v.verdict.flow.src_port, [s.model.version for s in v.verdict.scores]) for v in stored
+                ]
+
+            assert wait_for(lambda: any("2" in versions for _, versions in scored()), 20), scored()
 
             # Rollback: both agents go back to the shipped version (from their own disk).
             assert client.rollback_model(RF).manifest.version == _shipped()[0].version

@@ -35,7 +35,7 @@ from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
 from auris.agent.verdicts import build_verdict
-from auris.v1 import agent_service_pb2, flow_pb2
+from auris.v1 import agent_service_pb2, flow_pb2, model_pb2
 
 __all__ = ["Agent", "RunReport", "replay_key"]
 
@@ -156,6 +156,10 @@ class Agent:
         for model in self.models.models:
             request.models.add(model_id=model.manifest.model_id, version=model.manifest.version)
         request.refused_models.extend(r.to_proto() for r in self.model_refusals)
+        for model in self.models.models:
+            if model.drift is not None:
+                ref = model_pb2.ModelRef(model_id=model.manifest.model_id, version=model.manifest.version)
+                request.health.drift.append(model.drift.report(ref))
         return request
 
     def offer_models(self, models: ModelSet, refusals: list[Refusal]) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from auris.agent.drift import DriftWindow
 from auris.agent.features import FeatureSet, feature_set
 from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
 from auris.agent.signing import ModelTrust
@@ -70,6 +71,8 @@ class LoadedModel:
     normal_index: int
     # Runs beside production for comparison (the collector's shadow stage).
     shadow: bool = False
+    # Recent inputs and scores against the manifest's reference (None: the manifest has none).
+    drift: DriftWindow | None = None
 
     @property
     def ref(self) -> str:
@@ -108,6 +111,8 @@ class LoadedModel:
                 tuple((columns[j], float(row[j])) for j in idx)
                 for idx, row in zip(top.tolist(), contributions, strict=True)
             ]
+        if self.drift is not None:
+            self.drift.observe(inputs, scores)
         return [
             Score(
                 m.model_id, m.version, m.kind, float(s), threshold, s >= threshold, label, p, t, self.shadow
@@ -156,7 +161,10 @@ def load_model(manifest_path: Path, threads: int = 1, trust: ModelTrust | None =
     position = {c: i for i, c in enumerate(fs.columns)}
     index = np.array([position[c] for c in manifest.feature_set.columns], dtype=np.intp)
     normal = list(manifest.labels).index(manifest.normal_label) if manifest.labels else -1
-    return LoadedModel(manifest, fs, session, index, normal)
+    reference = manifest.reference
+    usable = [f.feature for f in reference.features] == list(manifest.feature_set.columns)
+    drift = DriftWindow(reference) if usable and reference.score.counts else None
+    return LoadedModel(manifest, fs, session, index, normal, drift=drift)
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ from google.protobuf import json_format
 
 from auris.agent import __version__
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
-from auris.v1 import admin_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, agent_service_pb2, verdict_pb2
 
 __all__ = [
     "EVENTS",
@@ -97,12 +97,23 @@ class AlertRule:
     severity: str = "warning"
     # Resolve an alert on its own after this many minutes without a new match (0: never).
     resolve_after_minutes: float = 0.0
+    # A drift rule: matches an agent's heartbeat whose window of a model (of `model`, or any)
+    # has a score or feature PSI at or above this; keyed by agent and model version. It takes
+    # no verdict condition.
+    max_psi: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 64:
             raise ValueError("name must be 1 to 64 characters")
-        if self.anomalous is None and self.min_score is None and not self.labels:
-            raise ValueError(f"rule {self.name!r} needs a condition: anomalous, min_score or labels")
+        if self.max_psi is not None:
+            if self.anomalous is not None or self.min_score is not None or self.labels or self.count != 1:
+                raise ValueError(
+                    f"rule {self.name!r}: a drift rule (max_psi) takes no verdict condition or count"
+                )
+            if not (math.isfinite(self.max_psi) and self.max_psi > 0):
+                raise ValueError(f"rule {self.name!r}: max_psi must be a positive number")
+        elif self.anomalous is None and self.min_score is None and not self.labels:
+            raise ValueError(f"rule {self.name!r} needs a condition: anomalous, min_score, labels or max_psi")
         unknown = [f for f in self.group_by if f not in _GROUP_FIELDS]
         if unknown:
             raise ValueError(f"rule {self.name!r}: cannot group by {', '.join(unknown)} "
@@ -118,6 +129,8 @@ class AlertRule:
 
     def judge(self, v: verdict_pb2.Verdict) -> bool:
         """Whether one verdict matches the rule's conditions."""
+        if self.max_psi is not None:
+            return False  # drift rules judge heartbeats
         if self.model:
             score = next((s for s in v.scores if s.model.model_id == self.model), None)
             if score is None:
@@ -145,6 +158,8 @@ class AlertRule:
     def describe(self, key: str) -> str:
         """The alert's summary, e.g. "anomalous, score >= 0.9 (model ae); 20 within 5 min; src_ip=..."."""
         what = []
+        if self.max_psi is not None:
+            what.append(f"drift: PSI >= {self.max_psi:g}")
         if self.anomalous is not None:
             what.append("anomalous" if self.anomalous else "not anomalous")
         if self.min_score is not None:
@@ -262,6 +277,26 @@ class Alerts:
                     changed.append(alert_id)
         return changed
 
+    def evaluate_heartbeat(self, heartbeat: agent_service_pb2.HeartbeatRequest, now_ns: int) -> list[int]:
+        """Drift rules against one heartbeat's windows; the ids of alerts opened or extended."""
+        rules = [r for r in self.rules.values() if r.max_psi is not None]
+        if not rules or not heartbeat.health.drift:
+            return []
+        changed: list[int] = []
+        with self._store.writing() as conn:
+            for rule in rules:
+                assert rule.max_psi is not None
+                for drift in heartbeat.health.drift:
+                    if rule.model and drift.model.model_id != rule.model:
+                        continue
+                    if max(drift.score_psi, drift.max_feature_psi) < rule.max_psi:
+                        continue
+                    key = f"agent_id={heartbeat.agent_id} model={drift.model.model_id}@{drift.model.version}"
+                    alert_id = self._add(conn, rule, key, [(0, now_ns)], now_ns)
+                    if alert_id is not None:
+                        changed.append(alert_id)
+        return changed
+
     def _add(
         self, conn: sqlite3.Connection, rule: AlertRule, key: str, hits: list[tuple[int, int]], now_ns: int
     ) -> int | None:
@@ -272,7 +307,9 @@ class Alerts:
         if row is not None:
             alert_id, ids_json = row
             ids = json.loads(ids_json)
-            ids += [verdict_id for verdict_id, _ in hits[: max(0, VERDICT_IDS_KEPT - len(ids))]]
+            ids += [
+                verdict_id for verdict_id, _ in hits[: max(0, VERDICT_IDS_KEPT - len(ids))] if verdict_id > 0
+            ]
             conn.execute(
                 "UPDATE alerts SET events = events + ?, first_ns = MIN(first_ns, ?),"
                 " last_ns = MAX(last_ns, ?), touched_ns = ?, updated_ns = ?, verdict_ids = ? WHERE id = ?",
@@ -318,7 +355,7 @@ class Alerts:
                 max(t for _, t in hits),
                 now_ns,
                 now_ns,
-                json.dumps([verdict_id for verdict_id, _ in hits[:VERDICT_IDS_KEPT]]),
+                json.dumps([verdict_id for verdict_id, _ in hits[:VERDICT_IDS_KEPT] if verdict_id > 0]),
             ),
         )
         alert_id = int(cursor.lastrowid or 0)

@@ -324,6 +324,12 @@ def _parser() -> argparse.ArgumentParser:
         "--since", type=parse_since, default="1h", help="flows scored after this (default 1h)"
     )
     compared.add_argument("--json", action="store_true")
+    drifted = verbs.add_parser(
+        "drift",
+        help="inputs and scores of the agents' recent window against each model's reference (PSI, KS)",
+    )
+    drifted.add_argument("model_id", nargs="?", metavar="ID", help="one model (default: all)")
+    drifted.add_argument("--json", action="store_true", help="one JSON object per agent and model")
     retired = verbs.add_parser(
         "retire", help="take a version out of service for good (the production one: agents stop the model)"
     )
@@ -850,6 +856,62 @@ def _train(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> in
     return EXIT_OK
 
 
+def _summed(histograms: Sequence[model_pb2.Histogram]) -> list[int]:
+    return [sum(c) for c in zip(*(h.counts for h in histograms), strict=True)]
+
+
+def _drift(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    """models drift: per agent and model, then the fleet (every agent's counts summed)."""
+    from auris.agent.drift import ks_distance, psi
+
+    reports = [
+        (a.agent_id, d)
+        for a in client.list_agents()
+        for d in a.health.drift
+        if not args.model_id or d.model.model_id == args.model_id
+    ]
+    if args.json:
+        for agent_id, d in reports:
+            fields = json_format.MessageToDict(d, preserving_proto_field_name=True)
+            print(json.dumps({"agent_id": agent_id, **fields}), file=out)
+        return EXIT_OK
+    if not reports:
+        print(
+            "no drift reported (models need a reference distribution; agents report it in heartbeats)",
+            file=out,
+        )
+        return EXIT_OK
+
+    def row(
+        who: str, ref: str, flows: int, score: tuple[float, float], worst: tuple[float, str]
+    ) -> tuple[str, ...]:
+        return who, ref, str(flows), f"{score[0]:.3f}", f"{score[1]:.3f}", f"{worst[1] or '-'} {worst[0]:.3f}"
+
+    rows = [
+        row(agent_id, f"{d.model.model_id}@{d.model.version}", d.flows, (d.score_psi, d.score_ks),
+            (d.max_feature_psi, d.max_psi_feature))
+        for agent_id, d in reports
+    ]  # fmt: skip
+    fleet: dict[tuple[str, str], list[model_pb2.ModelDrift]] = {}
+    for _, d in reports:
+        fleet.setdefault((d.model.model_id, d.model.version), []).append(d)
+    for (model_id, version), group in sorted(fleet.items()):
+        reference = client.model(model_id, version).manifest.reference
+        score = _summed([d.score for d in group])
+        worst = max(
+            (
+                (psi(ref.histogram.counts, _summed([d.features[j].histogram for d in group])), ref.feature)
+                for j, ref in enumerate(reference.features)
+            ),
+            default=(0.0, ""),
+        )
+        scores = (psi(reference.score.counts, score), ks_distance(reference.score.counts, score))
+        rows.append(row("(fleet)", f"{model_id}@{version}", sum(d.flows for d in group), scores, worst))
+    _print_rows(("AGENT", "MODEL", "FLOWS", "SCORE PSI", "SCORE KS", "WORST FEATURE PSI"), rows, out)
+    print("PSI < 0.1 stable, 0.1-0.25 moving, > 0.25 shifted (rule of thumb)", file=out)
+    return EXIT_OK
+
+
 def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.verb is None:
         raise ConfigError(
@@ -896,6 +958,8 @@ def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
         agreement = f"agreement {c.agree / c.flows:.1%} ({c.agree} of {c.flows})"
         print(f"{agreement}; class changed on {c.label_changes}", file=out)
         return EXIT_OK
+    if args.verb == "drift":
+        return _drift(client, args, out)
     if args.verb == "diff":
         _diff(client.model(*_ref(args.a, version=False)), client.model(*_ref(args.b, version=False)), out)
         return EXIT_OK

@@ -103,6 +103,7 @@ class Collector:
                 self.signer,
                 self.registry,
                 public_key_pem(signing_key.public_key()) if signing_key else "",
+                on_heartbeat=self.alerts.evaluate_heartbeat,
             ),
             self._server,
         )

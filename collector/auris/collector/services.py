@@ -194,6 +194,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         registry: ModelRegistry,
         model_key_pem: str = "",
         model_poll_s: float = 0.5,
+        on_heartbeat: Callable[[agent_service_pb2.HeartbeatRequest, int], list[int]] | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
@@ -205,6 +206,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self._registry = registry
         self._model_key_pem = model_key_pem
         self._model_poll_s = model_poll_s
+        # Drift alert rules judge heartbeats; returns the ids of alerts that changed.
+        self._on_heartbeat = on_heartbeat
 
     async def _check_identity(self, agent_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """An agent speaks only for itself (its certificate names it), and not once revoked."""
@@ -316,6 +319,12 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self._store.record_heartbeat, request, now
         )
+        if self._on_heartbeat is not None:
+            changed = await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._on_heartbeat, request, now
+            )
+            if changed:
+                await self._alerts_changed(changed)
         response = agent_service_pb2.HeartbeatResponse(desired_models=self._registry.desired())
         response.server_time.FromNanoseconds(now)
         return response

@@ -157,6 +157,7 @@ class AgentHealth(_message.Message):
     LAST_ACKNOWLEDGED_TIME_FIELD_NUMBER: _builtins.int
     VERDICTS_REJECTED_FIELD_NUMBER: _builtins.int
     VERDICTS_ANOMALOUS_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     packets_seen: _builtins.int
     packets_dropped: _builtins.int
     flows_metered: _builtins.int
@@ -174,6 +175,10 @@ class AgentHealth(_message.Message):
     def last_acknowledged_time(self) -> _timestamp_pb2.Timestamp:
         """When the collector last acknowledged a batch; unset if never."""
 
+    @_builtins.property
+    def drift(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelDrift]:
+        """Per model with a reference distribution: the recent window against it."""
+
     def __init__(
         self,
         *,
@@ -190,10 +195,11 @@ class AgentHealth(_message.Message):
         last_acknowledged_time: _timestamp_pb2.Timestamp | None = ...,
         verdicts_rejected: _builtins.int = ...,
         verdicts_anomalous: _builtins.int = ...,
+        drift: _abc.Iterable[_model_pb2.ModelDrift] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_acknowledged_time", b"last_acknowledged_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flows_evicted", b"flows_evicted", "flows_metered", b"flows_metered", "last_acknowledged_time", b"last_acknowledged_time", "packets_dropped", b"packets_dropped", "packets_seen", b"packets_seen", "scoring_errors", b"scoring_errors", "spool_depth", b"spool_depth", "spool_dropped", b"spool_dropped", "uptime_seconds", b"uptime_seconds", "verdicts_acknowledged", b"verdicts_acknowledged", "verdicts_anomalous", b"verdicts_anomalous", "verdicts_rejected", b"verdicts_rejected", "verdicts_sent", b"verdicts_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "flows_evicted", b"flows_evicted", "flows_metered", b"flows_metered", "last_acknowledged_time", b"last_acknowledged_time", "packets_dropped", b"packets_dropped", "packets_seen", b"packets_seen", "scoring_errors", b"scoring_errors", "spool_depth", b"spool_depth", "spool_dropped", b"spool_dropped", "uptime_seconds", b"uptime_seconds", "verdicts_acknowledged", b"verdicts_acknowledged", "verdicts_anomalous", b"verdicts_anomalous", "verdicts_rejected", b"verdicts_rejected", "verdicts_sent", b"verdicts_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -363,6 +363,7 @@ class ModelManifest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
     EXPLANATION_OUTPUT_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
     manifest_version: _builtins.int
     """Version of this manifest layout; readers refuse a newer one."""
     model_id: _builtins.str
@@ -406,6 +407,10 @@ class ModelManifest(_message.Message):
 
     @_builtins.property
     def created_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reference(self) -> Global___ReferenceDistribution:
+        """What the model saw in training, to measure drift against."""
+
     def __init__(
         self,
         *,
@@ -431,11 +436,138 @@ class ModelManifest(_message.Message):
         signature: _builtins.str = ...,
         signing_key_id: _builtins.str = ...,
         explanation_output: _builtins.str = ...,
+        reference: Global___ReferenceDistribution | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "evaluation", b"evaluation", "feature_set", b"feature_set", "threshold", b"threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "evaluation", b"evaluation", "feature_set", b"feature_set", "reference", b"reference", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "description", b"description", "domain", b"domain", "evaluation", b"evaluation", "explanation_output", b"explanation_output", "feature_set", b"feature_set", "input_name", b"input_name", "kind", b"kind", "labels", b"labels", "library_versions", b"library_versions", "manifest_version", b"manifest_version", "model_id", b"model_id", "normal_label", b"normal_label", "onnx_file", b"onnx_file", "onnx_sha256", b"onnx_sha256", "preprocessing", b"preprocessing", "score_output", b"score_output", "signature", b"signature", "signing_key_id", b"signing_key_id", "threshold", b"threshold", "training_data", b"training_data", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_time", b"created_time", "description", b"description", "domain", b"domain", "evaluation", b"evaluation", "explanation_output", b"explanation_output", "feature_set", b"feature_set", "input_name", b"input_name", "kind", b"kind", "labels", b"labels", "library_versions", b"library_versions", "manifest_version", b"manifest_version", "model_id", b"model_id", "normal_label", b"normal_label", "onnx_file", b"onnx_file", "onnx_sha256", b"onnx_sha256", "preprocessing", b"preprocessing", "reference", b"reference", "score_output", b"score_output", "signature", b"signature", "signing_key_id", b"signing_key_id", "threshold", b"threshold", "training_data", b"training_data", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class Histogram(_message.Message):
+    """Histogram counts values into len(edges) + 1 bins: (-inf, e0], (e0, e1], ..., (e_last, +inf)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EDGES_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "edges", b"edges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Histogram: _TypeAlias = Histogram  # noqa: Y015
+
+@_typing.final
+class FeatureHistogram(_message.Message):
+    """FeatureHistogram is one input column's histogram."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    @_builtins.property
+    def histogram(self) -> Global___Histogram: ...
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        histogram: Global___Histogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "histogram", b"histogram"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureHistogram: _TypeAlias = FeatureHistogram  # noqa: Y015
+
+@_typing.final
+class ReferenceDistribution(_message.Message):
+    """ReferenceDistribution holds per-feature and score histograms of the training rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureHistogram]: ...
+    @_builtins.property
+    def score(self) -> Global___Histogram: ...
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[Global___FeatureHistogram] | None = ...,
+        score: Global___Histogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferenceDistribution: _TypeAlias = ReferenceDistribution  # noqa: Y015
+
+@_typing.final
+class ModelDrift(_message.Message):
+    """ModelDrift is what one model saw over the agent's recent window, binned like its reference."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    FLOWS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    SCORE_PSI_FIELD_NUMBER: _builtins.int
+    SCORE_KS_FIELD_NUMBER: _builtins.int
+    MAX_FEATURE_PSI_FIELD_NUMBER: _builtins.int
+    MAX_PSI_FEATURE_FIELD_NUMBER: _builtins.int
+    flows: _builtins.int
+    """Flows in the window."""
+    score_psi: _builtins.float
+    """Population stability index and (binned) Kolmogorov-Smirnov distance of the score against
+    the reference, and the largest PSI among the features with that feature's name.
+    """
+    score_ks: _builtins.float
+    max_feature_psi: _builtins.float
+    max_psi_feature: _builtins.str
+    @_builtins.property
+    def model(self) -> Global___ModelRef: ...
+    @_builtins.property
+    def score(self) -> Global___Histogram: ...
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureHistogram]: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        flows: _builtins.int = ...,
+        score: Global___Histogram | None = ...,
+        features: _abc.Iterable[Global___FeatureHistogram] | None = ...,
+        score_psi: _builtins.float = ...,
+        score_ks: _builtins.float = ...,
+        max_feature_psi: _builtins.float = ...,
+        max_psi_feature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "flows", b"flows", "max_feature_psi", b"max_feature_psi", "max_psi_feature", b"max_psi_feature", "model", b"model", "score", b"score", "score_ks", b"score_ks", "score_psi", b"score_psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDrift: _TypeAlias = ModelDrift  # noqa: Y015

@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from auris.agent import __version__
+from auris.agent.drift import reference_distribution
 from auris.agent.features import NFSTREAM
 from auris.agent.meter import preload_in_meter_processes
 from auris.agent.scoring import to_matrix
@@ -353,6 +354,9 @@ def _train_forest(
         threshold=threshold,
         threshold_method="0.5 on 1 - P(benign), not tuned",
         evaluation=evaluation,
+        reference=reference_distribution(
+            x[train], 1.0 - model.predict_proba(x[train])[:, classes.index(BENIGN)], NFSTREAM.columns
+        ),
         description=(
             f"Random forest ({args.trees} trees, depth <= {args.max_depth}) separating benign from "
             f"attack flows; trained on {source}."
@@ -407,6 +411,9 @@ def _train_autoencoder(
             f"flows ({len(calibration)} flows, held out of fitting): a {args.ae_target_fpr:.1%} target FPR"
         ),
         evaluation=evaluation,
+        reference=reference_distribution(
+            x[fit_rows], autoencoder.reference(x[fit_rows])[0], NFSTREAM.columns
+        ),
         description=(
             "MLP autoencoder (59-32-8-32-59, relu) fitted on benign flows only; score = mean squared "
             "reconstruction error of log-scaled, standardised features (scaling inside the graph); "

@@ -75,6 +75,7 @@ def write_model(
     description: str,
     data_root: Path | None = None,
     signing_key: Ed25519PrivateKey | None = None,
+    reference: model_pb2.ReferenceDistribution | None = None,
 ) -> Path:
     """Write ``stem.onnx`` and ``stem.manifest.json`` into out_dir (signed when a key is given); return
     the manifest path."""
@@ -110,6 +111,8 @@ def write_model(
     for path, (sha, rows) in sorted(provenance.items()):
         shown = str(Path(path).relative_to(data_root)) if data_root else path
         manifest.training_data.add(path=shown, sha256=sha, rows=rows)
+    if reference is not None:
+        manifest.reference.CopyFrom(reference)
     if signing_key is not None:
         sign_manifest(manifest, signing_key)
     manifest_path = out_dir / f"{stem}{MANIFEST_SUFFIX}"
