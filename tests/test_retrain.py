@@ -92,6 +92,32 @@ def test_retraining_from_labelled_flows_registers_a_loadable_candidate(
             # Promotion stays a separate step: production is unchanged.
             assert client.model("nfstream-rf").manifest.version == "1"
 
+            # Base data (a table of the model's columns + label) joins the labelled flows, and
+            # --promote-if-better promotes through the API only when no figure got worse.
+            columns = list(candidate.manifest.feature_set.columns)
+            base = tmp_path / "base.csv"
+            with base.open("w") as fh:
+                fh.write(",".join([*columns, "label"]) + "\n")
+                for v in stored[:40]:
+                    values = dict(zip(NFSTREAM.columns, v.verdict.features[0].values, strict=True))
+                    label = "attack" if v.verdict.capture_source in ATTACK else "benign"
+                    fh.write(",".join([*(repr(values[c]) for c in columns), label]) + "\n")
+            out = io.StringIO()
+            args = ["--collector", running.address, "--insecure", *retrain, "--version", "4", "--json",
+                    "--base-data", str(base), "--promote-if-better"]  # fmt: skip
+            assert ctl.main(args, out) == 0, out.getvalue()
+            report = json.loads(out.getvalue())
+            assert report["rows"] == len(stored) - len(by_label["unsure"]) + 40
+            better = all(
+                f["new"] <= f["active"] if name == "false-positive rate" else f["new"] >= f["active"]
+                for name, f in report["comparison"].items()
+            )
+            assert report["promoted"] is better
+            assert client.model("nfstream-rf").manifest.version == ("4" if better else "1")
+            bad = tmp_path / "bad.csv"
+            bad.write_text("a,b\n1,2\n")
+            assert ctl.main([*retrain, "--version", "5", "--base-data", str(bad)], io.StringIO()) == 2
+
     # The registered version loads in the agent's runtime and scores the same vectors.
     store = VerdictStore(db)
     manifest, onnx = ModelRegistry(store).onnx(model_pb2.ModelRef(model_id="nfstream-rf", version="2"))

@@ -365,6 +365,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     retrain.add_argument("--version", dest="new_version", help="the new version (default: a UTC timestamp)")
     retrain.add_argument("--trees", type=int, default=40)
+    retrain.add_argument(
+        "--base-data", type=Path, metavar="FILE.csv|.parquet",
+        help="more labelled rows: the model's feature columns by name and a label column; rows with no "
+        "time count as older than every labelled flow (they train, the recent flows judge)",
+    )  # fmt: skip
+    retrain.add_argument("--base-label-column", default="label", metavar="COLUMN")
+    retrain.add_argument("--base-time-column", metavar="COLUMN", help="flow time in ns (default: none)")
+    retrain.add_argument(
+        "--promote-if-better", action="store_true",
+        help="promote it (through the collector's API) when every figure is at least as good as production's",
+    )  # fmt: skip
     retrain.add_argument("--json", action="store_true", help="the comparison as one JSON object")
     signed = verbs.add_parser(
         "sign", help="sign manifests with an Ed25519 key, on this host (no collector needed)"
@@ -760,8 +771,35 @@ def _sign(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _retrain(args: argparse.Namespace, out: TextIO) -> int:
-    """models retrain: on the collector's host, against its database."""
+def _base_rows(args: argparse.Namespace, columns: Sequence[str]) -> list[tuple[int, str, list[float]]]:
+    """--base-data: (time, label, values in ``columns`` order); ConfigError when unusable."""
+    import pandas as pd
+
+    path: Path = args.base_data
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in [*columns, args.base_label_column] if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{path}: no column {missing[0]!r} (needs the model's feature columns and a label)")
+    values = table[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    times = (
+        table[args.base_time_column].astype("int64").tolist() if args.base_time_column else [0] * len(table)
+    )
+    labels = table[args.base_label_column].astype(str).tolist()
+    return [(t, label, row.tolist()) for t, label, row in zip(times, labels, values, strict=True)]
+
+
+def _better(comparison: dict[str, tuple[float, float]]) -> bool:
+    """Every figure at least as good: lower for the false-positive rate, higher for the rest."""
+    return all(
+        new <= old if name == "false-positive rate" else new >= old for name, (old, new) in comparison.items()
+    )
+
+
+def _retrain(args: argparse.Namespace, out: TextIO, client: CollectorClient | None = None) -> int:
+    """models retrain: on the collector's host, against its database (and its API to promote)."""
     import datetime as dt
 
     from auris.agent.features import feature_set
@@ -795,6 +833,14 @@ def _retrain(args: argparse.Namespace, out: TextIO) -> int:
         ref = model_pb2.ModelRef(model_id=manifest.model_id, version=manifest.version)
         _, active_onnx = registry.onnx(ref)
         rows = store.labelled_features(fs.name, fs.version)
+        if args.base_data:
+            feature_columns = list(fs.columns)
+            position = {c: i for i, c in enumerate(columns)}
+            for t, label, values in _base_rows(args, feature_columns):
+                full = [0.0] * len(columns)  # vectors are in the feature set's order; the model reads its own
+                for column, value in zip(feature_columns, values, strict=True):
+                    full[position[column]] = value
+                rows.append((t, label, full))
         flows = [LabelledFlow(t, label, values) for t, label, values in rows]
         version = args.new_version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
         try:
@@ -805,11 +851,15 @@ def _retrain(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         store.close()
     new = f"{manifest.model_id}@{version}"
+    promoted = False
+    if client is not None and _better(result.comparison):
+        client.promote_model(manifest.model_id, version)
+        promoted = True
     if args.json:
         comparison = {k: {"active": a, "new": b} for k, (a, b) in result.comparison.items()}
         print(json.dumps({"registered": new, "active": f"{manifest.model_id}@{manifest.version}",
                           "rows": len(flows) - sum(result.dropped.values()), "dropped": result.dropped,
-                          "comparison": comparison}),
+                          "comparison": comparison, "promoted": promoted}),
               file=out)  # fmt: skip
         return EXIT_OK
     dropped = sum(result.dropped.values())
@@ -817,9 +867,12 @@ def _retrain(args: argparse.Namespace, out: TextIO) -> int:
           + (f" ({dropped} dropped: unsure or unmapped labels)" if dropped else ""), file=out)  # fmt: skip
     rows_out = [(name, f"{a:.3f}", f"{b:.3f}") for name, (a, b) in result.comparison.items()]
     _print_rows(("SAME HELD-BACK SLICE", f"{manifest.model_id}@{manifest.version}", new), rows_out, out)
-    print(
-        f"registered {new} as a candidate; `aurisctl models promote {new}` puts it into production", file=out
-    )
+    if promoted:
+        print(f"registered {new} and promoted it: every figure is at least as good as production's", file=out)
+    else:
+        reason = "; not promoted: some figure is worse" if client is not None else ""
+        hint = f"`aurisctl models promote {new}` puts it in production"
+        print(f"registered {new} as a candidate{reason}; {hint}", file=out)
     return EXIT_OK
 
 
@@ -919,6 +972,8 @@ def _models(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
         )
     if args.verb == "import":
         return _import_models(client, args.paths, out)
+    if args.verb == "retrain":  # with --promote-if-better: the API promotes
+        return _retrain(args, out, client)
     if args.verb == "train":
         return _train(client, args, out)
     if args.verb in ("promote", "retire", "rollback"):
@@ -1178,7 +1233,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.command == "models" and args.verb in ("sign", "retrain"):
+    if args.command == "models" and (
+        args.verb == "sign" or (args.verb == "retrain" and not args.promote_if_better)
+    ):
         try:
             return _sign(args, out) if args.verb == "sign" else _retrain(args, out)
         except ConfigError as exc:
