@@ -26,7 +26,7 @@ from auris.agent.features import NFSTREAM
 from auris.agent.meter import preload_in_meter_processes
 from auris.agent.scoring import to_matrix
 from auris.training.autoencoder import ERRORS_OUTPUT, INPUT_NAME, SCORE_OUTPUT, fit_autoencoder
-from auris.training.export import PARITY_TOLERANCE, export_classifier, parity, write_model
+from auris.training.export import PARITY_TOLERANCE, PROBABILITIES, export_classifier, parity, write_model
 from auris.training.metrics import classifier_evaluation, detector_evaluation, split_by_time
 from auris.training.pcap_flows import ATTACK, BENIGN, capture_files, flow_table
 from auris.v1 import model_pb2
@@ -298,6 +298,56 @@ def _report(manifest_path: Path, evaluation: model_pb2.Evaluation, n_train: int,
     print("  ".join(f"{k} {v:.3g}" for k, v in sorted(evaluation.extra.items())))
 
 
+def _write_report(
+    folder: Path,
+    model_id: str,
+    description: str,
+    evaluation: model_pb2.Evaluation,
+    y_test: npt.NDArray[np.str_],
+    predicted: Sequence[str],
+    labels: Sequence[str],
+    attack_score: npt.NDArray[np.float64],
+    importance: npt.NDArray[np.float64],
+) -> Path:
+    """models/reports/<id>.md with its confusion matrix, PR/ROC curves and feature importances."""
+    from auris.training import reports
+
+    folder.mkdir(parents=True, exist_ok=True)
+    png = {part: folder / f"{model_id}-{part}.png" for part in ("confusion", "curves", "importance")}
+    reports.plot_confusion(list(y_test), list(predicted), labels, png["confusion"], model_id)
+    roc_auc = reports.plot_curves(y_test != BENIGN, attack_score, png["curves"], model_id)
+    reports.plot_importances(list(NFSTREAM.columns), importance, png["importance"], f"{model_id} importance")
+    extra = "\n".join(f"- {k}: {v:.4g}" for k, v in sorted(evaluation.extra.items()))
+    text = (
+        f"# {model_id}\n\n{description}\n\n" + reports.evaluation_markdown(evaluation)
+        + f"\nROC AUC: {roc_auc:.4f}.\n\n{extra}\n\n"
+        + f"![confusion matrix]({model_id}-confusion.png)\n\n![PR and ROC]({model_id}-curves.png)\n\n"
+        + f"![feature importance]({model_id}-importance.png)\n"
+    )  # fmt: skip
+    path = folder / f"{model_id}.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _importance(
+    onnx_bytes: bytes,
+    output: str,
+    x: npt.NDArray[np.float32],
+    is_attack: npt.NDArray[np.bool_],
+    column: int | None,
+) -> npt.NDArray[np.float64]:
+    """Permutation importance through the exported graph (attack score: 1 - P(benign), or the score)."""
+    from auris.training import reports
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+
+    def score_of(out: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        score = 1.0 - out[:, column] if column is not None else out.reshape(len(out), -1)[:, 0]
+        return np.asarray(score, dtype=np.float64)
+
+    return reports.permutation_importance(session, output, x, is_attack, score_of, np.ones(len(x)))
+
+
 def _train_forest(
     args: argparse.Namespace,
     x: npt.NDArray[np.float32],
@@ -364,6 +414,13 @@ def _train_forest(
         **common,
     )
     _report(manifest_path, evaluation, len(train), len(test))
+    importance = _importance(onnx_bytes, PROBABILITIES, x[test], y[test] != BENIGN, classes.index(BENIGN))
+    description = f"Random forest ({args.trees} trees, depth <= {args.max_depth}); trained on {source}."
+    report = _write_report(
+        args.out / "reports", args.model_id, description, evaluation, y[test], predicted.tolist(), classes,
+        attack_score, importance,
+    )  # fmt: skip
+    print(f"wrote {report}")
     return EXIT_OK
 
 
@@ -422,6 +479,14 @@ def _train_autoencoder(
         **common,
     )
     _report(manifest_path, evaluation, len(fit_rows), len(test))
+    predicted = np.where(scores >= threshold, ATTACK, BENIGN)
+    importance = _importance(onnx_bytes, SCORE_OUTPUT, x[test], y[test] != BENIGN, None)
+    description = f"MLP autoencoder fitted on {len(fit_rows)} benign flows only; trained on {source}."
+    report = _write_report(
+        args.out / "reports", args.ae_model_id, description, evaluation, y[test], predicted.tolist(),
+        [ATTACK, BENIGN], scores.astype(np.float64), importance,
+    )  # fmt: skip
+    print(f"wrote {report}")
     return EXIT_OK
 
 

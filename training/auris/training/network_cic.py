@@ -33,7 +33,7 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sklearn.cluster import KMeans
 from sklearn.ensemble import IsolationForest, RandomForestClassifier
-from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
@@ -175,31 +175,6 @@ def _forest(opts: Options) -> RandomForestClassifier:
     )
 
 
-def _permutation_importance(
-    session: ort.InferenceSession,
-    output: str,
-    x: npt.NDArray[np.float32],
-    is_attack: npt.NDArray[np.bool_],
-    score_of: Callable[[npt.NDArray[Any]], npt.NDArray[np.float64]],
-    w: npt.NDArray[np.float64],
-    seed: int = 0,
-) -> npt.NDArray[np.float64]:
-    """Drop in weighted PR-AUC when one column is shuffled, through the exported graph itself."""
-    rng = np.random.default_rng(seed)
-
-    def pr_auc(rows: npt.NDArray[np.float32]) -> float:
-        (out,) = session.run([output], {INPUT_NAME: rows})
-        return float(average_precision_score(is_attack, score_of(np.asarray(out)), sample_weight=w))
-
-    base = pr_auc(x)
-    drops = np.zeros(x.shape[1])
-    for j in range(x.shape[1]):
-        shuffled = x.copy()
-        shuffled[:, j] = rng.permutation(shuffled[:, j])
-        drops[j] = base - pr_auc(shuffled)
-    return drops
-
-
 def _sample(n: int, k: int, seed: int = 0) -> npt.NDArray[np.intp]:
     if n <= k:
         return np.arange(n, dtype=np.intp)
@@ -293,7 +268,7 @@ def _classifier(
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     sub = _sample(len(test), 4000)
     benign_col = classes.index(BENIGN)
-    importance = _permutation_importance(
+    importance = reports.permutation_importance(
         session, PROBABILITIES, x[test][sub], is_attack[sub], lambda o: 1.0 - o[:, benign_col], w[sub]
     )
     reports.plot_importances(
@@ -501,7 +476,7 @@ def _detector(
         f"{model_id}, time split",
     )
     sub = _sample(len(test), 4000)
-    importance = _permutation_importance(
+    importance = reports.permutation_importance(
         session, output, x[test][sub], is_attack[sub], lambda o: o.reshape(len(o), -1)[:, 0], w[sub]
     )
     reports.plot_importances(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -12,13 +13,22 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
+import onnxruntime as ort
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
+from auris.training.export import INPUT_NAME
 from auris.v1 import model_pb2
 
 __all__ = [
     "evaluation_markdown",
     "markdown_table",
+    "permutation_importance",
     "plot_comparison",
     "plot_confusion",
     "plot_curves",
@@ -113,6 +123,31 @@ def plot_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return auc
+
+
+def permutation_importance(
+    session: ort.InferenceSession,
+    output: str,
+    x: npt.NDArray[np.float32],
+    is_attack: npt.NDArray[np.bool_],
+    score_of: Callable[[npt.NDArray[Any]], npt.NDArray[np.float64]],
+    w: npt.NDArray[np.float64],
+    seed: int = 0,
+) -> npt.NDArray[np.float64]:
+    """Drop in weighted PR-AUC when one column is shuffled, through the exported graph itself."""
+    rng = np.random.default_rng(seed)
+
+    def pr_auc(rows: npt.NDArray[np.float32]) -> float:
+        (out,) = session.run([output], {INPUT_NAME: rows})
+        return float(average_precision_score(is_attack, score_of(np.asarray(out)), sample_weight=w))
+
+    base = pr_auc(x)
+    drops = np.zeros(x.shape[1])
+    for j in range(x.shape[1]):
+        shuffled = x.copy()
+        shuffled[:, j] = rng.permutation(shuffled[:, j])
+        drops[j] = base - pr_auc(shuffled)
+    return drops
 
 
 def plot_importances(names: Sequence[str], values: npt.NDArray[np.float64], path: Path, title: str) -> None:
