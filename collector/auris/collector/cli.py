@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(config: CollectorConfig) -> int:
     from auris.collector.server import Collector  # grpc server stack loads only when serving
 
+    # The SQLite writer thread gives up the GIL while each statement runs and then waits for it
+    # behind the event loop: up to the switch interval (default 5 ms) every time.
+    sys.setswitchinterval(0.0005)
     try:
         collector = Collector(config)
         await collector.start()

@@ -168,11 +168,18 @@ class CollectorClient:
 
         return _follow_pages(page, limit)
 
-    def subscribe(self, flt: query_service_pb2.VerdictFilter) -> Iterator[verdict_pb2.StoredVerdict]:
-        """New verdicts matching ``flt`` as the collector stores them, until cancelled or cut off."""
-        request = query_service_pb2.SubscribeVerdictsRequest(filter=flt)
+    def subscribe(
+        self, flt: query_service_pb2.VerdictFilter, max_batch: int = 1000
+    ) -> Iterator[verdict_pb2.StoredVerdict]:
+        """New verdicts matching ``flt`` as the collector stores them, until cancelled or cut off.
+
+        The collector sends up to ``max_batch`` verdicts a message (0: one each, as collectors
+        before batching did; a batch from those arrives in ``verdict`` too)."""
+        request = query_service_pb2.SubscribeVerdictsRequest(filter=flt, max_batch=max_batch)
         for response in self._query.SubscribeVerdicts(request):
-            yield response.verdict
+            if response.HasField("verdict"):
+                yield response.verdict
+            yield from response.verdicts
 
     def aggregate(
         self,

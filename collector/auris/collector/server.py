@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from auris.agent.signing import ModelTrust, load_private_key, public_key_pem
 from auris.collector.alerts import Alerts, Notifier
 from auris.collector.auth import AuthInterceptor, Authority
-from auris.collector.broker import Broker
+from auris.collector.broker import Broker, NewVerdict
 from auris.collector.config import CollectorConfig
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
@@ -29,7 +29,6 @@ from auris.v1 import (
     agent_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
-    verdict_pb2,
 )
 
 __all__ = ["Collector"]
@@ -68,9 +67,7 @@ class Collector:
             ],
         )
         self._health = HealthServicer()
-        self.broker: Broker[verdict_pb2.StoredVerdict] = Broker(
-            config.subscriber_buffer, config.max_subscribers
-        )
+        self.broker: Broker[NewVerdict] = Broker(config.subscriber_buffer, config.max_subscribers)
         self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks)
         signing_key = load_private_key(Path(config.signing_key_file)) if config.signing_key_file else None
         self.registry = ModelRegistry(
@@ -194,6 +191,7 @@ class Collector:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._server.start()
+        self.store.checkpoint_in_background()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()

@@ -21,10 +21,11 @@ import grpc
 
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
-from auris.collector.broker import Broker, Subscription, check_filter, matches
+from auris.collector.broker import Broker, NewVerdict, Subscription, check_filter, compile_filter
+from auris.collector.ingest import GroupCommitter
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry, StageError
-from auris.collector.store import SequenceConflict, VerdictStore
+from auris.collector.store import IngestBatch, IngestResult, Row, SequenceConflict, VerdictStore
 from auris.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -83,10 +84,11 @@ async def _follow(
     context: grpc.aio.ServicerContext[Any, Any],
     broker: Broker[T],
     wants: Callable[[T], bool],
-    wrap: Callable[[T], M],
+    wrap: Callable[[list[T]], M],
+    max_batch: int = 1,
 ) -> AsyncIterator[M]:
-    """Serve one live subscription: each wanted item, wrapped, until the client leaves or falls
-    a whole buffer behind (then RESOURCE_EXHAUSTED)."""
+    """Serve one live subscription: the wanted items, up to ``max_batch`` wrapped in each message,
+    until the client leaves or falls a whole buffer behind (then RESOURCE_EXHAUSTED)."""
     try:
         subscription: Subscription[T] = broker.subscribe(wants)
     except OverflowError as exc:
@@ -96,14 +98,14 @@ async def _follow(
             if subscription.overflowed.is_set():
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"subscriber too slow: more than {subscription.queue.maxsize} items waited; "
+                    f"subscriber too slow: more than {subscription.buffer} items waited; "
                     "resubscribe, and query for what was missed",
                 )
-            try:
-                item = await asyncio.wait_for(subscription.queue.get(), timeout=1.0)
-            except TimeoutError:
+            items = subscription.take(max_batch)
+            if not items:
+                await subscription.ready.wait()
                 continue
-            yield wrap(item)
+            yield wrap(items)
     finally:
         broker.unsubscribe(subscription)
 
@@ -130,15 +132,32 @@ class InvalidVerdict(ValueError):
     """One verdict of a batch is malformed; the batch is refused and nothing else."""
 
 
+_TIME_FIELDS = ("first_seen_time", "last_seen_time", "scored_time")
+# Addresses as agents send them -> their canonical form. Agents see the same few thousand
+# addresses over and over; ipaddress costs ~3.5 µs an address. Bounded: cleared when full.
+_CANONICAL: dict[str, str] = {}
+_CANONICAL_MAX = 1 << 16
+
+
 def _canonical_ip(value: str, what: str, index: int) -> str:
-    try:
-        return ipaddress.ip_address(value).compressed
-    except ValueError:
-        raise InvalidVerdict(f"verdict {index}: {what} {value[:64]!r} is not an IP address") from None
+    canonical = _CANONICAL.get(value)
+    if canonical is None:
+        try:
+            canonical = ipaddress.ip_address(value).compressed
+        except ValueError:
+            raise InvalidVerdict(f"verdict {index}: {what} {value[:64]!r} is not an IP address") from None
+        if len(_CANONICAL) >= _CANONICAL_MAX:
+            _CANONICAL.clear()
+        _CANONICAL[value] = canonical
+    return canonical
 
 
-def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequence: int) -> int:
-    """Check one batch; fill in missing agent ids, canonicalise addresses; return its highest sequence.
+def validate_batch(
+    request: agent_service_pb2.StreamVerdictsRequest, last_sequence: int, received_ns: int = 0
+) -> tuple[int, list[Row]]:
+    """Check one batch; fill in missing agent ids, canonicalise addresses; return its highest
+    sequence and the rows to store (store.verdict_row's, built in the same pass: on the ingest
+    path each protobuf field read counts, so each is read once).
 
     Raises InvalidVerdict naming the first bad verdict (the whole batch is refused and
     nothing stored before it is touched), or ValueError for a bad stream.
@@ -147,36 +166,83 @@ def validate_batch(request: agent_service_pb2.StreamVerdictsRequest, last_sequen
     if not agent_id or len(agent_id) > 128:
         raise ValueError("agent_id must be 1 to 128 characters")
     previous = last_sequence
+    rows: list[Row] = []
+    append = rows.append
     for i, v in enumerate(request.verdicts):
-        if v.agent_id and v.agent_id != agent_id:
-            raise InvalidVerdict(
-                f"verdict {i}: agent_id {v.agent_id!r} differs from the stream's {agent_id!r}"
-            )
-        v.agent_id = agent_id
-        if not previous < v.sequence <= _MAX_SEQUENCE:
-            raise InvalidVerdict(
-                f"verdict {i}: sequence {v.sequence} does not increase (previous {previous})"
-            )
-        previous = v.sequence
-        v.flow.src_ip = _canonical_ip(v.flow.src_ip, "src_ip", i)
-        v.flow.dst_ip = _canonical_ip(v.flow.dst_ip, "dst_ip", i)
-        if v.flow.src_port > 65535 or v.flow.dst_port > 65535:
+        own = v.agent_id
+        if own != agent_id:
+            if own:
+                raise InvalidVerdict(f"verdict {i}: agent_id {own!r} differs from the stream's {agent_id!r}")
+            v.agent_id = agent_id
+        sequence = v.sequence
+        if not previous < sequence <= _MAX_SEQUENCE:
+            raise InvalidVerdict(f"verdict {i}: sequence {sequence} does not increase (previous {previous})")
+        previous = sequence
+        flow = v.flow
+        sent_src, sent_dst = flow.src_ip, flow.dst_ip
+        src_ip = _canonical_ip(sent_src, "src_ip", i)
+        dst_ip = _canonical_ip(sent_dst, "dst_ip", i)
+        if src_ip != sent_src:
+            flow.src_ip = src_ip
+        if dst_ip != sent_dst:
+            flow.dst_ip = dst_ip
+        src_port, dst_port, protocol = flow.src_port, flow.dst_port, flow.ip_protocol
+        if src_port > 65535 or dst_port > 65535:
             raise InvalidVerdict(f"verdict {i}: port out of range")
-        if v.flow.ip_protocol > 255:
-            raise InvalidVerdict(f"verdict {i}: ip_protocol {v.flow.ip_protocol} out of range")
+        if protocol > 255:
+            raise InvalidVerdict(f"verdict {i}: ip_protocol {protocol} out of range")
         if not v.HasField("scored_time"):
             raise InvalidVerdict(f"verdict {i}: scored_time is not set")
-        for name, ts in (("first_seen_time", v.first_seen_time), ("last_seen_time", v.last_seen_time),
-                         ("scored_time", v.scored_time)):  # fmt: skip
-            if not (0 <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
-                raise InvalidVerdict(f"verdict {i}: {name} is out of range")
-        c = v.counters
-        if (
-            max(c.src_to_dst_packets, c.dst_to_src_packets, c.src_to_dst_bytes, c.dst_to_src_bytes)
-            > _MAX_COUNTER
+        first, last, scored = v.first_seen_time, v.last_seen_time, v.scored_time
+        first_s, first_n, last_s, last_n = first.seconds, first.nanos, last.seconds, last.nanos
+        scored_s, scored_n = scored.seconds, scored.nanos
+        if min(first_s, last_s, scored_s, first_n, last_n, scored_n) < 0 or not (
+            max(first_s, last_s, scored_s) <= _MAX_SECONDS and max(first_n, last_n, scored_n) < 1_000_000_000
         ):
+            times = ((first_s, first_n), (last_s, last_n), (scored_s, scored_n))
+            for name, (seconds, nanos) in zip(_TIME_FIELDS, times, strict=True):
+                if not (0 <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+                    raise InvalidVerdict(f"verdict {i}: {name} is out of range")
+        c = v.counters
+        out_packets, in_packets = c.src_to_dst_packets, c.dst_to_src_packets
+        out_bytes, in_bytes = c.src_to_dst_bytes, c.dst_to_src_bytes
+        if max(out_packets, in_packets, out_bytes, in_bytes) > _MAX_COUNTER:
             raise InvalidVerdict(f"verdict {i}: a counter is out of range")
-    return previous
+        model = v.model
+        model_id, version = model.model_id, model.version
+        decider = None
+        for s in v.scores:
+            ref = s.model
+            if ref.model_id == model_id and ref.version == version:
+                decider = s.score
+                break
+        append(
+            (
+                agent_id,
+                sequence,
+                v.hostname,
+                src_ip,
+                dst_ip,
+                src_port,
+                dst_port,
+                protocol,
+                flow.vlan_id,
+                first_s * 1_000_000_000 + first_n,
+                last_s * 1_000_000_000 + last_n,
+                scored_s * 1_000_000_000 + scored_n,
+                received_ns,
+                out_packets + in_packets,
+                out_bytes + in_bytes,
+                model_id,
+                version,
+                v.label,
+                int(v.anomalous),
+                decider,
+                v.application_name,
+                v.SerializeToString(deterministic=True),
+            )
+        )
+    return previous, rows
 
 
 class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
@@ -187,7 +253,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         store: VerdictStore,
         writer: ThreadPoolExecutor,
         readers: ThreadPoolExecutor,
-        broker: Broker[verdict_pb2.StoredVerdict],
+        broker: Broker[NewVerdict],
         alerts_changed: AlertsChanged,
         authority: Authority,
         signer: AgentSigner | None,
@@ -200,6 +266,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self._writer = writer
         self._readers = readers
         self._broker = broker
+        self._committer = GroupCommitter(store, writer, self._publish)
         self._alerts_changed = alerts_changed
         self._authority = authority
         self._signer = signer
@@ -271,12 +338,12 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             agent_service_pb2.StreamVerdictsRequest, agent_service_pb2.StreamVerdictsResponse
         ],
     ) -> AsyncIterator[agent_service_pb2.StreamVerdictsResponse]:
-        loop = asyncio.get_running_loop()
         last_sequence = 0
         async for request in request_iterator:
             await self._check_identity(request.agent_id, context)
+            received_ns = time.time_ns()
             try:
-                top = validate_batch(request, last_sequence)
+                top, rows = validate_batch(request, last_sequence, received_ns)
             except ValueError as exc:
                 logger.warning("refused batch from %s: %s", request.agent_id[:128] or "?", exc)
                 if isinstance(exc, InvalidVerdict) and request.verdicts:
@@ -288,22 +355,34 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 yield agent_service_pb2.StreamVerdictsResponse(acknowledged_sequence=last_sequence)
                 continue
             try:
-                result = await loop.run_in_executor(
-                    self._writer, self._store.ingest, request.agent_id, list(request.verdicts)
+                # Returns once the group commit holding the batch is durable; live subscribers
+                # get its verdicts from memory after that (_publish).
+                result = await self._committer.ingest(
+                    IngestBatch(request.agent_id, request.verdicts, rows, received_ns)
                 )
             except SequenceConflict as exc:
                 logger.error("refused batch from %s: %s", request.agent_id, exc)
                 context.set_trailing_metadata(((STORED_SEQUENCE_KEY, str(exc.stored_sequence)),))
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             last_sequence = top
-            if self._broker.active and result.stored_ids:
-                stored = await loop.run_in_executor(self._readers, self._store.fetch, result.stored_ids)
-                self._broker.publish(stored)
             if result.alert_ids:
                 await self._alerts_changed(result.alert_ids)
             yield agent_service_pb2.StreamVerdictsResponse(
                 acknowledged_sequence=top, accepted=result.accepted, duplicates=result.duplicates
             )
+
+    def _publish(self, committed: list[tuple[IngestBatch, IngestResult]]) -> None:
+        """Hand a committed group's new verdicts to live subscribers, in id order (called on the
+        event loop once the streams of the group have acknowledged)."""
+        if not self._broker.active:
+            return
+        self._broker.publish(
+            [
+                (row_id, v, batch.received_ns)
+                for batch, result in committed
+                for row_id, v in zip(result.stored_ids, result.verdicts, strict=True)
+            ]
+        )
 
     async def Heartbeat(
         self,
@@ -631,7 +710,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[admin_service_pb2.SubscribeAlertsResponse]:
         wants = alert_wanted(list(request.states), list(request.rules))
         async for response in _follow(
-            context, self._alert_broker, wants, lambda a: admin_service_pb2.SubscribeAlertsResponse(alert=a)
+            context,
+            self._alert_broker,
+            wants,
+            lambda alerts: admin_service_pb2.SubscribeAlertsResponse(alert=alerts[0]),
         ):
             yield response
 
@@ -667,6 +749,13 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return admin_service_pb2.ResolveAlertResponse(alert=alert)
 
 
+def _stored(row_id: int, verdict: verdict_pb2.Verdict, received_ns: int) -> verdict_pb2.StoredVerdict:
+    """A new verdict as QueryVerdicts would return it (no analyst label yet)."""
+    stored = verdict_pb2.StoredVerdict(id=row_id, verdict=verdict)
+    stored.received_time.seconds, stored.received_time.nanos = divmod(received_ns, 1_000_000_000)
+    return stored
+
+
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     """Answers verdict queries from the store's reader connections; labels go through the writer."""
 
@@ -677,7 +766,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         writer: ThreadPoolExecutor,
         default_page: int,
         max_page: int,
-        broker: Broker[verdict_pb2.StoredVerdict],
+        broker: Broker[NewVerdict],
     ) -> None:
         self._store = store
         self._readers = readers
@@ -710,12 +799,16 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             check_filter(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        flt = request.filter
+        wanted = compile_filter(request.filter)
+        max_batch = min(request.max_batch, self._max_page)
+
+        def wrap(items: list[NewVerdict]) -> query_service_pb2.SubscribeVerdictsResponse:
+            if not max_batch:
+                return query_service_pb2.SubscribeVerdictsResponse(verdict=_stored(*items[0]))
+            return query_service_pb2.SubscribeVerdictsResponse(verdicts=[_stored(*item) for item in items])
+
         async for response in _follow(
-            context,
-            self._broker,
-            lambda stored: matches(flt, stored),
-            lambda stored: query_service_pb2.SubscribeVerdictsResponse(verdict=stored),
+            context, self._broker, lambda item: wanted(item[1], item[2]), wrap, max_batch or 1
         ):
             yield response
 

@@ -8,9 +8,13 @@ One writer connection takes every write; readers use their own connections
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import dataclasses
+import functools
 import ipaddress
+import itertools
+import logging
 import math
 import sqlite3
 import threading
@@ -24,6 +28,8 @@ import sqlite_utils
 from auris.v1 import admin_service_pb2, agent_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 8
 
@@ -62,39 +68,74 @@ _INSERT_SQL = (
 )
 
 
+_BLOB = _INSERT_COLUMNS.index("verdict_pb")
+# Rows per INSERT statement on the ingest path (22 parameters each: SQLite allows 32766).
+_INSERT_CHUNK = 256
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_rows_sql(n: int) -> str:
+    """INSERT of ``n`` rows in one statement: SQLite works through them without the GIL, where
+    executemany takes it back for every row (and waits for it while the event loop runs)."""
+    row = f"({', '.join('?' for _ in _INSERT_COLUMNS)})"
+    return f"INSERT OR IGNORE INTO verdicts ({', '.join(_INSERT_COLUMNS)}) VALUES {', '.join([row] * n)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_agents_sql(n: int) -> str:
+    """Upsert of ``n`` agents rows (an agent twice is updated by its second row)."""
+    return (
+        "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns, acknowledged_sequence,"
+        " verdicts_stored) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
+        + " ON CONFLICT(agent_id) DO UPDATE SET"
+        " hostname = excluded.hostname, last_seen_ns = excluded.last_seen_ns,"
+        " acknowledged_sequence = MAX(acknowledged_sequence, excluded.acknowledged_sequence),"
+        " verdicts_stored = verdicts_stored + excluded.verdicts_stored"
+    )
+
+
 def _ns(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
 
 
-def verdict_row(v: verdict_pb2.Verdict, received_ns: int) -> tuple[Any, ...]:
-    """The stored row for one verdict, in _INSERT_COLUMNS order."""
-    decider = next(
-        (
-            s.score
-            for s in v.scores
-            if s.model.model_id == v.model.model_id and s.model.version == v.model.version
-        ),
-        None,
-    )
-    c = v.counters
+Row = tuple[Any, ...]
+
+
+def verdict_row(v: verdict_pb2.Verdict, received_ns: int) -> Row:
+    """The stored row for one verdict, in _INSERT_COLUMNS order.
+
+    services.validate_batch builds the same rows while it checks a batch (each protobuf field
+    read once: on the ingest path every attribute access counts); a test holds the two equal.
+    """
+    model = v.model
+    model_id, version = model.model_id, model.version
+    decider = None
+    for s in v.scores:
+        ref = s.model
+        if ref.model_id == model_id and ref.version == version:
+            decider = s.score
+            break
+    flow, c = v.flow, v.counters
+    first, last, scored = v.first_seen_time, v.last_seen_time, v.scored_time
     return (
         v.agent_id,
         v.sequence,
         v.hostname,
-        v.flow.src_ip,
-        v.flow.dst_ip,
-        v.flow.src_port,
-        v.flow.dst_port,
-        v.flow.ip_protocol,
-        v.flow.vlan_id,
-        _ns(v.first_seen_time),
-        _ns(v.last_seen_time),
-        _ns(v.scored_time),
+        flow.src_ip,
+        flow.dst_ip,
+        flow.src_port,
+        flow.dst_port,
+        flow.ip_protocol,
+        flow.vlan_id,
+        first.seconds * 1_000_000_000 + first.nanos,
+        last.seconds * 1_000_000_000 + last.nanos,
+        scored.seconds * 1_000_000_000 + scored.nanos,
         received_ns,
         c.src_to_dst_packets + c.dst_to_src_packets,
         c.src_to_dst_bytes + c.dst_to_src_bytes,
-        v.model.model_id,
-        v.model.version,
+        model_id,
+        version,
         v.label,
         int(v.anomalous),
         decider,
@@ -120,6 +161,18 @@ class IngestResult:
     stored_ids: list[int]
     # Ids of the alerts the batch opened or added to (IngestHook's answer).
     alert_ids: list[int] = dataclasses.field(default_factory=list)
+    # The newly stored verdicts, in the order of stored_ids.
+    verdicts: list[verdict_pb2.Verdict] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestBatch:
+    """One agent's batch, checked, with the rows to store (verdict_row's, in the same order)."""
+
+    agent_id: str
+    verdicts: Sequence[verdict_pb2.Verdict]
+    rows: Sequence[Row]
+    received_ns: int
 
 
 # Runs inside the ingest transaction with the newly stored (id, verdict) pairs and the arrival
@@ -354,9 +407,13 @@ class VerdictStore:
         if synchronous not in ("normal", "full"):
             raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        # The writer's page cache (default 2 MiB): index pages that inserts keep coming back to
+        # (the newest block of each address index, the last minutes of flow time) stay in it.
+        self._db.execute("PRAGMA cache_size=-65536")
         if migrate:
             self.migrate()
         self._local = threading.local()
+        self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
         self.on_ingest: IngestHook | None = None
 
     @property
@@ -404,7 +461,41 @@ class VerdictStore:
             self._local.conn = conn
         return conn
 
+    def checkpoint_in_background(self, interval_s: float = 0.05) -> None:
+        """Copy the WAL into the database file from a thread of its own, every ``interval_s``.
+
+        Left to the writer, SQLite checkpoints inside every commit that finds the WAL past 1000
+        pages: with verdicts streaming in, a fifth of the writer's time (bench/results/collector.md).
+        Here the writer's own checkpoint only comes past 4096 pages and then finds little left to
+        copy. Durability is the WAL's either way; close() stops the thread.
+        """
+        if self._checkpointer is not None:
+            return
+        stop = threading.Event()
+
+        def run() -> None:
+            conn = _connect(self.path)
+            try:
+                while not stop.wait(interval_s):
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as exc:  # busy or locked: the next round tries again
+                        logger.debug("background checkpoint: %s", exc)
+            finally:
+                conn.close()
+
+        with self._write_lock:
+            self._db.execute("PRAGMA wal_autocheckpoint=4096")
+        thread = threading.Thread(target=run, name="auris-checkpoint", daemon=True)
+        thread.start()
+        self._checkpointer = (thread, stop)
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            thread, stop = self._checkpointer
+            stop.set()
+            thread.join()
+            self._checkpointer = None
         self._db.close()
 
     # -- ingest ---------------------------------------------------------------------------
@@ -412,97 +503,252 @@ class VerdictStore:
     def ingest(self, agent_id: str, verdicts: Sequence[verdict_pb2.Verdict]) -> IngestResult:
         """Store one batch in one transaction; durable (WAL, synchronous=NORMAL) on return."""
         received_ns = time.time_ns()
-        rows = [verdict_row(v, received_ns) for v in verdicts]
-        conn = self._db.conn
-        with self._write_lock:
-            (max_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
-            with self._db.atomic():
-                before = conn.total_changes
-                conn.executemany(_INSERT_SQL, rows)
-                accepted = conn.total_changes - before
-                top = max((v.sequence for v in verdicts), default=0)
-                if accepted < len(rows):
-                    self._check_resends(agent_id, rows)
-                stored: list[tuple[int, int]] = []
-                alert_ids: list[int] = []
-                if accepted:
-                    conn.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE id > ?"), (max_id,))
-                    stored = conn.execute(
-                        "SELECT id, sequence FROM verdicts WHERE id > ? ORDER BY id", (max_id,)
-                    ).fetchall()
-                    if self.on_ingest is not None:
-                        by_sequence = {v.sequence: v for v in verdicts}
-                        alert_ids = self.on_ingest(
-                            conn, [(row_id, by_sequence[seq]) for row_id, seq in stored], received_ns
-                        )
-                conn.execute(
-                    "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns,"
-                    " acknowledged_sequence, verdicts_stored) VALUES (?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(agent_id) DO UPDATE SET"
-                    " hostname = excluded.hostname, last_seen_ns = excluded.last_seen_ns,"
-                    " acknowledged_sequence = MAX(acknowledged_sequence, excluded.acknowledged_sequence),"
-                    " verdicts_stored = verdicts_stored + excluded.verdicts_stored",
-                    (
-                        agent_id,
-                        verdicts[0].hostname if verdicts else "",
-                        received_ns,
-                        received_ns,
-                        top,
-                        accepted,
-                    ),
-                )
-        return IngestResult(
-            accepted=accepted,
-            duplicates=len(rows) - accepted,
-            stored_ids=[row_id for row_id, _ in stored],
-            alert_ids=alert_ids,
-        )
+        # The collector's batches are checked (services.validate_batch: sequences increase);
+        # here a sequence repeated within the batch counts as a duplicate of its first copy.
+        unique = list({v.sequence: v for v in reversed(verdicts)}.values())[::-1]
+        rows = [verdict_row(v, received_ns) for v in unique]
+        (outcome,) = self.ingest_group([IngestBatch(agent_id, unique, rows, received_ns)])
+        if isinstance(outcome, SequenceConflict):
+            raise outcome
+        if len(unique) < len(verdicts):
+            return dataclasses.replace(outcome, duplicates=outcome.duplicates + len(verdicts) - len(unique))
+        return outcome
 
-    def _check_resends(self, agent_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """A resend must be the very verdict stored before; anything else means a reused sequence."""
-        sequences = [row[1] for row in rows]
-        stored = dict(
-            self._db.conn.execute(
-                "SELECT sequence, verdict_pb FROM verdicts WHERE agent_id = ? AND sequence BETWEEN ? AND ?",
-                (agent_id, min(sequences), max(sequences)),
-            )
-        )
-        blob = _INSERT_COLUMNS.index("verdict_pb")
-        for row in rows:
-            before = stored.get(row[1])
-            # Compare messages, not bytes: map fields may serialise in another order.
-            if before != row[blob] and (
-                before is None
-                or verdict_pb2.Verdict.FromString(before) != verdict_pb2.Verdict.FromString(row[blob])
+    def ingest_group(self, batches: Sequence[IngestBatch]) -> list[IngestResult | SequenceConflict]:
+        """Store batches (of any agents; sequences increasing within each) in one transaction:
+        durable together on return.
+
+        A batch that reuses a sequence for a different verdict is refused alone and writes
+        nothing: its SequenceConflict takes its place in the answer. Anything else that fails
+        (the disk, the ingest hook) rolls the whole group back and is raised. Few statements
+        run per group, each doing much: SQLite releases the GIL while it works, and the event
+        loop thread (gRPC, validation) needs it meanwhile.
+        """
+        conn = self._db.conn
+        outcomes: list[IngestResult | SequenceConflict | None] = [None] * len(batches)
+        # (index, rows to insert, their verdicts, rows resent)
+        plans: list[tuple[int, Sequence[Row], Sequence[verdict_pb2.Verdict], int]] = []
+        with self._write_lock, self._db.atomic():
+            (first_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
+            stored = self._stored_sequences(conn, batches)
+            # Agents with a batch resending what an earlier batch of the same group holds.
+            repeated = {
+                agent for agent, n in collections.Counter(b.agent_id for b in batches).items() if n > 1
+            }
+            for i, batch in enumerate(batches):
+                rows, verdicts, agent_id = batch.rows, batch.verdicts, batch.agent_id
+                if agent_id in stored:
+                    try:
+                        keep = self._not_resent(conn, agent_id, rows, stored[agent_id])
+                    except SequenceConflict as exc:
+                        outcomes[i] = exc
+                        continue
+                    if len(keep) < len(rows):
+                        rows, verdicts = [rows[k] for k in keep], [verdicts[k] for k in keep]
+                plans.append((i, rows, verdicts, len(batch.rows) - len(rows)))
+                if agent_id in repeated:
+                    stored.setdefault(agent_id, {}).update((row[1], row[_BLOB]) for row in rows)
+            new_rows = [row for _, rows, _, _ in plans for row in rows]
+            before = conn.total_changes
+            for first in range(0, len(new_rows), _INSERT_CHUNK):
+                chunk = new_rows[first : first + _INSERT_CHUNK]
+                conn.execute(_insert_rows_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            if conn.total_changes - before != len(new_rows):
+                raise RuntimeError(
+                    f"{len(new_rows) - (conn.total_changes - before)} verdicts of a group were not stored"
+                )
+            # With one writer, new rows get the ids after the highest, in order.
+            next_id = first_id + 1
+            agents: list[Any] = []
+            for i, rows, verdicts, resent in plans:
+                batch = batches[i]
+                ids = list(range(next_id, next_id + len(rows)))
+                next_id += len(rows)
+                alert_ids: list[int] = []
+                if rows and self.on_ingest is not None:
+                    alert_ids = self.on_ingest(conn, list(zip(ids, verdicts, strict=True)), batch.received_ns)
+                outcomes[i] = IngestResult(len(rows), resent, ids, alert_ids, list(verdicts))
+                if batch.rows:
+                    top = max(batch.rows[0][1], batch.rows[-1][1])
+                    agents += (
+                        batch.agent_id,
+                        batch.rows[0][2],
+                        batch.received_ns,
+                        batch.received_ns,
+                        top,
+                        len(rows),
+                    )
+            if agents:
+                conn.execute(_upsert_agents_sql(len(agents) // 6), agents)
+            if new_rows:
+                conn.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE id > ?"), (first_id,))
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    @staticmethod
+    def _stored_sequences(
+        conn: sqlite3.Connection, batches: Sequence[IngestBatch]
+    ) -> dict[str, dict[int, bytes]]:
+        """agent id -> {sequence: stored verdict_pb} for verdicts already stored in the batches'
+        sequence ranges: resends, or sequences reused. One statement for the whole group."""
+        ranges: list[Any] = []
+        for batch in batches:
+            if batch.rows:
+                sequences = [row[1] for row in batch.rows]
+                ranges += (batch.agent_id, min(sequences), max(sequences))
+        found: dict[str, dict[int, bytes]] = {}
+        for first in range(0, len(ranges), 3 * 300):
+            part = ranges[first : first + 3 * 300]
+            values = ", ".join(["(?, ?, ?)"] * (len(part) // 3))
+            for agent_id, sequence, blob in conn.execute(
+                f"WITH r (agent_id, low, high) AS (VALUES {values})"
+                " SELECT v.agent_id, v.sequence, v.verdict_pb FROM r JOIN verdicts AS v"
+                " ON v.agent_id = r.agent_id AND v.sequence BETWEEN r.low AND r.high",
+                part,
             ):
-                (highest,) = self._db.conn.execute(
+                found.setdefault(agent_id, {})[sequence] = blob
+        return found
+
+    @staticmethod
+    def _not_resent(
+        conn: sqlite3.Connection, agent_id: str, rows: Sequence[Row], stored: dict[int, bytes]
+    ) -> list[int]:
+        """Indexes of the rows not stored yet. A resend must be the very verdict stored before;
+        anything else means a reused sequence (SequenceConflict)."""
+        keep = []
+        for k, row in enumerate(rows):
+            before = stored.get(row[1])
+            if before is None:
+                keep.append(k)
+            # Compare messages, not bytes: map fields may serialise in another order.
+            elif before != row[_BLOB] and verdict_pb2.Verdict.FromString(
+                before
+            ) != verdict_pb2.Verdict.FromString(row[_BLOB]):
+                (stored_max,) = conn.execute(
                     "SELECT MAX(sequence) FROM verdicts WHERE agent_id = ?", (agent_id,)
                 ).fetchone()
+                # Earlier batches of the group are not inserted yet, but will be.
+                highest = max(stored_max or 0, *stored)
                 raise SequenceConflict(
                     f"agent {agent_id} reused sequence {row[1]} for a different verdict "
                     f"(was its state directory lost or shared?); batch refused, stored up to {highest}",
                     int(highest),
                 )
+        return keep
 
     # -- queries --------------------------------------------------------------------------
 
     def query(self, flt: query_service_pb2.VerdictFilter, page_size: int, page_token: str) -> QueryPage:
-        """One page of verdicts matching ``flt``, newest first, with a cursor to the next."""
-        where, params = filter_sql(flt)
-        if page_token:
-            where.append("id < ?")
-            params.append(decode_page_token(page_token))
-        sql = _SELECT_STORED
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(page_size + 1)
-        rows = self._reader().execute(sql, params).fetchall()
+        """One page of verdicts matching ``flt``, newest first, with a cursor to the next.
+
+        Every plan returns the same rows (those of the one SQL statement filter_sql makes, by
+        id descending); they differ in what they read to find them:
+
+        - an address: its index is by (id block, address), walked block by block from the newest
+          until the page is full;
+        - several agents: each agent's newest from the (agent_id, id) index, merged;
+        - a time range: the time index and a sort of all rows in range, or ids walked down from
+          the newest until the page is full (when the range is recent, far less to read): SQLite
+          has no statistics to choose, so two index probes estimate both costs.
+        """
+        conn = self._reader()
+        before = decode_page_token(page_token) if page_token else None
+        limit = page_size + 1
+        if flt.src_ip or flt.dst_ip or flt.ip:
+            rows = self._query_by_address(conn, flt, before, limit)
+        elif len(flt.agent_ids) > 1:
+            rows = []
+            for agent_id in sorted(set(flt.agent_ids)):
+                one = query_service_pb2.VerdictFilter()
+                one.CopyFrom(flt)
+                one.agent_ids[:] = [agent_id]
+                rows += self._select_newest(conn, *filter_sql(one), before, limit)
+            rows = sorted(rows, key=lambda row: -row[0])[:limit]
+        else:
+            rows = self._select_newest(
+                conn, *filter_sql(flt, time_index=self._time_index_pays(conn, flt)), before, limit
+            )
         more = len(rows) > page_size
         rows = rows[:page_size]
         verdicts = [stored_verdict(*row) for row in rows]
         token = encode_page_token(rows[-1][0]) if more and rows else ""
         return QueryPage(verdicts, token)
+
+    @staticmethod
+    def _select_newest(
+        conn: sqlite3.Connection, where: list[str], params: list[Any], before: int | None, limit: int
+    ) -> list[Any]:
+        if before is not None:
+            where = [*where, "id < ?"]
+            params = [*params, before]
+        sql = (
+            _SELECT_STORED + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        )
+        return conn.execute(sql, [*params, limit]).fetchall()
+
+    def _query_by_address(
+        self,
+        conn: sqlite3.Connection,
+        flt: query_service_pb2.VerdictFilter,
+        before: int | None,
+        limit: int,
+    ) -> list[Any]:
+        """The newest ``limit`` matches, walking the address index's blocks from the newest."""
+        where, params = filter_sql(flt)
+        (low, high) = conn.execute("SELECT MIN(id), MAX(id) FROM verdicts").fetchone()
+        if high is None:
+            return []
+        if before is not None:
+            high = min(high, before - 1)
+            where.append("id < ?")
+            params.append(before)
+        if flt.src_ip or flt.dst_ip:
+            column, address = ("src_ip", flt.src_ip) if flt.src_ip else ("dst_ip", flt.dst_ip)
+            terms = [(column, _canonical(address))]
+        else:
+            terms = [("src_ip", _canonical(flt.ip)), ("dst_ip", _canonical(flt.ip))]
+        rows: list[Any] = []
+        block, last, chunk = high // ID_BLOCK, low // ID_BLOCK, 1
+        while block >= last and len(rows) < limit:
+            blocks = list(range(block, max(block - chunk, last - 1), -1))
+            marks = ", ".join("?" for _ in blocks)
+            lookup = " OR ".join(f"({_BLOCK} IN ({marks}) AND {column} = ?)" for column, _ in terms)
+            sql = f"{_SELECT_STORED} WHERE ({lookup}) AND {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+            lookup_params = [x for _, address in terms for x in (*blocks, address)]
+            rows += conn.execute(sql, [*lookup_params, *params, limit - len(rows)]).fetchall()
+            block -= len(blocks)
+            chunk = min(chunk * 4, _BLOCKS_PER_STATEMENT)
+        return rows
+
+    @staticmethod
+    def _time_index_pays(conn: sqlite3.Connection, flt: query_service_pb2.VerdictFilter) -> bool:
+        """Whether a page over a time range costs less through the time index (every row in
+        range, sorted) than by walking ids down from the newest (every row newer than the
+        range's end, then the range's newest). Ids follow arrival, which follows time closely
+        enough to estimate both from the ids at the range's two ends."""
+        column = _TIME_COLUMNS[flt.time_field]
+        if column == "received_ns":
+            return False  # not indexed: arrival order is id order
+        start, end = _time_bounds(flt)
+        if start is None and end is None:
+            return True
+        key = _LAST_SEEN_MINUTE if column == "last_seen_ns" else column
+        scale = _MINUTE_NS if column == "last_seen_ns" else 1
+
+        def id_at(bound: int | None, op: str, order: str) -> int | None:
+            if bound is None:
+                return None
+            row = conn.execute(
+                f"SELECT id FROM verdicts WHERE {key} {op} ? ORDER BY {key} {order} LIMIT 1",
+                (bound // scale,),
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        first = id_at(start, ">=", "ASC")
+        newest = id_at(end - 1 if end is not None else None, "<=", "DESC")
+        top = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()[0])
+        in_range = abs((newest if newest is not None else top) - (first if first is not None else 0))
+        skipped = top - (newest if newest is not None else top)
+        return in_range < skipped
 
     def fetch(self, ids: Sequence[int]) -> list[verdict_pb2.StoredVerdict]:
         if not ids:
@@ -686,7 +932,14 @@ class VerdictStore:
         group_by: Sequence[query_service_pb2.GroupBy.ValueType],
         bucket_ns: int = 0,
     ) -> list[query_service_pb2.AggregateRow]:
-        """Counts per group and time bucket (over raw rows: per-minute rollups come later)."""
+        """Counts per group and time bucket over the raw rows.
+
+        When the filter and groups are ones the per-minute rollups keep (scored time, agent,
+        label, model; buckets of whole minutes), the whole minutes of the range are read from
+        the rollups and only its partial minutes at either end from the raw rows: the same
+        answer (rollup minutes from which retention deleted raw rows are not used), from a few
+        thousand rollup rows instead of every verdict in range.
+        """
         columns = []
         for g in group_by:
             if g not in _GROUP_COLUMNS:
@@ -694,6 +947,40 @@ class VerdictStore:
             columns.append(_GROUP_COLUMNS[g])
         if bucket_ns < 0:
             raise ValueError("bucket must not be negative")
+        conn = self._reader()
+        split = self._rollup_minutes(conn, flt, group_by, bucket_ns)
+        if split is None:
+            return [self._aggregate_row(values, len(columns) + 1) for values in self._aggregate_raw(
+                conn, flt, columns, bucket_ns
+            )]  # fmt: skip
+        first, end = split
+        totals: dict[tuple[Any, ...], list[int]] = {}
+        parts = [self._aggregate_rollup_rows(conn, flt, group_by, bucket_ns, first, end)]
+        start_ns, end_ns = _time_bounds(flt)
+        for low, high in ((start_ns, first), (end, end_ns)):
+            if (low is None or high is None or low < high) and (low, high) != (None, None):
+                part = query_service_pb2.VerdictFilter()
+                part.CopyFrom(flt)
+                part.time_range.Clear()
+                if low is not None:
+                    part.time_range.start_time.FromNanoseconds(low)
+                if high is not None:
+                    part.time_range.end_time.FromNanoseconds(high)
+                parts.append(self._aggregate_raw(conn, part, columns, bucket_ns))
+        n_keys = len(columns) + 1
+        for rows in parts:
+            for values in rows:
+                key, sums = tuple(values[:n_keys]), values[n_keys:]
+                total = totals.setdefault(key, [0, 0, 0, 0])
+                for i, value in enumerate(sums):
+                    total[i] += value or 0
+        ordered = sorted(totals.items(), key=lambda item: tuple("" if k is None else k for k in item[0]))
+        return [self._aggregate_row((*key, *sums), n_keys) for key, sums in ordered[:_MAX_AGGREGATE_ROWS]]
+
+    @staticmethod
+    def _aggregate_raw(
+        conn: sqlite3.Connection, flt: query_service_pb2.VerdictFilter, columns: Sequence[str], bucket_ns: int
+    ) -> list[Any]:
         where, params = filter_sql(flt)
         time_column = _TIME_COLUMNS[flt.time_field]
         bucket = f"({time_column} / {int(bucket_ns)}) * {int(bucket_ns)}" if bucket_ns else "NULL"
@@ -703,7 +990,63 @@ class VerdictStore:
             + (" WHERE " + " AND ".join(where) if where else "")
             + f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)} LIMIT {_MAX_AGGREGATE_ROWS}"
         )
-        return [self._aggregate_row(values, len(keys)) for values in self._reader().execute(sql, params)]
+        return conn.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _rollup_minutes(
+        conn: sqlite3.Connection,
+        flt: query_service_pb2.VerdictFilter,
+        group_by: Sequence[query_service_pb2.GroupBy.ValueType],
+        bucket_ns: int,
+    ) -> tuple[int, int] | None:
+        """[first, end) of the whole rollup minutes that can stand for the raw rows of ``flt``'s
+        range, or None when the rollups cannot answer (a filter or group they do not keep)."""
+        if (
+            bucket_ns % _MINUTE_NS
+            or flt.time_field not in _SCORED_TIME
+            or not set(group_by) <= _ROLLUP_GROUPS
+            or flt.hostnames
+            or flt.ip
+            or flt.src_ip
+            or flt.dst_ip
+            or any(flt.HasField(f) for f in ("src_port", "dst_port", "ip_protocol", "anomalous"))
+            or flt.HasField("min_score")
+            or flt.HasField("max_score")
+        ):
+            return None
+        start, end = _time_bounds(flt)
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (RAW_DELETED_THROUGH,)).fetchone()
+        deleted_through = int(row[0]) if row else 2**62  # unknown: never
+        first = -(-(start if start is not None else 0) // _MINUTE_NS) * _MINUTE_NS
+        first = max(first, (deleted_through // _MINUTE_NS + 1) * _MINUTE_NS)
+        last = (end if end is not None else 2**62) // _MINUTE_NS * _MINUTE_NS
+        return (first, last) if first < last else None
+
+    @staticmethod
+    def _aggregate_rollup_rows(
+        conn: sqlite3.Connection,
+        flt: query_service_pb2.VerdictFilter,
+        group_by: Sequence[query_service_pb2.GroupBy.ValueType],
+        bucket_ns: int,
+        first: int,
+        end: int,
+    ) -> list[Any]:
+        keys = [f"(minute_ns / {bucket_ns}) * {bucket_ns}" if bucket_ns else "NULL"]
+        keys += [_GROUP_COLUMNS[g] for g in group_by]
+        where = ["minute_ns >= ?", "minute_ns < ?"]
+        params: list[Any] = [first, end]
+        for column, values in (("agent_id", list(flt.agent_ids)), ("label", list(flt.labels))):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+                params.extend(values)
+        if flt.model_id:
+            where.append("model_id = ?")
+            params.append(flt.model_id)
+        sql = (
+            f"SELECT {', '.join(keys)}, SUM(verdicts), SUM(anomalies), SUM(packets), SUM(bytes) FROM rollups"
+            f" WHERE {' AND '.join(where)} GROUP BY {', '.join(keys)}"
+        )
+        return conn.execute(sql, params).fetchall()
 
     @staticmethod
     def _aggregate_row(values: Sequence[Any], n_keys: int) -> query_service_pb2.AggregateRow:
@@ -732,15 +1075,16 @@ class VerdictStore:
             raise ValueError(f"unknown talker metric {metric}")
         where, params = filter_sql(flt)
         clause = " WHERE " + " AND ".join(where) if where else ""
+        # Each row read once, counted for both its ends.
         sql = (
-            "SELECT ip, COUNT(*) AS flows, SUM(bytes) AS bytes, SUM(anomalous) AS anomalies FROM ("
-            f"SELECT src_ip AS ip, bytes, anomalous FROM verdicts{clause} UNION ALL "
-            f"SELECT dst_ip AS ip, bytes, anomalous FROM verdicts{clause}"
-            f") GROUP BY ip ORDER BY {order} DESC, ip LIMIT ?"
+            "SELECT CASE side WHEN 0 THEN src_ip ELSE dst_ip END AS ip, COUNT(*) AS flows,"
+            " SUM(bytes) AS bytes, SUM(anomalous) AS anomalies"
+            f" FROM verdicts CROSS JOIN (SELECT 0 AS side UNION ALL SELECT 1){clause}"
+            f" GROUP BY ip ORDER BY {order} DESC, ip LIMIT ?"
         )
         return [
             query_service_pb2.Talker(ip=ip, flows=flows, bytes=total or 0, anomalies=anomalies or 0)
-            for ip, flows, total, anomalies in self._reader().execute(sql, [*params, *params, limit])
+            for ip, flows, total, anomalies in self._reader().execute(sql, [*params, limit])
         ]
 
     def aggregate_rollups(
@@ -844,7 +1188,7 @@ class VerdictStore:
             (cut,) = conn.execute(
                 "SELECT id FROM verdicts ORDER BY id LIMIT 1 OFFSET ?", (min(excess_rows, rows - 1),)
             ).fetchone()
-            return int(conn.execute("DELETE FROM verdicts WHERE id < ?", (cut,)).rowcount)
+            return self._delete_raw(conn, "id < ?", [cut])
 
     def vacuum(self) -> tuple[int, int]:
         """Rebuild the file to return free pages to the file system; (bytes before, after)."""
@@ -863,14 +1207,23 @@ class VerdictStore:
             conn = self._db.conn
             (newest,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
             if max_age_ns > 0:
-                deleted += conn.execute(
-                    "DELETE FROM verdicts WHERE received_ns < ? AND id < ?", (now_ns - max_age_ns, newest)
-                ).rowcount
+                deleted += self._delete_raw(conn, "received_ns < ? AND id < ?", [now_ns - max_age_ns, newest])
             if max_rows > 0:
-                deleted += conn.execute(
-                    "DELETE FROM verdicts WHERE id <= ? AND id < ?", (newest - max_rows, newest)
-                ).rowcount
+                deleted += self._delete_raw(conn, "id <= ? AND id < ?", [newest - max_rows, newest])
         return deleted
+
+    @staticmethod
+    def _delete_raw(conn: sqlite3.Connection, where: str, params: list[Any]) -> int:
+        """Delete raw verdicts (inside the caller's transaction), first noting in meta the newest
+        scored time deleted: rollup minutes up to it no longer match the raw rows."""
+        (newest,) = conn.execute(f"SELECT MAX(scored_ns) FROM verdicts WHERE {where}", params).fetchone()
+        if newest is None:
+            return 0
+        conn.execute(
+            "UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = ?",
+            (newest, RAW_DELETED_THROUGH),
+        )
+        return int(conn.execute(f"DELETE FROM verdicts WHERE {where}", params).rowcount)
 
     def label(self, ids: Sequence[int], label: verdict_pb2.AnalystLabel) -> int:
         """Attach an analyst's label to stored verdicts (kept for retraining); return how many."""
@@ -935,25 +1288,41 @@ _TALKER_ORDER = {
     query_service_pb2.TALKER_METRIC_ANOMALIES: "anomalies",
 }
 _MAX_AGGREGATE_ROWS = 10_000
+_LAST_SEEN_MINUTE = f"last_seen_ns / {_MINUTE_NS}"
+_BLOCK = f"id / {ID_BLOCK}"
+# Blocks looked up per statement at most, when an address filter walks its index (a rare
+# address: every block of the table; 10M verdicts are 2,442 blocks).
+_BLOCKS_PER_STATEMENT = 64
 _SCORED_TIME = (query_service_pb2.TIME_FIELD_UNSPECIFIED, query_service_pb2.TIME_FIELD_SCORED)
+_ROLLUP_GROUPS = {
+    query_service_pb2.GROUP_BY_AGENT,
+    query_service_pb2.GROUP_BY_LABEL,
+    query_service_pb2.GROUP_BY_MODEL,
+}
 
 
-def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[Any]]:
-    """WHERE clauses and parameters for a VerdictFilter (all clauses ANDed)."""
+def filter_sql(
+    flt: query_service_pb2.VerdictFilter, *, time_index: bool = True
+) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and parameters for a VerdictFilter (all clauses ANDed). ``time_index``
+    False keeps SQLite off the time indexes (to walk ids instead)."""
     where: list[str] = []
     params: list[Any] = []
     column = _TIME_COLUMNS.get(flt.time_field)
     if column is None:
         raise ValueError(f"unknown time_field {flt.time_field}")
-    for present, ts, op in (
-        (flt.time_range.HasField("start_time"), flt.time_range.start_time, ">="),
-        (flt.time_range.HasField("end_time"), flt.time_range.end_time, "<"),
-    ):
-        if present:
-            if not 0 <= ts.seconds <= 253_402_300_799:
-                raise ValueError("time_range bounds must lie between 1970 and 9999")
-            where.append(f"{column} {op} ?")
-            params.append(_ns(ts))
+    start, end = _time_bounds(flt)
+    for bound, op in ((start, ">="), (end, "<")):
+        if bound is not None:
+            where.append(f"{'' if time_index else '+'}{column} {op} ?")
+            params.append(bound)
+    if time_index and column == "last_seen_ns" and (start is not None or end is not None):
+        # The flow-time index is on the minute (migration 7).
+        where.append(f"{_LAST_SEEN_MINUTE} BETWEEN ? AND ?")
+        params += [
+            (start if start is not None else 0) // _MINUTE_NS,
+            (end - 1 if end is not None else 2**63 - 1) // _MINUTE_NS,
+        ]
 
     def any_of(col: str, values: Sequence[Any]) -> None:
         if values:
@@ -992,6 +1361,19 @@ def filter_sql(flt: query_service_pb2.VerdictFilter) -> tuple[list[str], list[An
         where.append("score <= ?")
         params.append(flt.max_score)
     return where, params
+
+
+def _time_bounds(flt: query_service_pb2.VerdictFilter) -> tuple[int | None, int | None]:
+    """The filter's time range in ns: [start, end), None where open."""
+    bounds: list[int | None] = []
+    for present, ts in (
+        (flt.time_range.HasField("start_time"), flt.time_range.start_time),
+        (flt.time_range.HasField("end_time"), flt.time_range.end_time),
+    ):
+        if present and not 0 <= ts.seconds <= 253_402_300_799:
+            raise ValueError("time_range bounds must lie between 1970 and 9999")
+        bounds.append(_ns(ts) if present else None)
+    return bounds[0], bounds[1]
 
 
 def _canonical(ip: str) -> str:

@@ -239,16 +239,23 @@ class SubscribeVerdictsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    max_batch: _builtins.int
+    """0: each response carries one verdict in `verdict` (as before this field existed). N > 0:
+    each response carries up to N verdicts in `verdicts`, in the order they were stored; a
+    subscriber to busy filters should ask for this, one message per verdict does not keep up.
+    """
     @_builtins.property
     def filter(self) -> Global___VerdictFilter: ...
     def __init__(
         self,
         *,
         filter: Global___VerdictFilter | None = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "max_batch", b"max_batch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,16 +266,24 @@ class SubscribeVerdictsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERDICT_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def verdict(self) -> _verdict_pb2.StoredVerdict: ...
+    def verdict(self) -> _verdict_pb2.StoredVerdict:
+        """Set when the request's max_batch is 0."""
+
+    @_builtins.property
+    def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[_verdict_pb2.StoredVerdict]:
+        """Set when the request's max_batch is above 0."""
+
     def __init__(
         self,
         *,
         verdict: _verdict_pb2.StoredVerdict | None = ...,
+        verdicts: _abc.Iterable[_verdict_pb2.StoredVerdict] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
