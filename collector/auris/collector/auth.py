@@ -77,6 +77,7 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.AdminService/RetireModel": (ADMIN, True),
     "/auris.v1.AdminService/ShadowModel": (ADMIN, True),
     "/auris.v1.AdminService/CompareModels": (READER, False),
+    "/auris.v1.AdminService/ExplainVerdict": (READER, False),
     "/auris.v1.AdminService/ListFeeds": (READER, False),
     "/auris.v1.AdminService/ListAlerts": (READER, False),
     "/auris.v1.AdminService/SubscribeAlerts": (READER, False),

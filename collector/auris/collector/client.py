@@ -353,6 +353,16 @@ class CollectorClient:
         )
         return response
 
+    def explain_verdict(
+        self, verdict_id: int, model_id: str = "", top: int = 10
+    ) -> admin_service_pb2.ExplainVerdictResponse:
+        """Per-feature contributions of a tree classifier to one stored verdict's score."""
+        request = admin_service_pb2.ExplainVerdictRequest(id=verdict_id, model_id=model_id, top=top)
+        response: admin_service_pb2.ExplainVerdictResponse = self._admin.ExplainVerdict(
+            request, timeout=self._timeout
+        )
+        return response
+
     def revoke_agent(self, agent_id: str, reason: str = "") -> None:
         self._admin.RevokeAgent(
             admin_service_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason), timeout=self._timeout

@@ -169,13 +169,14 @@ def _parser() -> argparse.ArgumentParser:
     verdicts.add_argument(
         "verb",
         nargs="?",
-        choices=["query", "tail", "top", "label", "export"],
+        choices=["query", "tail", "top", "label", "explain", "export"],
         default="query",
         help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive; "
         "top: the anomalous verdicts with the highest scores; "
-        "label ID...: attach an analyst label (--as); export: write them to --out",
+        "label ID...: attach an analyst label (--as); explain ID: which features made a tree "
+        "classifier's score (--model); export: write them to --out",
     )
-    verdicts.add_argument("ids", nargs="*", type=int, metavar="ID", help="verdict ids (label)")
+    verdicts.add_argument("ids", nargs="*", type=int, metavar="ID", help="verdict ids (label, explain)")
     verdicts.add_argument(
         "--as", dest="label_as", metavar="LABEL", help="label: benign, unsure, or an attack class"
     )
@@ -460,8 +461,21 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         labeled = client.label(args.ids, args.label_as, args.note, author=getpass.getuser())
         print(f"labeled {labeled} of {len(args.ids)} verdict(s) as {args.label_as}", file=out)
         return EXIT_OK if labeled == len(args.ids) else EXIT_RPC
+    if args.verb == "explain":
+        if len(args.ids) != 1:
+            raise ConfigError("verdicts explain needs one verdict id")
+        e = client.explain_verdict(args.ids[0], args.model, args.limit or 10)
+        if args.json:
+            print(_json(e), file=out)
+            return EXIT_OK
+        rows = [(c.feature, f"{c.value:+.4f}") for c in e.contributions]
+        print(f"{e.model.model_id}@{e.model.version}: attack score {e.score:.4f} = bias {e.bias:.4f} + the "
+              "contributions of every feature; the largest:", file=out)  # fmt: skip
+        _print_rows(("FEATURE", "CONTRIBUTION"), rows, out)
+        print(e.method, file=out)
+        return EXIT_OK
     if args.ids:
-        raise ConfigError("verdict ids are only for 'verdicts label'")
+        raise ConfigError("verdict ids are only for 'verdicts label' and 'verdicts explain'")
     if args.verb == "export":
         if args.out is None:
             raise ConfigError("verdicts export needs --out FILE.jsonl|.csv|.parquet")

@@ -22,6 +22,7 @@ import grpc
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
 from auris.collector.broker import Broker, NewVerdict, Subscription, check_filter, compile_filter
+from auris.collector.explain import Explainers
 from auris.collector.ingest import GroupCommitter
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry, StageError
@@ -462,9 +463,11 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         max_page: int,
         authority: Authority,
         ca_sha256: str,
+        explainers: Explainers | None = None,
     ) -> None:
         self._authority = authority
         self._ca_sha256 = ca_sha256
+        self._explainers = explainers or Explainers(store, registry)
         self._store = store
         self._readers = readers
         self._writer = writer
@@ -648,6 +651,17 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         logger.info("%s@%s %s shadow", model.manifest.model_id, model.manifest.version,
                     "in" if request.enabled else "out of")  # fmt: skip
         return admin_service_pb2.ShadowModelResponse(model=model)
+
+    async def ExplainVerdict(
+        self,
+        request: admin_service_pb2.ExplainVerdictRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ExplainVerdictRequest, admin_service_pb2.ExplainVerdictResponse
+        ],
+    ) -> admin_service_pb2.ExplainVerdictResponse:
+        return await _run(
+            context, self._readers, self._explainers.explain, request.id, request.model_id, request.top
+        )
 
     async def CompareModels(
         self,

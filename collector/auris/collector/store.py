@@ -787,6 +787,20 @@ class VerdictStore:
                 ),
             )
 
+    def recent_features(self, feature_set: str, version: str, limit: int) -> list[list[float]]:
+        """The newest ``limit`` feature vectors of ``feature_set`` at ``version`` that verdicts carry."""
+        out: list[list[float]] = []
+        sql = "SELECT verdict_pb FROM verdicts ORDER BY id DESC LIMIT ?"
+        rows = self._reader().execute(sql, (limit * 4,))
+        for (blob,) in rows:
+            for vector in verdict_pb2.Verdict.FromString(blob).features:
+                if (vector.feature_set, vector.version) == (feature_set, version):
+                    out.append(list(vector.values))
+                    break
+            if len(out) >= limit:
+                break
+        return out
+
     def labelled_features(self, feature_set: str, version: str) -> list[tuple[int, str, list[float]]]:
         """(flow first-seen time, analyst label, values) of every labelled verdict that carries a
         vector of ``feature_set`` at ``version``: what retraining learns from."""

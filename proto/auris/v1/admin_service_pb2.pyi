@@ -6,6 +6,7 @@ isort:skip_file
 from auris.v1 import agent_service_pb2 as _agent_service_pb2
 from auris.v1 import flow_pb2 as _flow_pb2
 from auris.v1 import model_pb2 as _model_pb2
+from auris.v1 import verdict_pb2 as _verdict_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -718,6 +719,71 @@ class ShadowModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShadowModelResponse: _TypeAlias = ShadowModelResponse  # noqa: Y015
+
+@_typing.final
+class ExplainVerdictRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The stored verdict's id."""
+    model_id: _builtins.str
+    """The classifier to explain; empty: the model that decided the verdict."""
+    top: _builtins.int
+    """How many features to return, largest contribution first; 0: 10."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        model_id: _builtins.str = ...,
+        top: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "model_id", b"model_id", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainVerdictRequest: _TypeAlias = ExplainVerdictRequest  # noqa: Y015
+
+@_typing.final
+class ExplainVerdictResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    BIAS_FIELD_NUMBER: _builtins.int
+    CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """The attack score (1 - P(normal)) = bias + the sum of every feature's contribution."""
+    bias: _builtins.float
+    method: _builtins.str
+    """How the node values behind the contributions were estimated, in words."""
+    @_builtins.property
+    def model(self) -> _model_pb2.ModelRef:
+        """The model version that scored the flow."""
+
+    @_builtins.property
+    def contributions(self) -> _containers.RepeatedCompositeFieldContainer[_verdict_pb2.FeatureContribution]: ...
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.ModelRef | None = ...,
+        score: _builtins.float = ...,
+        bias: _builtins.float = ...,
+        contributions: _abc.Iterable[_verdict_pb2.FeatureContribution] | None = ...,
+        method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias", b"bias", "contributions", b"contributions", "method", b"method", "model", b"model", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainVerdictResponse: _TypeAlias = ExplainVerdictResponse  # noqa: Y015
 
 @_typing.final
 class CompareModelsRequest(_message.Message):

@@ -95,6 +95,11 @@ class AdminServiceStub:
                 request_serializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsRequest.SerializeToString,
                 response_deserializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsResponse.FromString,
                 _registered_method=True)
+        self.ExplainVerdict = channel.unary_unary(
+                '/auris.v1.AdminService/ExplainVerdict',
+                request_serializer=auris_dot_v1_dot_admin__service__pb2.ExplainVerdictRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_admin__service__pb2.ExplainVerdictResponse.FromString,
+                _registered_method=True)
         self.ListFeeds = channel.unary_unary(
                 '/auris.v1.AdminService/ListFeeds',
                 request_serializer=auris_dot_v1_dot_admin__service__pb2.ListFeedsRequest.SerializeToString,
@@ -220,6 +225,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainVerdict(self, request, context):
+        """ExplainVerdict credits a tree classifier's score of one stored flow to its features (path
+        contributions); the verdict must carry the flow's feature vector (agents' send_features).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListFeeds(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -330,6 +343,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CompareModels,
                     request_deserializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsRequest.FromString,
                     response_serializer=auris_dot_v1_dot_admin__service__pb2.CompareModelsResponse.SerializeToString,
+            ),
+            'ExplainVerdict': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainVerdict,
+                    request_deserializer=auris_dot_v1_dot_admin__service__pb2.ExplainVerdictRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_admin__service__pb2.ExplainVerdictResponse.SerializeToString,
             ),
             'ListFeeds': grpc.unary_unary_rpc_method_handler(
                     servicer.ListFeeds,
@@ -697,6 +715,33 @@ class AdminService:
             '/auris.v1.AdminService/CompareModels',
             auris_dot_v1_dot_admin__service__pb2.CompareModelsRequest.SerializeToString,
             auris_dot_v1_dot_admin__service__pb2.CompareModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainVerdict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.AdminService/ExplainVerdict',
+            auris_dot_v1_dot_admin__service__pb2.ExplainVerdictRequest.SerializeToString,
+            auris_dot_v1_dot_admin__service__pb2.ExplainVerdictResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class AdminServiceStub:
     """ShadowModel makes a candidate run beside production on agents (or stops it: enabled false)."""
     CompareModels: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CompareModelsRequest, _admin_service_pb2.CompareModelsResponse]
     """CompareModels sets a shadow version's recorded scores beside production's on the same flows."""
+    ExplainVerdict: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ExplainVerdictRequest, _admin_service_pb2.ExplainVerdictResponse]
+    """ExplainVerdict credits a tree classifier's score of one stored flow to its features (path
+    contributions); the verdict must carry the flow's feature vector (agents' send_features).
+    """
     ListFeeds: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListFeedsRequest, _admin_service_pb2.ListFeedsResponse]
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAlertsRequest, _admin_service_pb2.ListAlertsResponse]
     SubscribeAlerts: _grpc.UnaryStreamMultiCallable[_admin_service_pb2.SubscribeAlertsRequest, _admin_service_pb2.SubscribeAlertsResponse]
@@ -85,6 +89,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ShadowModel makes a candidate run beside production on agents (or stops it: enabled false)."""
     CompareModels: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CompareModelsRequest, _admin_service_pb2.CompareModelsResponse]  # type: ignore[assignment]
     """CompareModels sets a shadow version's recorded scores beside production's on the same flows."""
+    ExplainVerdict: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ExplainVerdictRequest, _admin_service_pb2.ExplainVerdictResponse]  # type: ignore[assignment]
+    """ExplainVerdict credits a tree classifier's score of one stored flow to its features (path
+    contributions); the verdict must carry the flow's feature vector (agents' send_features).
+    """
     ListFeeds: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListFeedsRequest, _admin_service_pb2.ListFeedsResponse]  # type: ignore[assignment]
     ListAlerts: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAlertsRequest, _admin_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
     SubscribeAlerts: _aio.UnaryStreamMultiCallable[_admin_service_pb2.SubscribeAlertsRequest, _admin_service_pb2.SubscribeAlertsResponse]  # type: ignore[assignment]
@@ -187,6 +195,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.CompareModelsResponse, _abc.Awaitable[_admin_service_pb2.CompareModelsResponse]]:
         """CompareModels sets a shadow version's recorded scores beside production's on the same flows."""
+
+    @_abc_1.abstractmethod
+    def ExplainVerdict(
+        self,
+        request: _admin_service_pb2.ExplainVerdictRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ExplainVerdictResponse, _abc.Awaitable[_admin_service_pb2.ExplainVerdictResponse]]:
+        """ExplainVerdict credits a tree classifier's score of one stored flow to its features (path
+        contributions); the verdict must carry the flow's feature vector (agents' send_features).
+        """
 
     @_abc_1.abstractmethod
     def ListFeeds(
