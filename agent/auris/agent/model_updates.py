@@ -149,16 +149,8 @@ class ModelCatalog:
         chosen: list[LoadedModel] = []
         refusals: list[Refusal] = []
         for ref in wanted:
-            path = self.find(ref)
             try:
-                if path is None:
-                    raise ManifestError(f"{ref_name(ref)} is not downloaded yet")
-                model = load_model(path, self.threads, self.trust)
-                if metered is not None and model.feature_set.name not in metered:
-                    raise ManifestError(
-                        f"{ref_name(ref)} needs feature set {model.feature_set.name!r}, which this run "
-                        "does not meter; it is used after a restart"
-                    )
+                model = self._load(ref, metered)
             except ManifestError as exc:
                 reason = str(exc).splitlines()[0]
                 refusals.append(Refusal(ref.model_id, ref.version, reason))
@@ -177,19 +169,25 @@ class ModelCatalog:
             return models, refusals, errors
         return ModelSet(chosen + shadows), refusals, []
 
+    def _load(self, ref: model_pb2.ModelRef, metered: set[str] | None) -> LoadedModel:
+        """One wanted model, verified and loaded; ManifestError (one line) when the agent will not run it."""
+        path = self.find(ref)
+        if path is None:
+            raise ManifestError(f"{ref_name(ref)} is not downloaded yet")
+        model = load_model(path, self.threads, self.trust)
+        if metered is not None and model.feature_set.name not in metered:
+            raise ManifestError(
+                f"{ref_name(ref)} needs feature set {model.feature_set.name!r}, which this run does not "
+                "meter; it is used after a restart"
+            )
+        return model
+
     def _load_shadow(
         self, ref: model_pb2.ModelRef, metered: set[str] | None, refusals: list[Refusal]
     ) -> LoadedModel | None:
         """A shadow model, or None (refused and reported: nothing else to keep running for it)."""
-        path = self.find(ref)
         try:
-            if path is None:
-                raise ManifestError(f"{ref_name(ref)} is not downloaded yet")
-            model = load_model(path, self.threads, self.trust)
-            if metered is not None and model.feature_set.name not in metered:
-                raise ManifestError(
-                    f"{ref_name(ref)} needs feature set {model.feature_set.name!r}, not metered"
-                )
+            model = self._load(ref, metered)
         except ManifestError as exc:
             refusals.append(Refusal(ref.model_id, ref.version, str(exc).splitlines()[0]))
             logger.error("refusing shadow model %s: %s", ref_name(ref), exc)

@@ -789,9 +789,11 @@ def _base_rows(args: argparse.Namespace, columns: Sequence[str]) -> list[tuple[i
     """--base-data: (time, label, values in ``columns`` order); ConfigError when unusable."""
     import pandas as pd
 
+    from auris.training.zoo import read_table
+
     path: Path = args.base_data
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        table = read_table(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     missing = [c for c in [*columns, args.base_label_column] if c not in table.columns]
@@ -893,13 +895,11 @@ def _retrain(args: argparse.Namespace, out: TextIO, client: CollectorClient | No
 def _train(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     """models train: the zoo, on a table the user brings, registered with the collector."""
     try:
-        import pandas as pd
-
-        from auris.training.zoo import train_model
+        from auris.training.zoo import read_table, train_model
     except ImportError as exc:
         raise ConfigError(f"training needs the training extra (auris[training]): {exc}") from None
     try:
-        table = pd.read_parquet(args.data) if args.data.suffix == ".parquet" else pd.read_csv(args.data)
+        table = read_table(args.data)
         model = train_model(
             table,
             args.kind,

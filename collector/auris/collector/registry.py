@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -64,6 +65,15 @@ def _registered(row: Sequence[Any]) -> admin_service_pb2.RegisteredModel:
     if promoted_ns:
         model.promoted_time.FromNanoseconds(promoted_ns)
     return model
+
+
+def _stage_of(conn: sqlite3.Connection, ref: model_pb2.ModelRef) -> tuple[int]:
+    row = conn.execute(
+        "SELECT stage FROM models WHERE model_id = ? AND version = ?", (ref.model_id, ref.version)
+    ).fetchone()
+    if row is None:
+        raise LookupError(f"no model {ref.model_id}@{ref.version}")
+    return (int(row[0]),)
 
 
 class ModelRegistry:
@@ -184,11 +194,7 @@ class ModelRegistry:
             raise ValueError("promote needs a model id and a version")
         now = time.time_ns()
         with self._store.writing() as conn:
-            row = conn.execute(
-                "SELECT stage FROM models WHERE model_id = ? AND version = ?", (ref.model_id, ref.version)
-            ).fetchone()
-            if row is None:
-                raise LookupError(f"no model {ref.model_id}@{ref.version}")
+            row = _stage_of(conn, ref)
             if row[0] == PRODUCTION:
                 raise StageError(f"{ref.model_id}@{ref.version} is already in production")
             if row[0] == RETIRED:
@@ -240,11 +246,7 @@ class ModelRegistry:
         if not ref.model_id or not ref.version:
             raise ValueError("retire needs a model id and a version")
         with self._store.writing() as conn:
-            row = conn.execute(
-                "SELECT stage FROM models WHERE model_id = ? AND version = ?", (ref.model_id, ref.version)
-            ).fetchone()
-            if row is None:
-                raise LookupError(f"no model {ref.model_id}@{ref.version}")
+            row = _stage_of(conn, ref)
             if row[0] == RETIRED:
                 raise StageError(f"{ref.model_id}@{ref.version} is already retired")
             conn.execute(
@@ -263,11 +265,7 @@ class ModelRegistry:
         if not ref.model_id or not ref.version:
             raise ValueError("shadow needs a model id and a version")
         with self._store.writing() as conn:
-            row = conn.execute(
-                "SELECT stage FROM models WHERE model_id = ? AND version = ?", (ref.model_id, ref.version)
-            ).fetchone()
-            if row is None:
-                raise LookupError(f"no model {ref.model_id}@{ref.version}")
+            row = _stage_of(conn, ref)
             if enabled and row[0] != CANDIDATE:
                 raise StageError(
                     f"{ref.model_id}@{ref.version} is not a candidate; only candidates run in shadow"

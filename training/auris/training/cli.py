@@ -126,11 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_zoo(args: argparse.Namespace) -> int:
-    import pandas as pd
 
     from auris.agent.cicflowmeter import CICFLOWMETER_COLUMNS
     from auris.agent.signing import load_private_key
-    from auris.training.zoo import KINDS, SUPERVISED, compare, save_model, train_model
+    from auris.training.zoo import KINDS, SUPERVISED, compare, read_table, save_model, train_model
 
     if args.kind != "all" and args.kind not in KINDS:
         print(
@@ -140,10 +139,7 @@ def _train_zoo(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         key = load_private_key(args.signing_key) if args.signing_key else None
-        if args.data.suffix == ".parquet":
-            table = pd.read_parquet(args.data)
-        else:
-            table = pd.read_csv(args.data, low_memory=False)
+        table = read_table(args.data)
     except (OSError, ValueError) as exc:
         print(f"auris-train: {args.data}: {exc}", file=sys.stderr)
         return EXIT_USAGE

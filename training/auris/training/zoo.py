@@ -55,6 +55,7 @@ __all__ = [
     "ZooModel",
     "compare",
     "nearest_point_graph",
+    "read_table",
     "save_model",
     "table_matrix",
     "train_model",
@@ -228,6 +229,11 @@ def _feature_set(columns: list[str]) -> model_pb2.FeatureSet:
         if ordered == columns:
             return model_pb2.FeatureSet(name="cicflowmeter", version="1", columns=columns)
     return model_pb2.FeatureSet(name="table", version="1", columns=columns)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A table a user brings: Parquet by its suffix, else CSV (gzip too); OSError/ValueError otherwise."""
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, low_memory=False)
 
 
 def train_model(
