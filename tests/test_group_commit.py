@@ -201,6 +201,7 @@ def test_subscribers_get_batched_messages_in_id_order_with_none_lost(tmp_path: P
         # What a query returns for the same ids, analyst label and all.
         stored = {v.id: v for v in client.query(verdict_filter())}
         assert all(v == stored[v.id] for v in everything)
+        assert all(v == stored[v.id] for v in anomalous)  # one a message (max_batch 0), as before
         assert [v.id for v in anomalous] == [v.id for v in everything if v.verdict.anomalous]
         assert [v.id for v in via_client] == [v.id for v in everything if v.verdict.label == "attack"]
 
@@ -232,3 +233,24 @@ def test_a_subscriber_asking_for_huge_batches_gets_the_page_cap(tmp_path: Path) 
             read()
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
         assert sizes == [10, 10, 5]
+
+
+def test_a_subscription_can_also_be_followed_one_item_at_a_time() -> None:
+    from auris.collector.broker import Broker
+
+    async def main() -> None:
+        broker: Broker[int] = Broker(buffer=4, max_subscribers=2)
+        odd = broker.subscribe(lambda n: n % 2 == 1)
+        everything = broker.subscribe(lambda n: True)
+        broker.publish([1, 2, 3])
+        broker.publish([4, 5])
+        assert odd.queue.maxsize == 4
+        assert [await odd.queue.get() for _ in range(3)] == [1, 3, 5]
+        assert everything.overflowed.is_set()  # 5 items for a buffer of 4: cut off
+        assert broker.subscribers == 1
+        later = asyncio.create_task(odd.queue.get())
+        await asyncio.sleep(0)
+        broker.publish([7, 8])
+        assert await later == 7
+
+    asyncio.run(main())

@@ -16,14 +16,17 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from auris.collector.store import _INSERT_COLUMNS, Row, verdict_row
 from auris.v1 import query_service_pb2, verdict_pb2
 
 __all__ = ["Broker", "NewVerdict", "Subscription", "check_filter", "compile_filter", "matches"]
 
 T = TypeVar("T")
 
-# A verdict as the ingest path has it once committed: (id, the verdict as stored, received ns).
-NewVerdict = tuple[int, verdict_pb2.Verdict, int]
+# A verdict as the ingest path has it once committed: (id, its stored row: store.verdict_row's).
+NewVerdict = tuple[int, Row]
+
+_COLUMN = {name: i for i, name in enumerate(_INSERT_COLUMNS)}
 
 
 def _ns(ts: object) -> int:
@@ -34,85 +37,67 @@ def _canonical(ip: str) -> str:
     return ipaddress.ip_address(ip).compressed if ip else ""
 
 
-def compile_filter(flt: query_service_pb2.VerdictFilter) -> Callable[[verdict_pb2.Verdict, int], bool]:
-    """A predicate on (verdict, received ns) with the rules of the store's SQL (store.filter_sql).
+def compile_filter(flt: query_service_pb2.VerdictFilter) -> Callable[[Row], bool]:
+    """A predicate on a stored row (store.verdict_row's) with the rules of the store's SQL
+    (store.filter_sql), tested on the very column values the SQL tests.
 
-    The filter is read once, here: matching then tests only the fields the filter sets, on the
-    verdict as ingest has it (no StoredVerdict is built for verdicts nobody wants).
+    The filter is read once, here: matching then tests only the columns the filter sets, on the
+    rows ingest already has (no protobuf is read, nothing is built for verdicts nobody wants).
     """
-    tests: list[Callable[[verdict_pb2.Verdict, int], bool]] = []
+    tests: list[Callable[[Row], bool]] = []
+
+    def equal(column: str, wanted: object) -> None:
+        i = _COLUMN[column]
+        tests.append(lambda row: row[i] == wanted)
+
+    def one_of(column: str, wanted: Sequence[str]) -> None:
+        if wanted:
+            i, values = _COLUMN[column], frozenset(wanted)
+            tests.append(lambda row: row[i] in values)
+
     start = _ns(flt.time_range.start_time) if flt.time_range.HasField("start_time") else None
     end = _ns(flt.time_range.end_time) if flt.time_range.HasField("end_time") else None
     if start is not None or end is not None:
         low = start if start is not None else -(2**63)
         high = end if end is not None else 2**63
-
-        if flt.time_field == query_service_pb2.TIME_FIELD_FLOW:
-            tests.append(lambda v, r: low <= _ns(v.last_seen_time) < high)
-        elif flt.time_field == query_service_pb2.TIME_FIELD_RECEIVED:
-            tests.append(lambda v, r: low <= r < high)
-        else:
-            tests.append(lambda v, r: low <= _ns(v.scored_time) < high)
-    if flt.agent_ids:
-        agents = frozenset(flt.agent_ids)
-        tests.append(lambda v, r: v.agent_id in agents)
-    if flt.hostnames:
-        hosts = frozenset(flt.hostnames)
-        tests.append(lambda v, r: v.hostname in hosts)
-    if flt.labels:
-        labels = frozenset(flt.labels)
-        tests.append(lambda v, r: v.label in labels)
+        column = {
+            query_service_pb2.TIME_FIELD_FLOW: "last_seen_ns",
+            query_service_pb2.TIME_FIELD_RECEIVED: "received_ns",
+        }.get(flt.time_field, "scored_ns")
+        i = _COLUMN[column]
+        tests.append(lambda row: low <= row[i] < high)
+    one_of("agent_id", flt.agent_ids)
+    one_of("hostname", flt.hostnames)
+    one_of("label", flt.labels)
     if flt.ip:
-        either = _canonical(flt.ip)
-        tests.append(lambda v, r: either in (v.flow.src_ip, v.flow.dst_ip))
+        either, src, dst = _canonical(flt.ip), _COLUMN["src_ip"], _COLUMN["dst_ip"]
+        tests.append(lambda row: row[src] == either or row[dst] == either)
     if flt.src_ip:
-        src = _canonical(flt.src_ip)
-        tests.append(lambda v, r: v.flow.src_ip == src)
+        equal("src_ip", _canonical(flt.src_ip))
     if flt.dst_ip:
-        dst = _canonical(flt.dst_ip)
-        tests.append(lambda v, r: v.flow.dst_ip == dst)
+        equal("dst_ip", _canonical(flt.dst_ip))
     if flt.model_id:
-        model_id = flt.model_id
-        tests.append(lambda v, r: v.model.model_id == model_id)
-    if flt.HasField("src_port"):
-        src_port = flt.src_port
-        tests.append(lambda v, r: v.flow.src_port == src_port)
-    if flt.HasField("dst_port"):
-        dst_port = flt.dst_port
-        tests.append(lambda v, r: v.flow.dst_port == dst_port)
-    if flt.HasField("ip_protocol"):
-        protocol = flt.ip_protocol
-        tests.append(lambda v, r: v.flow.ip_protocol == protocol)
+        equal("model_id", flt.model_id)
+    for field in ("src_port", "dst_port", "ip_protocol"):
+        if flt.HasField(field):
+            equal(field, getattr(flt, field))
     if flt.HasField("anomalous"):
-        anomalous = flt.anomalous
-        tests.append(lambda v, r: v.anomalous == anomalous)
+        equal("anomalous", int(flt.anomalous))
     if flt.HasField("min_score") or flt.HasField("max_score"):
         low_score = flt.min_score if flt.HasField("min_score") else -float("inf")
         high_score = flt.max_score if flt.HasField("max_score") else float("inf")
-
-        def in_range(v: verdict_pb2.Verdict, r: int) -> bool:
-            score = _decider_score(v)
-            return score is not None and low_score <= score <= high_score
-
-        tests.append(in_range)
+        score = _COLUMN["score"]
+        tests.append(lambda row: row[score] is not None and low_score <= row[score] <= high_score)
     if not tests:
-        return lambda v, r: True
+        return lambda row: True
     if len(tests) == 1:
         return tests[0]
-    return lambda v, r: all(test(v, r) for test in tests)
-
-
-def _decider_score(v: verdict_pb2.Verdict) -> float | None:
-    model = v.model
-    for s in v.scores:
-        if s.model.model_id == model.model_id and s.model.version == model.version:
-            return s.score
-    return None
+    return lambda row: all(test(row) for test in tests)
 
 
 def matches(flt: query_service_pb2.VerdictFilter, stored: verdict_pb2.StoredVerdict) -> bool:
     """Whether a stored verdict passes a filter: the same rules as the store's SQL (store.filter_sql)."""
-    return compile_filter(flt)(stored.verdict, _ns(stored.received_time))
+    return compile_filter(flt)(verdict_row(stored.verdict, _ns(stored.received_time)))
 
 
 def check_filter(flt: query_service_pb2.VerdictFilter) -> None:
@@ -137,6 +122,12 @@ class Subscription(Generic[T]):
     # Set when the subscriber fell behind by a whole buffer and was cut off.
     overflowed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
+    @property
+    def queue(self) -> _OneByOne[T]:
+        """The waiting items one at a time (``await queue.get()``, ``queue.maxsize``), for
+        followers that send one item a message."""
+        return _OneByOne(self)
+
     def take(self, limit: int) -> list[T]:
         """Up to ``limit`` waiting items, oldest first (empty when none wait)."""
         out: list[T] = []
@@ -152,6 +143,22 @@ class Subscription(Generic[T]):
         if not self.batches:
             self.ready.clear()
         return out
+
+
+class _OneByOne(Generic[T]):
+    def __init__(self, subscription: Subscription[T]) -> None:
+        self._subscription = subscription
+
+    @property
+    def maxsize(self) -> int:
+        return self._subscription.buffer
+
+    async def get(self) -> T:
+        while True:
+            items = self._subscription.take(1)
+            if items:
+                return items[0]
+            await self._subscription.ready.wait()
 
 
 class Broker(Generic[T]):

@@ -13,11 +13,12 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
@@ -26,7 +27,14 @@ from auris.collector.explain import Explainers
 from auris.collector.ingest import GroupCommitter
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry, StageError
-from auris.collector.store import IngestBatch, IngestResult, Row, SequenceConflict, VerdictStore
+from auris.collector.store import (
+    _INSERT_COLUMNS,
+    IngestBatch,
+    IngestResult,
+    Row,
+    SequenceConflict,
+    VerdictStore,
+)
 from auris.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -379,9 +387,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             return
         self._broker.publish(
             [
-                (row_id, v, batch.received_ns)
-                for batch, result in committed
-                for row_id, v in zip(result.stored_ids, result.verdicts, strict=True)
+                (row_id, row)
+                for _, result in committed
+                for row_id, row in zip(result.stored_ids, result.rows, strict=True)
             ]
         )
 
@@ -763,11 +771,62 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return admin_service_pb2.ResolveAlertResponse(alert=alert)
 
 
-def _stored(row_id: int, verdict: verdict_pb2.Verdict, received_ns: int) -> verdict_pb2.StoredVerdict:
-    """A new verdict as QueryVerdicts would return it (no analyst label yet)."""
-    stored = verdict_pb2.StoredVerdict(id=row_id, verdict=verdict)
-    stored.received_time.seconds, stored.received_time.nanos = divmod(received_ns, 1_000_000_000)
-    return stored
+def _tag(message: Any, name: str) -> bytes:
+    """The wire tag of a field: its number and wire type (varint, or length-delimited)."""
+    field = message.DESCRIPTOR.fields_by_name[name]
+    delimited = field.type in (field.TYPE_MESSAGE, field.TYPE_BYTES, field.TYPE_STRING)
+    return _varint(field.number << 3 | (2 if delimited else 0))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_ID = _tag(verdict_pb2.StoredVerdict, "id")
+_VERDICT = _tag(verdict_pb2.StoredVerdict, "verdict")
+_RECEIVED = _tag(verdict_pb2.StoredVerdict, "received_time")
+_SECONDS = _tag(timestamp_pb2.Timestamp, "seconds")
+_NANOS = _tag(timestamp_pb2.Timestamp, "nanos")
+_ONE = _tag(query_service_pb2.SubscribeVerdictsResponse, "verdict")
+_MANY = _tag(query_service_pb2.SubscribeVerdictsResponse, "verdicts")
+_ROW_BLOB = _INSERT_COLUMNS.index("verdict_pb")
+_ROW_RECEIVED = _INSERT_COLUMNS.index("received_ns")
+
+
+def _encode_stored(row_id: int, row: Row) -> bytes:
+    """A new verdict as QueryVerdicts would return it (a StoredVerdict, no analyst label yet),
+    serialised from the stored row: its verdict is the row's bytes, not parsed or copied again."""
+    blob = row[_ROW_BLOB]
+    seconds, nanos = divmod(row[_ROW_RECEIVED], 1_000_000_000)
+    received = _SECONDS + _varint(seconds) + (_NANOS + _varint(nanos) if nanos else b"")
+    return b"".join(
+        (
+            _ID,
+            _varint(row_id),
+            _VERDICT,
+            _varint(len(blob)),
+            blob,
+            _RECEIVED,
+            _varint(len(received)),
+            received,
+        )
+    )
+
+
+def subscription_message(
+    items: Sequence[NewVerdict], batched: bool
+) -> query_service_pb2.SubscribeVerdictsResponse:
+    """One SubscribeVerdictsResponse: the verdicts in ``verdicts`` (batched) or the one in ``verdict``."""
+    parts: list[bytes] = []
+    for row_id, row in items:
+        stored = _encode_stored(row_id, row)
+        parts += (_MANY if batched else _ONE, _varint(len(stored)), stored)
+    return query_service_pb2.SubscribeVerdictsResponse.FromString(b"".join(parts))
 
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
@@ -816,13 +875,12 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         wanted = compile_filter(request.filter)
         max_batch = min(request.max_batch, self._max_page)
 
-        def wrap(items: list[NewVerdict]) -> query_service_pb2.SubscribeVerdictsResponse:
-            if not max_batch:
-                return query_service_pb2.SubscribeVerdictsResponse(verdict=_stored(*items[0]))
-            return query_service_pb2.SubscribeVerdictsResponse(verdicts=[_stored(*item) for item in items])
-
         async for response in _follow(
-            context, self._broker, lambda item: wanted(item[1], item[2]), wrap, max_batch or 1
+            context,
+            self._broker,
+            lambda item: wanted(item[1]),
+            lambda items: subscription_message(items, bool(max_batch)),
+            max_batch or 1,
         ):
             yield response
 

@@ -163,6 +163,8 @@ class IngestResult:
     alert_ids: list[int] = dataclasses.field(default_factory=list)
     # The newly stored verdicts, in the order of stored_ids.
     verdicts: list[verdict_pb2.Verdict] = dataclasses.field(default_factory=list)
+    # Their stored rows (verdict_row's), in the same order.
+    rows: list[Row] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,7 +569,7 @@ class VerdictStore:
                 alert_ids: list[int] = []
                 if rows and self.on_ingest is not None:
                     alert_ids = self.on_ingest(conn, list(zip(ids, verdicts, strict=True)), batch.received_ns)
-                outcomes[i] = IngestResult(len(rows), resent, ids, alert_ids, list(verdicts))
+                outcomes[i] = IngestResult(len(rows), resent, ids, alert_ids, list(verdicts), list(rows))
                 if batch.rows:
                     top = max(batch.rows[0][1], batch.rows[-1][1])
                     agents += (
@@ -694,7 +696,10 @@ class VerdictStore:
     ) -> list[Any]:
         """The newest ``limit`` matches, walking the address index's blocks from the newest."""
         where, params = filter_sql(flt)
-        (low, high) = conn.execute("SELECT MIN(id), MAX(id) FROM verdicts").fetchone()
+        # Two subqueries: SQLite finds a MIN or a MAX alone from the ends of the table, not both.
+        (low, high) = conn.execute(
+            "SELECT (SELECT MIN(id) FROM verdicts), (SELECT MAX(id) FROM verdicts)"
+        ).fetchone()
         if high is None:
             return []
         if before is not None:
