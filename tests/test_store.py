@@ -230,10 +230,10 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
     # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
-    # query indexes (7), model refusals (8).
+    # query indexes (7), model refusals (8), feeds (9).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
-                  "enrollment_tokens", "audit"):  # fmt: skip
+                  "enrollment_tokens", "audit", "feed_records", "feed_rejects"):  # fmt: skip
         db.execute(f"DROP TABLE {table}")
     for column in ("revoked_ns", "revoked_reason", "cert_serial", "refusals_pb"):
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")

@@ -91,6 +91,8 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.FeedService/StreamTicks": (ADMIN, False),
     "/auris.v1.FeedService/SubmitTicks": (ADMIN, False),
     "/auris.v1.FeedService/QueryFeedScores": (READER, False),
+    "/auris.v1.FeedService/SubscribeFeedScores": (READER, False),
+    "/auris.v1.FeedService/ListFeedRejects": (READER, False),
 }
 # Infrastructure anyone may call: health checking and server reflection.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",

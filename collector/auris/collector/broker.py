@@ -13,15 +13,18 @@ import asyncio
 import collections
 import dataclasses
 import ipaddress
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
 
 from auris.collector.store import _INSERT_COLUMNS, Row, verdict_row
 from auris.v1 import query_service_pb2, verdict_pb2
 
-__all__ = ["Broker", "NewVerdict", "Subscription", "check_filter", "compile_filter", "matches"]
+__all__ = ["Broker", "NewVerdict", "Subscription", "check_filter", "compile_filter", "follow", "matches"]
 
 T = TypeVar("T")
+M = TypeVar("M")
 
 # A verdict as the ingest path has it once committed: (id, its stored row: store.verdict_row's).
 NewVerdict = tuple[int, Row]
@@ -203,3 +206,33 @@ class Broker(Generic[T]):
             subscription.batches.append(wanted)
             subscription.waiting += len(wanted)
             subscription.ready.set()
+
+
+async def follow(
+    context: grpc.aio.ServicerContext[Any, Any],
+    broker: Broker[T],
+    wants: Callable[[T], bool],
+    wrap: Callable[[list[T]], M],
+    max_batch: int = 1,
+) -> AsyncIterator[M]:
+    """Serve one live subscription: the wanted items, up to ``max_batch`` wrapped in each message,
+    until the client leaves or falls a whole buffer behind (then RESOURCE_EXHAUSTED)."""
+    try:
+        subscription: Subscription[T] = broker.subscribe(wants)
+    except OverflowError as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    try:
+        while True:
+            if subscription.overflowed.is_set():
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"subscriber too slow: more than {subscription.buffer} items waited; "
+                    "resubscribe, and query for what was missed",
+                )
+            items = subscription.take(max_batch)
+            if not items:
+                await subscription.ready.wait()
+                continue
+            yield wrap(items)
+    finally:
+        broker.unsubscribe(subscription)

@@ -14,6 +14,8 @@ from auris.agent.uplink import open_channel
 from auris.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    feed_service_pb2,
+    feed_service_pb2_grpc,
     model_pb2,
     query_service_pb2,
     query_service_pb2_grpc,
@@ -140,6 +142,7 @@ class CollectorClient:
         )
         self._query = query_service_pb2_grpc.QueryServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+        self._feeds = feed_service_pb2_grpc.FeedServiceStub(self._channel)
         self._timeout = timeout_s
 
     @property
@@ -249,6 +252,75 @@ class CollectorClient:
             return response.alerts, response.next_page_token
 
         return _follow_pages(page, limit)
+
+    def submit_transactions(
+        self, transactions: Sequence[feed_service_pb2.Transaction]
+    ) -> feed_service_pb2.SubmitTransactionsResponse:
+        """Send one batch; the answer counts what was accepted and says why the rest was rejected."""
+        response: feed_service_pb2.SubmitTransactionsResponse = self._feeds.SubmitTransactions(
+            feed_service_pb2.SubmitTransactionsRequest(transactions=transactions), timeout=self._timeout
+        )
+        return response
+
+    def submit_ticks(self, ticks: Sequence[feed_service_pb2.Tick]) -> feed_service_pb2.SubmitTicksResponse:
+        response: feed_service_pb2.SubmitTicksResponse = self._feeds.SubmitTicks(
+            feed_service_pb2.SubmitTicksRequest(ticks=ticks), timeout=self._timeout
+        )
+        return response
+
+    def feed_scores(
+        self,
+        feed_id: str = "",
+        since: dt.datetime | None = None,
+        anomalous: bool | None = None,
+        limit: int | None = None,
+        page_size: int = 0,
+    ) -> Iterator[feed_service_pb2.FeedScore]:
+        """Stored feed records with their scores, newest first, across pages."""
+
+        def page(token: str) -> tuple[Sequence[feed_service_pb2.FeedScore], str]:
+            request = feed_service_pb2.QueryFeedScoresRequest(
+                feed_id=feed_id, page_size=page_size, page_token=token
+            )
+            if since is not None:
+                request.since_time.FromDatetime(since)
+            if anomalous is not None:
+                request.anomalous = anomalous
+            response: feed_service_pb2.QueryFeedScoresResponse = self._feeds.QueryFeedScores(
+                request, timeout=self._timeout
+            )
+            return response.scores, response.next_page_token
+
+        return _follow_pages(page, limit)
+
+    def feed_rejects(
+        self, feed_id: str = "", limit: int | None = None
+    ) -> Iterator[feed_service_pb2.StoredReject]:
+        """Rejected feed records with their reasons, newest first."""
+
+        def page(token: str) -> tuple[Sequence[feed_service_pb2.StoredReject], str]:
+            response: feed_service_pb2.ListFeedRejectsResponse = self._feeds.ListFeedRejects(
+                feed_service_pb2.ListFeedRejectsRequest(feed_id=feed_id, page_token=token),
+                timeout=self._timeout,
+            )
+            return response.rejects, response.next_page_token
+
+        return _follow_pages(page, limit)
+
+    def subscribe_feed_scores(
+        self, feed_id: str = "", anomalous: bool | None = None
+    ) -> Iterator[feed_service_pb2.FeedScore]:
+        request = feed_service_pb2.SubscribeFeedScoresRequest(feed_id=feed_id)
+        if anomalous is not None:
+            request.anomalous = anomalous
+        for response in self._feeds.SubscribeFeedScores(request):
+            yield response.score
+
+    def list_feeds(self) -> list[admin_service_pb2.FeedInfo]:
+        response: admin_service_pb2.ListFeedsResponse = self._admin.ListFeeds(
+            admin_service_pb2.ListFeedsRequest(), timeout=self._timeout
+        )
+        return list(response.feeds)
 
     def subscribe_alerts(
         self,

@@ -71,6 +71,9 @@ class CollectorConfig:
     # Models to register at start (NAME.manifest.json beside its ONNX file): a version already
     # registered with the same bytes is skipped, a bad one is reported and skipped.
     models_dir: str = ""
+    # Feeds: a secret (a file of at least 16 bytes) that turns customer and terminal ids into keyed
+    # hashes at ingest, so that the database never holds the raw identifiers; empty: stored as sent.
+    feed_hash_key_file: str = ""
     # Alert rules and notification sinks, as [[alert_rules]] and [[alert_sinks]] tables (every
     # key is described in packaging/collector.toml).
     alert_rules: tuple[AlertRule, ...] = ()

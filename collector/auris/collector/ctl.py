@@ -14,6 +14,7 @@ import getpass
 import json
 import re
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -383,6 +384,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     signed.add_argument("--key", required=True, type=Path, help="the private key (PEM)")
     signed.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
+
+    feed = sub.add_parser("feed", help="transaction and tick feeds: import, replay, scores, rejects")
+    feed_verbs = feed.add_subparsers(dest="verb", metavar="VERB")
+    for name, text in (
+        ("import", "send a CSV (plain or .gz) or Parquet file to a feed, with a progress line"),
+        ("replay", "stream a file into a feed at --rate records per second (demonstrations, load)"),
+    ):
+        sender = feed_verbs.add_parser(name, help=text)
+        sender.add_argument("kind", choices=["transactions", "ticks"])
+        sender.add_argument("file", type=Path)
+        sender.add_argument("--feed", required=True, metavar="ID", help="the feed's id")
+        sender.add_argument(
+            "--map", action="append", default=[], metavar="COLUMN=FIELD", help="map a column onto a field"
+        )
+        sender.add_argument("--ignore", action="append", default=[], metavar="COLUMN", help="skip a column")
+        sender.add_argument(
+            "--rest-as-features", action="store_true", help="transactions: other numeric columns are features"
+        )
+        sender.add_argument("--symbol", default="", help="ticks: the symbol, when the file has no column")
+        sender.add_argument("--time-unit", choices=["s", "ms", "us", "ns"], default="s", help="numeric times")
+        sender.add_argument("--batch", type=int, default=1000, help="records per request (default 1000)")
+        if name == "replay":
+            sender.add_argument("--rate", type=float, required=True, help="records per second")
+    scores = feed_verbs.add_parser("scores", help="stored feed records with their scores, newest first")
+    scores.add_argument("--feed", default="", metavar="ID")
+    scores.add_argument("--since", type=parse_since, help="records after this (1h, 7d, ISO time)")
+    scores.add_argument("--anomalous", action="store_const", const=True, help="only anomalous records")
+    scores.add_argument("--limit", type=int, default=100)
+    scores.add_argument("--json", action="store_true")
+    rejects = feed_verbs.add_parser("rejects", help="rejected records with their reasons, newest first")
+    rejects.add_argument("--feed", default="", metavar="ID")
+    rejects.add_argument("--limit", type=int, default=100)
+    rejects.add_argument("--json", action="store_true")
+    feed_tail = feed_verbs.add_parser("tail", help="new feed scores as they are stored")
+    feed_tail.add_argument("--feed", default="", metavar="ID")
+    feed_tail.add_argument("--anomalous", action="store_const", const=True)
+    feed_tail.add_argument("--json", action="store_true")
+    feed_verbs.add_parser("list", help="every feed with its counts")
 
     db = sub.add_parser("db", help="the collector's SQLite database, on this host (no collector needed)")
     db.add_argument(
@@ -1210,6 +1249,109 @@ def _db(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    """feed import|replay: batches in file order; every rejected row reported with its row number."""
+    from auris.collector.feed_files import FeedFileError, FileFormat, read_records
+
+    mapping = {}
+    for item in args.map:
+        column, sep, field = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--map expects COLUMN=FIELD, got {item!r}")
+        mapping[column] = field
+    fmt = FileFormat(
+        args.kind, args.feed, mapping, args.ignore, args.rest_as_features, args.symbol, args.time_unit
+    )
+    rate = getattr(args, "rate", None)
+    batch_size = max(1, min(args.batch, int(rate) if rate else args.batch))
+    send = client.submit_transactions if args.kind == "transactions" else client.submit_ticks
+    accepted = rows = 0
+    rejected: list[tuple[int, str]] = []
+    started = time.monotonic()
+
+    def flush(batch: list[tuple[int, Any]]) -> None:
+        nonlocal accepted
+        if not batch:
+            return
+        response = send([record for _, record in batch])
+        accepted += response.accepted
+        rejected.extend((batch[r.index][0], r.reason) for r in response.rejected)
+        if rate:  # pace to the rate: the batch's records are due at rows / rate seconds
+            time.sleep(max(0.0, rows / rate - (time.monotonic() - started)))
+        print(f"\r{rows:,} rows: {accepted:,} accepted, {len(rejected):,} rejected", end="", file=sys.stderr)
+
+    batch: list[tuple[int, Any]] = []
+    try:
+        for number, record in read_records(args.file, fmt):
+            rows += 1
+            if isinstance(record, str):
+                rejected.append((number, record))
+                continue
+            batch.append((number, record))
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+        flush(batch)
+    except FeedFileError as exc:
+        raise ConfigError(str(exc)) from None
+    print(file=sys.stderr)
+    elapsed = time.monotonic() - started
+    print(f"{args.file}: {rows:,} rows, {accepted:,} accepted, {len(rejected):,} rejected in {elapsed:.1f}s "
+          f"({rows / elapsed if elapsed else 0:,.0f} rows/s) into feed {args.feed}", file=out)  # fmt: skip
+    for number, reason in sorted(rejected)[:20]:
+        print(f"  row {number}: {reason}", file=out)
+    if len(rejected) > 20:
+        print(f"  ... {len(rejected) - 20} more (aurisctl feed rejects --feed {args.feed})", file=out)
+    return EXIT_OK
+
+
+def _feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.verb is None:
+        raise ConfigError("feed needs a verb: import, replay, scores, rejects, tail or list")
+    if args.verb in ("import", "replay"):
+        return _send_feed(client, args, out)
+    if args.verb == "list":
+        rows = [
+            (f.feed_id, _enum_name(admin_service_pb2.FeedKind, f.kind, "FEED_KIND_"), str(f.records_accepted),
+             str(f.records_rejected), _fmt_time(f.last_record_time))
+            for f in client.list_feeds()
+        ]  # fmt: skip
+        _print_rows(("FEED", "KIND", "ACCEPTED", "REJECTED", "LAST RECORD (UTC)"), rows, out)
+        return EXIT_OK
+    if args.verb == "rejects":
+        found = list(client.feed_rejects(args.feed, limit=args.limit))
+        if args.json:
+            for r in found:
+                print(_json(r), file=out)
+            return EXIT_OK
+        rows = [
+            (str(r.id), r.feed_id, _fmt_time(r.received_time), r.record.record_id, r.record.reason)
+            for r in found
+        ]
+        _print_rows(("ID", "FEED", "RECEIVED (UTC)", "RECORD", "REASON"), rows, out)
+        return EXIT_OK
+    stream = (
+        client.subscribe_feed_scores(args.feed, args.anomalous)
+        if args.verb == "tail"
+        else client.feed_scores(args.feed, args.since, args.anomalous, limit=args.limit)
+    )
+    if args.json:
+        for score in stream:
+            print(_json(score), file=out, flush=True)
+        return EXIT_OK
+    table: list[tuple[str, ...]] = []
+    for s in stream:
+        shown = f"{s.score:.4g}" if s.model.model_id else "-"
+        row = (str(s.id), s.feed_id, _fmt_time(s.time), s.entity, s.record_id, shown,
+               "yes" if s.anomalous else "", s.explanation[:60])  # fmt: skip
+        if args.verb == "tail":
+            print("  ".join(row), file=out, flush=True)
+        else:
+            table.append(row)
+    _print_rows(("ID", "FEED", "TIME (UTC)", "ENTITY", "RECORD", "SCORE", "ANOMALOUS", "WHY"), table, out)
+    return EXIT_OK
+
+
 def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
@@ -1243,7 +1385,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(
             "aurisctl: a command is required "
-            "(verdicts, stats, talkers, agents, alerts, models, enroll, tokens, audit, services, db, ca)",
+            "(verdicts, stats, talkers, agents, alerts, models, feed, enroll, tokens, audit, services, db,"
+            " ca)",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -1303,6 +1446,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 return _alerts(client, args, out)
             if args.command == "models":
                 return _models(client, args, out)
+            if args.command == "feed":
+                return _feed(client, args, out)
             return _services(client, out)
     except ConfigError as exc:
         print(f"aurisctl: {exc}", file=sys.stderr)

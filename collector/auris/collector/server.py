@@ -18,6 +18,7 @@ from auris.collector.alerts import Alerts, Notifier
 from auris.collector.auth import AuthInterceptor, Authority
 from auris.collector.broker import Broker, NewVerdict
 from auris.collector.config import CollectorConfig
+from auris.collector.feeds import FeedServicer, FeedStore
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
@@ -27,6 +28,8 @@ from auris.v1 import (
     admin_service_pb2_grpc,
     agent_service_pb2,
     agent_service_pb2_grpc,
+    feed_service_pb2,
+    feed_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
 )
@@ -39,6 +42,7 @@ SERVICE_NAMES = (
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    feed_service_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name,
 )
 
 
@@ -115,8 +119,29 @@ class Collector:
             ),
             self._server,
         )
+        self.feeds = FeedStore(self.store)
+        self.feed_broker: Broker[feed_service_pb2.FeedScore] = Broker(
+            config.subscriber_buffer, config.max_subscribers
+        )
+        hash_key = Path(config.feed_hash_key_file).read_bytes().strip() if config.feed_hash_key_file else None
+        if hash_key is not None and len(hash_key) < 16:
+            raise ValueError(
+                f"feed_hash_key_file {config.feed_hash_key_file}: the key needs at least 16 bytes"
+            )
+        feed_service_pb2_grpc.add_FeedServiceServicer_to_server(
+            FeedServicer(
+                self.feeds,
+                self._writer,
+                self._readers,
+                self.feed_broker,
+                hash_key=hash_key,
+                default_page=config.default_page_size,
+                max_page=config.max_page_size,
+            ),
+            self._server,
+        )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(  # type: ignore[abstract]
+            AdminServicer(
                 self.store,
                 self._readers,
                 self._writer,
@@ -129,6 +154,7 @@ class Collector:
                 config.max_page_size,
                 self.authority,
                 self.signer.ca_sha256 if self.signer else "",
+                feeds=self.feeds,
             ),
             self._server,
         )

@@ -22,8 +22,9 @@ from google.protobuf import timestamp_pb2
 
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
-from auris.collector.broker import Broker, NewVerdict, Subscription, check_filter, compile_filter
+from auris.collector.broker import Broker, NewVerdict, check_filter, compile_filter, follow
 from auris.collector.explain import Explainers
+from auris.collector.feeds import FeedStore
 from auris.collector.ingest import GroupCommitter
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry, StageError
@@ -87,36 +88,6 @@ async def _run(
     except (ValueError, LookupError, AlertStateError, StageError) as exc:
         await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     raise AssertionError("unreachable")  # context.abort always raises
-
-
-async def _follow(
-    context: grpc.aio.ServicerContext[Any, Any],
-    broker: Broker[T],
-    wants: Callable[[T], bool],
-    wrap: Callable[[list[T]], M],
-    max_batch: int = 1,
-) -> AsyncIterator[M]:
-    """Serve one live subscription: the wanted items, up to ``max_batch`` wrapped in each message,
-    until the client leaves or falls a whole buffer behind (then RESOURCE_EXHAUSTED)."""
-    try:
-        subscription: Subscription[T] = broker.subscribe(wants)
-    except OverflowError as exc:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    try:
-        while True:
-            if subscription.overflowed.is_set():
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"subscriber too slow: more than {subscription.buffer} items waited; "
-                    "resubscribe, and query for what was missed",
-                )
-            items = subscription.take(max_batch)
-            if not items:
-                await subscription.ready.wait()
-                continue
-            yield wrap(items)
-    finally:
-        broker.unsubscribe(subscription)
 
 
 # SQLite integers are signed 64-bit; packet and byte totals add two counters.
@@ -472,7 +443,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         authority: Authority,
         ca_sha256: str,
         explainers: Explainers | None = None,
+        feeds: FeedStore | None = None,
     ) -> None:
+        self._feeds = feeds
         self._authority = authority
         self._ca_sha256 = ca_sha256
         self._explainers = explainers or Explainers(store, registry)
@@ -660,6 +633,19 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                     "in" if request.enabled else "out of")  # fmt: skip
         return admin_service_pb2.ShadowModelResponse(model=model)
 
+    async def ListFeeds(
+        self,
+        request: admin_service_pb2.ListFeedsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_service_pb2.ListFeedsRequest, admin_service_pb2.ListFeedsResponse
+        ],
+    ) -> admin_service_pb2.ListFeedsResponse:
+        if self._feeds is None:
+            return admin_service_pb2.ListFeedsResponse()
+        return admin_service_pb2.ListFeedsResponse(
+            feeds=await _run(context, self._readers, self._feeds.feeds)
+        )
+
     async def ExplainVerdict(
         self,
         request: admin_service_pb2.ExplainVerdictRequest,
@@ -731,7 +717,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         ],
     ) -> AsyncIterator[admin_service_pb2.SubscribeAlertsResponse]:
         wants = alert_wanted(list(request.states), list(request.rules))
-        async for response in _follow(
+        async for response in follow(
             context,
             self._alert_broker,
             wants,
@@ -875,7 +861,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         wanted = compile_filter(request.filter)
         max_batch = min(request.max_batch, self._max_page)
 
-        async for response in _follow(
+        async for response in follow(
             context,
             self._broker,
             lambda item: wanted(item[1]),

@@ -31,7 +31,7 @@ __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "Verdict
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -377,6 +377,25 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     db.table("agents").add_column("refusals_pb", bytes)  # a HeartbeatRequest holding refused_models
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    """Feeds (feeds.py): scored transactions and ticks, and rejected records."""
+    db.execute(
+        "CREATE TABLE feed_records (id INTEGER PRIMARY KEY, feed_id TEXT NOT NULL,"
+        " kind INTEGER NOT NULL, record_id TEXT NOT NULL, entity TEXT NOT NULL, time_ns INTEGER NOT NULL,"
+        " received_ns INTEGER NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL, score REAL,"
+        " anomalous INTEGER NOT NULL, explanation TEXT NOT NULL, record_pb BLOB NOT NULL)"
+    )
+    db.execute("CREATE INDEX feed_records_feed ON feed_records (feed_id, id)")
+    db.execute("CREATE INDEX feed_records_entity ON feed_records (feed_id, kind, entity, time_ns)")
+    db.execute("CREATE INDEX feed_records_anomalous ON feed_records (feed_id, id) WHERE anomalous = 1")
+    db.execute(
+        "CREATE TABLE feed_rejects (id INTEGER PRIMARY KEY, feed_id TEXT NOT NULL,"
+        " received_ns INTEGER NOT NULL, record_index INTEGER NOT NULL, record_id TEXT NOT NULL,"
+        " reason TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX feed_rejects_feed ON feed_rejects (feed_id, id)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -386,6 +405,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 
 

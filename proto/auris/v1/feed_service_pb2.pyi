@@ -57,6 +57,7 @@ class Transaction(_message.Message):
     """Hashed at ingest when the collector is configured to."""
     terminal_id: _builtins.str
     amount: _builtins.float
+    """Required, and not negative."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -71,14 +72,16 @@ class Transaction(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         customer_id: _builtins.str = ...,
         terminal_id: _builtins.str = ...,
-        amount: _builtins.float = ...,
+        amount: _builtins.float | None = ...,
         features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "customer_id", b"customer_id", "features", b"features", "feed_id", b"feed_id", "terminal_id", b"terminal_id", "time", b"time", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount", "customer_id", b"customer_id", "features", b"features", "feed_id", b"feed_id", "terminal_id", b"terminal_id", "time", b"time", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__amount: _TypeAlias = _typing.Literal["amount"]  # noqa: Y015
+    _WhichOneofArgType__amount: _TypeAlias = _typing.Literal["_amount", b"_amount"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount) -> _WhichOneofReturnType__amount | None: ...
 
 Global___Transaction: _TypeAlias = Transaction  # noqa: Y015
 
@@ -102,6 +105,7 @@ class Tick(_message.Message):
     feed_id: _builtins.str
     symbol: _builtins.str
     price: _builtins.float
+    """A trade needs price and size; a bar needs open, high, low, close and volume."""
     size: _builtins.float
     open: _builtins.float
     high: _builtins.float
@@ -111,27 +115,56 @@ class Tick(_message.Message):
     is_bar: _builtins.bool
     """True when the record is a bar (open..volume), false for a trade."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Must increase within a symbol of a feed."""
+
     def __init__(
         self,
         *,
         feed_id: _builtins.str = ...,
         symbol: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
-        price: _builtins.float = ...,
-        size: _builtins.float = ...,
-        open: _builtins.float = ...,
-        high: _builtins.float = ...,
-        low: _builtins.float = ...,
-        close: _builtins.float = ...,
-        volume: _builtins.float = ...,
+        price: _builtins.float | None = ...,
+        size: _builtins.float | None = ...,
+        open: _builtins.float | None = ...,
+        high: _builtins.float | None = ...,
+        low: _builtins.float | None = ...,
+        close: _builtins.float | None = ...,
+        volume: _builtins.float | None = ...,
         is_bar: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_close", b"_close", "_high", b"_high", "_low", b"_low", "_open", b"_open", "_price", b"_price", "_size", b"_size", "_volume", b"_volume", "close", b"close", "high", b"high", "low", b"low", "open", b"open", "price", b"price", "size", b"size", "time", b"time", "volume", b"volume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "feed_id", b"feed_id", "high", b"high", "is_bar", b"is_bar", "low", b"low", "open", b"open", "price", b"price", "size", b"size", "symbol", b"symbol", "time", b"time", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_close", b"_close", "_high", b"_high", "_low", b"_low", "_open", b"_open", "_price", b"_price", "_size", b"_size", "_volume", b"_volume", "close", b"close", "feed_id", b"feed_id", "high", b"high", "is_bar", b"is_bar", "low", b"low", "open", b"open", "price", b"price", "size", b"size", "symbol", b"symbol", "time", b"time", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__close: _TypeAlias = _typing.Literal["close"]  # noqa: Y015
+    _WhichOneofArgType__close: _TypeAlias = _typing.Literal["_close", b"_close"]  # noqa: Y015
+    _WhichOneofReturnType__high: _TypeAlias = _typing.Literal["high"]  # noqa: Y015
+    _WhichOneofArgType__high: _TypeAlias = _typing.Literal["_high", b"_high"]  # noqa: Y015
+    _WhichOneofReturnType__low: _TypeAlias = _typing.Literal["low"]  # noqa: Y015
+    _WhichOneofArgType__low: _TypeAlias = _typing.Literal["_low", b"_low"]  # noqa: Y015
+    _WhichOneofReturnType__open: _TypeAlias = _typing.Literal["open"]  # noqa: Y015
+    _WhichOneofArgType__open: _TypeAlias = _typing.Literal["_open", b"_open"]  # noqa: Y015
+    _WhichOneofReturnType__price: _TypeAlias = _typing.Literal["price"]  # noqa: Y015
+    _WhichOneofArgType__price: _TypeAlias = _typing.Literal["_price", b"_price"]  # noqa: Y015
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    _WhichOneofReturnType__volume: _TypeAlias = _typing.Literal["volume"]  # noqa: Y015
+    _WhichOneofArgType__volume: _TypeAlias = _typing.Literal["_volume", b"_volume"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__close) -> _WhichOneofReturnType__close | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__high) -> _WhichOneofReturnType__high | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__low) -> _WhichOneofReturnType__low | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__open) -> _WhichOneofReturnType__open | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__price) -> _WhichOneofReturnType__price | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__volume) -> _WhichOneofReturnType__volume | None: ...
 
 Global___Tick: _TypeAlias = Tick  # noqa: Y015
 
@@ -143,18 +176,22 @@ class RejectedRecord(_message.Message):
 
     INDEX_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Zero-based index in the request."""
     reason: _builtins.str
+    record_id: _builtins.str
+    """The record's id (transaction_id, or symbol@time for ticks), when it has one."""
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         reason: _builtins.str = ...,
+        record_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "reason", b"reason", "record_id", b"record_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,12 +208,18 @@ class FeedScore(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     ANOMALOUS_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    ENTITY_FIELD_NUMBER: _builtins.int
     feed_id: _builtins.str
     record_id: _builtins.str
     """transaction_id, or symbol@time for ticks."""
     score: _builtins.float
     anomalous: _builtins.bool
     explanation: _builtins.str
+    id: _builtins.int
+    """The collector's id of the stored record (increasing with arrival)."""
+    entity: _builtins.str
+    """Ticks: the symbol; transactions: the (possibly hashed) customer id."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -191,10 +234,12 @@ class FeedScore(_message.Message):
         score: _builtins.float = ...,
         anomalous: _builtins.bool = ...,
         explanation: _builtins.str = ...,
+        id: _builtins.int = ...,
+        entity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous", b"anomalous", "explanation", b"explanation", "feed_id", b"feed_id", "model", b"model", "record_id", b"record_id", "score", b"score", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous", b"anomalous", "entity", b"entity", "explanation", b"explanation", "feed_id", b"feed_id", "id", b"id", "model", b"model", "record_id", b"record_id", "score", b"score", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,3 +489,128 @@ class QueryFeedScoresResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryFeedScoresResponse: _TypeAlias = QueryFeedScoresResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeFeedScoresRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_ID_FIELD_NUMBER: _builtins.int
+    ANOMALOUS_FIELD_NUMBER: _builtins.int
+    feed_id: _builtins.str
+    """Empty: every feed."""
+    anomalous: _builtins.bool
+    def __init__(
+        self,
+        *,
+        feed_id: _builtins.str = ...,
+        anomalous: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_anomalous", b"_anomalous", "anomalous", b"anomalous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_anomalous", b"_anomalous", "anomalous", b"anomalous", "feed_id", b"feed_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__anomalous: _TypeAlias = _typing.Literal["anomalous"]  # noqa: Y015
+    _WhichOneofArgType__anomalous: _TypeAlias = _typing.Literal["_anomalous", b"_anomalous"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__anomalous) -> _WhichOneofReturnType__anomalous | None: ...
+
+Global___SubscribeFeedScoresRequest: _TypeAlias = SubscribeFeedScoresRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeFeedScoresResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def score(self) -> Global___FeedScore: ...
+    def __init__(
+        self,
+        *,
+        score: Global___FeedScore | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeFeedScoresResponse: _TypeAlias = SubscribeFeedScoresResponse  # noqa: Y015
+
+@_typing.final
+class StoredReject(_message.Message):
+    """StoredReject is one rejected record as the collector keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    FEED_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_TIME_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    feed_id: _builtins.str
+    @_builtins.property
+    def received_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def record(self) -> Global___RejectedRecord: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        feed_id: _builtins.str = ...,
+        received_time: _timestamp_pb2.Timestamp | None = ...,
+        record: Global___RejectedRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_time", b"received_time", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_id", b"feed_id", "id", b"id", "received_time", b"received_time", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredReject: _TypeAlias = StoredReject  # noqa: Y015
+
+@_typing.final
+class ListFeedRejectsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    feed_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        feed_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_id", b"feed_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeedRejectsRequest: _TypeAlias = ListFeedRejectsRequest  # noqa: Y015
+
+@_typing.final
+class ListFeedRejectsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REJECTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def rejects(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredReject]: ...
+    def __init__(
+        self,
+        *,
+        rejects: _abc.Iterable[Global___StoredReject] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rejects", b"rejects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeedRejectsResponse: _TypeAlias = ListFeedRejectsResponse  # noqa: Y015

@@ -60,6 +60,16 @@ class FeedServiceStub:
                 request_serializer=auris_dot_v1_dot_feed__service__pb2.QueryFeedScoresRequest.SerializeToString,
                 response_deserializer=auris_dot_v1_dot_feed__service__pb2.QueryFeedScoresResponse.FromString,
                 _registered_method=True)
+        self.SubscribeFeedScores = channel.unary_stream(
+                '/auris.v1.FeedService/SubscribeFeedScores',
+                request_serializer=auris_dot_v1_dot_feed__service__pb2.SubscribeFeedScoresRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_feed__service__pb2.SubscribeFeedScoresResponse.FromString,
+                _registered_method=True)
+        self.ListFeedRejects = channel.unary_unary(
+                '/auris.v1.FeedService/ListFeedRejects',
+                request_serializer=auris_dot_v1_dot_feed__service__pb2.ListFeedRejectsRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_feed__service__pb2.ListFeedRejectsResponse.FromString,
+                _registered_method=True)
 
 
 class FeedServiceServicer:
@@ -91,7 +101,21 @@ class FeedServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QueryFeedScores(self, request, context):
-        """QueryFeedScores pages through scored feed records.
+        """QueryFeedScores pages through scored feed records, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeFeedScores(self, request, context):
+        """SubscribeFeedScores streams newly stored feed scores that match a filter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFeedRejects(self, request, context):
+        """ListFeedRejects pages through rejected records, newest first, with their reasons.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +148,16 @@ def add_FeedServiceServicer_to_server(servicer, server):
                     servicer.QueryFeedScores,
                     request_deserializer=auris_dot_v1_dot_feed__service__pb2.QueryFeedScoresRequest.FromString,
                     response_serializer=auris_dot_v1_dot_feed__service__pb2.QueryFeedScoresResponse.SerializeToString,
+            ),
+            'SubscribeFeedScores': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeFeedScores,
+                    request_deserializer=auris_dot_v1_dot_feed__service__pb2.SubscribeFeedScoresRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_feed__service__pb2.SubscribeFeedScoresResponse.SerializeToString,
+            ),
+            'ListFeedRejects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeedRejects,
+                    request_deserializer=auris_dot_v1_dot_feed__service__pb2.ListFeedRejectsRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_feed__service__pb2.ListFeedRejectsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +296,60 @@ class FeedService:
             '/auris.v1.FeedService/QueryFeedScores',
             auris_dot_v1_dot_feed__service__pb2.QueryFeedScoresRequest.SerializeToString,
             auris_dot_v1_dot_feed__service__pb2.QueryFeedScoresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeFeedScores(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/auris.v1.FeedService/SubscribeFeedScores',
+            auris_dot_v1_dot_feed__service__pb2.SubscribeFeedScoresRequest.SerializeToString,
+            auris_dot_v1_dot_feed__service__pb2.SubscribeFeedScoresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeedRejects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.FeedService/ListFeedRejects',
+            auris_dot_v1_dot_feed__service__pb2.ListFeedRejectsRequest.SerializeToString,
+            auris_dot_v1_dot_feed__service__pb2.ListFeedRejectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,11 @@ class FeedServiceStub:
     StreamTicks: _grpc.StreamStreamMultiCallable[_feed_service_pb2.StreamTicksRequest, _feed_service_pb2.StreamTicksResponse]
     SubmitTicks: _grpc.UnaryUnaryMultiCallable[_feed_service_pb2.SubmitTicksRequest, _feed_service_pb2.SubmitTicksResponse]
     QueryFeedScores: _grpc.UnaryUnaryMultiCallable[_feed_service_pb2.QueryFeedScoresRequest, _feed_service_pb2.QueryFeedScoresResponse]
-    """QueryFeedScores pages through scored feed records."""
+    """QueryFeedScores pages through scored feed records, newest first."""
+    SubscribeFeedScores: _grpc.UnaryStreamMultiCallable[_feed_service_pb2.SubscribeFeedScoresRequest, _feed_service_pb2.SubscribeFeedScoresResponse]
+    """SubscribeFeedScores streams newly stored feed scores that match a filter."""
+    ListFeedRejects: _grpc.UnaryUnaryMultiCallable[_feed_service_pb2.ListFeedRejectsRequest, _feed_service_pb2.ListFeedRejectsResponse]
+    """ListFeedRejects pages through rejected records, newest first, with their reasons."""
 
 @_typing.type_check_only
 class FeedServiceAsyncStub(FeedServiceStub):
@@ -50,7 +54,11 @@ class FeedServiceAsyncStub(FeedServiceStub):
     StreamTicks: _aio.StreamStreamMultiCallable[_feed_service_pb2.StreamTicksRequest, _feed_service_pb2.StreamTicksResponse]  # type: ignore[assignment]
     SubmitTicks: _aio.UnaryUnaryMultiCallable[_feed_service_pb2.SubmitTicksRequest, _feed_service_pb2.SubmitTicksResponse]  # type: ignore[assignment]
     QueryFeedScores: _aio.UnaryUnaryMultiCallable[_feed_service_pb2.QueryFeedScoresRequest, _feed_service_pb2.QueryFeedScoresResponse]  # type: ignore[assignment]
-    """QueryFeedScores pages through scored feed records."""
+    """QueryFeedScores pages through scored feed records, newest first."""
+    SubscribeFeedScores: _aio.UnaryStreamMultiCallable[_feed_service_pb2.SubscribeFeedScoresRequest, _feed_service_pb2.SubscribeFeedScoresResponse]  # type: ignore[assignment]
+    """SubscribeFeedScores streams newly stored feed scores that match a filter."""
+    ListFeedRejects: _aio.UnaryUnaryMultiCallable[_feed_service_pb2.ListFeedRejectsRequest, _feed_service_pb2.ListFeedRejectsResponse]  # type: ignore[assignment]
+    """ListFeedRejects pages through rejected records, newest first, with their reasons."""
 
 class FeedServiceServicer(metaclass=_abc_1.ABCMeta):
     """FeedService accepts card transactions and market ticks and scores them."""
@@ -89,6 +97,22 @@ class FeedServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feed_service_pb2.QueryFeedScoresRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feed_service_pb2.QueryFeedScoresResponse, _abc.Awaitable[_feed_service_pb2.QueryFeedScoresResponse]]:
-        """QueryFeedScores pages through scored feed records."""
+        """QueryFeedScores pages through scored feed records, newest first."""
+
+    @_abc_1.abstractmethod
+    def SubscribeFeedScores(
+        self,
+        request: _feed_service_pb2.SubscribeFeedScoresRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_feed_service_pb2.SubscribeFeedScoresResponse], _abc.AsyncIterator[_feed_service_pb2.SubscribeFeedScoresResponse]]:
+        """SubscribeFeedScores streams newly stored feed scores that match a filter."""
+
+    @_abc_1.abstractmethod
+    def ListFeedRejects(
+        self,
+        request: _feed_service_pb2.ListFeedRejectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feed_service_pb2.ListFeedRejectsResponse, _abc.Awaitable[_feed_service_pb2.ListFeedRejectsResponse]]:
+        """ListFeedRejects pages through rejected records, newest first, with their reasons."""
 
 def add_FeedServiceServicer_to_server(servicer: FeedServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,491 @@
+"""Transaction and tick feeds: validation, identifier hashing, storage, scoring and subscription.
+
+A batch is checked record by record: a record with a missing or non-finite field, a
+negative amount or size, an empty id, or (ticks) a time that does not increase within
+its symbol is rejected with its index and reason; the rest of the batch is accepted.
+Rejected records are counted and kept (``ListFeedRejects``). With ``feed_hash_key_file``
+set, customer and terminal ids are replaced by a keyed hash (HMAC-SHA256) before anything
+else sees them, so the store never holds the raw identifiers. Accepted records are scored
+by the feed's models when the collector has them (``feed_models.py``), stored with their
+scores in one transaction, published to subscribers, and acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from auris.collector.broker import Broker, follow
+from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
+from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc
+
+__all__ = [
+    "FeedScorer",
+    "FeedServicer",
+    "FeedStore",
+    "Scored",
+    "hash_identifier",
+    "tick_record_id",
+    "validate_tick",
+    "validate_transaction",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSACTIONS = admin_service_pb2.FEED_KIND_TRANSACTIONS
+TICKS = admin_service_pb2.FEED_KIND_TICKS
+# The most records one request may carry.
+MAX_BATCH = 100_000
+
+
+def hash_identifier(key: bytes, value: str) -> str:
+    """A keyed hash of an identifier: stable for one key, meaningless without it."""
+    if not value:
+        return ""
+    return "h:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _ns(ts: Any) -> int:
+    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+
+
+def _finite(message: Any, fields: Sequence[str]) -> str | None:
+    for name in fields:
+        if not message.HasField(name):
+            return f"{name} is missing"
+        if not math.isfinite(getattr(message, name)):
+            return f"{name} is not a finite number"
+    return None
+
+
+def validate_transaction(tx: feed_service_pb2.Transaction) -> str | None:
+    """Why a transaction cannot be accepted, or None."""
+    if not tx.transaction_id:
+        return "transaction_id is empty"
+    if not tx.HasField("time"):
+        return "time is missing"
+    reason = _finite(tx, ["amount"])
+    if reason:
+        return reason
+    if tx.amount < 0:
+        return f"amount is negative ({tx.amount:g})"
+    bad = next((name for name, value in tx.features.items() if not math.isfinite(value)), None)
+    return f"feature {bad!r} is not a finite number" if bad is not None else None
+
+
+def tick_record_id(tick: feed_service_pb2.Tick) -> str:
+    return f"{tick.symbol}@{_ns(tick.time)}"
+
+
+def validate_tick(tick: feed_service_pb2.Tick, last_ns: int | None) -> str | None:
+    """Why a tick cannot be accepted (``last_ns``: the symbol's latest accepted time), or None."""
+    if not tick.symbol:
+        return "symbol is empty"
+    if not tick.HasField("time"):
+        return "time is missing"
+    if tick.is_bar:
+        reason = _finite(tick, ["open", "high", "low", "close", "volume"])
+        if reason:
+            return reason
+        if tick.volume < 0:
+            return f"volume is negative ({tick.volume:g})"
+        if not (tick.low <= min(tick.open, tick.close) and tick.high >= max(tick.open, tick.close)):
+            return "bar is inconsistent (low <= open, close <= high does not hold)"
+    else:
+        reason = _finite(tick, ["price", "size"])
+        if reason:
+            return reason
+        if tick.price <= 0 or tick.size < 0:
+            return "price must be positive and size not negative"
+    if last_ns is not None and _ns(tick.time) <= last_ns:
+        return f"time does not increase within {tick.symbol} (last accepted {last_ns} ns)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """What a feed's model said about one record."""
+
+    model_id: str
+    model_version: str
+    score: float
+    anomalous: bool
+    explanation: str = ""
+
+
+# Scores a batch of accepted records (in time order) of one kind; one result per record.
+FeedScorer = Callable[[Sequence[Any]], Sequence[Scored]]
+
+_COLUMNS = "id, feed_id, record_id, entity, time_ns, model_id, model_version, score, anomalous, explanation"
+
+
+def _score(row: Sequence[Any]) -> feed_service_pb2.FeedScore:
+    row_id, feed_id, record_id, entity, time_ns, model_id, version, score, anomalous, explanation = row
+    out = feed_service_pb2.FeedScore(
+        id=row_id,
+        feed_id=feed_id,
+        record_id=record_id,
+        entity=entity,
+        anomalous=bool(anomalous),
+        explanation=explanation,
+        score=score if score is not None else math.nan,
+    )
+    out.time.FromNanoseconds(time_ns)
+    if model_id:
+        out.model.model_id, out.model.version = model_id, version
+    return out
+
+
+class FeedStore:
+    """Feed records and rejects in the collector's database."""
+
+    def __init__(self, store: VerdictStore) -> None:
+        self._store = store
+        # (feed, symbol) -> latest accepted tick time, loaded per feed on first use.
+        self._last_tick: dict[tuple[str, str], int] = {}
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+
+    def last_tick_ns(self, feed_id: str, symbol: str) -> int | None:
+        with self._lock:
+            if feed_id not in self._loaded:
+                rows = self._store.reader().execute(
+                    "SELECT entity, MAX(time_ns) FROM feed_records WHERE feed_id = ? AND kind = ?"
+                    " GROUP BY entity",
+                    (feed_id, TICKS),
+                )
+                for entity, latest in rows:
+                    self._last_tick[(feed_id, entity)] = int(latest)
+                self._loaded.add(feed_id)
+            return self._last_tick.get((feed_id, symbol))
+
+    def add(
+        self,
+        feed_id: str,
+        kind: int,
+        records: Sequence[tuple[str, str, int, bytes, Scored | None]],
+        rejects: Sequence[feed_service_pb2.RejectedRecord],
+        now_ns: int,
+    ) -> list[feed_service_pb2.FeedScore]:
+        """Store accepted records (record id, entity, time, serialised record, score) and rejects in one
+        transaction; return the stored scores."""
+        out: list[feed_service_pb2.FeedScore] = []
+        with self._store.writing() as conn:
+            for record_id, entity, time_ns, blob, scored in records:
+                values = (
+                    feed_id, kind, record_id, entity, time_ns, now_ns,
+                    scored.model_id if scored else "", scored.model_version if scored else "",
+                    scored.score if scored else None, int(bool(scored and scored.anomalous)),
+                    scored.explanation if scored else "", blob,
+                )  # fmt: skip
+                cursor = conn.execute(
+                    "INSERT INTO feed_records (feed_id, kind, record_id, entity, time_ns, received_ns,"
+                    " model_id, model_version, score, anomalous, explanation, record_pb)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    values,
+                )
+                out.append(_score((cursor.lastrowid, *values[:1], record_id, entity, time_ns, *values[6:11])))
+            conn.executemany(
+                "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
+                " VALUES (?,?,?,?,?)",
+                [(feed_id, now_ns, r.index, r.record_id, r.reason) for r in rejects],
+            )
+        if kind == TICKS:
+            with self._lock:
+                for _, entity, time_ns, _, _ in records:
+                    key = (feed_id, entity)
+                    self._last_tick[key] = max(time_ns, self._last_tick.get(key, 0))
+        return out
+
+    def query(
+        self, feed_id: str, since_ns: int, anomalous: bool | None, page_size: int, page_token: str
+    ) -> tuple[list[feed_service_pb2.FeedScore], str]:
+        where: list[str] = ["time_ns >= ?"]
+        params: list[Any] = [since_ns]
+        if feed_id:
+            where.append("feed_id = ?")
+            params.append(feed_id)
+        if anomalous is not None:
+            where.append("anomalous = ?")
+            params.append(int(anomalous))
+        if page_token:
+            where.append("id < ?")
+            params.append(decode_page_token(page_token))
+        rows = self._store.reader().execute(
+            f"SELECT {_COLUMNS} FROM feed_records WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+            [*params, page_size + 1],
+        )
+        scores = [_score(r) for r in rows]
+        token = encode_page_token(scores[page_size - 1].id) if len(scores) > page_size else ""
+        return scores[:page_size], token
+
+    def rejects(
+        self, feed_id: str, page_size: int, page_token: str
+    ) -> tuple[list[feed_service_pb2.StoredReject], str]:
+        where: list[str] = ["1"]
+        params: list[Any] = []
+        if feed_id:
+            where.append("feed_id = ?")
+            params.append(feed_id)
+        if page_token:
+            where.append("id < ?")
+            params.append(decode_page_token(page_token))
+        rows = self._store.reader().execute(
+            "SELECT id, feed_id, received_ns, record_index, record_id, reason FROM feed_rejects"
+            f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+            [*params, page_size + 1],
+        )
+        out = []
+        for row_id, feed, received_ns, index, record_id, reason in rows:
+            reject = feed_service_pb2.StoredReject(
+                id=row_id,
+                feed_id=feed,
+                record=feed_service_pb2.RejectedRecord(index=index, record_id=record_id, reason=reason),
+            )
+            reject.received_time.FromNanoseconds(received_ns)
+            out.append(reject)
+        token = encode_page_token(out[page_size - 1].id) if len(out) > page_size else ""
+        return out[:page_size], token
+
+    def feeds(self) -> list[admin_service_pb2.FeedInfo]:
+        reader = self._store.reader()
+        rejected = dict(
+            reader.execute("SELECT feed_id, COUNT(*) FROM feed_rejects GROUP BY feed_id").fetchall()
+        )
+        out = []
+        for feed_id, kind, accepted, latest in reader.execute(
+            "SELECT feed_id, kind, COUNT(*), MAX(time_ns) FROM feed_records GROUP BY feed_id, kind"
+            " ORDER BY feed_id"
+        ):
+            info = admin_service_pb2.FeedInfo(
+                feed_id=feed_id,
+                kind=kind,
+                records_accepted=accepted,
+                records_rejected=rejected.get(feed_id, 0),
+            )
+            info.last_record_time.FromNanoseconds(latest)
+            out.append(info)
+        return out
+
+
+class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
+    """FeedService: accept, hash, validate, score, store, publish, acknowledge."""
+
+    def __init__(
+        self,
+        feeds: FeedStore,
+        writer: ThreadPoolExecutor,
+        readers: ThreadPoolExecutor,
+        broker: Broker[feed_service_pb2.FeedScore],
+        *,
+        hash_key: bytes | None = None,
+        score_transactions: FeedScorer | None = None,
+        score_ticks: FeedScorer | None = None,
+        default_page: int = 100,
+        max_page: int = 1000,
+    ) -> None:
+        self._feeds = feeds
+        self._writer = writer
+        self._readers = readers
+        self._broker = broker
+        self._hash_key = hash_key
+        self._score_transactions = score_transactions
+        self._score_ticks = score_ticks
+        self._default_page = default_page
+        self._max_page = max_page
+        # One batch of a feed at a time: scoring state and tick order are per feed.
+        self._lock = threading.Lock()
+
+    def _transactions(
+        self, batch: Sequence[feed_service_pb2.Transaction]
+    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+        rejects: list[feed_service_pb2.RejectedRecord] = []
+        accepted: list[feed_service_pb2.Transaction] = []
+        for index, original in enumerate(batch):
+            tx = feed_service_pb2.Transaction()
+            tx.CopyFrom(original)
+            if self._hash_key is not None:
+                tx.customer_id = hash_identifier(self._hash_key, tx.customer_id)
+                tx.terminal_id = hash_identifier(self._hash_key, tx.terminal_id)
+            reason = validate_transaction(tx)
+            if reason is not None:
+                rejects.append(
+                    feed_service_pb2.RejectedRecord(index=index, reason=reason, record_id=tx.transaction_id)
+                )
+            else:
+                accepted.append(tx)
+        return self._store(TRANSACTIONS, accepted, rejects, lambda t: (t.transaction_id, t.customer_id))
+
+    def _ticks(
+        self, batch: Sequence[feed_service_pb2.Tick]
+    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+        rejects: list[feed_service_pb2.RejectedRecord] = []
+        accepted: list[feed_service_pb2.Tick] = []
+        latest: dict[tuple[str, str], int] = {}
+        for index, tick in enumerate(batch):
+            key = (tick.feed_id, tick.symbol)
+            last = latest.get(key, self._feeds.last_tick_ns(*key) if tick.symbol else None)
+            reason = validate_tick(tick, last)
+            if reason is not None:
+                rejects.append(
+                    feed_service_pb2.RejectedRecord(
+                        index=index, reason=reason, record_id=tick_record_id(tick)
+                    )
+                )
+            else:
+                accepted.append(tick)
+                latest[key] = _ns(tick.time)
+        return self._store(TICKS, accepted, rejects, lambda t: (tick_record_id(t), t.symbol))
+
+    def _store(
+        self,
+        kind: int,
+        accepted: Sequence[Any],
+        rejects: list[feed_service_pb2.RejectedRecord],
+        ids: Callable[[Any], tuple[str, str]],
+    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+        scorer = self._score_transactions if kind == TRANSACTIONS else self._score_ticks
+        scores: Sequence[Scored | None] = (
+            scorer(accepted) if scorer is not None and accepted else [None] * len(accepted)
+        )
+        stored: list[feed_service_pb2.FeedScore] = []
+        by_feed: dict[str, list[tuple[str, str, int, bytes, Scored | None]]] = {}
+        for record, scored in zip(accepted, scores, strict=True):
+            record_id, entity = ids(record)
+            by_feed.setdefault(record.feed_id, []).append(
+                (record_id, entity, _ns(record.time), record.SerializeToString(), scored)
+            )
+        now = time.time_ns()
+        feeds = list(by_feed) or [""]
+        for feed_id in feeds:
+            stored += self._feeds.add(
+                feed_id, kind, by_feed.get(feed_id, []), rejects if feed_id == feeds[0] else [], now
+            )
+        return stored, rejects
+
+    async def _accept(
+        self, kind: int, records: Sequence[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+        if len(records) > MAX_BATCH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
+            )
+        work = self._transactions if kind == TRANSACTIONS else self._ticks
+
+        def run() -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+            with self._lock:
+                return work(records)
+
+        stored, rejects = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        if stored and self._broker.active:
+            self._broker.publish(stored)
+        if rejects:
+            logger.info(
+                "feed batch: %d accepted, %d rejected (first: %s)",
+                len(stored),
+                len(rejects),
+                rejects[0].reason,
+            )
+        return stored, rejects
+
+    async def SubmitTransactions(
+        self,
+        request: feed_service_pb2.SubmitTransactionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> feed_service_pb2.SubmitTransactionsResponse:
+        stored, rejects = await self._accept(TRANSACTIONS, request.transactions, context)
+        return feed_service_pb2.SubmitTransactionsResponse(
+            accepted=len(stored), rejected=rejects, scores=stored
+        )
+
+    async def StreamTransactions(
+        self,
+        request_iterator: AsyncIterator[feed_service_pb2.StreamTransactionsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[feed_service_pb2.StreamTransactionsResponse]:
+        async for request in request_iterator:
+            stored, rejects = await self._accept(TRANSACTIONS, request.transactions, context)
+            yield feed_service_pb2.StreamTransactionsResponse(
+                accepted=len(stored), rejected=rejects, scores=stored
+            )
+
+    async def SubmitTicks(
+        self, request: feed_service_pb2.SubmitTicksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> feed_service_pb2.SubmitTicksResponse:
+        stored, rejects = await self._accept(TICKS, request.ticks, context)
+        return feed_service_pb2.SubmitTicksResponse(accepted=len(stored), rejected=rejects, scores=stored)
+
+    async def StreamTicks(
+        self,
+        request_iterator: AsyncIterator[feed_service_pb2.StreamTicksRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[feed_service_pb2.StreamTicksResponse]:
+        async for request in request_iterator:
+            stored, rejects = await self._accept(TICKS, request.ticks, context)
+            yield feed_service_pb2.StreamTicksResponse(accepted=len(stored), rejected=rejects, scores=stored)
+
+    def _page(self, size: int) -> int:
+        return min(size or self._default_page, self._max_page)
+
+    async def QueryFeedScores(
+        self, request: feed_service_pb2.QueryFeedScoresRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> feed_service_pb2.QueryFeedScoresResponse:
+        since = _ns(request.since_time) if request.HasField("since_time") else 0
+        anomalous = request.anomalous if request.HasField("anomalous") else None
+        try:
+            scores, token = await asyncio.get_running_loop().run_in_executor(
+                self._readers,
+                self._feeds.query,
+                request.feed_id,
+                since,
+                anomalous,
+                self._page(request.page_size),
+                request.page_token,
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return feed_service_pb2.QueryFeedScoresResponse(scores=scores, next_page_token=token)
+
+    async def ListFeedRejects(
+        self, request: feed_service_pb2.ListFeedRejectsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> feed_service_pb2.ListFeedRejectsResponse:
+        try:
+            rejects, token = await asyncio.get_running_loop().run_in_executor(
+                self._readers,
+                self._feeds.rejects,
+                request.feed_id,
+                self._page(request.page_size),
+                request.page_token,
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return feed_service_pb2.ListFeedRejectsResponse(rejects=rejects, next_page_token=token)
+
+    async def SubscribeFeedScores(
+        self,
+        request: feed_service_pb2.SubscribeFeedScoresRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[feed_service_pb2.SubscribeFeedScoresResponse]:
+        anomalous = request.anomalous if request.HasField("anomalous") else None
+
+        def wanted(s: feed_service_pb2.FeedScore) -> bool:
+            return (not request.feed_id or s.feed_id == request.feed_id) and (
+                anomalous is None or s.anomalous == anomalous
+            )
+
+        def wrap(items: list[feed_service_pb2.FeedScore]) -> feed_service_pb2.SubscribeFeedScoresResponse:
+            return feed_service_pb2.SubscribeFeedScoresResponse(score=items[0])
+
+        async for response in follow(context, self._broker, wanted, wrap):
+            yield response
