@@ -178,3 +178,29 @@ def test_feeds_on_a_real_collector(tmp_path: Path) -> None:
         ticks[1] = collector.address
         assert ctl.main(ticks, out) == 0
         assert "30 rows, 0 accepted, 30 rejected" in out.getvalue()
+
+
+def test_feed_alert_rules_group_anomalous_scores_by_entity(tmp_path: Path) -> None:
+    from auris.collector.alerts import AlertRule, Alerts
+    from auris.collector.feeds import FeedStore, Scored
+    from auris.collector.store import VerdictStore
+
+    store = VerdictStore(tmp_path / "auris.db")
+    rule = AlertRule(name="fraud", feed="cards", anomalous=True, count=2, window_minutes=60)
+    assert rule.group_by == ("feed_id", "entity")
+    alerts = Alerts(store, [rule], [])
+    feeds = FeedStore(store, alerts.evaluate_feed)
+
+    def record(n: int, who: str, anomalous: bool) -> tuple[str, str, int, bytes, Scored]:
+        return f"t{n}", who, 1_700_000_000_000_000_000 + n, b"", Scored("tx-model", "1", 0.9, anomalous)
+
+    _, changed = feeds.add("cards", 1, [record(1, "h:alice", True), record(2, "h:bob", True)], [], 1)
+    assert changed == []  # one each: below the count of 2
+    _, changed = feeds.add("cards", 1, [record(3, "h:alice", True), record(4, "h:bob", False)], [], 2)
+    (alert,) = alerts.get(changed)
+    assert (alert.rule, alert.key, alert.events) == ("fraud", "feed_id=cards entity=h:alice", 2)
+    _, changed = feeds.add("other", 1, [record(5, "h:alice", True), record(6, "h:alice", True)], [], 3)
+    assert changed == []  # another feed
+    with pytest.raises(ValueError, match="feed rule"):
+        AlertRule(name="bad", feed="cards", labels=("x",))
+    store.close()

@@ -34,7 +34,7 @@ from google.protobuf import json_format
 
 from auris.agent import __version__
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
-from auris.v1 import admin_service_pb2, agent_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, agent_service_pb2, feed_service_pb2, verdict_pb2
 
 __all__ = [
     "EVENTS",
@@ -70,6 +70,13 @@ _GROUP_FIELDS: dict[str, Callable[[verdict_pb2.Verdict], object]] = {
 }
 
 
+_FEED_GROUP_FIELDS: dict[str, Callable[[feed_service_pb2.FeedScore], object]] = {
+    "feed_id": lambda s: s.feed_id,
+    "entity": lambda s: s.entity,
+    "model": lambda s: s.model.model_id,
+}
+
+
 def _ns(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
 
@@ -101,6 +108,9 @@ class AlertRule:
     # has a score or feature PSI at or above this; keyed by agent and model version. It takes
     # no verdict condition.
     max_psi: float | None = None
+    # A feed rule: judges the scores of this feed's records ("*": every feed) instead of verdicts,
+    # with anomalous and min_score; group_by from feed_id, entity (symbol or hashed customer), model.
+    feed: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 64:
@@ -114,7 +124,15 @@ class AlertRule:
                 raise ValueError(f"rule {self.name!r}: max_psi must be a positive number")
         elif self.anomalous is None and self.min_score is None and not self.labels:
             raise ValueError(f"rule {self.name!r} needs a condition: anomalous, min_score, labels or max_psi")
-        unknown = [f for f in self.group_by if f not in _GROUP_FIELDS]
+        if self.feed:
+            if self.labels or self.max_psi is not None:
+                raise ValueError(f"rule {self.name!r}: a feed rule takes anomalous and min_score only")
+            if self.group_by == ("src_ip",):  # the verdict rules' default
+                object.__setattr__(self, "group_by", ("feed_id", "entity"))
+            bad = [f for f in self.group_by if f not in _FEED_GROUP_FIELDS]
+            if bad:
+                raise ValueError(f"rule {self.name!r}: a feed rule groups by {', '.join(_FEED_GROUP_FIELDS)}")
+        unknown = [f for f in self.group_by if f not in _GROUP_FIELDS and not self.feed]
         if unknown:
             raise ValueError(f"rule {self.name!r}: cannot group by {', '.join(unknown)} "
                              f"(one of {', '.join(_GROUP_FIELDS)})")  # fmt: skip
@@ -129,8 +147,8 @@ class AlertRule:
 
     def judge(self, v: verdict_pb2.Verdict) -> bool:
         """Whether one verdict matches the rule's conditions."""
-        if self.max_psi is not None:
-            return False  # drift rules judge heartbeats
+        if self.max_psi is not None or self.feed:
+            return False  # drift rules judge heartbeats, feed rules feed scores
         if self.model:
             score = next((s for s in v.scores if s.model.model_id == self.model), None)
             if score is None:
@@ -151,6 +169,18 @@ class AlertRule:
         if self.min_score is not None and not value >= self.min_score:  # NaN never passes
             return False
         return not self.labels or label in self.labels
+
+    def judge_feed(self, s: feed_service_pb2.FeedScore) -> bool:
+        if not self.feed or (self.feed != "*" and s.feed_id != self.feed):
+            return False
+        if self.model and s.model.model_id != self.model:
+            return False
+        if self.anomalous is not None and s.anomalous != self.anomalous:
+            return False
+        return self.min_score is None or s.score >= self.min_score  # NaN (unscored) never passes
+
+    def feed_key(self, s: feed_service_pb2.FeedScore) -> str:
+        return " ".join(f"{f}={_FEED_GROUP_FIELDS[f](s)}" for f in self.group_by)
 
     def key(self, v: verdict_pb2.Verdict) -> str:
         return " ".join(f"{f}={_GROUP_FIELDS[f](v)}" for f in self.group_by)
@@ -276,6 +306,26 @@ class Alerts:
                 if alert_id is not None:
                     changed.append(alert_id)
         return changed
+
+    def evaluate_feed(
+        self, conn: sqlite3.Connection, scores: Sequence[feed_service_pb2.FeedScore], now_ns: int
+    ) -> list[int]:
+        """Feed rules over newly stored feed scores, inside their transaction; ids of changed alerts."""
+        changed: list[int] = []
+        for rule in self.rules.values():
+            hits: dict[str, list[tuple[int, int]]] = {}
+            for s in scores:
+                if rule.judge_feed(s):
+                    hits.setdefault(rule.feed_key(s), []).append((0, _ns(s.time)))
+            for key, group in hits.items():
+                alert_id = self._add(conn, rule, key, group, now_ns)
+                if alert_id is not None:
+                    changed.append(alert_id)
+        return changed
+
+    @property
+    def has_feed_rules(self) -> bool:
+        return any(r.feed for r in self.rules.values())
 
     def evaluate_heartbeat(self, heartbeat: agent_service_pb2.HeartbeatRequest, now_ns: int) -> list[int]:
         """Drift rules against one heartbeat's windows; the ids of alerts opened or extended."""

@@ -18,9 +18,10 @@ import hashlib
 import hmac
 import logging
 import math
+import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -124,6 +125,9 @@ class Scored:
     explanation: str = ""
 
 
+# What one batch came to: stored scores, rejected records, alerts changed.
+_Outcome = tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord], list[int]]
+
 # Scores a batch of accepted records (in time order) of one kind; one result per record.
 FeedScorer = Callable[[Sequence[Any]], Sequence[Scored]]
 
@@ -150,8 +154,15 @@ def _score(row: Sequence[Any]) -> feed_service_pb2.FeedScore:
 class FeedStore:
     """Feed records and rejects in the collector's database."""
 
-    def __init__(self, store: VerdictStore) -> None:
+    def __init__(
+        self,
+        store: VerdictStore,
+        on_store: Callable[[sqlite3.Connection, list[feed_service_pb2.FeedScore], int], list[int]]
+        | None = None,
+    ) -> None:
         self._store = store
+        # Alert rules over feed scores, run inside the transaction that stores them.
+        self._on_store = on_store
         # (feed, symbol) -> latest accepted tick time, loaded per feed on first use.
         self._last_tick: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
@@ -177,10 +188,11 @@ class FeedStore:
         records: Sequence[tuple[str, str, int, bytes, Scored | None]],
         rejects: Sequence[feed_service_pb2.RejectedRecord],
         now_ns: int,
-    ) -> list[feed_service_pb2.FeedScore]:
+    ) -> tuple[list[feed_service_pb2.FeedScore], list[int]]:
         """Store accepted records (record id, entity, time, serialised record, score) and rejects in one
-        transaction; return the stored scores."""
+        transaction; return the stored scores and the ids of alerts they changed."""
         out: list[feed_service_pb2.FeedScore] = []
+        alert_ids: list[int] = []
         with self._store.writing() as conn:
             for record_id, entity, time_ns, blob, scored in records:
                 values = (
@@ -201,12 +213,14 @@ class FeedStore:
                 " VALUES (?,?,?,?,?)",
                 [(feed_id, now_ns, r.index, r.record_id, r.reason) for r in rejects],
             )
+            if self._on_store is not None and out:
+                alert_ids = self._on_store(conn, out, now_ns)
         if kind == TICKS:
             with self._lock:
                 for _, entity, time_ns, _, _ in records:
                     key = (feed_id, entity)
                     self._last_tick[key] = max(time_ns, self._last_tick.get(key, 0))
-        return out
+        return out, alert_ids
 
     def query(
         self, feed_id: str, since_ns: int, anomalous: bool | None, page_size: int, page_token: str
@@ -294,7 +308,9 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         score_ticks: FeedScorer | None = None,
         default_page: int = 100,
         max_page: int = 1000,
+        alerts_changed: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
+        self._alerts_changed = alerts_changed
         self._feeds = feeds
         self._writer = writer
         self._readers = readers
@@ -307,9 +323,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         # One batch of a feed at a time: scoring state and tick order are per feed.
         self._lock = threading.Lock()
 
-    def _transactions(
-        self, batch: Sequence[feed_service_pb2.Transaction]
-    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+    def _transactions(self, batch: Sequence[feed_service_pb2.Transaction]) -> _Outcome:
         rejects: list[feed_service_pb2.RejectedRecord] = []
         accepted: list[feed_service_pb2.Transaction] = []
         for index, original in enumerate(batch):
@@ -327,9 +341,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                 accepted.append(tx)
         return self._store(TRANSACTIONS, accepted, rejects, lambda t: (t.transaction_id, t.customer_id))
 
-    def _ticks(
-        self, batch: Sequence[feed_service_pb2.Tick]
-    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+    def _ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> _Outcome:
         rejects: list[feed_service_pb2.RejectedRecord] = []
         accepted: list[feed_service_pb2.Tick] = []
         latest: dict[tuple[str, str], int] = {}
@@ -354,7 +366,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         accepted: Sequence[Any],
         rejects: list[feed_service_pb2.RejectedRecord],
         ids: Callable[[Any], tuple[str, str]],
-    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+    ) -> _Outcome:
         scorer = self._score_transactions if kind == TRANSACTIONS else self._score_ticks
         scores: Sequence[Scored | None] = (
             scorer(accepted) if scorer is not None and accepted else [None] * len(accepted)
@@ -368,11 +380,14 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             )
         now = time.time_ns()
         feeds = list(by_feed) or [""]
+        alert_ids: list[int] = []
         for feed_id in feeds:
-            stored += self._feeds.add(
+            added, changed = self._feeds.add(
                 feed_id, kind, by_feed.get(feed_id, []), rejects if feed_id == feeds[0] else [], now
             )
-        return stored, rejects
+            stored += added
+            alert_ids += changed
+        return stored, rejects, alert_ids
 
     async def _accept(
         self, kind: int, records: Sequence[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -383,11 +398,13 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             )
         work = self._transactions if kind == TRANSACTIONS else self._ticks
 
-        def run() -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
+        def run() -> _Outcome:
             with self._lock:
                 return work(records)
 
-        stored, rejects = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        stored, rejects, alert_ids = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        if alert_ids and self._alerts_changed is not None:
+            await self._alerts_changed(alert_ids)
         if stored and self._broker.active:
             self._broker.publish(stored)
         if rejects:

@@ -119,7 +119,7 @@ class Collector:
             ),
             self._server,
         )
-        self.feeds = FeedStore(self.store)
+        self.feeds = FeedStore(self.store, self.alerts.evaluate_feed if self.alerts.has_feed_rules else None)
         self.feed_broker: Broker[feed_service_pb2.FeedScore] = Broker(
             config.subscriber_buffer, config.max_subscribers
         )
@@ -137,6 +137,7 @@ class Collector:
                 hash_key=hash_key,
                 default_page=config.default_page_size,
                 max_page=config.max_page_size,
+                alerts_changed=self._alerts_changed,
             ),
             self._server,
         )
