@@ -24,8 +24,9 @@ from auris.agent import __version__, live
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.enroll import model_key_file
-from auris.agent.health import Heartbeat
+from auris.agent.health import Heartbeat, health_metrics
 from auris.agent.meter import preload_in_meter_processes
+from auris.agent.metrics import MetricsServer
 from auris.agent.model_updates import ModelCatalog, ModelWatcher
 from auris.agent.scoring import ModelSet
 from auris.agent.signing import ModelTrust
@@ -216,6 +217,16 @@ def run(
         agent.offer_models,
         metered={fs.name for fs in models.feature_sets},
     )
+    metrics = None
+    if config.metrics_listen:
+        try:
+            metrics = MetricsServer(config.metrics_listen, lambda: health_metrics(agent.heartbeat()))
+        except (OSError, ValueError) as exc:
+            logger.error("cannot serve metrics on %s: %s", config.metrics_listen, exc)
+            return EXIT_CONFIG
+        metrics.start()
+        host = config.metrics_listen.rsplit(":", 1)[0]
+        logger.info("metrics on http://%s:%d/metrics", host, metrics.port)
     uplink.start()
     heartbeat.start()
     watcher.start()
@@ -223,6 +234,8 @@ def run(
         "agent %s metering %s with %d model(s)", agent_id, ", ".join(agent.sources), len(models.models)
     )
     report = agent.run()
+    if metrics is not None:
+        metrics.stop()
     watcher.stop()
     heartbeat.stop(final=True)
     spooled = spool.stats

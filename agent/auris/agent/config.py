@@ -81,6 +81,8 @@ class AgentConfig:
     # Spooled verdicts kept while the collector is away; past it the oldest are dropped (counted).
     spool_max_verdicts: int = 1_000_000
     log_level: str = "info"
+    # Prometheus metrics on http://HOST:PORT/metrics (the heartbeat's counters); empty: off.
+    metrics_listen: str = ""
 
 
 def _check_type(name: str, annotation: Any, value: Any) -> Any:

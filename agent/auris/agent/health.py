@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import grpc
 
+from auris.agent.metrics import Metric
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
 
-__all__ = ["Heartbeat"]
+__all__ = ["Heartbeat", "health_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +77,53 @@ class Heartbeat:
             if self._stop.is_set():
                 return
             self.send_now()
+
+
+# AgentHealth field -> (metric name, kind, help).
+_HEALTH = {
+    "packets_seen": ("auris_agent_packets_seen_total", "counter", "Packets the meters processed."),
+    "packets_dropped": ("auris_agent_packets_dropped_total", "counter", "Packets the kernel dropped."),
+    "flows_metered": ("auris_agent_flows_metered_total", "counter", "Flows metered and scored."),
+    "flows_evicted": ("auris_agent_flows_evicted_total", "counter", "Flows expired by the flow cap."),
+    "verdicts_anomalous": ("auris_agent_verdicts_anomalous_total", "counter", "Flows judged anomalous."),
+    "verdicts_sent": ("auris_agent_verdicts_sent_total", "counter", "Verdicts sent to the collector."),
+    "verdicts_acknowledged": ("auris_agent_verdicts_acknowledged_total", "counter", "Verdicts acknowledged."),
+    "verdicts_rejected": (
+        "auris_agent_verdicts_rejected_total",
+        "counter",
+        "Verdicts the collector refused.",
+    ),
+    "spool_depth": ("auris_agent_spool_depth", "gauge", "Verdicts spooled, not yet acknowledged."),
+    "spool_dropped": ("auris_agent_spool_dropped_total", "counter", "Verdicts dropped by the spool cap."),
+    "scoring_errors": ("auris_agent_scoring_errors_total", "counter", "Batches a model failed to score."),
+    "uptime_seconds": ("auris_agent_uptime_seconds", "gauge", "Seconds since the agent started."),
+}
+
+
+def health_metrics(heartbeat: agent_service_pb2.HeartbeatRequest) -> list[Metric]:
+    """The agent's heartbeat as Prometheus metrics (what the collector sees, scraped locally)."""
+    h = heartbeat.health
+    out = [Metric(name, kind, text, float(getattr(h, key))) for key, (name, kind, text) in _HEALTH.items()]
+    for m in heartbeat.models:
+        labels = {"model": m.model_id, "version": m.version}
+        out.append(Metric("auris_agent_model_info", "gauge", "Models the agent runs.", 1.0, labels))
+    for d in h.drift:
+        labels = {"model": d.model.model_id, "version": d.model.version}
+        out.append(
+            Metric(
+                "auris_agent_model_score_psi",
+                "gauge",
+                "Score PSI, last hour vs training.",
+                d.score_psi,
+                labels,
+            )
+        )
+        worst = d.max_feature_psi
+        out.append(
+            Metric(
+                "auris_agent_model_max_feature_psi", "gauge", "Largest feature PSI, last hour.", worst, labels
+            )
+        )
+    refused = float(len(heartbeat.refused_models))
+    out.append(Metric("auris_agent_models_refused", "gauge", "Wanted models the agent refused.", refused))
+    return out

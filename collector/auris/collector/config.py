@@ -83,6 +83,8 @@ class CollectorConfig:
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
+    # Prometheus metrics on http://HOST:PORT/metrics; empty: off.
+    metrics_listen: str = ""
 
 
 def load_collector_config(

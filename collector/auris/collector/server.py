@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from auris.agent.metrics import Metric, MetricsServer
 from auris.agent.signing import ModelTrust, load_private_key, public_key_pem
 from auris.collector.alerts import Alerts, Notifier
 from auris.collector.auth import AuthInterceptor, Authority
@@ -170,6 +171,7 @@ class Collector:
         )
         self.port = 0
         self.api_port = 0
+        self.metrics: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _alerts_changed(self, ids: list[int]) -> None:
@@ -232,6 +234,9 @@ class Collector:
             self._tasks.append(loop.create_task(self._maintain_alerts_forever()))
         if self.notifier is not None:
             self.notifier.start()
+        if self.config.metrics_listen:
+            self.metrics = MetricsServer(self.config.metrics_listen, self._metrics)
+            self.metrics.start()
         if self.config.address_file:
             Path(self.config.address_file).write_text(self.address + "\n", encoding="utf-8")
         if self.config.api_address_file:
@@ -281,7 +286,60 @@ class Collector:
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
+    def _metrics(self) -> list[Metric]:
+        """What a scrape reports: cheap queries and the brokers' counts, read when asked."""
+        reader = self.store.reader()
+        (stored,) = reader.execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
+        out = [
+            Metric("auris_collector_verdicts_stored_total", "counter", "Verdicts ever stored.", stored),
+            Metric("auris_collector_database_bytes", "gauge", "Bytes the database's pages hold.",
+                   self.store.size_bytes()),
+            Metric("auris_collector_subscribers", "gauge", "Live subscriptions.",
+                   self.broker.subscribers + self.alert_broker.subscribers + self.feed_broker.subscribers),
+        ]  # fmt: skip
+        offline_ns = int(self.config.agent_offline_after_s * 1e9)
+        states: dict[str, int] = {"online": 0, "offline": 0, "revoked": 0}
+        for agent in self.store.agents(offline_ns):
+            states[admin_service_pb2.AgentState.Name(agent.state).removeprefix("AGENT_STATE_").lower()] += 1
+        out += [
+            Metric("auris_collector_agents", "gauge", "Agents by state.", n, {"state": k})
+            for k, n in states.items()
+        ]
+        open_alerts = dict(
+            reader.execute("SELECT state, COUNT(*) FROM alerts WHERE state != 3 GROUP BY state")
+        )
+        for state, name in (
+            (admin_service_pb2.ALERT_STATE_OPEN, "open"),
+            (admin_service_pb2.ALERT_STATE_ACKNOWLEDGED, "acknowledged"),
+        ):
+            out.append(Metric("auris_collector_alerts", "gauge", "Alerts not resolved, by state.",
+                              open_alerts.get(state, 0), {"state": name}))  # fmt: skip
+        (outbox,) = reader.execute("SELECT COUNT(*) FROM alert_outbox").fetchone()
+        out.append(
+            Metric(
+                "auris_collector_alert_notifications_pending",
+                "gauge",
+                "Notifications not yet delivered.",
+                outbox,
+            )
+        )
+        for feed in self.feeds.feeds():
+            labels = {"feed": feed.feed_id}
+            out.append(Metric("auris_collector_feed_records_total", "counter", "Feed records accepted.",
+                              feed.records_accepted, labels))  # fmt: skip
+            out.append(Metric("auris_collector_feed_rejects_total", "counter", "Feed records rejected.",
+                              feed.records_rejected, labels))  # fmt: skip
+        for model in self.registry.models(offline_after_ns=offline_ns):
+            if model.stage == admin_service_pb2.MODEL_STAGE_PRODUCTION:
+                labels = {"model": model.manifest.model_id, "version": model.manifest.version}
+                running = model.rollout.agents_running
+                text = "Online agents running the production version."
+                out.append(Metric("auris_collector_model_agents_running", "gauge", text, running, labels))
+        return out
+
     async def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
