@@ -87,3 +87,20 @@ def test_the_collector_reports_verdicts_agents_and_rollout(tmp_path: Path) -> No
         assert after['auris_collector_agents{state="online"}'] == 1
         assert after['auris_collector_model_agents_running{model="nfstream-rf",version="1"}'] == 1
         assert after["auris_collector_database_bytes"] > 0
+
+
+def test_json_logs_from_a_real_agent_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.setenv("AURIS_AGENT_LOG_FORMAT", "json")
+    with running_collector(tmp_path / "auris.db") as running:
+        run = run_agent(running.address, [PCAPS / "steam.pcap"], tmp_path / "agent")
+    assert run.returncode == 0, run.stderr
+    entries = [json.loads(line) for line in run.stderr.splitlines() if line.strip()]
+    assert entries
+    assert all(set(e) >= {"time", "level", "logger", "message"} for e in entries)
+    assert any(e["logger"] == "auris.agent.cli" and "metered" in e["message"] for e in entries)
+    monkeypatch.setenv("AURIS_AGENT_LOG_FORMAT", "yaml")
+    bad = run_agent("127.0.0.1:1", [PCAPS / "steam.pcap"], tmp_path / "agent")
+    assert bad.returncode == 2
+    assert "log_format: expected text or json" in bad.stderr

@@ -25,6 +25,7 @@ from auris.agent.config import AgentConfig, ConfigError, build_config, load_agen
 from auris.agent.daemon import Agent
 from auris.agent.enroll import model_key_file
 from auris.agent.health import Heartbeat, health_metrics
+from auris.agent.logs import configure_logging
 from auris.agent.meter import preload_in_meter_processes
 from auris.agent.metrics import MetricsServer
 from auris.agent.model_updates import ModelCatalog, ModelWatcher
@@ -71,14 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _catalog(config: AgentConfig) -> ModelCatalog:
@@ -343,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print("auris-agent: configuration ok")
         return EXIT_OK
-    _configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     preload_in_meter_processes(__name__)
     live.install(config.max_live_flows)
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from auris.agent import __version__
 from auris.agent.config import ConfigError
+from auris.agent.logs import configure_logging
 from auris.collector.config import CollectorConfig, load_collector_config
 
 __all__ = ["main"]
@@ -93,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("auris-collector: a command is required (serve)", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format)
     return asyncio.run(_serve(config))
 
 

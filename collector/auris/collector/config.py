@@ -83,6 +83,8 @@ class CollectorConfig:
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
+    # "text" (human lines) or "json" (one object a line: time, level, logger, message).
+    log_format: str = "text"
     # Prometheus metrics on http://HOST:PORT/metrics; empty: off.
     metrics_listen: str = ""
 
@@ -116,6 +118,8 @@ def load_collector_config(
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"{what}: names must be unique ({', '.join(duplicates)} repeated)")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
     return config
