@@ -122,6 +122,34 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument("--report", type=Path, help="folder for the comparison report (default OUT/../reports)")
     zoo.add_argument("--model-id", help="model id (default: the kind)")
     zoo.add_argument("--signing-key", type=Path, help="Ed25519 private key (PEM) to sign the manifest with")
+    for name, text in (
+        (
+            "transactions",
+            "card-fraud models: gradient boosting alone vs the autoencoder hybrid (ULB, handbook-sim)",
+        ),
+        ("ticks", "tick detectors (robust z, isolation forest, transformer) judged on injected anomalies"),
+    ):
+        feed = sub.add_parser(name, help=text)
+        feed.add_argument(
+            "--data",
+            type=Path,
+            default=DEFAULT_DATA,
+            help="data folder holding transactions/ and ticks/ (%(default)s)",
+        )
+        feed.add_argument(
+            "--out", type=Path, default=Path("models/feeds"), help="output folder (%(default)s)"
+        )
+        feed.add_argument(
+            "--candidates", type=Path, help="folder for models not shipped by default (OUT/candidates)"
+        )
+        feed.add_argument(
+            "--reports", type=Path, default=Path("models/reports"), help="reports folder (%(default)s)"
+        )
+        feed.add_argument(
+            "--signing-key", type=Path, help="Ed25519 private key (PEM) to sign the manifests with"
+        )
+        feed.add_argument("--model-version", default="1")
+        feed.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -194,6 +222,77 @@ def _train_zoo(args: argparse.Namespace) -> int:
             f"{evaluation.baseline_macro_f1:.4f}); PR-AUC {evaluation.pr_auc:.4f}; "
             f"normal FPR {evaluation.false_positive_rate:.4f}"
         )
+    return EXIT_OK
+
+
+def _train_feed(args: argparse.Namespace) -> int:
+    from auris.agent.signing import load_private_key
+
+    try:
+        key = load_private_key(args.signing_key) if args.signing_key else None
+    except ValueError as exc:
+        print(f"auris-train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    candidates = args.candidates or args.out / "candidates"
+
+    def progress(items: Any, desc: str) -> Any:
+        return tqdm(items, desc=desc, leave=False)
+
+    if args.command == "transactions":
+        from auris.training.feeds_tx import (
+            HANDBOOK,
+            ULB,
+            handbook_table,
+            ship_transactions,
+            train_transactions,
+            ulb_table,
+        )
+
+        for rel in (ULB, HANDBOOK):
+            if not (args.data / rel).is_file():
+                print(f"auris-train: {args.data / rel} is missing; pass --data DIR", file=sys.stderr)
+                return EXIT_USAGE
+        trained = [
+            train_transactions(ulb_table(args.data / ULB), seed=args.seed, progress=progress),
+            train_transactions(
+                handbook_table(args.data / HANDBOOK, progress=progress), seed=args.seed, progress=progress
+            ),
+        ]
+        for t in trained:
+            for name, v in t.variants.items():
+                if v.parity_tree > 1e-5 or v.parity_ae > 1e-4:
+                    print(
+                        f"auris-train: {t.table.name} {name}: ONNX parity {v.parity_tree:.1e} / "
+                        f"{v.parity_ae:.1e} exceeds 1e-5 / 1e-4; not writing",
+                        file=sys.stderr,
+                    )
+                    return EXIT_PARITY
+            print(f"{t.table.name}: {t.decision}")
+        written = ship_transactions(
+            trained, args.out, candidates, args.reports, version=args.model_version, data_root=args.data,
+            signing_key=key,
+        )  # fmt: skip
+    else:
+        from auris.training.feeds_tick import ship_ticks, train_ticks
+
+        if not (args.data / "ticks").is_dir():
+            print(f"auris-train: {args.data / 'ticks'} is missing; pass --data DIR", file=sys.stderr)
+            return EXIT_USAGE
+        results = train_ticks(args.data / "ticks", seed=args.seed, progress=progress)
+        for name, detector in results.detectors.items():
+            if detector.parity > 1e-4:
+                print(
+                    f"auris-train: {name}: ONNX parity {detector.parity:.1e} exceeds 1e-4; not writing",
+                    file=sys.stderr,
+                )
+                return EXIT_PARITY
+        print(f"default tick detector: {results.default} (best mean F1 over the injected types)")
+        written = ship_ticks(
+            results, args.out, candidates, args.reports, version=args.model_version, data_root=args.data,
+            signing_key=key,
+        )  # fmt: skip
+    for path in written:
+        print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -498,8 +597,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train_network_cic(args)
     if args.command == "zoo":
         return _train_zoo(args)
+    if args.command in ("transactions", "ticks"):
+        return _train_feed(args)
     parser.print_usage(sys.stderr)
-    print("auris-train: a command is required (network-pcap, network-cic, zoo)", file=sys.stderr)
+    print(
+        "auris-train: a command is required (network-pcap, network-cic, zoo, transactions, ticks)",
+        file=sys.stderr,
+    )
     return EXIT_USAGE
 
 

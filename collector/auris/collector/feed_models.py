@@ -1,0 +1,497 @@
+"""Scoring of the transaction and tick feeds on the collector (numpy + onnxruntime only).
+
+``TransactionScorer`` and ``TickScorer`` load signed feed models (``NAME.manifest.json`` +
+``NAME.onnx``, domain TRANSACTION or TICK) and score batches of ``auris.v1`` ``Transaction`` or
+``Tick`` messages given in time order, returning one ``FeedResult`` per scored record.
+
+State: the per-customer / per-terminal windows and the per-symbol bar windows (and trades of
+bars still open) live in the scorer's memory only. They start empty, grow with the number of
+entities and symbols, and are lost when the process stops; after a restart the first hours of
+entity windows and the first bars of each symbol are scored on a short history. A scorer is
+safe to call from several threads (one lock), but its records must arrive in time order.
+
+Transactions: a record whose ``features`` map holds V1..V28 is scored by the ``ulb-pca`` model;
+any other by the ``tx-windows`` model (amount, calendar flags and the entity windows). Every record
+updates the entity windows, whichever model scores it. Ticks: bars are scored as they come;
+trades are made into bars of ``trade_bar_seconds`` and a trade bar is scored when a trade of a
+later bar (or ``flush``) closes it. Bars before a symbol's window is full (``min_history``, or the
+sequence length for sequence models) get score 0 and the explanation ``warm-up``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
+from auris.agent.signing import ModelTrust
+from auris.collector.feed_features import (
+    BAR_SEQ,
+    BAR_Z,
+    FEATURE_SETS,
+    TX_ULB,
+    TX_WINDOWS,
+    BarWindows,
+    FeedFeatureSet,
+    TradeBars,
+    TransactionWindows,
+)
+from auris.v1 import feed_service_pb2, model_pb2
+
+__all__ = [
+    "FeedModel",
+    "FeedResult",
+    "TickScorer",
+    "TransactionScorer",
+    "load_feed_model",
+    "load_feed_models",
+]
+
+logger = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+# Top features named in an explanation.
+_TOP = 3
+_DEFAULT_WINDOW = 60
+_DEFAULT_MIN_HISTORY = 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FeedResult:
+    """One scored record. ``index`` is the position in the batch of the record it belongs to (for
+    a trade bar: the trade that closed it; -1 for bars closed by ``flush``)."""
+
+    index: int
+    # transaction_id, or symbol@bar time (UTC, ISO 8601) for ticks.
+    record_id: str
+    time_ns: int
+    model_id: str
+    model_version: str
+    score: float
+    anomalous: bool
+    explanation: str
+
+    def to_proto(self, feed_id: str) -> feed_service_pb2.FeedScore:
+        message = feed_service_pb2.FeedScore(
+            feed_id=feed_id,
+            record_id=self.record_id,
+            model=model_pb2.ModelRef(model_id=self.model_id, version=self.model_version),
+            score=self.score,
+            anomalous=self.anomalous,
+            explanation=self.explanation,
+        )
+        message.time.FromNanoseconds(self.time_ns)
+        return message
+
+
+@dataclasses.dataclass
+class FeedModel:
+    """A loaded, verified feed model."""
+
+    manifest: model_pb2.ModelManifest
+    path: Path
+    session: ort.InferenceSession
+    feature_set: FeedFeatureSet
+    # For classifiers: the column of the normal class (score = 1 - P(normal)); else None.
+    normal_column: int | None
+    # Sequence models read (rows, window, channels); others (rows, columns).
+    sequence_length: int = 0
+    window: int = _DEFAULT_WINDOW
+    min_history: int = _DEFAULT_MIN_HISTORY
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold.value
+
+    def run(self, x: F32) -> tuple[F64, F32 | None]:
+        """(scores, per-feature explanation values or None) for a batch."""
+        m = self.manifest
+        names = [m.score_output] + ([m.explanation_output] if m.explanation_output else [])
+        out = self.session.run(names, {m.input_name: x})
+        raw = np.asarray(out[0])
+        if self.normal_column is not None:
+            scores = 1.0 - raw[:, self.normal_column].astype(np.float64)
+        else:
+            scores = raw.reshape(len(x)).astype(np.float64)
+        explanation = np.asarray(out[1], dtype=np.float32) if len(out) > 1 else None
+        return scores, explanation
+
+
+_WINDOW_RE = re.compile(r"\bwindow=(\d+)")
+_MIN_HISTORY_RE = re.compile(r"\bmin_history=(\d+)")
+
+
+def load_feed_model(
+    path: Path, trust: ModelTrust, domain: model_pb2.ModelDomain.ValueType, *, threads: int = 1
+) -> FeedModel:
+    """Load one manifest and its graph; ManifestError (one line) when it cannot be used here."""
+    manifest = read_manifest(path)
+    trust.verify(manifest, str(path))
+    if manifest.domain != domain:
+        wanted = model_pb2.ModelDomain.Name(domain)
+        raise ManifestError(f"{path}: domain {model_pb2.ModelDomain.Name(manifest.domain)}, not {wanted}")
+    fs = FEATURE_SETS.get(manifest.feature_set.name)
+    if fs is None:
+        raise ManifestError(f"{path}: unknown feed feature set {manifest.feature_set.name!r}")
+    if manifest.feature_set.version != fs.version:
+        raise ManifestError(
+            f"{path}: feature set {fs.name} v{fs.version} here, "
+            f"the model wants {manifest.feature_set.version}"
+        )
+    if tuple(manifest.feature_set.columns) != fs.columns:
+        raise ManifestError(f"{path}: columns differ from feature set {fs.name} v{fs.version}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            str(onnx_path_of(path, manifest)), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+        raise ManifestError(f"{path}: onnxruntime cannot load {manifest.onnx_file}: {exc}") from None
+    inputs = {i.name: i for i in session.get_inputs()}
+    if manifest.input_name not in inputs:
+        raise ManifestError(f"{path}: graph has no input {manifest.input_name!r}")
+    shape = inputs[manifest.input_name].shape
+    outputs = {o.name for o in session.get_outputs()}
+    for name in filter(None, (manifest.score_output, manifest.explanation_output)):
+        if name not in outputs:
+            raise ManifestError(f"{path}: graph has no output {name!r}")
+    sequence_length = 0
+    if fs is BAR_SEQ:
+        if len(shape) != 3 or not isinstance(shape[1], int) or shape[2] != len(fs.columns):
+            raise ManifestError(
+                f"{path}: a {fs.name} model reads (rows, length, {len(fs.columns)}), not {shape}"
+            )
+        sequence_length = shape[1]
+    elif shape[-1] != len(fs.columns):
+        raise ManifestError(f"{path}: graph reads {shape[-1]} features, {fs.name} has {len(fs.columns)}")
+    normal_column = None
+    if manifest.kind == model_pb2.MODEL_KIND_CLASSIFIER:
+        normal_column = list(manifest.labels).index(manifest.normal_label)
+    window = _WINDOW_RE.search(manifest.preprocessing)
+    min_history = _MIN_HISTORY_RE.search(manifest.preprocessing)
+    return FeedModel(
+        manifest,
+        path,
+        session,
+        fs,
+        normal_column,
+        sequence_length=sequence_length,
+        window=int(window.group(1)) if window else _DEFAULT_WINDOW,
+        min_history=int(min_history.group(1)) if min_history else _DEFAULT_MIN_HISTORY,
+    )
+
+
+def load_feed_models(
+    folder: Path, trust: ModelTrust, domain: model_pb2.ModelDomain.ValueType, *, threads: int = 1
+) -> tuple[list[FeedModel], list[str]]:
+    """Every model of ``domain`` in ``folder`` (other domains are skipped silently), and one line per
+    model refused."""
+    models: list[FeedModel] = []
+    refused: list[str] = []
+    for path in find_manifests(folder):
+        try:
+            if read_manifest(path, verify_file=False).domain != domain:
+                continue
+            models.append(load_feed_model(path, trust, domain, threads=threads))
+        except ManifestError as exc:
+            refused.append(str(exc))
+            logger.warning("refused feed model: %s", exc)
+    return models, refused
+
+
+def _explanations(names: Sequence[str], values: F32, label: str, signed: F32 | None = None) -> list[str]:
+    """'name label value, ...' for the _TOP largest values of each row."""
+    k = min(_TOP, values.shape[1])
+    top = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(values, top, axis=1).argsort(axis=1)[:, ::-1]
+    top = np.take_along_axis(top, order, axis=1)
+    shown = np.take_along_axis(values if signed is None else signed, top, axis=1)
+    fmt = "{} {:+.2f}" if signed is not None else "{} " + label + " {:.3g}"
+    return [
+        ", ".join(fmt.format(names[j], v) for j, v in zip(row, vals, strict=True))
+        for row, vals in zip(top.tolist(), shown.tolist(), strict=True)
+    ]
+
+
+class TransactionScorer:
+    """Scores transactions with the ``ulb-pca`` and/or ``tx-windows`` model (see the module docstring).
+
+    ``explain``: "all" writes an explanation for every record, "flagged" only for anomalous ones
+    (the others get ""), which is cheaper.
+    """
+
+    def __init__(self, models: Sequence[FeedModel], *, explain: str = "all") -> None:
+        if explain not in ("all", "flagged"):
+            raise ValueError("explain must be 'all' or 'flagged'")
+        self.models = list(models)
+        self.explain = explain
+        by_set = {m.feature_set.name: m for m in reversed(self.models)}
+        self.ulb = by_set.get(TX_ULB.name)
+        self.entity = by_set.get(TX_WINDOWS.name)
+        self.windows = TransactionWindows()
+        self.refused: list[str] = []
+        # Records no loaded model could score, and batches a model failed on.
+        self.unscored = 0
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._v_columns = TX_ULB.columns[:-1]
+
+    @classmethod
+    def load(
+        cls, folder: Path, trust: ModelTrust, *, threads: int = 1, explain: str = "all"
+    ) -> TransactionScorer:
+        """The TRANSACTION models in ``folder``; refused ones are listed in ``refused``."""
+        models, refused = load_feed_models(folder, trust, model_pb2.MODEL_DOMAIN_TRANSACTION, threads=threads)
+        scorer = cls(models, explain=explain)
+        scorer.refused = refused
+        return scorer
+
+    def score(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult]:
+        """Score a batch in time order; one result per scored record, in input order."""
+        n = len(transactions)
+        if n == 0:
+            return []
+        times = np.empty(n)
+        amounts = np.empty(n)
+        time_ns: list[int] = []
+        customers: list[str] = []
+        terminals: list[str] = []
+        ulb_rows: list[int] = []
+        ulb_values: list[list[float]] = []
+        v_columns = self._v_columns
+        want_ulb = self.ulb is not None
+        for i, tx in enumerate(transactions):
+            stamp = tx.time
+            seconds, nanos = stamp.seconds, stamp.nanos
+            times[i] = seconds + nanos * 1e-9
+            time_ns.append(seconds * 1_000_000_000 + nanos)
+            amounts[i] = tx.amount
+            customers.append(tx.customer_id)
+            terminals.append(tx.terminal_id)
+            if want_ulb:
+                features = tx.features
+                if len(features) >= len(v_columns):
+                    values = dict(features)
+                    try:
+                        ulb_values.append([values[c] for c in v_columns] + [tx.amount])
+                    except KeyError:
+                        continue
+                    ulb_rows.append(i)
+        with self._lock:
+            window_rows = self.windows.update(times, customers, terminals, amounts)
+            results: list[FeedResult | None] = [None] * n
+            routed = np.zeros(n, dtype=bool)
+            if self.ulb is not None and ulb_rows:
+                rows = np.asarray(ulb_rows, dtype=np.intp)
+                routed[rows] = True
+                x = np.asarray(ulb_values, dtype=np.float32)
+                self._run(self.ulb, x, rows, transactions, time_ns, results)
+            rest = np.flatnonzero(~routed)
+            if self.entity is not None and len(rest):
+                self._run(
+                    self.entity, window_rows[rest].astype(np.float32), rest, transactions, time_ns, results
+                )
+            out = [r for r in results if r is not None]
+            self.unscored += n - len(out)
+            return out
+
+    def _run(
+        self,
+        model: FeedModel,
+        x: F32,
+        rows: npt.NDArray[np.intp],
+        transactions: Sequence[feed_service_pb2.Transaction],
+        time_ns: list[int],
+        results: list[FeedResult | None],
+    ) -> None:
+        try:
+            scores, errors = model.run(x)
+        except Exception as exc:  # onnxruntime's errors are untyped; the records stay unscored
+            self.errors += 1
+            logger.error(
+                "feed model %s@%s failed on %d records: %s", model.model_id, model.version, len(x), exc
+            )
+            return
+        flagged = scores >= model.threshold
+        texts = [""] * len(rows)
+        if errors is not None:
+            pick = np.arange(len(rows)) if self.explain == "all" else np.flatnonzero(flagged)
+            if len(pick):
+                for j, text in zip(
+                    pick.tolist(), _explanations(model.feature_set.columns, errors[pick], "err"), strict=True
+                ):
+                    texts[j] = "reconstruction " + text
+        mid, version = model.model_id, model.version
+        for j, (i, s, a) in enumerate(zip(rows.tolist(), scores.tolist(), flagged.tolist(), strict=True)):
+            results[i] = FeedResult(
+                i, transactions[i].transaction_id, time_ns[i], mid, version, s, a, texts[j]
+            )
+
+
+class TickScorer:
+    """Scores bars (and trades made into bars) with one TICK detector (see the module docstring)."""
+
+    def __init__(self, model: FeedModel, *, trade_bar_seconds: float = 60.0, explain: str = "all") -> None:
+        if explain not in ("all", "flagged"):
+            raise ValueError("explain must be 'all' or 'flagged'")
+        self.model = model
+        self.explain = explain
+        self.bars = BarWindows(model.window, model.min_history, model.sequence_length or _DEFAULT_WINDOW)
+        self.trades = TradeBars(trade_bar_seconds)
+        self.refused: list[str] = []
+        self.errors = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        trust: ModelTrust,
+        *,
+        detector: str | None = None,
+        threads: int = 1,
+        trade_bar_seconds: float = 60.0,
+        explain: str = "all",
+    ) -> TickScorer:
+        """The TICK model in ``folder`` (the default), or the one named ``detector`` in ``folder`` or
+        ``folder/candidates``. ManifestError when there is none, or several and none named."""
+        models, refused = load_feed_models(folder, trust, model_pb2.MODEL_DOMAIN_TICK, threads=threads)
+        if detector is not None:
+            if (folder / "candidates").is_dir():
+                more, more_refused = load_feed_models(
+                    folder / "candidates", trust, model_pb2.MODEL_DOMAIN_TICK, threads=threads
+                )
+                models += more
+                refused += more_refused
+            chosen = [m for m in models if m.model_id == detector]
+            if not chosen:
+                known = ", ".join(sorted({m.model_id for m in models})) or "none"
+                raise ManifestError(f"{folder}: no usable tick detector {detector!r} (usable: {known})")
+        else:
+            chosen = models
+            if len(chosen) != 1:
+                what = "no usable tick model" if not chosen else "several tick models; name one as detector"
+                raise ManifestError(f"{folder}: {what}")
+        scorer = cls(chosen[0], trade_bar_seconds=trade_bar_seconds, explain=explain)
+        scorer.refused = refused
+        return scorer
+
+    def score(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult]:
+        """Score a batch in time order: one result per bar record, and one per trade bar closed."""
+        bar_index: list[int] = []
+        bar_symbol: list[str] = []
+        bar_values: list[tuple[float, float, float, float, float, float]] = []
+        trade_index: list[int] = []
+        trade_symbol: list[str] = []
+        trade_values: list[tuple[float, float, float]] = []
+        for i, tick in enumerate(ticks):
+            stamp = tick.time
+            t = stamp.seconds + stamp.nanos * 1e-9
+            if tick.is_bar:
+                bar_index.append(i)
+                bar_symbol.append(tick.symbol)
+                bar_values.append((t, tick.open, tick.high, tick.low, tick.close, tick.volume))
+            else:
+                trade_index.append(i)
+                trade_symbol.append(tick.symbol)
+                trade_values.append((t, tick.price, tick.size))
+        with self._lock:
+            if trade_index:
+                tv = np.asarray(trade_values, dtype=np.float64)
+                done = self.trades.add(trade_symbol, tv[:, 0], tv[:, 1], tv[:, 2])
+                if len(done):
+                    closing = np.asarray(trade_index, dtype=np.int64)[done.index]
+                    bar_index += closing.tolist()
+                    bar_symbol += done.symbols
+                    bar_values += list(
+                        zip(done.start_s.tolist(), done.open.tolist(), done.high.tolist(), done.low.tolist(),
+                            done.close.tolist(), done.volume.tolist(), strict=True)
+                    )  # fmt: skip
+            if not bar_index:
+                return []
+            order = np.argsort(np.asarray(bar_index), kind="stable")  # trade bars where they closed
+            values = np.asarray(bar_values, dtype=np.float64)[order]
+            index = np.asarray(bar_index, dtype=np.int64)[order]
+            symbols = [bar_symbol[k] for k in order.tolist()]
+            return self._score_bars(index, symbols, values)
+
+    def flush(self) -> list[FeedResult]:
+        """Close and score every open trade bar (end of a file or session)."""
+        with self._lock:
+            done = self.trades.flush()
+            if not len(done):
+                return []
+            values = np.column_stack([done.start_s, done.open, done.high, done.low, done.close, done.volume])
+            return self._score_bars(done.index, done.symbols, values)
+
+    def _score_bars(self, index: npt.NDArray[np.int64], symbols: list[str], values: F64) -> list[FeedResult]:
+        model = self.model
+        sequences = model.sequence_length > 0
+        feats = self.bars.update(
+            symbols, values[:, 0], values[:, 1], values[:, 2], values[:, 3], values[:, 4], values[:, 5],
+            sequences=sequences,
+        )  # fmt: skip
+        need = model.sequence_length - 1 if sequences else model.min_history
+        ready = feats.history >= need
+        n = len(symbols)
+        scores = np.zeros(n)
+        texts = [""] * n
+        x = feats.sequences if feats.sequences is not None else feats.z
+        rows = np.flatnonzero(ready)
+        if len(rows):
+            try:
+                s, errors = model.run(x[rows])
+            except Exception as exc:  # untyped onnxruntime errors: these bars stay unscored
+                self.errors += 1
+                logger.error(
+                    "tick model %s@%s failed on %d bars: %s", model.model_id, model.version, len(rows), exc
+                )
+                return []
+            scores[rows] = s
+            flagged_rows = rows if self.explain == "all" else rows[s >= model.threshold]
+            if len(flagged_rows):
+                if sequences:
+                    assert errors is not None
+                    err = errors[np.searchsorted(rows, flagged_rows)]
+                    shown = _explanations(BAR_SEQ.columns, err, "err")
+                    for j, text in zip(flagged_rows.tolist(), shown, strict=True):
+                        texts[j] = "reconstruction " + text
+                else:
+                    z = feats.z[flagged_rows]
+                    shown = _explanations(BAR_Z.columns, np.abs(z), "", signed=z)
+                    for j, text in zip(flagged_rows.tolist(), shown, strict=True):
+                        texts[j] = text
+        for j in np.flatnonzero(~ready).tolist():
+            texts[j] = f"warm-up: {int(feats.history[j])} of {need} bars"
+        flagged = (scores >= model.threshold) & ready
+        stamps = (values[:, 0] * 1e9).round().astype(np.int64)
+        iso = np.datetime_as_string(stamps.astype("datetime64[ns]"), unit="auto")
+        mid, version = model.model_id, model.version
+        return [
+            FeedResult(i, f"{sym}@{when}Z", t, mid, version, s, a, text)
+            for i, sym, when, t, s, a, text in zip(
+                index.tolist(), symbols, iso.tolist(), stamps.tolist(), scores.tolist(), flagged.tolist(),
+                texts, strict=True,
+            )
+        ]  # fmt: skip
