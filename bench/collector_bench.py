@@ -331,7 +331,7 @@ def _thread_cpu(pid: int) -> dict[str, float]:
         key = (
             "main thread (asyncio event loop: gRPC aio server, parsing, validate_batch)"
             if task.name == str(pid)
-            else "other threads (the SQLite writer, readers, gRPC core)"
+            else "other threads (the SQLite writer, WAL checkpoints, readers, gRPC core)"
         )
         out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
@@ -531,7 +531,9 @@ def subscriber_child(spec: dict[str, Any]) -> None:
     flt = query_service_pb2.VerdictFilter()
     if spec["filter"] == "anomalous":
         flt.anomalous = True
-    call = stub.SubscribeVerdicts(query_service_pb2.SubscribeVerdictsRequest(filter=flt))
+    call = stub.SubscribeVerdicts(
+        query_service_pb2.SubscribeVerdictsRequest(filter=flt, max_batch=spec["max_batch"])
+    )
     # (agent id, sequence, arrival on the monotonic clock, arrival wall-clock ns, collector's
     # received_time ns)
     arrivals: list[tuple[str, int, float, int, int]] = []
@@ -541,16 +543,16 @@ def subscriber_child(spec: dict[str, Any]) -> None:
         try:
             for response in call:
                 now, wall = time.monotonic(), time.time_ns()
-                stored = response.verdict
-                arrivals.append(
-                    (
-                        stored.verdict.agent_id,
-                        stored.verdict.sequence,
-                        now,
-                        wall,
-                        stored.received_time.seconds * 1_000_000_000 + stored.received_time.nanos,
+                for stored in response.verdicts or [response.verdict]:
+                    arrivals.append(
+                        (
+                            stored.verdict.agent_id,
+                            stored.verdict.sequence,
+                            now,
+                            wall,
+                            stored.received_time.seconds * 1_000_000_000 + stored.received_time.nanos,
+                        )
                     )
-                )
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             if code != grpc.StatusCode.CANCELLED:
@@ -629,14 +631,35 @@ def _raw_connection(path: Path) -> sqlite3.Connection:
 
 
 def measure_raw(
-    workload: Workload, db: Path, group: int = 1, drop: Callable[[str], bool] | None = None
+    workload: Workload,
+    db: Path,
+    group: int = 1,
+    drop: Callable[[str], bool] | None = None,
+    *,
+    multi_row: bool = False,
+    checkpointer: bool = False,
 ) -> list[float]:
     """Baseline: executemany of the rows, one transaction per batch; seconds per transaction.
 
-    What-ifs: ``group`` batches per transaction; dropping the indexes ``drop`` picks by name.
+    What-ifs: ``group`` batches per transaction; dropping the indexes ``drop`` picks by name;
+    one multi-row INSERT per batch instead of executemany; WAL checkpoints on another thread.
     """
+    from auris.collector.store import _insert_rows_sql
+
     _fresh_schema(db)
     conn = _raw_connection(db)
+    stop = threading.Event()
+    thread = None
+    if checkpointer:
+        conn.execute("PRAGMA wal_autocheckpoint=4096")
+
+        def checkpoint() -> None:
+            with contextlib.closing(sqlite3.connect(str(db), isolation_level=None)) as other:
+                while not stop.wait(0.05):
+                    other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        thread = threading.Thread(target=checkpoint, daemon=True)
+        thread.start()
     times = []
     try:
         if drop is not None:
@@ -647,11 +670,17 @@ def measure_raw(
             t0 = time.perf_counter()
             conn.execute("BEGIN")
             for _, rows in workload.batches[first : first + group]:
-                conn.executemany(_INSERT_SQL, rows)
+                if multi_row:
+                    conn.execute(_insert_rows_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
+                else:
+                    conn.executemany(_INSERT_SQL, rows)
             conn.execute("COMMIT")
             times.append(time.perf_counter() - t0)
         (count,) = conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()
     finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
         conn.close()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -662,18 +691,31 @@ def measure_raw(
 
 def measure_raw_what_ifs(workload: Workload, work: Path) -> list[tuple[str, float]]:
     """Rows/s of the raw baseline changed one way at a time: where SQLite's time goes."""
-    variants: list[tuple[str, int, Callable[[str], bool] | None]] = [
-        ("one transaction per 8 batches (2,048 rows) instead of per batch", 8, None),
-        ("without the index on last_seen_ns", 1, lambda name: "last_seen" in name),
+    variants: list[tuple[str, int, Callable[[str], bool] | None, bool, bool]] = [
+        ("one transaction per 8 batches (2,048 rows) instead of per batch", 8, None, False, False),
+        ("one multi-row INSERT per batch instead of executemany", 1, None, True, False),
+        ("WAL checkpoints on a thread of their own (autocheckpoint at 4096 pages)", 1, None, False, True),
+        ("all three, as the collector does", 8, None, True, True),
         (
-            "without the three non-unique indexes (scored_ns, last_seen_ns, anomalous+id)",
+            "without the two address indexes ((id block, src_ip), (id block, dst_ip))",
+            1,
+            lambda name: name.endswith("_ip_block"),
+            False,
+            False,
+        ),
+        (
+            "without the non-unique indexes (all but (agent_id, sequence))",
             1,
             lambda name: True,
+            False,
+            False,
         ),
     ]
     out = []
-    for label, group, drop in variants:
-        times = measure_raw(workload, work / "what-if.db", group, drop)
+    for label, group, drop, multi_row, checkpointer in variants:
+        times = measure_raw(
+            workload, work / "what-if.db", group, drop, multi_row=multi_row, checkpointer=checkpointer
+        )
         out.append((label, workload.verdicts / sum(times)))
         _say(f"raw executemany {label}: {_fmt(out[-1][1])} rows/s")
     return out
@@ -705,19 +747,22 @@ class Stages:
     """In-process cost of each step of the collector's ingest path, seconds per verdict."""
 
     verdicts: int
+    group: int  # batches per VerdictStore.ingest_group call
     parse: float  # StreamVerdictsRequest.FromString of the bytes the agent sends
-    validate: float  # services.validate_batch
-    rows: float  # store.verdict_row for each verdict (includes SerializeToString(deterministic))
-    executemany: float  # raw executemany + commit
-    ingest: float  # VerdictStore.ingest as a whole (rows, executemany and its other statements)
-    fetch: float  # with a subscriber: store.fetch of the stored ids (SELECT + parse)
-    matches: float  # with a subscriber: broker.matches per verdict (anomalous-only filter)
+    validate: float  # services.validate_batch: checks, canonical addresses, the rows to store
+    executemany: float  # reference: the raw baseline's executemany + commit of the same rows
+    ingest: float  # VerdictStore.ingest_group: resend check, multi-row INSERTs, agents, rollups, commit
+    match: float  # with a subscriber: its compiled filter per verdict (anomalous only)
+    wrap: float  # with an every-verdict subscriber: messages of 1000 StoredVerdicts from the rows, serialised
 
 
-def measure_stages(workload: Workload, work: Path, max_batches: int) -> Stages:
+def measure_stages(workload: Workload, work: Path, max_batches: int, group: int = 8) -> Stages:
+    """The steps one after the other in this process, on the first ``max_batches`` batches; the
+    store commits ``group`` batches at a time (as group commit does under load)."""
     from auris.agent.uplink import encode_batch
-    from auris.collector.broker import matches
-    from auris.collector.services import validate_batch
+    from auris.collector.broker import compile_filter
+    from auris.collector.services import subscription_message, validate_batch
+    from auris.collector.store import IngestBatch
     from auris.v1 import agent_service_pb2, query_service_pb2
 
     sample = workload.batches[:max_batches]
@@ -726,41 +771,53 @@ def measure_stages(workload: Workload, work: Path, max_batches: int) -> Stages:
     _fresh_schema(raw_db)
     conn = _raw_connection(raw_db)
     store = VerdictStore(store_db, "normal")
-    flt = query_service_pb2.VerdictFilter(anomalous=True)
+    store.checkpoint_in_background()
+    wanted = compile_filter(query_service_pb2.VerdictFilter(anomalous=True))
     last: dict[str, int] = {}
-    t = dict.fromkeys(("parse", "validate", "rows", "executemany", "ingest", "fetch", "matches"), 0.0)
+    t = dict.fromkeys(("parse", "validate", "executemany", "ingest", "match", "wrap"), 0.0)
     n = 0
     try:
-        for agent_id, data in requests:
+        for first in range(0, len(requests), group):
+            batches = []
+            for agent_id, data in requests[first : first + group]:
+                t0 = time.perf_counter()
+                request = agent_service_pb2.StreamVerdictsRequest.FromString(data)
+                t1 = time.perf_counter()
+                received_ns = time.time_ns()
+                last[agent_id], rows = validate_batch(request, last.get(agent_id, 0), received_ns)
+                t2 = time.perf_counter()
+                conn.execute("BEGIN")
+                conn.executemany(_INSERT_SQL, rows)
+                conn.execute("COMMIT")
+                t3 = time.perf_counter()
+                t["parse"] += t1 - t0
+                t["validate"] += t2 - t1
+                t["executemany"] += t3 - t2
+                batches.append(IngestBatch(agent_id, request.verdicts, rows, received_ns))
+                n += len(rows)
             t0 = time.perf_counter()
-            request = agent_service_pb2.StreamVerdictsRequest.FromString(data)
+            results = store.ingest_group(batches)
             t1 = time.perf_counter()
-            last[agent_id] = validate_batch(request, last.get(agent_id, 0))
+            new = [
+                (row_id, row)
+                for result in results
+                if not isinstance(result, Exception)
+                for row_id, row in zip(result.stored_ids, result.rows, strict=True)
+            ]
             t2 = time.perf_counter()
-            verdicts = list(request.verdicts)
-            now = time.time_ns()
-            rows = [verdict_row(v, now) for v in verdicts]
+            for _, row in new:
+                wanted(row)
             t3 = time.perf_counter()
-            conn.execute("BEGIN")
-            conn.executemany(_INSERT_SQL, rows)
-            conn.execute("COMMIT")
+            for i in range(0, len(new), 1000):
+                subscription_message(new[i : i + 1000], batched=True).SerializeToString()
             t4 = time.perf_counter()
-            result = store.ingest(agent_id, verdicts)
-            t5 = time.perf_counter()
-            stored = store.fetch(result.stored_ids)
-            t6 = time.perf_counter()
-            for item in stored:
-                matches(flt, item)
-            t7 = time.perf_counter()
-            for key, d in zip(
-                t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6), strict=True
-            ):
-                t[key] += d
-            n += len(rows)
+            t["ingest"] += t1 - t0
+            t["match"] += t3 - t2
+            t["wrap"] += t4 - t3
     finally:
         conn.close()
         store.close()
-    return Stages(n, *(t[k] / n for k in t))
+    return Stages(n, group, *(t[k] / n for k in t))
 
 
 @dataclasses.dataclass
@@ -840,6 +897,7 @@ def run_ingest(
             spec: dict[str, Any] = {
                 "address": collector.address,
                 "filter": subscribe,
+                "max_batch": args.subscribe_batch,
                 "out": str(work / "arrivals.json"),
             }
             subscriber = Child("--subscriber-child", spec, work / "subscriber.err")
@@ -1180,12 +1238,13 @@ def measure_queries(
             pass
     warm_s = time.perf_counter() - started
     kinds = query_kinds(db, args.seed)
-    collector = Collector(work, db, "query-collector")
-    store = VerdictStore(db, "normal")
+    # Read only: the collector below migrates the database if it needs to, not this process.
+    store = VerdictStore(db, "normal", migrate=False)
     captured: list[str] = []
     store._reader().set_trace_callback(captured.append)
     raw = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     results: list[QueryResult] = []
+    collector = Collector(work, db, "query-collector")
     try:
         with CollectorClient(collector.address, insecure=True, timeout_s=300) as client:
             for k, (name, make) in enumerate(kinds):
@@ -1268,6 +1327,7 @@ class Report:
     queries: list[QueryResult]
     load_before: str
     load_after: str
+    load_samples: list[float]  # the 1-minute load average every 15 s during the run
     started: str
     elapsed_s: float
     notes: list[str]
@@ -1396,7 +1456,6 @@ def where_the_time_goes(r: Report) -> list[str]:
     s = r.stages
     us = 1e6
     e2e = statistics.median(run.rate for run in r.e2e)
-    extra = s.ingest - s.rows - s.executemany
     median_run = sorted(r.e2e, key=lambda run: run.rate)[len(r.e2e) // 2]
     cpu_per = median_run.collector_cpu_s / median_run.acked
     cores = median_run.collector_cpu_s / median_run.seconds
@@ -1410,31 +1469,34 @@ def where_the_time_goes(r: Report) -> list[str]:
     ]
     steps = [
         ("parse StreamVerdictsRequest (protobuf, event-loop thread)", s.parse),
-        ("services.validate_batch (event-loop thread)", s.validate),
-        ("store.verdict_row: columns + SerializeToString(deterministic) (writer thread)", s.rows),
-        ("executemany + commit: the raw baseline's work (writer thread)", s.executemany),
-        ("rest of VerdictStore.ingest: MAX(id), rollup upsert, agents upsert, SELECT stored ids", extra),
+        (
+            "services.validate_batch: checks, canonical addresses (cached), the stored rows with "
+            "SerializeToString(deterministic) (event-loop thread)",
+            s.validate,
+        ),
+        (
+            f"VerdictStore.ingest_group, {s.group} batches a transaction: resend check, multi-row INSERTs, "
+            "agents, rollups, commit (writer thread; WAL checkpoints on their own thread)",
+            s.ingest,
+        ),
     ]
     for name, cost in steps:
         lines.append(f"| {name} | {cost * us:.2f} | {100 * cost / in_process:.0f} % |")
     lines += [
         f"| **sum: the collector's work per verdict without gRPC** | **{in_process * us:.2f}** | 100 % |",
-        f"| with a subscriber, extra: store.fetch of the stored ids (SELECT + parse) | {s.fetch * us:.2f} | "
-        f"+{100 * s.fetch / in_process:.0f} % |",
-        f"| with a subscriber, extra: broker.matches per verdict | {s.matches * us:.2f} | "
-        f"+{100 * s.matches / in_process:.0f} % |",
+        f"| for reference: the raw baseline's executemany + commit of the same rows, a batch a "
+        f"transaction | {s.executemany * us:.2f} | {100 * s.executemany / in_process:.0f} % |",
+        f"| with a subscriber, extra: its compiled filter per verdict (anomalous only) | "
+        f"{s.match * us:.2f} | +{100 * s.match / in_process:.0f} % |",
+        f"| with an every-verdict subscriber, extra: messages of 1000 StoredVerdicts from the stored rows, "
+        "serialised (as gRPC sends them) "
+        f"| {s.wrap * us:.2f} | +{100 * s.wrap / in_process:.0f} % |",
         "",
         f"End to end ({_fmt(e2e)} verdicts/s) the collector spent {us / e2e:.1f} µs of wall time and "
         f"{cpu_per * us:.1f} µs of CPU ({cores:.2f} cores) per verdict (median run); the steps above, "
-        f"run one after the other in one thread, account for {in_process * us:.1f} µs. The remaining "
-        f"~{(cpu_per - in_process) * us:.0f} µs of CPU per verdict is gRPC (HTTP/2, the aio server), "
-        "asyncio and the hand-offs to the writer thread"
-        + (
-            "; the GIL keeps the Python parts of the event loop and the writer from running at once, "
-            "so the collector stays near one core of the two."
-            if cores < 1.2
-            else "."
-        ),
+        f"run one after the other in one thread, account for {in_process * us:.1f} µs. The rest of the "
+        "CPU is gRPC (HTTP/2, the aio server), asyncio, the hand-offs to the writer thread and WAL "
+        "checkpoints. Only the SQLite work runs without the GIL, beside the event loop's Python.",
         "",
     ]
     lines += [
@@ -1491,9 +1553,13 @@ def render(r: Report) -> str:
         "migrations), then one sqlite3 connection, PRAGMA journal_mode=WAL, synchronous=NORMAL, and per "
         f"batch BEGIN; executemany(_INSERT_SQL, rows); COMMIT with the rows verdict_row() makes, batches of "
         f"{args.batch} in the order the collector receives them (agents round-robin); rows built beforehand, "
-        "not timed; runs: " + ", ".join(_fmt(x) for x in raw_rates) + " rows/s",
+        "not timed; runs: " + ", ".join(_fmt(x) for x in raw_rates) + " rows/s. The collector does more "
+        "than this loop: one transaction for the batches of several streams (group commit), multi-row "
+        "INSERTs, WAL checkpoints on a thread of their own; the raw what-ifs below show what each is "
+        "worth to SQLite alone",
         f"end to end: `auris-collector serve --insecure --listen 127.0.0.1:0 --db FRESH_TMP_DB` (plaintext "
-        "gRPC on loopback, default settings: sqlite_synchronous normal, one writer thread), and "
+        "gRPC on loopback, default settings: sqlite_synchronous normal, one writer thread committing "
+        "groups of batches), and "
         f"{args.agents} agent processes (this script's hidden --agent-child mode) that pre-build and "
         "pre-serialise their verdicts with encode_batch, open the channel with the agent's open_channel, "
         f"then, all at one signal, stream batches of {args.batch} on one StreamVerdicts stream each with at "
@@ -1506,8 +1572,9 @@ def render(r: Report) -> str:
         + ", ".join(_filter_text(run.subscriber.filter) for run in r.subscribed if run.subscriber is not None)
         + ") before the agents start, while they stream the same workload into a fresh collector; the "
         "arrival of each verdict (monotonic clock, shared by the processes) is matched with its batch's "
-        "acknowledgement in the agent process. The collector publishes a batch before it acknowledges "
-        "it, so a latency from acknowledgement can be negative",
+        "acknowledgement in the agent process. The collector hands a group commit's verdicts to "
+        "subscribers (matched in memory, no re-read) once the streams in it have acknowledged; the "
+        f"subscriber asks for up to {args.subscribe_batch} verdicts a message (max_batch)",
         f"queries: a database of {args.query_rows:,} verdicts from {args.query_agents} agents (shares "
         f"heavy-tailed) over {args.query_span_hours:g} h, scored time increasing with id, "
         f"{100 * args.anomalous_fraction:g} % anomalous, rollups and agents table filled, no ANALYZE: "
@@ -1546,7 +1613,14 @@ def render(r: Report) -> str:
         "",
         "Machine: "
         + "; ".join(f"{k} {v}" for k, v in machine.items())
-        + f"; load average {r.load_before} at the start, {r.load_after} at the end.",
+        + f"; load average {r.load_before} at the start, {r.load_after} at the end"
+        + (
+            f"; 1-minute load during the run (every 15 s, {len(r.load_samples)} samples): min "
+            f"{min(r.load_samples):.2f}, median {statistics.median(r.load_samples):.2f}, max "
+            f"{max(r.load_samples):.2f} (this benchmark alone keeps about 1-2 of the 2 cores busy)."
+            if r.load_samples
+            else "."
+        ),
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
@@ -1603,6 +1677,12 @@ def _parser() -> argparse.ArgumentParser:
         "--subscribers",
         default="anomalous,all",
         help="subscriber filters to measure, one ingest run each: anomalous, all (default anomalous,all)",
+    )
+    p.add_argument(
+        "--subscribe-batch",
+        type=int,
+        default=1000,
+        help="the subscriber's max_batch: verdicts per message (0: one each; default 1000)",
     )
     p.add_argument(
         "--query-rows", type=int, default=10_000_000, help="verdicts in the query database (default 10M)"
@@ -1681,6 +1761,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     started = time.perf_counter()
     load_before = _loadavg()
+    _say(f"load average (1, 5, 15 min) at the start: {load_before}")
+    load_samples: list[float] = []
+    sampling = threading.Event()
+
+    def sample_load() -> None:
+        while not sampling.wait(15.0):
+            with contextlib.suppress(OSError, ValueError):
+                load_samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+
+    threading.Thread(target=sample_load, name="load", daemon=True).start()
     notes: list[str] = []
 
     def budget_left() -> float:
@@ -1761,6 +1851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"built in {built_s:.0f} s")
         queries, warm_s = measure_queries(args, db, work / "queries", budget_left)
 
+    sampling.set()
     report = Report(
         args=args,
         workload_verdicts=verdicts,
@@ -1781,6 +1872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_warm_s=warm_s,
         queries=queries,
         load_before=load_before,
+        load_samples=load_samples,
         load_after=_loadavg(),
         started=started_at,
         elapsed_s=time.perf_counter() - started,
