@@ -74,6 +74,10 @@ class CollectorConfig:
     # Feeds: a secret (a file of at least 16 bytes) that turns customer and terminal ids into keyed
     # hashes at ingest, so that the database never holds the raw identifiers; empty: stored as sent.
     feed_hash_key_file: str = ""
+    # Signed feed models (domain TRANSACTION and TICK) that score records at ingest; empty: stored
+    # unscored. The tick detector by model id, when the folder holds several.
+    feed_models_dir: str = ""
+    feed_tick_detector: str = ""
     # Alert rules and notification sinks, as [[alert_rules]] and [[alert_sinks]] tables (every
     # key is described in packaging/collector.toml).
     alert_rules: tuple[AlertRule, ...] = ()

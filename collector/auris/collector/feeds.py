@@ -23,16 +23,20 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from auris.agent.manifest import ManifestError
+from auris.agent.signing import ModelTrust
 from auris.collector.broker import Broker, follow
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
-from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc
+from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc, model_pb2
 
 __all__ = [
     "FeedScorer",
+    "FeedScorers",
     "FeedServicer",
     "FeedStore",
     "Scored",
@@ -128,8 +132,68 @@ class Scored:
 # What one batch came to: stored scores, rejected records, alerts changed.
 _Outcome = tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord], list[int]]
 
-# Scores a batch of accepted records (in time order) of one kind; one result per record.
-FeedScorer = Callable[[Sequence[Any]], Sequence[Scored]]
+# Scores a batch of accepted records (in time order) of one kind; one result (or None) per record.
+FeedScorer = Callable[[Sequence[Any]], Sequence[Scored | None]]
+
+
+class FeedScorers:
+    """The feed models, and one scorer per feed (their windows are per feed: the same symbol or
+    customer in two feeds is two histories). Loaded once; a feed's scorer is made on first use."""
+
+    def __init__(self, folder: Path, trust: ModelTrust, tick_detector: str | None = None) -> None:
+        from auris.collector.feed_models import TickScorer, TransactionScorer, load_feed_models
+
+        self._tx_models, refused = load_feed_models(folder, trust, model_pb2.MODEL_DOMAIN_TRANSACTION)
+        try:
+            self._tick_model: Any = TickScorer.load(folder, trust, detector=tick_detector).model
+        except ManifestError as exc:
+            self._tick_model = None
+            refused.append(str(exc).splitlines()[0])
+        self.refused = refused
+        self._new_tx = lambda: TransactionScorer(self._tx_models)
+        self._new_ticks = lambda: TickScorer(self._tick_model)
+        self._tx: dict[str, Any] = {}
+        self._ticks: dict[str, Any] = {}
+
+    @property
+    def models(self) -> list[str]:
+        found = [f"{m.model_id}@{m.version}" for m in self._tx_models]
+        if self._tick_model is not None:
+            found.append(f"{self._tick_model.model_id}@{self._tick_model.version}")
+        return found
+
+    def _score(
+        self, records: Sequence[Any], scorers: dict[str, Any], new: Callable[[], Any]
+    ) -> list[Scored | None]:
+        out: list[Scored | None] = [None] * len(records)
+        by_feed: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            by_feed.setdefault(record.feed_id, []).append(i)
+        for feed_id, rows in by_feed.items():
+            scorer = scorers.get(feed_id)
+            if scorer is None:
+                scorer = scorers[feed_id] = new()
+            for i, result in zip(rows, scorer.score_aligned([records[i] for i in rows]), strict=True):
+                if result is not None:
+                    out[i] = Scored(
+                        result.model_id,
+                        result.model_version,
+                        result.score,
+                        result.anomalous,
+                        result.explanation,
+                    )
+        return out
+
+    def transactions(self, records: Sequence[feed_service_pb2.Transaction]) -> list[Scored | None]:
+        if not self._tx_models:
+            return [None] * len(records)
+        return self._score(records, self._tx, self._new_tx)
+
+    def ticks(self, records: Sequence[feed_service_pb2.Tick]) -> list[Scored | None]:
+        if self._tick_model is None:
+            return [None] * len(records)
+        return self._score(records, self._ticks, self._new_ticks)
+
 
 _COLUMNS = "id, feed_id, record_id, entity, time_ns, model_id, model_version, score, anomalous, explanation"
 

@@ -97,6 +97,11 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     @property
+    def trust(self) -> ModelTrust:
+        """The keys this collector accepts model signatures from (its own included)."""
+        return self._trust
+
+    @property
     def generation(self) -> int:
         return self._generation
 

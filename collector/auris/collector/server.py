@@ -19,7 +19,7 @@ from auris.collector.alerts import Alerts, Notifier
 from auris.collector.auth import AuthInterceptor, Authority
 from auris.collector.broker import Broker, NewVerdict
 from auris.collector.config import CollectorConfig
-from auris.collector.feeds import FeedServicer, FeedStore
+from auris.collector.feeds import FeedScorers, FeedServicer, FeedStore
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
@@ -129,6 +129,15 @@ class Collector:
             raise ValueError(
                 f"feed_hash_key_file {config.feed_hash_key_file}: the key needs at least 16 bytes"
             )
+        scorers = (
+            FeedScorers(Path(config.feed_models_dir), self.registry.trust, config.feed_tick_detector or None)
+            if config.feed_models_dir
+            else None
+        )
+        if scorers is not None:
+            for reason in scorers.refused:
+                logger.error("feed model refused: %s", reason)
+            logger.info("feed models: %s", ", ".join(scorers.models) or "none usable")
         feed_service_pb2_grpc.add_FeedServiceServicer_to_server(
             FeedServicer(
                 self.feeds,
@@ -136,6 +145,8 @@ class Collector:
                 self._readers,
                 self.feed_broker,
                 hash_key=hash_key,
+                score_transactions=scorers.transactions if scorers else None,
+                score_ticks=scorers.ticks if scorers else None,
                 default_page=config.default_page_size,
                 max_page=config.max_page_size,
                 alerts_changed=self._alerts_changed,
