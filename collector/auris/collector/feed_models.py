@@ -72,7 +72,7 @@ class FeedResult:
     a trade bar: the trade that closed it; -1 for bars closed by ``flush``)."""
 
     index: int
-    # transaction_id, or symbol@bar time (UTC, ISO 8601) for ticks.
+    # transaction_id, or symbol@bar time in ns since the epoch for ticks (the feed service's form).
     record_id: str
     time_ns: int
     model_id: str
@@ -316,6 +316,13 @@ class TransactionScorer:
             self.unscored += n - len(out)
             return out
 
+    def score_aligned(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult | None]:
+        """``score`` laid out one slot per input record (None where no model scored it)."""
+        out: list[FeedResult | None] = [None] * len(transactions)
+        for result in self.score(transactions):
+            out[result.index] = result
+        return out
+
     def _run(
         self,
         model: FeedModel,
@@ -436,6 +443,14 @@ class TickScorer:
             symbols = [bar_symbol[k] for k in order.tolist()]
             return self._score_bars(index, symbols, values)
 
+    def score_aligned(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult | None]:
+        """``score`` laid out one slot per input record: a bar's own result; for a trade, the result
+        of the trade bar it closed (record_id names that bar), or None."""
+        out: list[FeedResult | None] = [None] * len(ticks)
+        for result in self.score(ticks):
+            out[result.index] = result
+        return out
+
     def flush(self) -> list[FeedResult]:
         """Close and score every open trade bar (end of a file or session)."""
         with self._lock:
@@ -485,13 +500,11 @@ class TickScorer:
         for j in np.flatnonzero(~ready).tolist():
             texts[j] = f"warm-up: {int(feats.history[j])} of {need} bars"
         flagged = (scores >= model.threshold) & ready
-        stamps = (values[:, 0] * 1e9).round().astype(np.int64)
-        iso = np.datetime_as_string(stamps.astype("datetime64[ns]"), unit="auto")
+        stamps = (values[:, 0] * 1e9).round().astype(np.int64).tolist()
         mid, version = model.model_id, model.version
         return [
-            FeedResult(i, f"{sym}@{when}Z", t, mid, version, s, a, text)
-            for i, sym, when, t, s, a, text in zip(
-                index.tolist(), symbols, iso.tolist(), stamps.tolist(), scores.tolist(), flagged.tolist(),
-                texts, strict=True,
+            FeedResult(i, f"{sym}@{t}", t, mid, version, s, a, text)
+            for i, sym, t, s, a, text in zip(
+                index.tolist(), symbols, stamps, scores.tolist(), flagged.tolist(), texts, strict=True
             )
-        ]  # fmt: skip
+        ]

@@ -138,3 +138,73 @@ def bootstrap(
         name: BootstrapFigure(full[name], float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5)))
         for name, d in draws.items()
     }
+
+
+def _pr_curve(y: B, w: F64, last: npt.NDArray[np.intp]) -> tuple[F64, F64]:
+    """Precision and recall at each distinct threshold (high to low) of rows already sorted by
+    score, descending; ``last`` indexes the last row of each group of equal scores."""
+    tp = np.cumsum(w * y)[last]
+    fp = np.cumsum(w * ~y)[last]
+    flagged = tp + fp
+    precision = np.divide(tp, flagged, out=np.ones_like(tp), where=flagged > 0)
+    recall = tp / tp[-1] if tp[-1] > 0 else np.zeros_like(tp)
+    return precision, recall
+
+
+def bootstrap_pr(
+    y: B,
+    scores: Mapping[str, F64],
+    w: F64 | None,
+    *,
+    target: float,
+    rounds: int = 1000,
+    seed: int = 0,
+    pairs: Mapping[str, tuple[str, str]] | None = None,
+) -> tuple[dict[str, BootstrapFigure], dict[str, BootstrapFigure]]:
+    """(AUPRC, recall at precision ``target``) with 95% percentile intervals, like ``bootstrap`` with
+    ``auprc`` and ``recall_at_precision`` (same figures), but each resample costs O(rows): rows
+    are sorted once per score and a resample only reweights them (multinomial counts within each
+    class, which is drawing rows with replacement)."""
+    weights = np.ones(len(y)) if w is None else np.asarray(w, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    prepared = {}
+    for name, s in scores.items():
+        order = np.argsort(-s, kind="stable")
+        sorted_s = s[order]
+        last = np.flatnonzero(np.r_[sorted_s[1:] != sorted_s[:-1], True])
+        prepared[name] = (order, last)
+
+    def figures(counts: F64) -> dict[str, tuple[float, float]]:
+        out = {}
+        for name, (order, last) in prepared.items():
+            precision, recall = _pr_curve(y[order], (weights * counts)[order], last)
+            ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+            ok = precision >= target
+            out[name] = (ap, float(recall[ok].max()) if ok.any() else 0.0)
+        return out
+
+    full = figures(np.ones(len(y)))
+    draws: dict[str, list[tuple[float, float]]] = {name: [] for name in scores}
+    pair_items = dict(pairs or {})
+    pair_draws: dict[str, list[tuple[float, float]]] = {label: [] for label in pair_items}
+    for _ in range(rounds):
+        counts = np.zeros(len(y))
+        counts[pos] = rng.multinomial(len(pos), np.full(len(pos), 1.0 / len(pos)))
+        counts[neg] = rng.multinomial(len(neg), np.full(len(neg), 1.0 / len(neg)))
+        values = figures(counts)
+        for name in scores:
+            draws[name].append(values[name])
+        for label, (a, b) in pair_items.items():
+            pair_draws[label].append((values[a][0] - values[b][0], values[a][1] - values[b][1]))
+    for label, (a, b) in pair_items.items():
+        full[label] = (full[a][0] - full[b][0], full[a][1] - full[b][1])
+        draws[label] = pair_draws[label]
+    result: tuple[dict[str, BootstrapFigure], dict[str, BootstrapFigure]] = ({}, {})
+    for name, d in draws.items():
+        arr = np.asarray(d)
+        for k in (0, 1):
+            result[k][name] = BootstrapFigure(
+                full[name][k], float(np.percentile(arr[:, k], 2.5)), float(np.percentile(arr[:, k], 97.5))
+            )
+    return result
