@@ -452,9 +452,9 @@ def test_shipped_feed_models_score_without_training_libraries(tmp_path: Path) ->
         models = Path({str(FEED_MODELS)!r})
         txs = read({str(tmp_path / "tx.bin")!r}, feed_service_pb2.Transaction)
         ticks = read({str(tmp_path / "ticks.bin")!r}, feed_service_pb2.Tick)
-        scorer = TransactionScorer.load(models, trust)
+        scorer = TransactionScorer.load(models, trust, explain="all")
         results = [(r, 0) for r in scorer.score(txs[:40])] + [(r, 40) for r in scorer.score(txs[40:])]
-        tick_scorer = TickScorer.load(models, trust)
+        tick_scorer = TickScorer.load(models, trust, explain="all")
         tick_results = (
             [(r, 0) for r in tick_scorer.score(ticks[:500])]
             + [(r, 500) for r in tick_scorer.score(ticks[500:])]
@@ -609,3 +609,18 @@ def test_aligned_results_have_one_slot_per_record() -> None:
     for r in trade_slots:
         assert r.record_id.startswith("IBM@")
         assert r.time_ns < ticks[r.index].time.ToNanoseconds()
+
+
+def test_by_default_only_flagged_records_are_explained_and_maps_stay_untouched() -> None:
+    scorer = TransactionScorer.load(FEED_MODELS, ModelTrust.load([]))
+    txs = _transactions()[: len(_ulb())]
+    partial = feed_service_pb2.Transaction(transaction_id="partial", amount=1.0)
+    partial.time.CopyFrom(txs[-1].time)
+    partial.features["V1"] = 0.5  # not a ULB record: scored by the entity-window model
+    for k in range(3, 40):
+        partial.features[f"extra{k}"] = 1.0  # enough keys to pass the length check
+    results = scorer.score([*txs, partial])
+    assert all(bool(r.explanation) == r.anomalous for r in results)
+    assert any(r.anomalous for r in results)
+    assert results[-1].model_id.startswith("tx-windows")
+    assert "V2" not in partial.features  # the scorer read the map without filling it

@@ -241,7 +241,7 @@ class TransactionScorer:
     (the others get ""), which is cheaper.
     """
 
-    def __init__(self, models: Sequence[FeedModel], *, explain: str = "all") -> None:
+    def __init__(self, models: Sequence[FeedModel], *, explain: str = "flagged") -> None:
         if explain not in ("all", "flagged"):
             raise ValueError("explain must be 'all' or 'flagged'")
         self.models = list(models)
@@ -259,7 +259,7 @@ class TransactionScorer:
 
     @classmethod
     def load(
-        cls, folder: Path, trust: ModelTrust, *, threads: int = 1, explain: str = "all"
+        cls, folder: Path, trust: ModelTrust, *, threads: int = 1, explain: str = "flagged"
     ) -> TransactionScorer:
         """The TRANSACTION models in ``folder``; refused ones are listed in ``refused``."""
         models, refused = load_feed_models(folder, trust, model_pb2.MODEL_DOMAIN_TRANSACTION, threads=threads)
@@ -291,12 +291,11 @@ class TransactionScorer:
             terminals.append(tx.terminal_id)
             if want_ulb:
                 features = tx.features
-                if len(features) >= len(v_columns):
-                    values = dict(features)
-                    try:
-                        ulb_values.append([values[c] for c in v_columns] + [tx.amount])
-                    except KeyError:
-                        continue
+                # Indexing a protobuf map inserts missing keys: look only once all are there.
+                if len(features) >= len(v_columns) and all(map(features.__contains__, v_columns)):
+                    row = [features[c] for c in v_columns]
+                    row.append(tx.amount)
+                    ulb_values.append(row)
                     ulb_rows.append(i)
         with self._lock:
             window_rows = self.windows.update(times, customers, terminals, amounts)
@@ -356,10 +355,17 @@ class TransactionScorer:
             )
 
 
+def _bar_start_ns(start_s: F64) -> list[int]:
+    # Trade bars start on multiples of their length (whole milliseconds): exact in nanoseconds.
+    return [round(s * 1e3) * 1_000_000 for s in start_s.tolist()]
+
+
 class TickScorer:
     """Scores bars (and trades made into bars) with one TICK detector (see the module docstring)."""
 
-    def __init__(self, model: FeedModel, *, trade_bar_seconds: float = 60.0, explain: str = "all") -> None:
+    def __init__(
+        self, model: FeedModel, *, trade_bar_seconds: float = 60.0, explain: str = "flagged"
+    ) -> None:
         if explain not in ("all", "flagged"):
             raise ValueError("explain must be 'all' or 'flagged'")
         self.model = model
@@ -379,7 +385,7 @@ class TickScorer:
         detector: str | None = None,
         threads: int = 1,
         trade_bar_seconds: float = 60.0,
-        explain: str = "all",
+        explain: str = "flagged",
     ) -> TickScorer:
         """The TICK model in ``folder`` (the default), or the one named ``detector`` in ``folder`` or
         ``folder/candidates``. ManifestError when there is none, or several and none named."""
@@ -409,13 +415,16 @@ class TickScorer:
         bar_index: list[int] = []
         bar_symbol: list[str] = []
         bar_values: list[tuple[float, float, float, float, float, float]] = []
+        bar_ns: list[int] = []
         trade_index: list[int] = []
         trade_symbol: list[str] = []
         trade_values: list[tuple[float, float, float]] = []
         for i, tick in enumerate(ticks):
             stamp = tick.time
-            t = stamp.seconds + stamp.nanos * 1e-9
+            seconds, nanos = stamp.seconds, stamp.nanos
+            t = seconds + nanos * 1e-9
             if tick.is_bar:
+                bar_ns.append(seconds * 1_000_000_000 + nanos)
                 bar_index.append(i)
                 bar_symbol.append(tick.symbol)
                 bar_values.append((t, tick.open, tick.high, tick.low, tick.close, tick.volume))
@@ -429,6 +438,7 @@ class TickScorer:
                 done = self.trades.add(trade_symbol, tv[:, 0], tv[:, 1], tv[:, 2])
                 if len(done):
                     closing = np.asarray(trade_index, dtype=np.int64)[done.index]
+                    bar_ns += _bar_start_ns(done.start_s)
                     bar_index += closing.tolist()
                     bar_symbol += done.symbols
                     bar_values += list(
@@ -441,7 +451,8 @@ class TickScorer:
             values = np.asarray(bar_values, dtype=np.float64)[order]
             index = np.asarray(bar_index, dtype=np.int64)[order]
             symbols = [bar_symbol[k] for k in order.tolist()]
-            return self._score_bars(index, symbols, values)
+            stamps = [bar_ns[k] for k in order.tolist()]
+            return self._score_bars(index, symbols, values, stamps)
 
     def score_aligned(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult | None]:
         """``score`` laid out one slot per input record: a bar's own result; for a trade, the result
@@ -458,9 +469,11 @@ class TickScorer:
             if not len(done):
                 return []
             values = np.column_stack([done.start_s, done.open, done.high, done.low, done.close, done.volume])
-            return self._score_bars(done.index, done.symbols, values)
+            return self._score_bars(done.index, done.symbols, values, _bar_start_ns(done.start_s))
 
-    def _score_bars(self, index: npt.NDArray[np.int64], symbols: list[str], values: F64) -> list[FeedResult]:
+    def _score_bars(
+        self, index: npt.NDArray[np.int64], symbols: list[str], values: F64, stamps: list[int]
+    ) -> list[FeedResult]:
         model = self.model
         sequences = model.sequence_length > 0
         feats = self.bars.update(
@@ -500,7 +513,6 @@ class TickScorer:
         for j in np.flatnonzero(~ready).tolist():
             texts[j] = f"warm-up: {int(feats.history[j])} of {need} bars"
         flagged = (scores >= model.threshold) & ready
-        stamps = (values[:, 0] * 1e9).round().astype(np.int64).tolist()
         mid, version = model.model_id, model.version
         return [
             FeedResult(i, f"{sym}@{t}", t, mid, version, s, a, text)
