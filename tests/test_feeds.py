@@ -204,3 +204,31 @@ def test_feed_alert_rules_group_anomalous_scores_by_entity(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="feed rule"):
         AlertRule(name="bad", feed="cards", labels=("x",))
     store.close()
+
+
+def test_the_shipped_feed_models_score_at_ingest(tmp_path: Path) -> None:
+    """Real ULB rows through aurisctl into a collector that scores them with the shipped, signed
+    transaction models: every valid row is scored, and the frauds score higher than the rest (early
+    rows of the set, which the model may have trained on: a functional check, not an evaluation)."""
+    from tests.conftest import MODELS
+
+    with running_collector(tmp_path / "auris.db", feed_models_dir=str(MODELS / "feeds")) as collector:
+        out = io.StringIO()
+        args = ["--collector", collector.address, "--insecure", "feed", "import", "transactions",
+                str(FILES / "ulb-40.csv"), "--feed", "cards", "--map", "Time=time", "--map", "Amount=amount",
+                "--ignore", "Class", "--rest-as-features"]  # fmt: skip
+        assert ctl.main(args, out) == 0, out.getvalue()
+        with CollectorClient(collector.address, insecure=True) as client:
+            stored = list(client.feed_scores("cards", limit=100))
+    assert len(stored) == 37
+    assert all(s.model.model_id for s in stored)
+    fraud_rows = {
+        f"row-{number}"
+        for number, line in enumerate((FILES / "ulb-40.csv").read_text().splitlines()[1:], start=2)
+        if line.rsplit(",", 1)[1] == "1"
+    }
+    fraud = [s.score for s in stored if s.record_id in fraud_rows]
+    normal = [s.score for s in stored if s.record_id not in fraud_rows]
+    assert fraud
+    assert normal
+    assert sum(fraud) / len(fraud) > sum(normal) / len(normal)
