@@ -13,7 +13,8 @@ import onnxruntime as ort
 
 from auris.agent.drift import DriftWindow
 from auris.agent.features import FeatureSet, feature_set
-from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
+from auris.agent.manifest import ManifestError, find_manifests, read_manifest
+from auris.agent.runtime import open_session
 from auris.agent.signing import ModelTrust
 from auris.v1 import model_pb2
 
@@ -135,19 +136,8 @@ def load_model(manifest_path: Path, threads: int = 1, trust: ModelTrust | None =
         fs.check_columns(manifest.feature_set.columns)
     except ValueError as exc:
         raise ManifestError(f"{manifest_path}: {exc}") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            str(onnx_path_of(manifest_path, manifest)), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
-        raise ManifestError(f"{manifest_path}: onnxruntime cannot load {manifest.onnx_file}: {exc}") from None
+    session = open_session(manifest_path, manifest, threads)
     inputs = {i.name: i for i in session.get_inputs()}
-    if manifest.input_name not in inputs:
-        raise ManifestError(f"{manifest_path}: graph has no input {manifest.input_name!r}")
     width = inputs[manifest.input_name].shape[-1]
     if isinstance(width, int) and width != len(manifest.feature_set.columns):
         raise ManifestError(

@@ -31,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from auris.agent.manifest import ManifestError, find_manifests, onnx_path_of, read_manifest
+from auris.agent.manifest import ManifestError, find_manifests, read_manifest
+from auris.agent.runtime import open_session
 from auris.agent.signing import ModelTrust
 from auris.collector.feed_features import (
     BAR_SEQ,
@@ -158,19 +159,8 @@ def load_feed_model(
         )
     if tuple(manifest.feature_set.columns) != fs.columns:
         raise ManifestError(f"{path}: columns differ from feature set {fs.name} v{fs.version}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            str(onnx_path_of(path, manifest)), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
-        raise ManifestError(f"{path}: onnxruntime cannot load {manifest.onnx_file}: {exc}") from None
+    session = open_session(path, manifest, threads)
     inputs = {i.name: i for i in session.get_inputs()}
-    if manifest.input_name not in inputs:
-        raise ManifestError(f"{path}: graph has no input {manifest.input_name!r}")
     shape = inputs[manifest.input_name].shape
     outputs = {o.name for o in session.get_outputs()}
     for name in filter(None, (manifest.score_output, manifest.explanation_output)):
