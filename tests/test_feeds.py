@@ -232,3 +232,23 @@ def test_the_shipped_feed_models_score_at_ingest(tmp_path: Path) -> None:
     assert fraud
     assert normal
     assert sum(fraud) / len(fraud) > sum(normal) / len(normal)
+
+
+def test_a_mixed_batch_keeps_each_reject_under_its_own_feed(tmp_path: Path) -> None:
+    good = _tx(transaction_id="ok")
+    good.feed_id = "a"
+    bad = _tx(transaction_id="neg", amount=-2.0)
+    bad.feed_id = "b"
+    with (
+        running_collector(tmp_path / "auris.db") as collector,
+        CollectorClient(collector.address, insecure=True) as client,
+    ):
+        response = client.submit_transactions([good, bad])
+        assert response.accepted == 1
+        assert [(r.index, r.record_id) for r in response.rejected] == [(1, "neg")]
+        assert list(client.feed_rejects("a")) == []
+        assert [r.record.record_id for r in client.feed_rejects("b")] == ["neg"]
+        assert {f.feed_id: (f.records_accepted, f.records_rejected) for f in client.list_feeds()} == {
+            "a": (1, 0),
+            "b": (0, 1),
+        }

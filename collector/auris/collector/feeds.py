@@ -354,7 +354,14 @@ class FeedStore:
             )
             info.last_record_time.FromNanoseconds(latest)
             out.append(info)
-        return out
+        # Feeds that so far sent nothing valid are listed too.
+        listed = {info.feed_id for info in out}
+        out += [
+            admin_service_pb2.FeedInfo(feed_id=feed_id, records_rejected=count)
+            for feed_id, count in sorted(rejected.items())
+            if feed_id not in listed
+        ]
+        return sorted(out, key=lambda info: info.feed_id)
 
 
 class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
@@ -403,7 +410,9 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                 )
             else:
                 accepted.append(tx)
-        return self._store(TRANSACTIONS, accepted, rejects, lambda t: (t.transaction_id, t.customer_id))
+        return self._store(
+            TRANSACTIONS, batch, accepted, rejects, lambda t: (t.transaction_id, t.customer_id)
+        )
 
     def _ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> _Outcome:
         rejects: list[feed_service_pb2.RejectedRecord] = []
@@ -422,11 +431,12 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             else:
                 accepted.append(tick)
                 latest[key] = _ns(tick.time)
-        return self._store(TICKS, accepted, rejects, lambda t: (tick_record_id(t), t.symbol))
+        return self._store(TICKS, batch, accepted, rejects, lambda t: (tick_record_id(t), t.symbol))
 
     def _store(
         self,
         kind: int,
+        batch: Sequence[Any],
         accepted: Sequence[Any],
         rejects: list[feed_service_pb2.RejectedRecord],
         ids: Callable[[Any], tuple[str, str]],
@@ -442,12 +452,15 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             by_feed.setdefault(record.feed_id, []).append(
                 (record_id, entity, _ns(record.time), record.SerializeToString(), scored)
             )
+        # Each reject is kept under the feed its record named.
+        rejected: dict[str, list[feed_service_pb2.RejectedRecord]] = {}
+        for reject in rejects:
+            rejected.setdefault(batch[reject.index].feed_id, []).append(reject)
         now = time.time_ns()
-        feeds = list(by_feed) or [""]
         alert_ids: list[int] = []
-        for feed_id in feeds:
+        for feed_id in dict.fromkeys([*by_feed, *rejected]):
             added, changed = self._feeds.add(
-                feed_id, kind, by_feed.get(feed_id, []), rejects if feed_id == feeds[0] else [], now
+                feed_id, kind, by_feed.get(feed_id, []), rejected.get(feed_id, []), now
             )
             stored += added
             alert_ids += changed
