@@ -11,7 +11,6 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf import timestamp_pb2
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
@@ -20,7 +19,15 @@ from auris.agent.manifest import MANIFEST_SUFFIX, MANIFEST_VERSION, dump_manifes
 from auris.agent.signing import sign_manifest
 from auris.v1 import model_pb2
 
-__all__ = ["INPUT_NAME", "PROBABILITIES", "export_classifier", "library_versions", "parity", "write_model"]
+__all__ = [
+    "INPUT_NAME",
+    "PROBABILITIES",
+    "export_classifier",
+    "library_versions",
+    "parity",
+    "store_model",
+    "write_model",
+]
 
 INPUT_NAME = "features"
 PROBABILITIES = "probabilities"
@@ -79,11 +86,6 @@ def write_model(
 ) -> Path:
     """Write ``stem.onnx`` and ``stem.manifest.json`` into out_dir (signed when a key is given); return
     the manifest path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"{stem}.onnx"
-    onnx_path.write_bytes(onnx_bytes)
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(dt.datetime.now(dt.UTC).replace(microsecond=0))
     manifest = model_pb2.ModelManifest(
         manifest_version=MANIFEST_VERSION,
         model_id=model_id,
@@ -103,14 +105,31 @@ def write_model(
         library_versions=library_versions(
             "scikit-learn", "skl2onnx", "onnx", "onnxruntime", "nfstream", "numpy"
         ),
-        onnx_file=onnx_path.name,
-        onnx_sha256=file_sha256(onnx_path),
-        created_time=created,
         description=description,
     )
     for path, (sha, rows) in sorted(provenance.items()):
         shown = str(Path(path).relative_to(data_root)) if data_root else path
         manifest.training_data.add(path=shown, sha256=sha, rows=rows)
+    return store_model(out_dir, stem, onnx_bytes, manifest, reference=reference, signing_key=signing_key)
+
+
+def store_model(
+    out_dir: Path,
+    stem: str,
+    onnx_bytes: bytes,
+    manifest: model_pb2.ModelManifest,
+    *,
+    reference: model_pb2.ReferenceDistribution | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
+) -> Path:
+    """Write ``stem.onnx`` and ``stem.manifest.json`` (the manifest completed with the file's name,
+    sha256, creation time and reference; signed when a key is given); return the manifest path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"{stem}.onnx"
+    onnx_path.write_bytes(onnx_bytes)
+    manifest.onnx_file = onnx_path.name
+    manifest.onnx_sha256 = file_sha256(onnx_path)
+    manifest.created_time.FromDatetime(dt.datetime.now(dt.UTC).replace(microsecond=0))
     if reference is not None:
         manifest.reference.CopyFrom(reference)
     if signing_key is not None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf import timestamp_pb2
 
-from auris.agent.manifest import MANIFEST_SUFFIX, MANIFEST_VERSION, dump_manifest, file_sha256
-from auris.agent.signing import sign_manifest
+from auris.agent.manifest import MANIFEST_VERSION
 from auris.collector.feed_features import FeedFeatureSet
-from auris.training.export import library_versions
+from auris.training.export import library_versions, store_model
 from auris.v1 import model_pb2
 
 __all__ = ["write_feed_model"]
@@ -42,11 +39,6 @@ def write_feed_model(
     signing_key: Ed25519PrivateKey | None = None,
 ) -> Path:
     """Write ``model_id.onnx`` and its manifest into ``out_dir`` (signed when a key is given)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"{model_id}.onnx"
-    onnx_path.write_bytes(onnx_bytes)
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(dt.datetime.now(dt.UTC).replace(microsecond=0))
     manifest = model_pb2.ModelManifest(
         manifest_version=MANIFEST_VERSION,
         model_id=model_id,
@@ -65,17 +57,8 @@ def write_feed_model(
         preprocessing=preprocessing,
         evaluation=evaluation,
         library_versions=library_versions("numpy", "onnx", "onnxruntime", *libraries),
-        onnx_file=onnx_path.name,
-        onnx_sha256=file_sha256(onnx_path),
-        created_time=created,
         description=description,
     )
     for path, sha, rows in training_data:
         manifest.training_data.add(path=path, sha256=sha, rows=rows)
-    if reference is not None:
-        manifest.reference.CopyFrom(reference)
-    if signing_key is not None:
-        sign_manifest(manifest, signing_key)
-    manifest_path = out_dir / f"{model_id}{MANIFEST_SUFFIX}"
-    manifest_path.write_text(dump_manifest(manifest), encoding="utf-8")
-    return manifest_path
+    return store_model(out_dir, model_id, onnx_bytes, manifest, reference=reference, signing_key=signing_key)

@@ -21,7 +21,6 @@ detector is the one with the best mean F1 over the five types at its shipped thr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import onnxruntime as ort
 import pandas as pd
 from onnx import TensorProto, helper, numpy_helper
 
+from auris.agent.manifest import file_sha256
 from auris.collector.feed_features import BAR_Z, BarWindows, TradeBars
 from auris.training.feeds_eval import auprc, threshold_figures, threshold_max_f1
 
@@ -109,10 +109,6 @@ class Series:
 
     def __len__(self) -> int:
         return len(self.close)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_series(path: Path, keep_last: int = 0) -> Series:
@@ -699,7 +695,7 @@ def ship_ticks(
     written: list[Path] = []
     training_data = [
         (str(s.source.relative_to(data_root)) if s.source.is_relative_to(data_root) else str(s.source),
-         _sha256(s.source), int(_bounds(len(s))[0]))
+         file_sha256(s.source), int(_bounds(len(s))[0]))
         for s in results.series
     ]  # fmt: skip
     preprocessing = (

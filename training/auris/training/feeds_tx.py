@@ -25,7 +25,6 @@ Two tables:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import onnxruntime as ort
 import pandas as pd
 from onnx import TensorProto, helper, numpy_helper
 
+from auris.agent.manifest import file_sha256
 from auris.collector.feed_features import TX_ULB, TX_WINDOWS, FeedFeatureSet, TransactionWindows
 from auris.training.autoencoder import ERRORS_OUTPUT, Autoencoder, fit_autoencoder
 from auris.training.autoencoder import INPUT_NAME as AE_INPUT
@@ -87,14 +87,6 @@ Progress = Callable[[Iterable[T], str], Iterable[T]]
 
 def _no_progress(items: Iterable[T], desc: str) -> Iterable[T]:
     return items
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -149,7 +141,7 @@ def ulb_table(path: Path) -> TxTable:
         weights=weights,
         split=split,
         source=path,
-        sha256=_sha256(path),
+        sha256=file_sha256(path),
     )
 
 
@@ -198,7 +190,7 @@ def handbook_table(path: Path, batch: int = 50_000, progress: Progress[int] = _n
         weights=np.ones(len(y)),
         split=split,
         source=path,
-        sha256=_sha256(path),
+        sha256=file_sha256(path),
         extra_rows={f"scenario {s}": evaluate[(scenario[evaluate] == s)] for s in (1, 2, 3)},
     )
 
