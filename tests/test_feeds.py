@@ -26,6 +26,7 @@ from auris.v1 import feed_service_pb2
 from tests.conftest import DATA, running_collector, wait_for
 
 FILES = DATA / "feed-files"
+FEED_FIXTURES = DATA / "feeds"
 
 
 def _tx(**fields: object) -> feed_service_pb2.Transaction:
@@ -252,3 +253,79 @@ def test_a_mixed_batch_keeps_each_reject_under_its_own_feed(tmp_path: Path) -> N
             "a": (1, 0),
             "b": (0, 1),
         }
+
+
+def _fixture_records(
+    name: str, fmt: FileFormat
+) -> list[feed_service_pb2.Transaction | feed_service_pb2.Tick]:
+    records = [r for _, r in read_records(FEED_FIXTURES / name, fmt) if not isinstance(r, str)]
+    assert records
+    return records
+
+
+def _scores_by_record(
+    db: Path, batches: list[list[feed_service_pb2.Transaction | feed_service_pb2.Tick]]
+) -> dict[str, tuple[float, str]]:
+    """Send the batches to a collector with the shipped feed models on ``db``; every score it
+    answered with, by record id (the model's explanation beside it)."""
+    from tests.conftest import MODELS
+
+    out: dict[str, tuple[float, str]] = {}
+    with (
+        running_collector(db, feed_models_dir=str(MODELS / "feeds")) as collector,
+        CollectorClient(collector.address, insecure=True) as client,
+    ):
+        for batch in batches:
+            if isinstance(batch[0], feed_service_pb2.Transaction):
+                tx_answer = client.submit_transactions(batch)  # type: ignore[arg-type]
+                scores = tx_answer.scores
+            else:
+                tick_answer = client.submit_ticks(batch)  # type: ignore[arg-type]
+                scores = tick_answer.scores
+            for s in scores:
+                if s.model.model_id:
+                    out[f"{s.feed_id}/{s.record_id}"] = (s.score, s.explanation)
+    return out
+
+
+def test_window_state_is_rebuilt_from_the_store_after_a_restart(tmp_path: Path) -> None:
+    """Entity windows (transactions with customer and terminal ids), bar windows and the open trade
+    bar (ticks) are replayed from the stored records when a restarted collector meets a feed
+    again: the records after the restart score exactly as in one uninterrupted run, and a collector
+    that starts empty (what a restart did before) scores many of them differently."""
+    transactions = _fixture_records(
+        "handbook-sample.csv",
+        FileFormat("transactions", "cards", ignore=("TX_FRAUD", "TX_FRAUD_SCENARIO")),
+    )
+    bars = _fixture_records("bars-sample.csv", FileFormat("ticks", "bars"))
+    trades = _fixture_records(
+        "trades-sample.csv.gz",
+        FileFormat("ticks", "trades", symbol="IBM", ignore=("exchange", "condition", "suspicious")),
+    )
+
+    def halves(records: list) -> tuple[list[list], list[list]]:  # type: ignore[type-arg]
+        """Each symbol's (or the whole feed's) first half, then the second, in batches of 97."""
+        first: list = []  # type: ignore[type-arg]
+        second: list = []  # type: ignore[type-arg]
+        for symbol in dict.fromkeys(getattr(r, "symbol", "") for r in records):
+            mine = [r for r in records if getattr(r, "symbol", "") == symbol]
+            first += mine[: len(mine) // 2]
+            second += mine[len(mine) // 2 :]
+        return [first[i : i + 97] for i in range(0, len(first), 97)], [
+            second[i : i + 97] for i in range(0, len(second), 97)
+        ]
+
+    firsts, seconds = zip(*(halves(r) for r in (transactions, bars, trades)), strict=True)
+    before = [b for part in firsts for b in part]
+    after = [b for part in seconds for b in part]
+    whole = _scores_by_record(tmp_path / "whole.db", before + after)
+    _scores_by_record(tmp_path / "restarted.db", before)
+    restarted = _scores_by_record(tmp_path / "restarted.db", after)
+    fresh = _scores_by_record(tmp_path / "fresh.db", after)
+
+    for feed in ("cards", "bars", "trades"):
+        keys = [k for k in restarted if k.startswith(feed + "/")]
+        assert len(keys) > (10 if feed == "trades" else 100), (feed, len(keys))
+        assert {k: restarted[k] for k in keys} == {k: whole[k] for k in keys}, feed
+        differs = sum(fresh.get(k) != whole[k] for k in keys)
+        assert differs > len(keys) // 4, (feed, differs, len(keys))

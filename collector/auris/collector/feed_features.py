@@ -370,6 +370,11 @@ class BarWindows:
     def symbols(self) -> int:
         return len(self._symbols)
 
+    @property
+    def kept(self) -> int:
+        """Past bars a symbol's state holds: replaying more than this restores the state."""
+        return self._keep
+
     def update(
         self,
         symbols: Sequence[str],

@@ -5,10 +5,10 @@
 ``Tick`` messages given in time order, returning one ``FeedResult`` per scored record.
 
 State: the per-customer / per-terminal windows and the per-symbol bar windows (and trades of
-bars still open) live in the scorer's memory only. They start empty, grow with the number of
-entities and symbols, and are lost when the process stops; after a restart the first hours of
-entity windows and the first bars of each symbol are scored on a short history. A scorer is
-safe to call from several threads (one lock), but its records must arrive in time order.
+bars still open) live in the scorer's memory. They start empty and grow with the number of
+entities and symbols; ``warm`` feeds earlier records into them without scoring (the collector
+replays its stored records after a restart, ``feeds.FeedScorers``). A scorer is safe to call
+from several threads (one lock), but its records must arrive in time order.
 
 Transactions: a record whose ``features`` map holds V1..V28 is scored by the ``ulb-pca`` model;
 any other by the ``tx-windows`` model (amount, calendar flags and the entity windows). Every record
@@ -257,6 +257,16 @@ class TransactionScorer:
         scorer.refused = refused
         return scorer
 
+    def warm(self, transactions: Sequence[feed_service_pb2.Transaction]) -> None:
+        """Feed earlier records (in time order) into the entity windows without scoring them."""
+        n = len(transactions)
+        times = np.fromiter((t.time.seconds + t.time.nanos * 1e-9 for t in transactions), np.float64, n)
+        amounts = np.fromiter((t.amount for t in transactions), np.float64, n)
+        with self._lock:
+            self.windows.update(
+                times, [t.customer_id for t in transactions], [t.terminal_id for t in transactions], amounts
+            )
+
     def score(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult]:
         """Score a batch in time order; one result per scored record, in input order."""
         n = len(transactions)
@@ -402,6 +412,24 @@ class TickScorer:
 
     def score(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult]:
         """Score a batch in time order: one result per bar record, and one per trade bar closed."""
+        with self._lock:
+            bars = self._bars(ticks)
+            return self._score_bars(*bars) if bars is not None else []
+
+    def warm(self, ticks: Sequence[feed_service_pb2.Tick]) -> None:
+        """Feed earlier records (in time order) into the bar windows and the open trade bars
+        without scoring them."""
+        with self._lock:
+            bars = self._bars(ticks)
+            if bars is not None:
+                _, symbols, v, _ = bars
+                self.bars.update(symbols, v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5])
+
+    def _bars(
+        self, ticks: Sequence[feed_service_pb2.Tick]
+    ) -> tuple[npt.NDArray[np.int64], list[str], F64, list[int]] | None:
+        """The bars a batch brings (its bar records, and the trade bars its trades close), in input
+        order: (index of the closing record, symbols, time + OHLCV rows, start times in ns)."""
         bar_index: list[int] = []
         bar_symbol: list[str] = []
         bar_values: list[tuple[float, float, float, float, float, float]] = []
@@ -422,27 +450,26 @@ class TickScorer:
                 trade_index.append(i)
                 trade_symbol.append(tick.symbol)
                 trade_values.append((t, tick.price, tick.size))
-        with self._lock:
-            if trade_index:
-                tv = np.asarray(trade_values, dtype=np.float64)
-                done = self.trades.add(trade_symbol, tv[:, 0], tv[:, 1], tv[:, 2])
-                if len(done):
-                    closing = np.asarray(trade_index, dtype=np.int64)[done.index]
-                    bar_ns += _bar_start_ns(done.start_s)
-                    bar_index += closing.tolist()
-                    bar_symbol += done.symbols
-                    bar_values += list(
-                        zip(done.start_s.tolist(), done.open.tolist(), done.high.tolist(), done.low.tolist(),
-                            done.close.tolist(), done.volume.tolist(), strict=True)
-                    )  # fmt: skip
-            if not bar_index:
-                return []
-            order = np.argsort(np.asarray(bar_index), kind="stable")  # trade bars where they closed
-            values = np.asarray(bar_values, dtype=np.float64)[order]
-            index = np.asarray(bar_index, dtype=np.int64)[order]
-            symbols = [bar_symbol[k] for k in order.tolist()]
-            stamps = [bar_ns[k] for k in order.tolist()]
-            return self._score_bars(index, symbols, values, stamps)
+        if trade_index:
+            tv = np.asarray(trade_values, dtype=np.float64)
+            done = self.trades.add(trade_symbol, tv[:, 0], tv[:, 1], tv[:, 2])
+            if len(done):
+                closing = np.asarray(trade_index, dtype=np.int64)[done.index]
+                bar_ns += _bar_start_ns(done.start_s)
+                bar_index += closing.tolist()
+                bar_symbol += done.symbols
+                bar_values += list(
+                    zip(done.start_s.tolist(), done.open.tolist(), done.high.tolist(), done.low.tolist(),
+                        done.close.tolist(), done.volume.tolist(), strict=True)
+                )  # fmt: skip
+        if not bar_index:
+            return None
+        order = np.argsort(np.asarray(bar_index), kind="stable")  # trade bars where they closed
+        values = np.asarray(bar_values, dtype=np.float64)[order]
+        index = np.asarray(bar_index, dtype=np.int64)[order]
+        symbols = [bar_symbol[k] for k in order.tolist()]
+        stamps = [bar_ns[k] for k in order.tolist()]
+        return index, symbols, values, stamps
 
     def score_aligned(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult | None]:
         """``score`` laid out one slot per input record: a bar's own result; for a trade, the result

@@ -21,7 +21,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -140,8 +140,20 @@ class FeedScorers:
     """The feed models, and one scorer per feed (their windows are per feed: the same symbol or
     customer in two feeds is two histories). Loaded once; a feed's scorer is made on first use."""
 
-    def __init__(self, folder: Path, trust: ModelTrust, tick_detector: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        trust: ModelTrust,
+        tick_detector: str | None = None,
+        *,
+        history: FeedStore | None = None,
+        max_replay: int = 2_000_000,
+    ) -> None:
         from auris.collector.feed_models import TickScorer, TransactionScorer, load_feed_models
+
+        # Stored records replayed into a feed's windows when its scorer is made (after a restart).
+        self._history = history
+        self.max_replay = max_replay
 
         self._tx_models, refused = load_feed_models(folder, trust, model_pb2.MODEL_DOMAIN_TRANSACTION)
         try:
@@ -163,7 +175,7 @@ class FeedScorers:
         return found
 
     def _score(
-        self, records: Sequence[Any], scorers: dict[str, Any], new: Callable[[], Any]
+        self, kind: int, records: Sequence[Any], scorers: dict[str, Any], new: Callable[[], Any]
     ) -> list[Scored | None]:
         out: list[Scored | None] = [None] * len(records)
         by_feed: dict[str, list[int]] = {}
@@ -173,6 +185,7 @@ class FeedScorers:
             scorer = scorers.get(feed_id)
             if scorer is None:
                 scorer = scorers[feed_id] = new()
+                self._rebuild(kind, feed_id, scorer)
             for i, result in zip(rows, scorer.score_aligned([records[i] for i in rows]), strict=True):
                 if result is not None:
                     out[i] = Scored(
@@ -184,15 +197,46 @@ class FeedScorers:
                     )
         return out
 
+    def _rebuild(self, kind: int, feed_id: str, scorer: Any) -> None:
+        """Replay the feed's stored records into a new scorer's windows, without scoring them."""
+        if self._history is None:
+            return
+        started = time.monotonic()
+        chunks: Iterator[Sequence[Any]]
+        if kind == TRANSACTIONS:
+            span_s = max(scorer.windows.customers.windows)
+            chunks = self._history.recent_transactions(feed_id, span_s, self.max_replay)
+        else:
+            chunks = self._history.recent_ticks(feed_id, 2 * scorer.bars.kept + 1, scorer.trades.seconds)
+        replayed = 0
+        for chunk in chunks:
+            scorer.warm(chunk)
+            replayed += len(chunk)
+        if replayed:
+            logger.info(
+                "feed %s: windows rebuilt from %d stored records in %.1f s",
+                feed_id,
+                replayed,
+                time.monotonic() - started,
+            )
+
     def transactions(self, records: Sequence[feed_service_pb2.Transaction]) -> list[Scored | None]:
         if not self._tx_models:
             return [None] * len(records)
-        return self._score(records, self._tx, self._new_tx)
+        return self._score(TRANSACTIONS, records, self._tx, self._new_tx)
 
     def ticks(self, records: Sequence[feed_service_pb2.Tick]) -> list[Scored | None]:
         if self._tick_model is None:
             return [None] * len(records)
-        return self._score(records, self._ticks, self._new_ticks)
+        return self._score(TICKS, records, self._ticks, self._new_ticks)
+
+    def flush(self) -> list[tuple[str, list[Scored]]]:
+        """Close and score every open trade bar (end of a file): (feed, scores) per feed."""
+        return [
+            (feed_id, [Scored(r.model_id, r.model_version, r.score, r.anomalous, r.explanation)
+                       for r in scorer.flush()])
+            for feed_id, scorer in self._ticks.items()
+        ]  # fmt: skip
 
 
 _COLUMNS = "id, feed_id, record_id, entity, time_ns, model_id, model_version, score, anomalous, explanation"
@@ -244,6 +288,75 @@ class FeedStore:
                     self._last_tick[(feed_id, entity)] = int(latest)
                 self._loaded.add(feed_id)
             return self._last_tick.get((feed_id, symbol))
+
+    def recent_transactions(
+        self, feed_id: str, span_s: float, limit: int, chunk: int = 10_000
+    ) -> Iterator[list[feed_service_pb2.Transaction]]:
+        """The feed's stored transactions of the last ``span_s`` before its newest one (at most
+        ``limit``, the newest kept), in the order they were stored, in chunks. Walking back stops
+        at the first record older than the span: records that came that late are left out."""
+        conn = self._store.reader()
+        rows = conn.execute(
+            "SELECT id, time_ns FROM feed_records WHERE feed_id = ? AND kind = ? ORDER BY id DESC",
+            (feed_id, TRANSACTIONS),
+        )
+        first_id: int | None = None
+        cutoff: int | None = None
+        for taken, (row_id, time_ns) in enumerate(rows):
+            if cutoff is None:
+                cutoff = time_ns - int(span_s * 1e9)
+            if time_ns < cutoff or taken >= limit:
+                break
+            first_id = row_id
+        rows.close()
+        if first_id is None:
+            return
+        after = first_id - 1
+        while True:
+            page = conn.execute(
+                "SELECT id, record_pb FROM feed_records WHERE feed_id = ? AND kind = ? AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (feed_id, TRANSACTIONS, after, chunk),
+            ).fetchall()
+            if not page:
+                return
+            after = page[-1][0]
+            yield [feed_service_pb2.Transaction.FromString(blob) for _, blob in page]
+
+    def recent_ticks(
+        self, feed_id: str, bars: int, trade_bar_seconds: float
+    ) -> Iterator[list[feed_service_pb2.Tick]]:
+        """Per symbol, the stored ticks of the feed's last ``bars`` bars (bar records, or the
+        trades of whole trade bars, the open one included), oldest first; one chunk a symbol."""
+        conn = self._store.reader()
+        symbols = [
+            entity
+            for (entity,) in conn.execute(
+                "SELECT DISTINCT entity FROM feed_records WHERE feed_id = ? AND kind = ?", (feed_id, TICKS)
+            )
+        ]
+        bucket_ns = int(trade_bar_seconds * 1e9)
+        for symbol in symbols:
+            rows = conn.execute(
+                "SELECT time_ns, record_pb FROM feed_records WHERE feed_id = ? AND kind = ? AND entity = ?"
+                " ORDER BY time_ns DESC, id DESC",
+                (feed_id, TICKS, symbol),
+            )
+            ticks: list[feed_service_pb2.Tick] = []
+            seen = 0
+            last_bucket: int | None = None
+            for time_ns, blob in rows:
+                tick = feed_service_pb2.Tick.FromString(blob)
+                bucket = None if tick.is_bar else time_ns // bucket_ns
+                if bucket is None or bucket != last_bucket:
+                    seen += 1
+                    if seen > bars:
+                        break
+                last_bucket = bucket
+                ticks.append(tick)
+            rows.close()
+            if ticks:
+                yield ticks[::-1]
 
     def add(
         self,

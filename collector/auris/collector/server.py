@@ -130,7 +130,12 @@ class Collector:
                 f"feed_hash_key_file {config.feed_hash_key_file}: the key needs at least 16 bytes"
             )
         scorers = (
-            FeedScorers(Path(config.feed_models_dir), self.registry.trust, config.feed_tick_detector or None)
+            FeedScorers(
+                Path(config.feed_models_dir),
+                self.registry.trust,
+                config.feed_tick_detector or None,
+                history=self.feeds,
+            )
             if config.feed_models_dir
             else None
         )
