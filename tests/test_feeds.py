@@ -5,8 +5,10 @@ order kept across a restart, scores queried and streamed."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import io
+import json
 import math
 import shutil
 import sqlite3
@@ -256,9 +258,9 @@ def test_a_mixed_batch_keeps_each_reject_under_its_own_feed(tmp_path: Path) -> N
 
 
 def _fixture_records(
-    name: str, fmt: FileFormat
+    name: str, fmt: FileFormat, folder: Path = FEED_FIXTURES
 ) -> list[feed_service_pb2.Transaction | feed_service_pb2.Tick]:
-    records = [r for _, r in read_records(FEED_FIXTURES / name, fmt) if not isinstance(r, str)]
+    records = [r for _, r in read_records(folder / name, fmt) if not isinstance(r, str)]
     assert records
     return records
 
@@ -329,3 +331,61 @@ def test_window_state_is_rebuilt_from_the_store_after_a_restart(tmp_path: Path) 
         assert {k: restarted[k] for k in keys} == {k: whole[k] for k in keys}, feed
         differs = sum(fresh.get(k) != whole[k] for k in keys)
         assert differs > len(keys) // 4, (feed, differs, len(keys))
+
+
+def test_feed_score_writes_one_row_per_input_row_with_the_collectors_scores(tmp_path: Path) -> None:
+    """`aurisctl feed score` runs the file through the same reader, validation and scorers as
+    ingest, on this host: one output row per input row in input order, rejected rows with their
+    reason, and the very scores a live collector gives the same records."""
+    source = tmp_path / "cards.csv"
+    lines = (FEED_FIXTURES / "handbook-sample.csv").read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 3)[0] + ",-3.5,0,0"  # a negative amount: rejected at ingest
+    lines[9] = lines[9].rsplit(",", 3)[0] + ",lots,0,0"  # not a number: the file reader's reject
+    source.write_text("\n".join(lines) + "\n")
+    ignore = ["--ignore", "TX_FRAUD", "--ignore", "TX_FRAUD_SCENARIO"]
+    out = io.StringIO()
+    assert ctl.main(["feed", "score", "transactions", str(source), "--feed", "cards", "--out",
+                     str(tmp_path / "scores.csv"), *ignore], out) == 0, out.getvalue()  # fmt: skip
+    assert "796 rows" in out.getvalue()
+    assert "794 scored" in out.getvalue()
+    assert "2 rejected" in out.getvalue()
+    with (tmp_path / "scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["row"]) for r in rows] == list(range(2, 798))
+    assert (rows[4]["status"], rows[8]["status"]) == ("rejected", "rejected")
+    assert "amount is negative" in rows[4]["reason"]
+    assert "not a number" in rows[8]["reason"]
+
+    fmt = FileFormat("transactions", "cards", ignore=("TX_FRAUD", "TX_FRAUD_SCENARIO"))
+    records = _fixture_records("cards.csv", fmt, folder=tmp_path)
+    live = _scores_by_record(
+        tmp_path / "auris.db", [records[i : i + 100] for i in range(0, len(records), 100)]
+    )
+    offline = {f"cards/{r['record_id']}": float(r["score"]) for r in rows if r["status"] == "scored"}
+    assert len(offline) == 794
+    assert offline == pytest.approx({k: v[0] for k, v in live.items()}, rel=1e-6)
+
+    # The same through JSON lines and Parquet; trades carry the score of their one-minute bar.
+    trades = ["feed", "score", "ticks", str(FEED_FIXTURES / "trades-sample.csv.gz"), "--symbol", "IBM",
+              "--ignore", "exchange", "--ignore", "condition", "--ignore", "suspicious"]  # fmt: skip
+    assert ctl.main([*trades, "--out", str(tmp_path / "t.jsonl")], io.StringIO()) == 0
+    assert ctl.main([*trades, "--out", str(tmp_path / "t.parquet")], io.StringIO()) == 0
+    as_json = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    as_parquet = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    assert len(as_json) == len(as_parquet) == 3000
+    assert [r["score"] for r in as_json] == [r["score"] for r in as_parquet]
+    by_bar: dict[str, set[object]] = {}
+    for r in as_json:
+        if r["status"] == "scored":
+            by_bar.setdefault(r["bar"], set()).add(r["score"])
+    assert len(by_bar) > 50
+    assert all(len(scores) == 1 for scores in by_bar.values())
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = ctl.main(
+            ["feed", "score", "transactions", str(source), "--out", str(tmp_path / "x.csv")], io.StringIO()
+        )
+    assert code == ctl.EXIT_USAGE
+    assert "unknown column 'TX_FRAUD'" in err.getvalue()
+    assert not (tmp_path / "x.csv").exists()

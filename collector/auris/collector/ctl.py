@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -28,11 +28,16 @@ from auris.agent.config import ConfigError, build_config
 from auris.collector.client import EXPORT_COLUMNS, CollectorClient, flat_verdict, verdict_filter
 from auris.v1 import admin_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
+if TYPE_CHECKING:
+    from auris.collector.feed_files import FileFormat
+
 __all__ = ["main", "parse_since"]
 
 EXIT_OK, EXIT_RPC, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # The collector's API port on this host (its default api_listen).
 DEFAULT_API = "127.0.0.1:50052"
+# The feed models shipped in a source checkout (an installed package names its own with --models).
+SHIPPED_FEED_MODELS = Path(__file__).resolve().parents[3] / "models" / "feeds"
 
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -390,11 +395,16 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("import", "send a CSV (plain or .gz) or Parquet file to a feed, with a progress line"),
         ("replay", "stream a file into a feed at --rate records per second (demonstrations, load)"),
-    ):
+        ("score", "score a file on this host with the feed models (no collector needed): one output"
+                  " row per input row"),
+    ):  # fmt: skip
         sender = feed_verbs.add_parser(name, help=text)
         sender.add_argument("kind", choices=["transactions", "ticks"])
         sender.add_argument("file", type=Path)
-        sender.add_argument("--feed", required=True, metavar="ID", help="the feed's id")
+        if name == "score":
+            sender.add_argument("--feed", default="offline", metavar="ID", help="the records' feed id")
+        else:
+            sender.add_argument("--feed", required=True, metavar="ID", help="the feed's id")
         sender.add_argument(
             "--map", action="append", default=[], metavar="COLUMN=FIELD", help="map a column onto a field"
         )
@@ -407,6 +417,20 @@ def _parser() -> argparse.ArgumentParser:
         sender.add_argument("--batch", type=int, default=1000, help="records per request (default 1000)")
         if name == "replay":
             sender.add_argument("--rate", type=float, required=True, help="records per second")
+        if name == "score":
+            sender.add_argument(
+                "--out", required=True, metavar="FILE",
+                help="where the scores go: .csv, .jsonl or .parquet (by suffix); - for CSV on stdout",
+            )  # fmt: skip
+            sender.add_argument(
+                "--models", type=Path, default=None, metavar="DIR",
+                help="the feed models (default: the shipped models/feeds of this checkout)",
+            )  # fmt: skip
+            sender.add_argument("--detector", default=None, help="ticks: the detector's model id")
+            sender.add_argument(
+                "--model-key", action="append", default=[], type=Path, metavar="PEM",
+                help="also trust this public key's model signatures (the release keys always are)",
+            )  # fmt: skip
     scores = feed_verbs.add_parser("scores", help="stored feed records with their scores, newest first")
     scores.add_argument("--feed", default="", metavar="ID")
     scores.add_argument("--since", type=parse_since, help="records after this (1h, 7d, ISO time)")
@@ -1249,9 +1273,9 @@ def _db(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
-    """feed import|replay: batches in file order; every rejected row reported with its row number."""
-    from auris.collector.feed_files import FeedFileError, FileFormat, read_records
+def _file_format(args: argparse.Namespace) -> FileFormat:
+    """The column mapping that ``feed import|replay|score`` take."""
+    from auris.collector.feed_files import FileFormat
 
     mapping = {}
     for item in args.map:
@@ -1259,9 +1283,51 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
         if not sep:
             raise ConfigError(f"--map expects COLUMN=FIELD, got {item!r}")
         mapping[column] = field
-    fmt = FileFormat(
+    return FileFormat(
         args.kind, args.feed, mapping, args.ignore, args.rest_as_features, args.symbol, args.time_unit
     )
+
+
+def _score_feed_file(args: argparse.Namespace, out: TextIO) -> int:
+    """feed score: the file through the feed models on this host (``feed_offline.py``)."""
+    from auris.agent.manifest import ManifestError
+    from auris.agent.signing import ModelTrust
+    from auris.collector.feed_files import FeedFileError
+    from auris.collector.feed_offline import load_scorer, score_file, summary_lines
+
+    models = args.models or SHIPPED_FEED_MODELS
+    if not models.is_dir():
+        raise ConfigError(f"{models}: no such folder of feed models (pass --models DIR)")
+    fmt = _file_format(args)
+    try:
+        trust = ModelTrust.load(args.model_key)
+        scorer = load_scorer(args.kind, models, trust, detector=args.detector)
+    except (ManifestError, ValueError) as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    target = None if args.out == "-" else Path(args.out)
+
+    def progress(rows: int) -> None:
+        print(f"\r{rows:,} rows", end="", file=sys.stderr)
+
+    try:
+        summary = score_file(
+            args.file, fmt, scorer, target, batch=max(1, args.batch), stdout=out, progress=progress
+        )
+    except FeedFileError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{args.out}: {exc.strerror or exc}") from None
+    print("\r" + " " * 24 + "\r", end="", file=sys.stderr)
+    for line in summary_lines(summary, args.file, args.out if target else "stdout"):
+        print(line, file=sys.stderr if target is None else out)
+    return EXIT_OK
+
+
+def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
+    """feed import|replay: batches in file order; every rejected row reported with its row number."""
+    from auris.collector.feed_files import FeedFileError, read_records
+
+    fmt = _file_format(args)
     rate = getattr(args, "rate", None)
     batch_size = max(1, min(args.batch, int(rate) if rate else args.batch))
     send = client.submit_transactions if args.kind == "transactions" else client.submit_ticks
@@ -1307,7 +1373,7 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
 
 def _feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.verb is None:
-        raise ConfigError("feed needs a verb: import, replay, scores, rejects, tail or list")
+        raise ConfigError("feed needs a verb: import, replay, score, scores, rejects, tail or list")
     if args.verb in ("import", "replay"):
         return _send_feed(client, args, out)
     if args.verb == "list":
@@ -1395,6 +1461,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     ):
         try:
             return _sign(args, out) if args.verb == "sign" else _retrain(args, out)
+        except ConfigError as exc:
+            print(f"aurisctl: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.command == "feed" and args.verb == "score":
+        try:
+            return _score_feed_file(args, out)
         except ConfigError as exc:
             print(f"aurisctl: {exc}", file=sys.stderr)
             return EXIT_USAGE
