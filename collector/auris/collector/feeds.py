@@ -85,7 +85,11 @@ def validate_transaction(tx: feed_service_pb2.Transaction) -> str | None:
         return reason
     if tx.amount < 0:
         return f"amount is negative ({tx.amount:g})"
-    bad = next((name for name, value in tx.features.items() if not math.isfinite(value)), None)
+    features = tx.features
+    # The sum of finite values is finite unless it overflows: look one by one only then.
+    if not features or math.isfinite(sum(map(features.__getitem__, features))):
+        return None
+    bad = next((name for name, value in features.items() if not math.isfinite(value)), None)
     return f"feature {bad!r} is not a finite number" if bad is not None else None
 
 
@@ -370,21 +374,27 @@ class FeedStore:
         transaction; return the stored scores and the ids of alerts they changed."""
         out: list[feed_service_pb2.FeedScore] = []
         alert_ids: list[int] = []
+        rows = [
+            (feed_id, kind, record_id, entity, time_ns, now_ns,
+             scored.model_id if scored else "", scored.model_version if scored else "",
+             scored.score if scored else None, int(bool(scored and scored.anomalous)),
+             scored.explanation if scored else "", blob)
+            for record_id, entity, time_ns, blob, scored in records
+        ]  # fmt: skip
         with self._store.writing() as conn:
-            for record_id, entity, time_ns, blob, scored in records:
-                values = (
-                    feed_id, kind, record_id, entity, time_ns, now_ns,
-                    scored.model_id if scored else "", scored.model_version if scored else "",
-                    scored.score if scored else None, int(bool(scored and scored.anomalous)),
-                    scored.explanation if scored else "", blob,
-                )  # fmt: skip
-                cursor = conn.execute(
+            if rows:
+                conn.executemany(
                     "INSERT INTO feed_records (feed_id, kind, record_id, entity, time_ns, received_ns,"
                     " model_id, model_version, score, anomalous, explanation, record_pb)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    values,
+                    rows,
                 )
-                out.append(_score((cursor.lastrowid, *values[:1], record_id, entity, time_ns, *values[6:11])))
+                # One writer, rowids without AUTOINCREMENT: the batch took consecutive ids.
+                first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows) + 1
+                out = [
+                    _score((first + i, row[0], row[2], row[3], row[4], *row[6:11]))
+                    for i, row in enumerate(rows)
+                ]
             conn.executemany(
                 "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
                 " VALUES (?,?,?,?,?)",
@@ -511,9 +521,10 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         rejects: list[feed_service_pb2.RejectedRecord] = []
         accepted: list[feed_service_pb2.Transaction] = []
         for index, original in enumerate(batch):
-            tx = feed_service_pb2.Transaction()
-            tx.CopyFrom(original)
-            if self._hash_key is not None:
+            tx = original
+            if self._hash_key is not None:  # on a copy: the request stays as it came
+                tx = feed_service_pb2.Transaction()
+                tx.CopyFrom(original)
                 tx.customer_id = hash_identifier(self._hash_key, tx.customer_id)
                 tx.terminal_id = hash_identifier(self._hash_key, tx.terminal_id)
             reason = validate_transaction(tx)
@@ -533,7 +544,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         latest: dict[tuple[str, str], int] = {}
         for index, tick in enumerate(batch):
             key = (tick.feed_id, tick.symbol)
-            last = latest.get(key, self._feeds.last_tick_ns(*key) if tick.symbol else None)
+            last = latest[key] if key in latest else self._feeds.last_tick_ns(*key) if tick.symbol else None
             reason = validate_tick(tick, last)
             if reason is not None:
                 rejects.append(

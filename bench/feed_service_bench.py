@@ -1,0 +1,244 @@
+"""Feeds end to end: records through gRPC into a real collector that validates, scores, stores
+and acknowledges them, against the scorers alone in the same run.
+
+    .venv/bin/python bench/feed_service_bench.py               # report in bench/results/feed-service.md
+    .venv/bin/python bench/feed_service_bench.py --rows 50000  # a quick look
+
+A real ``auris-collector serve`` (plaintext on loopback, ``feed_models_dir`` = the shipped
+``models/feeds``, a fresh database) and this process as the producer. Requests are serialised
+before the clock starts and sent through a generic channel, so the figures are the collector's
+(validation, scoring, SQLite commit, the per-record scores in the answer) plus the loopback
+round trip, not the client's protobuf encoding.
+
+- Single transaction: ``SubmitTransactions`` with one ULB record, one call after the other; the
+  latency from send to answer. Baseline: ``TransactionScorer.score([record])`` alone.
+- Batched: ``StreamTransactions`` / ``StreamTicks`` with ``--batch`` records a request, the
+  client sending as fast as gRPC's flow control lets it; rate = records / time to the last answer.
+  Baseline: the scorer alone on the same batches.
+
+Targets (issue 6): single-transaction p99 <= 10 ms, >= 50k transactions/s batched, >= 100k bars/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from feeds_bench import _bars, _ulb_transactions
+
+from auris.agent.signing import ModelTrust
+from auris.collector.feed_models import TickScorer, TransactionScorer
+from auris.v1 import feed_service_pb2
+from benchlib import REPO, command, fmt, loadavg, machine, percentile, say, verdict, versions
+
+MODELS = REPO / "models" / "feeds"
+VERSIONS = ["grpcio", "numpy", "onnxruntime", "protobuf"]
+_SERVICE = "/auris.v1.FeedService/"
+
+
+class Collector:
+    """A real collector with the feed models, plaintext on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        config = workdir / "collector.toml"
+        config.write_text(f'feed_models_dir = "{MODELS}"\n', encoding="utf-8")
+        address_file = workdir / "address"
+        self.log_path = workdir / "collector.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*command("auris-collector", "auris.collector.cli"), "serve", "--config", str(config),
+             "--listen", "127.0.0.1:0", "--insecure", "--db", str(workdir / "auris.db"),
+             "--address-file", str(address_file), "--log-level", "warning"],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (address_file.is_file() and address_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.address = address_file.read_text().strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _refeed(records: Sequence[Any], feed_id: str) -> list[Any]:
+    out = []
+    for record in records:
+        copy = type(record)()
+        copy.CopyFrom(record)
+        copy.feed_id = feed_id
+        out.append(copy)
+    return out
+
+
+def single_latency(
+    channel: grpc.Channel, records: Sequence[feed_service_pb2.Transaction], warm: int
+) -> list[float]:
+    """ms from send to answer of one-record SubmitTransactions calls, after ``warm`` calls."""
+    call = channel.unary_unary(_SERVICE + "SubmitTransactions", None, None)
+    payloads = [
+        feed_service_pb2.SubmitTransactionsRequest(transactions=[r]).SerializeToString() for r in records
+    ]
+    times = []
+    for i, payload in enumerate(payloads):
+        start = time.perf_counter()
+        answer = feed_service_pb2.SubmitTransactionsResponse.FromString(call(payload, timeout=30))
+        elapsed = (time.perf_counter() - start) * 1e3
+        if answer.accepted != 1:
+            raise RuntimeError(f"record {i} not accepted: {answer.rejected}")
+        if i >= warm:
+            times.append(elapsed)
+    return times
+
+
+def stream_rate(
+    channel: grpc.Channel, method: str, payloads: Sequence[bytes], answer_type: Any, records: int
+) -> float:
+    """Records/s of a client stream of pre-serialised requests, to the last answer."""
+    call = channel.stream_stream(_SERVICE + method, None, None)
+    accepted = 0
+    start = time.perf_counter()
+    for raw in call(iter(payloads), timeout=600):
+        accepted += answer_type.FromString(raw).accepted
+    elapsed = time.perf_counter() - start
+    if accepted != records:
+        raise RuntimeError(f"{method}: {accepted} of {records} records accepted")
+    return records / elapsed
+
+
+def scorer_rate(make: Callable[[], Any], records: Sequence[Any], batch: int) -> float:
+    scorer = make()
+    start = time.perf_counter()
+    for i in range(0, len(records), batch):
+        scorer.score(records[i : i + batch])
+    return len(records) / (time.perf_counter() - start)
+
+
+def scorer_latency(make: Callable[[], Any], records: Sequence[Any], warm: int) -> list[float]:
+    scorer = make()
+    times = []
+    for i, record in enumerate(records):
+        start = time.perf_counter()
+        scorer.score([record])
+        if i >= warm:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _batches(records: Sequence[Any], batch: int, request: Callable[[Sequence[Any]], Any]) -> list[bytes]:
+    return [request(records[i : i + batch]).SerializeToString() for i in range(0, len(records), batch)]
+
+
+@contextlib.contextmanager
+def running_collector(keep: Path | None) -> Iterator[Collector]:
+    with tempfile.TemporaryDirectory(prefix="auris-feed-bench-") as tmp:
+        collector = Collector(keep or Path(tmp))
+        try:
+            yield collector
+        finally:
+            collector.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=200_000, help="records per batched pass (%(default)s)")
+    p.add_argument("--batch", type=int, default=1000, help="records per request (%(default)s)")
+    p.add_argument("--latency-calls", type=int, default=3000)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feed-service.md")
+    p.add_argument("--keep", type=Path, default=None, help="keep the collector's folder here")
+    args = p.parse_args(argv)
+    data = args.data if args.data.is_dir() else None
+    trust = ModelTrust.load([])
+
+    def tx_scorer() -> TransactionScorer:
+        return TransactionScorer.load(MODELS, trust)
+
+    def tick_scorer() -> TickScorer:
+        return TickScorer.load(MODELS, trust)
+
+    say("building records")
+    warm = 300
+    ulb = _ulb_transactions(args.rows + args.latency_calls + warm)
+    single = _refeed(ulb[: args.latency_calls + warm], "single")
+    batched = _refeed(ulb[args.latency_calls + warm :], "batched")
+    bars, bar_source = _bars(args.rows, data)
+    tx_payloads = _batches(
+        batched, args.batch, lambda b: feed_service_pb2.StreamTransactionsRequest(transactions=b)
+    )
+    bar_payloads = _batches(bars, args.batch, lambda b: feed_service_pb2.StreamTicksRequest(ticks=b))
+
+    say("scorers alone")
+    base_single = scorer_latency(tx_scorer, single, warm)
+    base_tx = scorer_rate(tx_scorer, batched, args.batch)
+    base_bars = scorer_rate(tick_scorer, bars, args.batch)
+
+    with running_collector(args.keep) as collector, grpc.insecure_channel(
+        collector.address,
+        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+    ) as channel:  # fmt: skip
+        say(f"collector at {collector.address}: single transactions")
+        e2e_single = single_latency(channel, single, warm)
+        say("batched transactions")
+        e2e_tx = stream_rate(
+            channel,
+            "StreamTransactions",
+            tx_payloads,
+            feed_service_pb2.StreamTransactionsResponse,
+            len(batched),
+        )
+        say("bars")
+        e2e_bars = stream_rate(
+            channel, "StreamTicks", bar_payloads, feed_service_pb2.StreamTicksResponse, len(bars)
+        )
+
+    p50, p99 = percentile(e2e_single, 50), percentile(e2e_single, 99)
+    b50, b99 = percentile(base_single, 50), percentile(base_single, 99)
+    rows = [
+        ("single transaction, p50 (ms)", f"{b50:.2f}", f"{p50:.2f}", f"{p50 / b50:.1f}x", "", ""),
+        ("single transaction, p99 (ms)", f"{b99:.2f}", f"{p99:.2f}", f"{p99 / b99:.1f}x", "<= 10 ms",
+         verdict(p99 <= 10)),
+        (f"transactions/s, batches of {args.batch}", fmt(base_tx), fmt(e2e_tx), f"{e2e_tx / base_tx:.2f}x",
+         ">= 50k", verdict(e2e_tx >= 50_000)),
+        (f"bars/s, batches of {args.batch}", fmt(base_bars), fmt(e2e_bars), f"{e2e_bars / base_bars:.2f}x",
+         ">= 100k", verdict(e2e_bars >= 100_000)),
+    ]  # fmt: skip
+    text = [
+        "# Feed service benchmark (`bench/feed_service_bench.py`)\n\n",
+        "Through gRPC into a real collector (validation, scoring with the shipped feed models, SQLite "
+        "commit, one score per record in the answer), against the scorer alone on the same records in "
+        "the same run.\n\n",
+        f"Records: ULB fixture rows with V1..V28 (`tx-ulb-gb`); bars: {bar_source} (`tick-robust-z`). "
+        f"{args.latency_calls} single calls after {warm} warm-up calls; {len(batched):,} transactions "
+        f"and {len(bars):,} bars in requests of {args.batch}.\n\n",
+        "| what | scorer alone | end to end | ratio | target | |\n|---|---|---|---|---|---|\n",
+        *(f"| {' | '.join(r)} |\n" for r in rows),
+        f"\nMachine: {machine()}; load average at the end {loadavg()}. The producer runs on the same "
+        f"2 cores as the collector.\n\nVersions: {versions(VERSIONS)}.\n",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(text), encoding="utf-8")
+    print("".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
