@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from auris.collector.client import CollectorClient, verdict_filter
+from auris.collector.config import CollectorConfig
 from tests.conftest import MODELS, PCAPS, CollectorThread, free_port, wait_for
 from tests.test_end_to_end import nfstream_reference, stored_facts
 
@@ -142,3 +143,51 @@ def test_agent_killed_mid_replay(collector: CollectorThread, tmp_path: Path) -> 
     assert final.wait(120) == 0, log.read_text()[-3000:]
     _assert_exactly_once(collector.address, pcaps)
     assert "resuming" in log.read_text()
+
+
+@pytest.mark.timeout(240)
+def test_a_full_disk_under_the_agents_spool_loses_only_what_it_counts(tmp_path: Path) -> None:
+    """The agent's state directory on a real, small filesystem that fills up mid-replay while the
+    collector is away: the agent keeps going, counts the batches it could not spool, and once
+    there is room and a collector, delivers the rest; every flow is stored at most once, and stored
+    plus counted drops is every flow of the captures."""
+    from tests.test_spool import _fill, _small_tmpfs
+
+    pcaps = _copies(tmp_path, 6)
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "agent.log"
+    with _small_tmpfs(tmp_path / "state", "16m") as state:
+        slow = tmp_path / "agent.toml"
+        slow.write_text("uplink_batch = 32\nuplink_window = 1\n")
+        agent = _spawn([*_agent_args(address, state, pcaps), "--config", str(slow)], log)
+        try:
+
+            def used() -> int:
+                return sum(f.stat().st_size for f in state.iterdir() if f.is_file())
+
+            assert wait_for(lambda: used() > 512 * 1024, 60), log.read_text()[-3000:]
+            filler = _fill(state)
+            assert wait_for(lambda: "disk full" in log.read_text(), 60), log.read_text()[-3000:]
+            assert agent.poll() is None, "the agent stopped on a full disk"
+            filler.unlink()
+            db = tmp_path / "collector.db"
+            collector = CollectorThread(CollectorConfig(listen=address, insecure=True, db=str(db)))
+            collector.start()
+            try:
+                assert agent.wait(120) == 0, log.read_text()[-3000:]
+                with CollectorClient(address, insecure=True) as c:
+                    stored = list(c.query(verdict_filter(), page_size=1000))
+            finally:
+                collector.stop()
+        finally:
+            if agent.poll() is None:
+                _kill9(agent)
+    text = log.read_text()
+    found = re.search(r"(\d+) dropped by the spool cap, (\d+) for a full disk", text)
+    assert found is not None, text[-3000:]
+    dropped = int(found.group(2))
+    expected = nfstream_reference(CAPTURE)
+    assert dropped > 0
+    assert len(stored) + dropped == sum(expected.values()) * len(pcaps)
+    for p in pcaps:
+        assert not stored_facts(stored, p.name) - expected, p.name  # nothing twice, nothing made up

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from auris.agent.spool import Spool
 from auris.v1 import verdict_pb2
@@ -161,3 +166,59 @@ def test_sigterm_while_waiting_for_an_unreachable_collector_exits_within_the_dra
     assert time.monotonic() - started < 10
     assert agent.returncode == 0, err
     assert "they are sent at the next start" in err
+
+
+@contextlib.contextmanager
+def _small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` at ``where`` (tmpfs; needs root)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full-disk test needs root to mount a small tmpfs")
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"this machine forbids mounting a tmpfs: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Take every free byte of ``folder``'s filesystem; the file to delete for room again."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_drops_and_counts_batches_and_the_spool_goes_on(tmp_path: Path) -> None:
+    """On a real full filesystem: batches are dropped and counted (no exception reaches the
+    caller), acknowledgements wait, and once there is room the spool stores again and writes the
+    drop count and the replay progress the dropped batches covered."""
+    with _small_tmpfs(tmp_path / "state", "1m") as state:
+        spool = Spool(state / "spool.db")
+        assert len(spool.append(_build, 50, replay=("capture-a", 50))) == 50
+        filler = _fill(state)
+        dropped = 0
+        for _ in range(20):
+            dropped += 100 - len(spool.append(_build, 100, replay=("capture-a", 100)))
+        assert dropped >= 100  # the disk refused whole batches
+        assert spool.stats.dropped_disk_full == dropped
+        assert spool.stats.dropped == dropped
+        assert spool.stats.depth == 50 + 2000 - dropped
+        stored = spool.pending_sequences()
+        assert stored == list(range(1, len(stored) + 1))  # no sequence taken by a dropped batch
+        filler.unlink()
+        assert len(spool.append(_build, 10, replay=("capture-a", 10))) == 10
+        spool.acknowledge(spool.stats.last_sequence)
+        assert spool.stats.depth == 0
+        spool.close()
+        again = Spool(state / "spool.db")
+        assert again.stats.dropped == dropped  # written with the batch that fitted
+        assert again.replay_progress("capture-a") == (50 + 2000 + 10, False)
+        again.close()

@@ -236,7 +236,7 @@ def run(
     logger.info(
         "metered %d flows (%d anomalous, %d skipped as already spooled) in %.1fs; %d verdicts acknowledged, "
         "%d resent as duplicates, %d refused, %d reconnects, %d failed scoring batches; spool depth %d, "
-        "%d dropped by the spool cap",
+        "%d dropped by the spool cap, %d for a full disk",
         report.flows,
         report.anomalies,
         report.flows_skipped,
@@ -247,7 +247,8 @@ def run(
         stats.reconnects,
         agent.models.errors,
         spooled.depth,
-        spooled.dropped,
+        spooled.dropped - spooled.dropped_disk_full,
+        spooled.dropped_disk_full,
     )
     spool.close()
     channel.close()

@@ -94,7 +94,7 @@ _HEALTH = {
         "Verdicts the collector refused.",
     ),
     "spool_depth": ("auris_agent_spool_depth", "gauge", "Verdicts spooled, not yet acknowledged."),
-    "spool_dropped": ("auris_agent_spool_dropped_total", "counter", "Verdicts dropped by the spool cap."),
+    "spool_dropped": ("auris_agent_spool_dropped_total", "counter", "Verdicts dropped (cap, full disk)."),
     "scoring_errors": ("auris_agent_scoring_errors_total", "counter", "Batches a model failed to score."),
     "uptime_seconds": ("auris_agent_uptime_seconds", "gauge", "Seconds since the agent started."),
 }

@@ -36,7 +36,13 @@ CREATE TABLE IF NOT EXISTS replays (
 class SpoolStats:
     depth: int
     last_sequence: int
+    # Verdicts lost: the oldest ones over the size cap, and whole batches a full disk refused.
     dropped: int
+    dropped_disk_full: int = 0
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class Spool:
@@ -62,6 +68,11 @@ class Spool:
             raise ValueError(f"spool {path} is unusable: {exc}") from None
         self._last_sequence = self._counter("last_sequence")
         self._dropped = self._counter("dropped")
+        self._dropped_disk_full = 0
+        # While the disk is full: drops not yet written, and flows of replays they covered.
+        self._unsaved_drops = False
+        self._unsaved_replay: dict[str, int] = {}
+        self._unsaved_complete: set[str] = set()
         self._wakeup = threading.Condition(self._lock)
 
     def _counter(self, name: str) -> int:
@@ -78,7 +89,7 @@ class Spool:
     @property
     def stats(self) -> SpoolStats:
         with self._lock:
-            return SpoolStats(self._depth, self._last_sequence, self._dropped)
+            return SpoolStats(self._depth, self._last_sequence, self._dropped, self._dropped_disk_full)
 
     def replay_progress(self, source: str) -> tuple[int, bool]:
         """Flows of ``source`` already spooled, and whether the whole capture was."""
@@ -89,12 +100,23 @@ class Spool:
         return (int(row[0]), bool(row[1])) if row else (0, False)
 
     def mark_replay_complete(self, source: str) -> None:
+        """Record that all of ``source`` was spooled (on a full disk, with the next batch that fits;
+        until then a restart meters the rest of it again)."""
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO replays (source, flows_spooled, complete) VALUES (?, 0, 1)"
-                " ON CONFLICT(source) DO UPDATE SET complete = 1",
-                (source,),
-            )
+            try:
+                self._mark_complete(source)
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    raise
+                self._unsaved_complete.add(source)
+                self._unsaved_drops = True
+
+    def _mark_complete(self, source: str) -> None:
+        self._conn.execute(
+            "INSERT INTO replays (source, flows_spooled, complete) VALUES (?, 0, 1)"
+            " ON CONFLICT(source) DO UPDATE SET complete = 1",
+            (source,),
+        )
 
     def forget_replay(self, source: str) -> None:
         with self._lock:
@@ -110,47 +132,83 @@ class Spool:
 
         ``build(index, sequence)`` makes the index-th verdict of the batch. ``replay`` is (source, flows of it
         in this batch): its progress is recorded atomically with the verdicts.
+
+        When the disk is full the batch is dropped, counted (``dropped_disk_full``), and nothing
+        is returned; the counts and the replay progress it covered are written with the next
+        batch that fits (a restart before that meters those flows again, which loses nothing).
         """
         with self._lock:
             first = self._last_sequence + 1
             verdicts = [build(i, first + i) for i in range(count)]
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany(
-                    "INSERT INTO verdicts (sequence, verdict) VALUES (?, ?)",
-                    [(v.sequence, v.SerializeToString()) for v in verdicts],
-                )
-                last = first + count - 1 if count else self._last_sequence
-                self._set_counter("last_sequence", last)
-                depth = self._depth + count
-                dropped = 0
-                if depth > self._max:
-                    dropped = depth - self._max
-                    self._conn.execute(
-                        "DELETE FROM verdicts WHERE sequence IN"
-                        " (SELECT sequence FROM verdicts ORDER BY sequence LIMIT ?)",
-                        (dropped,),
+                dropped = self._store(verdicts, first, count, replay)
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    raise
+                if not self._unsaved_drops:
+                    logger.error(
+                        "spool %s: disk full (%s); dropping verdicts until it has room", self.path, exc
                     )
-                    self._set_counter("dropped", self._dropped + dropped)
+                self._dropped += count
+                self._dropped_disk_full += count
+                self._unsaved_drops = True
                 if replay is not None:
-                    source, flows = replay
-                    self._conn.execute(
-                        "INSERT INTO replays (source, flows_spooled, complete) VALUES (?, ?, 0)"
-                        " ON CONFLICT(source) DO UPDATE"
-                        " SET flows_spooled = flows_spooled + excluded.flows_spooled",
-                        (source, flows),
-                    )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._last_sequence = last
-            self._depth = depth - dropped
+                    self._unsaved_replay[replay[0]] = self._unsaved_replay.get(replay[0], 0) + replay[1]
+                return []
+            self._last_sequence = first + count - 1 if count else self._last_sequence
+            self._depth += count - dropped
             if dropped:
                 self._dropped += dropped
                 logger.warning("spool full (%d verdicts): dropped the %d oldest", self._max, dropped)
+            if self._unsaved_drops:
+                self._unsaved_drops = False
+                self._unsaved_replay.clear()
+                self._unsaved_complete.clear()
+                logger.warning("spool %s has room again (%d verdicts dropped so far for a full disk)",
+                               self.path, self._dropped_disk_full)  # fmt: skip
             self._wakeup.notify_all()
         return verdicts
+
+    def _store(
+        self, verdicts: list[verdict_pb2.Verdict], first: int, count: int, replay: tuple[str, int] | None
+    ) -> int:
+        """One batch in one transaction; how many of the oldest verdicts the cap dropped."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany(
+                "INSERT INTO verdicts (sequence, verdict) VALUES (?, ?)",
+                [(v.sequence, v.SerializeToString()) for v in verdicts],
+            )
+            self._set_counter("last_sequence", first + count - 1 if count else self._last_sequence)
+            depth = self._depth + count
+            dropped = 0
+            if depth > self._max:
+                dropped = depth - self._max
+                self._conn.execute(
+                    "DELETE FROM verdicts WHERE sequence IN"
+                    " (SELECT sequence FROM verdicts ORDER BY sequence LIMIT ?)",
+                    (dropped,),
+                )
+            if dropped or self._unsaved_drops:
+                self._set_counter("dropped", self._dropped + dropped)
+            progress = dict(self._unsaved_replay)
+            if replay is not None:
+                progress[replay[0]] = progress.get(replay[0], 0) + replay[1]
+            for source, flows in progress.items():
+                self._conn.execute(
+                    "INSERT INTO replays (source, flows_spooled, complete) VALUES (?, ?, 0)"
+                    " ON CONFLICT(source) DO UPDATE"
+                    " SET flows_spooled = flows_spooled + excluded.flows_spooled",
+                    (source, flows),
+                )
+            for source in self._unsaved_complete:
+                self._mark_complete(source)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:  # SQLite may have rolled back already (a full disk)
+                self._conn.execute("ROLLBACK")
+            raise
+        return dropped
 
     def read_raw_after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` (sequence, serialised verdict) pairs above ``sequence``, in order."""
@@ -199,9 +257,16 @@ class Spool:
             return self._wakeup.wait_for(lambda: self._last_sequence > sequence, timeout)
 
     def acknowledge(self, sequence: int) -> int:
-        """Prune every verdict up to ``sequence``; return how many were removed."""
+        """Prune every verdict up to ``sequence``; return how many were removed. On a full disk
+        they stay (and are resent after a restart, stored once by the collector)."""
         with self._lock:
-            cursor = self._conn.execute("DELETE FROM verdicts WHERE sequence <= ?", (sequence,))
+            try:
+                cursor = self._conn.execute("DELETE FROM verdicts WHERE sequence <= ?", (sequence,))
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    raise
+                logger.warning("spool %s: disk full; acknowledged verdicts stay spooled for now", self.path)
+                return 0
             self._depth -= cursor.rowcount
             return cursor.rowcount
 
