@@ -5,6 +5,7 @@ Every verdict of a real capture must be stored exactly once at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,100 @@ def test_a_full_disk_under_the_agents_spool_loses_only_what_it_counts(tmp_path: 
     assert len(stored) + dropped == sum(expected.values()) * len(pcaps)
     for p in pcaps:
         assert not stored_facts(stored, p.name) - expected, p.name  # nothing twice, nothing made up
+
+
+@contextlib.contextmanager
+def _namespace(tag: str, host_ip: str, peer_ip: str) -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: (namespace, this side's interface)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a partition test needs root and iproute2 to make a network namespace")
+    ns, here, there = f"aurisp{tag}", f"aup{tag}h", f"aup{tag}p"
+    if subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False).returncode != 0:
+        pytest.skip("this machine forbids network namespaces")
+    try:
+        for command in (
+            ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+            ["ip", "link", "set", there, "netns", ns],
+            ["ip", "addr", "add", f"{host_ip}/24", "dev", here],
+            ["ip", "link", "set", here, "up"],
+            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{peer_ip}/24", "dev", there],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", there, "up"],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+        ):
+            subprocess.run(command, check=True, capture_output=True)
+        yield ns, here
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@pytest.mark.timeout(240)
+def test_a_network_partition_longer_than_the_backoff_loses_nothing(tmp_path: Path) -> None:
+    """The agent in its own network namespace streams to the collector over a veth pair and mTLS;
+    the link goes silent (down on the collector's side: no reset, no answer) for longer than the
+    agent's acknowledgement timeout and reconnect backoff, then comes back. The agent notices,
+    keeps reconnecting, and at the end every verdict of the captures is stored exactly once."""
+    from auris.v1 import admin_service_pb2
+    from tests.test_tls import issue, make_ca
+
+    host_ip, peer_ip = "10.231.79.1", "10.231.79.2"
+    pki = tmp_path / "pki"
+    make_ca(pki, "ca")
+    issue(pki, "ca", "collector", f"IP:{host_ip},IP:127.0.0.1")
+    issue(pki, "ca", "agent-p", "DNS:agent-p")
+    pcaps = _copies(tmp_path, 6)
+    log = tmp_path / "agent.log"
+    with _namespace(str(os.getpid() % 100000), host_ip, peer_ip) as (ns, here):
+        collector = CollectorThread(
+            CollectorConfig(
+                listen=f"{host_ip}:0", api_listen="127.0.0.1:0", db=str(tmp_path / "collector.db"),
+                ca_file=str(pki / "ca.pem"), cert_file=str(pki / "collector.pem"),
+                key_file=str(pki / "collector.key"),
+            )
+        )  # fmt: skip
+        collector.start()
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'ca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "agent-p.pem"}"\n'
+            f'key_file = "{pki / "agent-p.key"}"\n'
+            "uplink_batch = 32\nuplink_window = 1\nuplink_ack_timeout_s = 2\nuplink_backoff_max_s = 1\n"
+        )
+        args = ["--collector", collector.address, "--models-dir", str(MODELS), "--state-dir",
+                str(tmp_path / "agent"), "--config", str(config)]  # fmt: skip
+        for p in pcaps:
+            args += ["--pcap", str(p)]
+        with log.open("ab") as fh:
+            agent = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "auris.agent", *args],
+                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            db = tmp_path / "collector.db"
+            assert wait_for(lambda: _stored(db) > 200, 60), log.read_text()[-3000:]
+            subprocess.run(["ip", "link", "set", here, "down"], check=True, capture_output=True)
+            time.sleep(0.5)
+            during = _stored(db)
+            time.sleep(5)  # > uplink_ack_timeout_s + uplink_backoff_max_s
+            assert _stored(db) == during, "verdicts crossed a link that was down: no partition"
+            assert agent.poll() is None, "the agent finished before the partition: test proves nothing"
+            subprocess.run(["ip", "link", "set", here, "up"], check=True, capture_output=True)
+            assert agent.wait(120) == 0, log.read_text()[-3000:]
+            assert collector.collector is not None
+            token, _ = collector.collector.authority.create_token("test", admin_service_pb2.ROLE_READER)
+            with CollectorClient(
+                collector.collector.api_address, ca_file=str(pki / "ca.pem"), token=token
+            ) as c:
+                stored = list(c.query(verdict_filter(), page_size=1000))
+        finally:
+            if agent.poll() is None:
+                _kill9(agent)
+            collector.stop()
+    expected = nfstream_reference(CAPTURE)
+    assert len(stored) == sum(expected.values()) * len(pcaps)
+    for p in pcaps:
+        assert stored_facts(stored, p.name) == expected, p.name
+    text = log.read_text()
+    assert "no acknowledgement for 2s; reconnecting" in text
+    reconnects = re.search(r"(\d+) reconnects", text)
+    assert reconnects is not None
+    assert int(reconnects.group(1)) >= 1

@@ -186,7 +186,15 @@ def run(
     backlog = spool.stats.depth
     if backlog:
         logger.info("%d verdicts from an earlier run are still spooled; sending them first", backlog)
-    uplink = Uplink(channel, agent_id, spool, batch=config.uplink_batch, window=config.uplink_window)
+    uplink = Uplink(
+        channel,
+        agent_id,
+        spool,
+        batch=config.uplink_batch,
+        window=config.uplink_window,
+        backoff_max_s=config.uplink_backoff_max_s,
+        ack_timeout_s=config.uplink_ack_timeout_s,
+    )
     agent = Agent(
         config,
         models,

@@ -71,6 +71,11 @@ class AgentConfig:
     # Verdicts per uplink message, and unacknowledged messages in flight.
     uplink_batch: int = 256
     uplink_window: int = 8
+    # Seconds without an acknowledgement (verdicts in flight) before the stream is dropped and
+    # opened again: how long a silent network partition goes unnoticed.
+    uplink_ack_timeout_s: float = 60.0
+    # The longest wait between reconnection attempts (the waits double up to it, with jitter).
+    uplink_backoff_max_s: float = 10.0
     # Replay mode: seconds without an acknowledgement before the agent stops waiting for the
     # collector and exits (what is unsent stays spooled for the next start).
     uplink_deadline_s: float = 300.0
@@ -245,6 +250,8 @@ def load_agent_config(
         raise ConfigError(
             "score_batch, uplink_batch, uplink_window and spool_max_verdicts must be at least 1"
         )
+    if min(config.uplink_ack_timeout_s, config.uplink_backoff_max_s) <= 0:
+        raise ConfigError("uplink_ack_timeout_s and uplink_backoff_max_s must be positive")
     if config.send_features not in ("all", "anomalous", "none"):
         raise ConfigError(f"send_features: expected all, anomalous or none, got {config.send_features!r}")
     if config.log_format not in ("text", "json"):
