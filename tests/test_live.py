@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +260,50 @@ def test_a_meter_killed_on_a_quiet_link_ends_the_agent_instead_of_hanging_it(
             agent.wait()
     assert agent.returncode == 3, err
     assert "the meter process died (exit code -9)" in err
+
+
+def test_a_meter_killed_while_sending_a_flow_fails_its_source_instead_of_hanging(
+    veth: tuple[str, str],
+) -> None:
+    """The meter dies holding the channel's write lock, half a flow written: the reader waits for
+    bytes that will never come (and the lock will never be released). The agent's dead-meter check
+    completes the broken message, so the read fails and the source is reported dead. The broken
+    write is made by hand on the real channel of a real meter on a live interface (killing a meter
+    at that exact instant cannot be timed), then the meter is killed as the OOM killer would."""
+    from auris.agent import meter as meters
+    from auris.agent.features import NFSTREAM
+
+    interface, _ = veth
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            for _ in meters.meter_source(interface, [NFSTREAM], meters.MeterOptions(bpf_filter="udp")):
+                pass
+            outcome.append(None)
+        except BaseException as exc:  # the outcome is what the test checks
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert wait_for(lambda: meters._METERS and meters._METERS[-1].process.pid, 20), "no meter started"
+    meter = meters._METERS[-1]
+    time.sleep(0.5)  # the reader is now waiting on the channel
+    assert meter.channel._wlock.acquire(True, 5)  # what the meter held when it died
+    try:
+        os.write(meter.channel._writer.fileno(), struct.pack("!i", 5000) + b"\x80\x05" + bytes(98))
+        time.sleep(0.2)
+        os.kill(meter.process.pid, signal.SIGKILL)
+        reader.join(2)
+        assert reader.is_alive(), "the reader did not wait on the half-written flow: test proves nothing"
+        for _ in range(100):  # the agent's housekeeping calls this once a flush interval
+            meters.report_dead_meters()
+            reader.join(0.2)
+            if not reader.is_alive():
+                break
+        assert not reader.is_alive(), "the reader still waits for the rest of the broken message"
+    finally:
+        meter.channel._wlock.release()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ValueError)
+    assert "the meter process died (exit code -9) while sending a flow" in str(outcome[0])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
+import os
+import pickle
 from collections.abc import Iterator, Sequence
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +143,16 @@ _TRACKER_ARG = 16  # position of the tracker in nfstream 6.6's meter_workflow ar
 
 # Meter processes with the channel they send flows on, so that a meter that dies (OOM killer,
 # a crash) can be reported instead of leaving nfstream waiting on that channel forever.
-_METERS: list[tuple[Any, Any]] = []
-_REPORTED: set[int] = set()
+_METERS: list[_Meter] = []
+
+
+@dataclasses.dataclass(eq=False)
+class _Meter:
+    process: Any
+    channel: Any  # nfstream's multiprocessing.Queue
+    exit_code: int | None = None  # set once the meter is found dead
+    ended: bool = False  # its channel holds the end (or the rest of a broken message)
+    done: bool = False  # the source is no longer read
 
 
 class _CountingContext:
@@ -149,6 +161,7 @@ class _CountingContext:
     def __init__(self, context: Any) -> None:
         self._context = context
         self._channel: Any = None
+        self.meters: list[_Meter] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -162,23 +175,60 @@ class _CountingContext:
         meter_args = kwargs.get("args", ())
         if len(meter_args) > _TRACKER_ARG:
             _TRACKERS.append(meter_args[_TRACKER_ARG])
-            _METERS.append((process, self._channel))
+            meter = _Meter(process, self._channel)
+            _METERS.append(meter)
+            self.meters.append(meter)
         return process
+
+    def dead_meter(self) -> _Meter | None:
+        return next((m for m in self.meters if m.exit_code is not None), None)
+
+
+def _end_channel(meter: _Meter) -> bool:
+    """Put an end on a dead meter's channel that nfstream's reader cannot wait past; True once done.
+
+    A meter writes each message whole under the channel's write lock (CPython's Queue: a length
+    header, then the pickled flow). If the lock is free, the meter died between messages: send
+    nfstream's own error message, which ends the iteration with a ValueError. If the lock is
+    taken, the meter died holding it, perhaps halfway through a message the reader is now
+    waiting to complete: complete it with zeros, which do not unpickle, so the read fails and
+    ``meter_source`` reports the death (more zeros at the next call, while the source is read).
+    """
+    channel = meter.channel
+    message = f"the meter process died (exit code {meter.exit_code})"
+    if channel._wlock.acquire(False):
+        try:
+            if not channel._sem.acquire(False):
+                return False  # the channel is full: the reader is behind, try again later
+            channel._writer.send_bytes(ForkingPickler.dumps(InternalError(NFEvent.ERROR, message)))
+            return True
+        finally:
+            channel._wlock.release()
+    fd = channel._writer.fileno()
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, bytes(65536))
+    return False
 
 
 def report_dead_meters() -> int:
     """Make the metering of any source whose meter process died fail with a ValueError.
 
-    nfstream would wait for such a meter's flows forever; an error on its channel ends the
-    iteration the way nfstream reports its own meter errors. Returns how many were found.
+    nfstream would wait for such a meter's flows forever; an end put on its channel ends the
+    iteration. Call it regularly while sources are read: a meter killed in the middle of writing
+    a flow may need more than one call. Returns how many dead meters were newly found.
     """
     found = 0
-    for process, channel in _METERS:
-        code = process.exitcode
-        if code not in (None, 0) and id(process) not in _REPORTED and channel is not None:
-            _REPORTED.add(id(process))
-            channel.put(InternalError(NFEvent.ERROR, f"the meter process died (exit code {code})"))
+    for meter in _METERS:
+        if meter.done or meter.ended:
+            continue
+        if meter.exit_code is None:
+            code = meter.process.exitcode
+            if code in (None, 0):
+                continue
+            meter.exit_code = code
             found += 1
+        meter.ended = _end_channel(meter)
     return found
 
 
@@ -212,26 +262,49 @@ def meter_source(
     Raises ValueError (from nfstream) when the source cannot be opened.
     """
     label = source_label(source)
-    for flow in _streamer(source, options or MeterOptions(), feature_sets):
-        yield FlowRecord(
-            src_ip=flow.src_ip,
-            dst_ip=flow.dst_ip,
-            src_port=flow.src_port,
-            dst_port=flow.dst_port,
-            protocol=flow.protocol,
-            ip_version=flow.ip_version,
-            vlan_id=flow.vlan_id,
-            first_seen_ms=flow.bidirectional_first_seen_ms,
-            last_seen_ms=flow.bidirectional_last_seen_ms,
-            src2dst_packets=flow.src2dst_packets,
-            dst2src_packets=flow.dst2src_packets,
-            src2dst_bytes=flow.src2dst_bytes,
-            dst2src_bytes=flow.dst2src_bytes,
-            application_name=flow.application_name or "",
-            end_reason=_END_REASONS.get(flow.expiration_id, flow_pb2.FLOW_END_REASON_UNSPECIFIED),
-            capture_source=label,
-            features={fs.name: fs.extract(flow) for fs in feature_sets},
-        )
+    streamer = _streamer(source, options or MeterOptions(), feature_sets)
+    context: _CountingContext = streamer._mp_context
+    try:
+        for flow in _read(streamer, context):
+            yield FlowRecord(
+                src_ip=flow.src_ip,
+                dst_ip=flow.dst_ip,
+                src_port=flow.src_port,
+                dst_port=flow.dst_port,
+                protocol=flow.protocol,
+                ip_version=flow.ip_version,
+                vlan_id=flow.vlan_id,
+                first_seen_ms=flow.bidirectional_first_seen_ms,
+                last_seen_ms=flow.bidirectional_last_seen_ms,
+                src2dst_packets=flow.src2dst_packets,
+                dst2src_packets=flow.dst2src_packets,
+                src2dst_bytes=flow.src2dst_bytes,
+                dst2src_bytes=flow.dst2src_bytes,
+                application_name=flow.application_name or "",
+                end_reason=_END_REASONS.get(flow.expiration_id, flow_pb2.FLOW_END_REASON_UNSPECIFIED),
+                capture_source=label,
+                features={fs.name: fs.extract(flow) for fs in feature_sets},
+            )
+    finally:
+        for meter in context.meters:
+            meter.done = True
+        _METERS[:] = [m for m in _METERS if not m.done]
+
+
+def _read(streamer: Any, context: _CountingContext) -> Iterator[Any]:
+    """nfstream's flows; a read broken by a meter that died mid-write becomes the ValueError
+    nfstream raises for its own meter errors."""
+    try:
+        yield from streamer
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
+        dead = context.dead_meter()
+        if dead is None:
+            raise
+        if isinstance(exc, ValueError) and "meter process died" in str(exc):
+            raise
+        raise ValueError(
+            f"the meter process died (exit code {dead.exit_code}) while sending a flow"
+        ) from None
 
 
 def meter_flows(
