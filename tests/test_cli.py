@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -259,3 +260,24 @@ def test_an_unusable_ca_key_is_a_one_line_start_failure(tmp_path: Path) -> None:
     assert done.returncode == 3
     assert "cannot start: cannot load the CA" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_agent_defers_pandas_and_nfstream_still_finds_it_when_asked() -> None:
+    """auris.agent.lean keeps pandas out of the agent's processes (nfstream imports it for
+    exporters the agent never calls); code that does use pandas gets the real module."""
+    script = (
+        "import sys\n"
+        "import auris.agent.cli\n"
+        "assert 'pandas.core' not in sys.modules, 'pandas was imported'\n"
+        "from nfstream import NFStreamer\n"
+        f"frame = NFStreamer(source={str(PCAPS / 'trickbot.pcap')!r}).to_pandas()\n"
+        "import pandas\n"
+        "assert isinstance(frame, pandas.DataFrame) and len(frame) > 0\n"
+        "assert sys.modules['pandas'] is not None and 'pandas.core' in sys.modules\n"
+        "print(len(frame))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) > 0

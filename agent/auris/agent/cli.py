@@ -20,7 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from auris.agent import __version__, live
+# lean first: it keeps pandas (which nfstream imports and the agent never uses) out of every process.
+from auris.agent import __version__, lean, live  # noqa: F401
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.enroll import model_key_file

@@ -109,7 +109,7 @@ def preload_in_meter_processes(*modules: str) -> None:
     a plain script need the usual ``if __name__ == "__main__":`` guard, as with any
     multiprocessing start method other than fork.
     """
-    _FORKSERVER.set_forkserver_preload(["nfstream.meter", *modules])
+    _FORKSERVER.set_forkserver_preload([*modules, "nfstream.meter"])
 
 
 def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[FeatureSet]) -> Any:
