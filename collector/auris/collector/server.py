@@ -23,6 +23,7 @@ from auris.collector.feeds import FeedScorers, FeedServicer, FeedStore
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
+from auris.collector.siem import SiemExport
 from auris.collector.store import VerdictStore
 from auris.v1 import (
     admin_service_pb2,
@@ -73,7 +74,10 @@ class Collector:
         )
         self._health = HealthServicer()
         self.broker: Broker[NewVerdict] = Broker(config.subscriber_buffer, config.max_subscribers)
-        self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks)
+        # SIEM sinks read the database on threads of their own (siem.py); alert changes reach them
+        # through the alert outbox.
+        self.siem = SiemExport(self.store, config.siem_sinks, Path(config.db).parent)
+        self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks, self.siem.outboxes())
         signing_key = load_private_key(Path(config.signing_key_file)) if config.signing_key_file else None
         self.registry = ModelRegistry(
             self.store,
@@ -186,9 +190,11 @@ class Collector:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _alerts_changed(self, ids: list[int]) -> None:
-        """After a commit that changed alerts: wake the notifier, tell alert subscribers."""
+        """After a commit that changed alerts: wake the notifier and the SIEM sinks, tell alert
+        subscribers."""
         if self.notifier is not None:
             self.notifier.wake()
+        self.siem.wake()
         if self.alert_broker.active:
             changed = await asyncio.get_running_loop().run_in_executor(self._readers, self.alerts.get, ids)
             self.alert_broker.publish(changed)
@@ -245,6 +251,7 @@ class Collector:
             self._tasks.append(loop.create_task(self._maintain_alerts_forever()))
         if self.notifier is not None:
             self.notifier.start()
+        self.siem.start()
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self.config.metrics_listen, self._metrics)
             self.metrics.start()
@@ -359,6 +366,8 @@ class Collector:
         await self._server.stop(self.config.shutdown_grace_s)
         if self.notifier is not None:
             self.notifier.stop()
+        # The sinks finish the batch in hand; their cursors keep the place of the rest.
+        await asyncio.get_running_loop().run_in_executor(None, self.siem.stop)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()
