@@ -281,9 +281,7 @@ def run(
     return EXIT_OK
 
 
-def _enroll_main(argv: Sequence[str]) -> int:
-    from auris.agent.enroll import EnrollError, enroll
-
+def _enroll_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="auris-agent enroll",
         description="Exchange a one-time enrollment token for this agent's certificate (kept in the state "
@@ -300,7 +298,13 @@ def _enroll_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--agent-id", metavar="ID", help="the id to ask for (default: the configured or stored one)"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _enroll_main(argv: Sequence[str]) -> int:
+    from auris.agent.enroll import EnrollError, enroll
+
+    args = _enroll_parser().parse_args(argv)
     try:
         config = build_config(
             AgentConfig,
