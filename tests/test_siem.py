@@ -235,3 +235,18 @@ def test_a_new_sink_starts_from_now_and_stdout_works(
         assert wait_for(lambda: _exported(running)["out"] == 1, 30)
     lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
     assert [json.loads(line)["auris"]["verdict"]["sequence"] for line in lines] == [6]
+
+
+def test_a_cursor_from_another_database_is_not_trusted(tmp_path: Path) -> None:
+    """The database was replaced (deleted, restored) but siem-NAME.cursor stayed beside it: the
+    sink must not wait for ids the new database will take ages to reach."""
+    db = tmp_path / "auris.db"
+    (tmp_path / "siem-all.cursor").write_text('{"verdict_id": 5000}\n')
+    sink = SiemSink(name="all", path=str(tmp_path / "siem.jsonl"), alert_events=())
+    with (
+        running_collector(db, siem_sinks=(sink,)) as running,
+        CollectorClient(running.address, insecure=True) as client,
+    ):
+        _stream(client, make_verdict(1), make_verdict(2))
+        assert wait_for(lambda: _exported(running)["all"] == 2, 30)
+    assert json.loads((tmp_path / "siem-all.cursor").read_text()) == {"verdict_id": 2}

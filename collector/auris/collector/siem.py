@@ -421,18 +421,27 @@ class _Exporter:
         self.exported = 0
 
     def _load_cursor(self) -> int:
+        (top,) = self._store.reader().execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
         try:
-            return int(json.loads(self._cursor_path.read_text(encoding="utf-8"))["verdict_id"])
+            cursor = int(json.loads(self._cursor_path.read_text(encoding="utf-8"))["verdict_id"])
         except FileNotFoundError:
-            pass
+            cursor = None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("siem sink %s: unreadable cursor %s (%s); starting from now",
                            self.sink.name, self._cursor_path, exc)  # fmt: skip
-        # A new sink starts with the verdicts stored from now on (`aurisctl verdicts export
-        # --format ecs` writes the past).
-        (top,) = self._store.reader().execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
-        self._save_cursor(int(top))
-        return int(top)
+            cursor = None
+        if cursor is not None and cursor > top:
+            # Ids only grow (retention keeps the newest row): this is another database than the
+            # one the cursor was written for.
+            logger.warning("siem sink %s: cursor %d is past the database's newest verdict %d (a new or "
+                           "restored database?); starting from now", self.sink.name, cursor, top)  # fmt: skip
+            cursor = None
+        if cursor is None:
+            # A new sink starts with the verdicts stored from now on (`aurisctl verdicts export
+            # --format ecs` writes the past).
+            cursor = int(top)
+            self._save_cursor(cursor)
+        return cursor
 
     def _save_cursor(self, verdict_id: int) -> None:
         self._cursor_path.parent.mkdir(parents=True, exist_ok=True)
