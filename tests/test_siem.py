@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,8 @@ def test_siem_sinks_on_a_real_collector(tmp_path: Path) -> None:
         (alert,) = client.alerts()
         client.acknowledge_alert(alert.id, "on it")
         assert wait_for(lambda: _exported(running)["anom"] == 22, 30)
+        assert running.collector is not None
+        assert running.collector.siem.behind() == {"all": 0, "rot": 0, "anom": 0}
 
         # The full sink: one record per verdict, in id order, each as aurisctl maps it.
         written = _records(logs / "all.jsonl")
@@ -208,8 +211,13 @@ def test_siem_sinks_on_a_real_collector(tmp_path: Path) -> None:
     store = VerdictStore(db)
     store.ingest("agent-1", [make_verdict(s) for s in range(201, 211)])
     store.close()
-    with running_collector(db, siem_sinks=sinks[:1]) as running:
+    with running_collector(db, siem_sinks=sinks[:1], metrics_listen="127.0.0.1:0") as running:
         assert wait_for(lambda: _exported(running)["all"] == 10, 30)
+        assert running.collector is not None
+        assert running.collector.metrics is not None
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{running.collector.metrics.port}/metrics").read()
+        assert b'auris_collector_siem_records_total{sink="all"} 10' in scraped
+        assert b'auris_collector_siem_verdicts_behind{sink="all"} 0' in scraped
     written = _records(logs / "all.jsonl")
     assert [r["auris"]["verdict"]["sequence"] for r in written] == list(range(1, 211))
     assert (db.parent / "siem-all.cursor").exists()

@@ -404,6 +404,12 @@ class Collector:
                 outbox,
             )
         )
+        for name, written in self.siem.exported().items():
+            text = "Records a SIEM sink wrote since start."
+            out.append(Metric("auris_collector_siem_records_total", "counter", text, written, {"sink": name}))
+        for name, behind in self.siem.behind().items():
+            text = "Verdicts stored after a SIEM sink's cursor."
+            out.append(Metric("auris_collector_siem_verdicts_behind", "gauge", text, behind, {"sink": name}))
         for feed in self.feeds.feeds():
             labels = {"feed": feed.feed_id}
             out.append(Metric("auris_collector_feed_records_total", "counter", "Feed records accepted.",

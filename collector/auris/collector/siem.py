@@ -575,7 +575,16 @@ class SiemExport:
             exporter.stop()
 
     def exported(self) -> dict[str, int]:
+        """Records each sink wrote since the collector started."""
         return {e.sink.name: e.exported for e in self._exporters}
+
+    def behind(self) -> dict[str, int]:
+        """Verdicts stored after each sink's cursor (for an anomalous-only sink, an upper bound)."""
+        (top,) = self._store.reader().execute("SELECT COALESCE(MAX(id), 0) FROM verdicts").fetchone()
+        return {
+            e.sink.name: max(0, int(top) - e.cursor) if e.sink.verdicts != "none" else 0
+            for e in self._exporters
+        }
 
     def replace(self, sinks: Sequence[SiemSink]) -> None:
         """Swap in a new set of sinks; OSError (an unwritable file) leaves the running set as it is.
