@@ -83,6 +83,8 @@ async def _reload_on_request(
         sd_notify.reloading()
         try:
             await _reload(collector, load)
+        except Exception:  # a bug must not end reloading for good (this task would die quietly)
+            logger.exception("reload failed part way; restart the collector to be sure of its settings")
         finally:
             sd_notify.notify("READY=1")
 
