@@ -6,7 +6,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 
-.PHONY: demo test lint typecheck proto proto-check lint-proto pytest clean
+.PHONY: demo test lint typecheck proto proto-check docs lint-proto pytest clean
 
 $(BIN)/auris-agent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ proto: $(BIN)/auris-agent
 
 proto-check: $(BIN)/auris-agent
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python proto/generate.py --check
+
+# docs/cli.md and docs/api.md, from the parsers and the .proto files (tests/test_docs.py checks them).
+docs: $(BIN)/auris-agent
+	$(BIN)/python docs/generate.py
 
 # buf comes from the npm registry; without npm the buf test is skipped and the hand check runs.
 lint-proto:

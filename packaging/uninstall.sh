@@ -15,7 +15,8 @@ usage() {
 usage: packaging/uninstall.sh [--agent] [--collector] [options]    (neither: both)
 
   --prefix DIR     where install.sh put the venv and models (default: /opt/auris)
-  --purge          also remove configuration, state (verdicts, spool, agent id) and, once no
+  --purge          also remove configuration, state (verdicts, spool, agent id), the
+                   collector's /var/log/auris (SIEM and alert files) and, once no
                    component is left, the auris user and group
   --root DIR       act on a staged install under DIR (no user, no systemctl)
   --no-systemctl   do not run systemctl (stop, disable, daemon-reload)
@@ -103,6 +104,11 @@ for c in agent collector; do
         if [[ -e $root/var/lib/auris-$c ]]; then
             rm -rf "$root/var/lib/auris-$c"
             say "removed $root/var/lib/auris-$c"
+        fi
+        # The collector's LogsDirectory: SIEM and alert files.
+        if [[ $c == collector && -e $root/var/log/auris ]]; then
+            rm -rf "$root/var/log/auris"
+            say "removed $root/var/log/auris"
         fi
     fi
 done

@@ -170,8 +170,11 @@ def test_unit_runs_unprivileged_hardened_in_the_foreground(
 ) -> None:
     unit = units[name]
     assert set(unit) == {"Unit", "Service", "Install"}
-    # The programs stay in the foreground and never call sd_notify.
-    assert _one(unit, "Service", "Type") in ("simple", "exec")
+    # The programs stay in the foreground and report readiness themselves (sd_notify.py): only
+    # their main process speaks for them.
+    assert _one(unit, "Service", "Type") == "notify"
+    assert _one(unit, "Service", "NotifyAccess") == "main"
+    assert '"READY=1"' in (REPO / name / "auris" / name / "cli.py").read_text()
     assert _one(unit, "Service", "User") == _one(unit, "Service", "Group") == "auris"
     for key, value in HARDENING.items():
         assert _one(unit, "Service", key) == value, key
@@ -207,12 +210,11 @@ def test_unit_exec_lines_match_the_programs_and_the_install_layout(
     assert _one(collector, "Service", "ExecStart") == (
         f"{INSTALLED_VENV_BIN}auris-collector --config /etc/auris/collector.toml serve"
     )
-    # ExecReload only where the program handles SIGHUP: the agent reloads, the collector would die.
+    # ExecReload only where the program handles SIGHUP (both do): without a handler it would die.
     sources = {name: (REPO / name / "auris" / name / "cli.py").read_text() for name in ("agent", "collector")}
     for name, unit in units.items():
-        handles_hup = "signal.SIGHUP" in sources[name]
-        assert ("ExecReload" in unit["Service"]) == handles_hup, name
-    assert _one(agent, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+        assert "signal.SIGHUP" in sources[name], name
+        assert _one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID", name
     # SIGTERM must reach the agent alone: it asks its meter process to flush cached flows first.
     assert _one(agent, "Service", "KillMode") == "mixed"
 

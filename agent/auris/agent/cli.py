@@ -7,6 +7,9 @@ restarted replay resumes after the last spooled flow.
 Exit codes: 0 done (or stopped by SIGTERM/SIGINT), 2 bad configuration or usage, 3 no
 usable model, or a capture could not be read (verdicts from the readable ones are still
 delivered), 4 the collector did not acknowledge everything (the rest stays spooled).
+
+Under systemd (``Type=notify``) it reports READY=1 once metering, RELOADING=1 / READY=1 around
+a SIGHUP reload, STOPPING=1 on SIGTERM, and WATCHDOG=1 from its scoring loop (sd_notify.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # lean first: it keeps pandas (which nfstream imports and the agent never uses) out of every process.
-from auris.agent import __version__, lean, live  # noqa: F401
+from auris.agent import __version__, lean, live, sd_notify  # noqa: F401
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.enroll import model_key_file
@@ -206,8 +209,13 @@ def run(
         reprocess=reprocess,
         reload=_reloader(config, {fs.name for fs in models.feature_sets}, load) if load else None,
     )
-    signal.signal(signal.SIGTERM, lambda signum, frame: agent.request_stop())
-    signal.signal(signal.SIGINT, lambda signum, frame: agent.request_stop())
+
+    def stop(signum: int, frame: object) -> None:
+        sd_notify.notify("STOPPING=1")
+        agent.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: agent.request_reload())
     heartbeat = Heartbeat(channel, agent.heartbeat, config.heartbeat_interval_s)
     agent.on_models_swapped = heartbeat.poke
@@ -235,6 +243,7 @@ def run(
     logger.info(
         "agent %s metering %s with %d model(s)", agent_id, ", ".join(agent.sources), len(models.models)
     )
+    sd_notify.notify("READY=1", f"STATUS=metering {', '.join(agent.sources)}")
     report = agent.run()
     if metrics is not None:
         metrics.stop()
@@ -282,9 +291,7 @@ def run(
     return EXIT_OK
 
 
-def _enroll_main(argv: Sequence[str]) -> int:
-    from auris.agent.enroll import EnrollError, enroll
-
+def _enroll_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="auris-agent enroll",
         description="Exchange a one-time enrollment token for this agent's certificate (kept in the state "
@@ -301,7 +308,13 @@ def _enroll_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--agent-id", metavar="ID", help="the id to ask for (default: the configured or stored one)"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _enroll_main(argv: Sequence[str]) -> int:
+    from auris.agent.enroll import EnrollError, enroll
+
+    args = _enroll_parser().parse_args(argv)
     try:
         config = build_config(
             AgentConfig,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
-from auris.agent import __version__, live
+from auris.agent import __version__, live, sd_notify
 from auris.agent.config import AgentConfig
 from auris.agent.meter import (
     FlowRecord,
@@ -127,6 +127,8 @@ class Agent:
         self._offer_lock = threading.Lock()
         self.model_refusals: list[Refusal] = []
         self.on_models_swapped: Callable[[], None] | None = None
+        self._watchdog_s = sd_notify.watchdog_interval_s()
+        self._watchdog_due = 0.0
 
     def heartbeat(self) -> agent_service_pb2.HeartbeatRequest:
         """The agent's identity and health counters, as a heartbeat carries them."""
@@ -287,11 +289,24 @@ class Agent:
         self._reload_requested.clear()
         if self._reload is None:
             return
-        loaded = self._reload()
+        sd_notify.reloading()
+        try:
+            loaded = self._reload()
+        finally:
+            sd_notify.notify("READY=1")
         if loaded is None:
             return  # the reloader logged why; the old configuration stays
         config, models = loaded
         self.config, self.models = config, models
+
+    def _ping_watchdog(self) -> None:
+        """WATCHDOG=1 at most every half WatchdogSec, from the scoring loop: it proves the loop turns."""
+        if self._watchdog_s is None:
+            return
+        now = time.monotonic()
+        if now >= self._watchdog_due:
+            sd_notify.notify("WATCHDOG=1")
+            self._watchdog_due = now + self._watchdog_s
 
     def _housekeeping(self) -> None:
         """Once per quiet flush interval: notice dead meters, repeat a flush request after stop."""
@@ -307,6 +322,7 @@ class Agent:
         pending: list[FlowRecord] = []
         pending_key: str | None = None
         while True:
+            self._ping_watchdog()
             if self._reload_requested.is_set():
                 self._apply_reload()
             if self._offered is not None:

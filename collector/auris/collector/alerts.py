@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from auris.v1 import admin_service_pb2, agent_service_pb2, feed_service_pb2, ver
 
 __all__ = [
     "EVENTS",
+    "SIEM_OUTBOX_PREFIX",
     "AlertRule",
     "AlertSink",
     "AlertStateError",
@@ -54,6 +55,8 @@ RESOLVED = admin_service_pb2.ALERT_STATE_RESOLVED
 SEVERITIES = ("info", "warning", "critical")
 # Notification events a sink can ask for.
 EVENTS = ("opened", "acknowledged", "resolved")
+# Outbox rows under this prefix belong to SIEM sinks (siem.py), not to the Notifier.
+SIEM_OUTBOX_PREFIX = "siem:"
 # Verdict ids kept on an alert (the first ones); `events` counts them all.
 VERDICT_IDS_KEPT = 100
 _MINUTE_NS = 60_000_000_000
@@ -228,6 +231,8 @@ class AlertSink:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name must not be empty")
+        if self.name.startswith(SIEM_OUTBOX_PREFIX):
+            raise ValueError(f"sink {self.name!r}: names starting with {SIEM_OUTBOX_PREFIX!r} are reserved")
         if self.kind == "webhook":
             if not self.url.startswith(("http://", "https://")):
                 raise ValueError(f"sink {self.name!r}: url must be an http:// or https:// address")
@@ -281,13 +286,32 @@ def alert_wanted(states: Sequence[int], rules: Sequence[str]) -> Callable[[admin
 class Alerts:
     """Rule evaluation (as the store's ingest hook), the alert lifecycle, and the outbox."""
 
-    def __init__(self, store: VerdictStore, rules: Sequence[AlertRule], sinks: Sequence[AlertSink]) -> None:
+    def __init__(
+        self,
+        store: VerdictStore,
+        rules: Sequence[AlertRule],
+        sinks: Sequence[AlertSink],
+        outboxes: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self._store = store
+        self.configure(rules, sinks, outboxes)
+
+    def configure(
+        self,
+        rules: Sequence[AlertRule],
+        sinks: Sequence[AlertSink],
+        outboxes: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Take up rules and sinks (at start, and on SIGHUP from the writer thread, between
+        transactions). ``outboxes``: more outbox names (SIEM sinks) and the events each takes."""
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
             raise ValueError("alert rule names must be unique")
-        self._store = store
         self.rules = {r.name: r for r in rules}
         self.sinks = {s.name: s for s in sinks}
+        self._outboxes = {s.name: tuple(s.events) for s in sinks} | {
+            name: tuple(events) for name, events in (outboxes or {}).items()
+        }
 
     # -- evaluation (inside the ingest transaction) ------------------------------------------
 
@@ -413,7 +437,7 @@ class Alerts:
         return alert_id
 
     def _enqueue(self, conn: sqlite3.Connection, event: str, alert_id: int, now_ns: int) -> None:
-        sinks = [s.name for s in self.sinks.values() if event in s.events]
+        sinks = [name for name, events in self._outboxes.items() if event in events]
         if not sinks:
             return
         (alert,) = self._fetch(conn, [alert_id])
@@ -564,7 +588,11 @@ def _append_line(path: Path, line: str) -> None:
         os.fsync(fh.fileno())
 
 
-_DUE_SQL = "SELECT id, sink, payload, attempts FROM alert_outbox WHERE due_ns <= ? ORDER BY id LIMIT 100"
+_MINE = f"sink NOT LIKE '{SIEM_OUTBOX_PREFIX}%'"
+_DUE_SQL = (
+    "SELECT id, sink, payload, attempts FROM alert_outbox"
+    f" WHERE due_ns <= ? AND {_MINE} ORDER BY id LIMIT 100"
+)
 
 
 class Notifier:
@@ -584,6 +612,10 @@ class Notifier:
 
     def start(self) -> None:
         self._thread.start()
+
+    def set_sinks(self, sinks: Sequence[AlertSink]) -> None:
+        """New sinks (SIGHUP); notifications queued for a removed one are dropped when due."""
+        self._sinks = {s.name: s for s in sinks}
 
     def wake(self) -> None:
         self._wake.set()
@@ -632,7 +664,9 @@ class Notifier:
                 continue
             self.delivered += 1
             self._done(row_id)
-        (next_due,) = self._store.reader().execute("SELECT MIN(due_ns) FROM alert_outbox").fetchone()
+        (next_due,) = (
+            self._store.reader().execute(f"SELECT MIN(due_ns) FROM alert_outbox WHERE {_MINE}").fetchone()
+        )
         return None if next_due is None else int(next_due)
 
     def _done(self, row_id: int) -> None:

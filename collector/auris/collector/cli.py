@@ -2,6 +2,12 @@
 
 Exit codes: 0 stopped cleanly, 2 bad configuration or usage, 3 cannot start
 (address in use, database unusable).
+
+Signals: SIGTERM or SIGINT stop it gracefully; SIGHUP reloads the configuration file, taking up
+what can change while serving (server.RELOADABLE: alert rules and sinks, SIEM sinks, the log
+level) or, when the new file is refused, keeping the running configuration. Under systemd
+(``Type=notify``) it reports READY=1, RELOADING=1, STOPPING=1 and, with ``WatchdogSec=``,
+WATCHDOG=1 from its event loop.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ import logging
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from auris.agent import __version__
+from auris.agent import __version__, sd_notify
 from auris.agent.config import ConfigError
 from auris.agent.logs import configure_logging
 from auris.collector.config import CollectorConfig, load_collector_config
+
+if TYPE_CHECKING:
+    from auris.collector.server import Collector
 
 __all__ = ["main"]
 
@@ -52,12 +62,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(config: CollectorConfig) -> int:
+async def _reload(collector: Collector, load: Callable[[], CollectorConfig]) -> None:
+    """One SIGHUP: the new file's reloadable settings, or one line saying why it was refused."""
+    try:
+        now, later = await collector.reload(load())
+    except (ConfigError, OSError, ValueError) as exc:
+        logger.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    if later:
+        logger.warning("reload: %s changed; these take effect at the next restart", ", ".join(later))
+    logger.info("reloaded: %s", "; ".join(now) if now else "no reloadable setting changed")
+
+
+async def _reload_on_request(
+    collector: Collector, requested: asyncio.Event, load: Callable[[], CollectorConfig]
+) -> None:
+    while True:
+        await requested.wait()
+        requested.clear()
+        sd_notify.reloading()
+        try:
+            await _reload(collector, load)
+        except Exception:  # a bug must not end reloading for good (this task would die quietly)
+            logger.exception("reload failed part way; restart the collector to be sure of its settings")
+        finally:
+            sd_notify.notify("READY=1")
+
+
+async def _watchdog(interval_s: float) -> None:
+    """WATCHDOG=1 while the event loop turns (every RPC and every commit goes through it)."""
+    while True:
+        sd_notify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s)
+
+
+async def _serve(config: CollectorConfig, load: Callable[[], CollectorConfig]) -> int:
     from auris.collector.server import Collector  # grpc server stack loads only when serving
 
     # The SQLite writer thread gives up the GIL while each statement runs and then waits for it
     # behind the event loop: up to the switch interval (default 5 ms) every time.
     sys.setswitchinterval(0.0005)
+    loop = asyncio.get_running_loop()
+    # Before anything slow: SIGHUP's default action would end the process.
+    reload_requested = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
         collector = Collector(config)
         await collector.start()
@@ -67,11 +115,19 @@ async def _serve(config: CollectorConfig) -> int:
     if config.insecure:
         logger.warning("INSECURE: plaintext gRPC without client authentication; local development only")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tasks = [loop.create_task(_reload_on_request(collector, reload_requested, load))]
+    interval = sd_notify.watchdog_interval_s()
+    if interval is not None:
+        tasks.append(loop.create_task(_watchdog(interval)))
+    sd_notify.notify("READY=1", f"STATUS=serving on {collector.address}")
     await stop.wait()
+    sd_notify.notify("STOPPING=1")
     logger.info("shutting down")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await collector.stop()
     return EXIT_OK
 
@@ -95,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("auris-collector: a command is required (serve)", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, lambda: load_collector_config(args.config, overrides)))
 
 
 if __name__ == "__main__":

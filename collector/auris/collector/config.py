@@ -10,6 +10,7 @@ from typing import Any
 from auris.agent.config import ConfigError, build_config
 from auris.agent.uplink import is_loopback_target
 from auris.collector.alerts import AlertRule, AlertSink
+from auris.collector.siem import SiemSink
 
 __all__ = ["CollectorConfig", "load_collector_config"]
 
@@ -82,6 +83,9 @@ class CollectorConfig:
     # key is described in packaging/collector.toml).
     alert_rules: tuple[AlertRule, ...] = ()
     alert_sinks: tuple[AlertSink, ...] = ()
+    # SIEM export: verdicts and alert changes as ECS JSON lines, as [[siem_sinks]] tables
+    # (docs/siem.md).
+    siem_sinks: tuple[SiemSink, ...] = ()
     # Seconds between checks that resolve quiet alerts and forget expired match events.
     alert_check_interval_s: float = 10.0
     # Seconds in-flight RPCs get to finish on shutdown.
@@ -118,6 +122,7 @@ def load_collector_config(
     for what, names in (
         ("alert_rules", [r.name for r in config.alert_rules]),
         ("alert_sinks", [s.name for s in config.alert_sinks]),
+        ("siem_sinks", [s.name for s in config.siem_sinks]),
     ):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

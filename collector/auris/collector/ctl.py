@@ -195,6 +195,12 @@ def _parser() -> argparse.ArgumentParser:
         help="at most this many (0: all; default 100 when listing, 10 for top, all when exporting)",
     )
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
+    verdicts.add_argument(
+        "--format",
+        choices=["ecs"],
+        help="ecs: one Elastic Common Schema record per line, as the collector's SIEM sinks write "
+        "them (docs/siem.md); export --format ecs writes them to --out FILE or to stdout (-)",
+    )
 
     stats = sub.add_parser("stats", help="verdict counts per group and time bucket")
     _add_filter_options(stats)
@@ -294,6 +300,9 @@ def _parser() -> argparse.ArgumentParser:
                 "--limit", type=int, default=100, help="at most this many (0: all; default 100)"
             )
         shown.add_argument("--json", action="store_true", help="one JSON object per line")
+        shown.add_argument(
+            "--format", choices=["ecs"], help="ecs: one Elastic Common Schema record per line (docs/siem.md)"
+        )
     for name, text in (("ack", "acknowledge: someone is on it"), ("resolve", "resolve: it is dealt with")):
         changed = verbs.add_parser(name, help=text)
         changed.add_argument("ids", nargs="+", type=int, metavar="ID")
@@ -539,6 +548,17 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK
     if args.ids:
         raise ConfigError("verdict ids are only for 'verdicts label' and 'verdicts explain'")
+    if args.verb == "export" and args.format == "ecs":
+        if args.out is None:
+            raise ConfigError("verdicts export --format ecs needs --out FILE (- for stdout)")
+        results = client.query(flt, limit=args.limit or None, page_size=1000)
+        if str(args.out) == "-":
+            written = _print_ecs(results, out)
+        else:
+            with args.out.open("w", encoding="utf-8") as fh:
+                written = _print_ecs(results, fh)
+            print(f"exported {written} verdict(s) to {args.out}", file=out)
+        return EXIT_OK
     if args.verb == "export":
         if args.out is None:
             raise ConfigError("verdicts export needs --out FILE.jsonl|.csv|.parquet")
@@ -549,7 +569,9 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK
     if args.verb == "top":
         top = client.top_anomalies(flt, 10 if args.limit is None else args.limit)
-        if args.json:
+        if args.format == "ecs":
+            _print_ecs(top, out)
+        elif args.json:
             for stored in top:
                 print(_json(stored), file=out)
         else:
@@ -557,7 +579,9 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK
     if args.verb == "tail":
         for stored in client.subscribe(flt):
-            if args.json:
+            if args.format == "ecs":
+                _print_ecs([stored], out)
+            elif args.json:
                 print(_json(stored), file=out)
             else:
                 print("  ".join(_verdict_cells(stored)), file=out)
@@ -565,12 +589,26 @@ def _verdicts(client: CollectorClient, args: argparse.Namespace, out: TextIO) ->
         return EXIT_OK
     limit = 100 if args.limit is None else args.limit
     results = client.query(flt, limit=limit or None, page_size=min(limit or 1000, 1000))
-    if args.json:
+    if args.format == "ecs":
+        _print_ecs(results, out)
+    elif args.json:
         for stored in results:
             print(_json(stored), file=out)
     else:
         print_table(results, out)
     return EXIT_OK
+
+
+def _print_ecs(items: Iterable[verdict_pb2.StoredVerdict | admin_service_pb2.Alert], out: TextIO) -> int:
+    """ECS records, one a line, with the mapping of the collector's SIEM sinks; return how many."""
+    from auris.collector.siem import ecs_alert, ecs_line, ecs_verdict
+
+    count = 0
+    for item in items:
+        doc = ecs_alert(item) if isinstance(item, admin_service_pb2.Alert) else ecs_verdict(item)
+        print(ecs_line(doc), file=out)
+        count += 1
+    return count
 
 
 def export(verdicts: Iterable[verdict_pb2.StoredVerdict], path: Path) -> int:
@@ -717,12 +755,18 @@ def _alerts(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> i
     states = [_ALERT_STATES[name] for name in args.state]
     if args.verb == "tail":
         for alert in client.subscribe_alerts(states, args.rule):
-            print(_json(alert) if args.json else "  ".join(_alert_cells(alert)), file=out)
+            if args.format == "ecs":
+                _print_ecs([alert], out)
+            else:
+                print(_json(alert) if args.json else "  ".join(_alert_cells(alert)), file=out)
             out.flush()
         return EXIT_OK
     if args.limit < 0:
         raise ConfigError("--limit must not be negative")
     alerts = list(client.alerts(states, args.rule, limit=args.limit or None))
+    if args.format == "ecs":
+        _print_ecs(alerts, out)
+        return EXIT_OK
     if args.json:
         for alert in alerts:
             print(_json(alert), file=out)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +26,7 @@ from auris.collector.feeds import FeedScorers, FeedServicer, FeedStore
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
+from auris.collector.siem import SiemExport
 from auris.collector.store import VerdictStore
 from auris.v1 import (
     admin_service_pb2,
@@ -35,7 +39,7 @@ from auris.v1 import (
     query_service_pb2_grpc,
 )
 
-__all__ = ["Collector"]
+__all__ = ["RELOADABLE", "Collector"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,17 @@ SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     feed_service_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name,
 )
+
+# What SIGHUP takes up while serving (Collector.reload); anything else waits for a restart.
+RELOADABLE = ("alert_rules", "alert_sinks", "siem_sinks", "alert_check_interval_s", "log_level")
+
+
+def _named_changes(what: str, old: tuple[Any, ...], new: tuple[Any, ...]) -> str:
+    """What changed in a list of named tables: "alert_rules (+added, -removed, ~changed)"."""
+    before, after = {x.name: x for x in old}, {x.name: x for x in new}
+    parts = [f"+{n}" for n in after if n not in before] + [f"-{n}" for n in before if n not in after]
+    parts += [f"~{n}" for n in after if n in before and before[n] != after[n]]
+    return f"{what} ({', '.join(parts)})"
 
 
 class Collector:
@@ -73,7 +88,10 @@ class Collector:
         )
         self._health = HealthServicer()
         self.broker: Broker[NewVerdict] = Broker(config.subscriber_buffer, config.max_subscribers)
-        self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks)
+        # SIEM sinks read the database on threads of their own (siem.py); alert changes reach them
+        # through the alert outbox.
+        self.siem = SiemExport(self.store, config.siem_sinks, Path(config.db).parent)
+        self.alerts = Alerts(self.store, config.alert_rules, config.alert_sinks, self.siem.outboxes())
         signing_key = load_private_key(Path(config.signing_key_file)) if config.signing_key_file else None
         self.registry = ModelRegistry(
             self.store,
@@ -87,11 +105,7 @@ class Collector:
         self.alert_broker: Broker[admin_service_pb2.Alert] = Broker(
             config.subscriber_buffer, config.max_subscribers
         )
-        self.notifier = (
-            Notifier(self.store, config.alert_sinks, Path(config.db).with_name("alerts-dead-letter.jsonl"))
-            if config.alert_sinks
-            else None
-        )
+        self.notifier = self._notifier() if config.alert_sinks else None
         # The agent and admin servicers leave RPCs of later issues to the generated bases, which
         # answer UNIMPLEMENTED; the type stubs call those methods abstract, hence the ignores.
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -120,7 +134,7 @@ class Collector:
             ),
             self._server,
         )
-        self.feeds = FeedStore(self.store, self.alerts.evaluate_feed if self.alerts.has_feed_rules else None)
+        self.feeds = FeedStore(self.store, self._evaluate_feed)
         self.feed_broker: Broker[feed_service_pb2.FeedScore] = Broker(
             config.subscriber_buffer, config.max_subscribers
         )
@@ -189,11 +203,25 @@ class Collector:
         self.api_port = 0
         self.metrics: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._maintaining: asyncio.Task[None] | None = None
+
+    def _notifier(self) -> Notifier:
+        return Notifier(
+            self.store, self.config.alert_sinks, Path(self.config.db).with_name("alerts-dead-letter.jsonl")
+        )
+
+    def _evaluate_feed(
+        self, conn: sqlite3.Connection, scores: list[feed_service_pb2.FeedScore], now_ns: int
+    ) -> list[int]:
+        # Feed rules come and go with SIGHUP; without any, a feed batch costs nothing here.
+        return self.alerts.evaluate_feed(conn, scores, now_ns) if self.alerts.has_feed_rules else []
 
     async def _alerts_changed(self, ids: list[int]) -> None:
-        """After a commit that changed alerts: wake the notifier, tell alert subscribers."""
+        """After a commit that changed alerts: wake the notifier and the SIEM sinks, tell alert
+        subscribers."""
         if self.notifier is not None:
             self.notifier.wake()
+        self.siem.wake()
         if self.alert_broker.active:
             changed = await asyncio.get_running_loop().run_in_executor(self._readers, self.alerts.get, ids)
             self.alert_broker.publish(changed)
@@ -247,9 +275,10 @@ class Collector:
         ):
             self._tasks.append(loop.create_task(self._retain_forever()))
         if self.config.alert_rules:
-            self._tasks.append(loop.create_task(self._maintain_alerts_forever()))
+            self._maintaining = loop.create_task(self._maintain_alerts_forever())
         if self.notifier is not None:
             self.notifier.start()
+        self.siem.start()
         if self.config.metrics_listen:
             self.metrics = MetricsServer(self.config.metrics_listen, self._metrics)
             self.metrics.start()
@@ -297,7 +326,48 @@ class Collector:
             if resolved:
                 logger.info("alerts: resolved %d quiet alerts", len(resolved))
                 await self._alerts_changed(resolved)
+            # Read each round: SIGHUP may change it.
             await asyncio.sleep(self.config.alert_check_interval_s)
+
+    async def reload(self, new: CollectorConfig) -> tuple[list[str], list[str]]:
+        """Take up the RELOADABLE settings of ``new`` (SIGHUP): alert rules and sinks, SIEM sinks,
+        the alert check interval, the log level. Returns what changed now and what changed but
+        waits for a restart. OSError or ValueError: refused, the running configuration stays."""
+        old = self.config
+        changed = [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+        now = [name for name in changed if name in RELOADABLE]
+        later = [name for name in changed if name not in RELOADABLE]
+        loop = asyncio.get_running_loop()
+        if "siem_sinks" in now:
+            # First: it opens the new files, and an unwritable path refuses the whole reload.
+            await loop.run_in_executor(None, self.siem.replace, new.siem_sinks)
+        if {"alert_rules", "alert_sinks", "siem_sinks"} & set(now):
+            # On the writer thread, so that no ingest transaction sees half of the change.
+            def configure() -> None:
+                self.alerts.configure(new.alert_rules, new.alert_sinks, self.siem.outboxes())
+                self.store.on_ingest = self.alerts.evaluate if new.alert_rules else None
+
+            await loop.run_in_executor(self._writer, configure)
+            await loop.run_in_executor(None, self.siem.forget_removed)
+        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in now})
+        if "alert_sinks" in now:
+            if self.notifier is None and new.alert_sinks:
+                self.notifier = self._notifier()
+                self.notifier.start()
+            elif self.notifier is not None:
+                self.notifier.set_sinks(new.alert_sinks)
+                self.notifier.wake()
+        if new.alert_rules and (self._maintaining is None or self._maintaining.done()):
+            self._maintaining = loop.create_task(self._maintain_alerts_forever())
+        if "log_level" in now:
+            logging.getLogger().setLevel(new.log_level.upper())
+        described = {
+            "alert_rules": _named_changes("alert_rules", old.alert_rules, new.alert_rules),
+            "alert_sinks": _named_changes("alert_sinks", old.alert_sinks, new.alert_sinks),
+            "siem_sinks": _named_changes("siem_sinks", old.siem_sinks, new.siem_sinks),
+            "log_level": f"log_level ({new.log_level})",
+        }
+        return [described.get(name, name) for name in now], later
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -339,6 +409,12 @@ class Collector:
                 outbox,
             )
         )
+        for name, written in self.siem.exported().items():
+            text = "Records a SIEM sink wrote since start."
+            out.append(Metric("auris_collector_siem_records_total", "counter", text, written, {"sink": name}))
+        for name, behind in self.siem.behind().items():
+            text = "Verdicts stored after a SIEM sink's cursor."
+            out.append(Metric("auris_collector_siem_verdicts_behind", "gauge", text, behind, {"sink": name}))
         for feed in self.feeds.feeds():
             labels = {"feed": feed.feed_id}
             out.append(Metric("auris_collector_feed_records_total", "counter", "Feed records accepted.",
@@ -356,7 +432,7 @@ class Collector:
     async def stop(self) -> None:
         if self.metrics is not None:
             self.metrics.stop()
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._maintaining] if self._maintaining else [])]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -364,6 +440,8 @@ class Collector:
         await self._server.stop(self.config.shutdown_grace_s)
         if self.notifier is not None:
             self.notifier.stop()
+        # The sinks finish the batch in hand; their cursors keep the place of the rest.
+        await asyncio.get_running_loop().run_in_executor(None, self.siem.stop)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()
