@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchlib import add_figures_argument, write_figures
 from benchlib import command as _command
 from benchlib import cpu_s as _cpu_s
 from benchlib import fmt as _fmt
@@ -990,6 +991,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-config", type=Path, help="TOML config passed to the agent with --config")
     p.add_argument("--run-timeout-s", type=float, default=1800.0, help="kill a run after this long")
     p.add_argument("--nfstream-child", metavar="PCAP", help=argparse.SUPPRESS)
+    add_figures_argument(p)
     return p
 
 
@@ -1083,6 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
+    write_figures(args.figures, "agent", build_table(report))
     _say(f"written to {args.out}")
     return 0
 

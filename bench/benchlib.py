@@ -4,7 +4,9 @@ on their import path."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BIN",
     "REPO",
+    "add_figures_argument",
     "command",
     "cpu_s",
     "fmt",
@@ -32,6 +35,7 @@ __all__ = [
     "say",
     "verdict",
     "versions",
+    "write_figures",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,3 +140,23 @@ def versions(dists: Sequence[str], **extra: str) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         out["git"] = "unknown"
     return out
+
+
+def add_figures_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--figures", type=Path, metavar="JSON",
+        help="also write the summary rows (what, baseline, ours, ratio, target) as JSON, for bench/run.py",
+    )  # fmt: skip
+
+
+def write_figures(path: Path | None, bench: str, rows: Sequence[Sequence[str]]) -> None:
+    """The rows of a benchmark's summary table, each [what, baseline, ours, ratio, target], for
+    ``bench/run.py``'s single table (nothing when ``path`` is None)."""
+    if path is None:
+        return
+    if any(len(row) != 5 for row in rows):
+        raise ValueError("every summary row has 5 cells: what, baseline, ours, ratio, target")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    payload = {"bench": bench, "written": written, "rows": [list(r) for r in rows]}
+    path.write_text(json.dumps(payload, indent=1), encoding="utf-8")

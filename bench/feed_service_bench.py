@@ -38,7 +38,19 @@ from feeds_bench import _bars, _ulb_transactions
 from auris.agent.signing import ModelTrust
 from auris.collector.feed_models import TickScorer, TransactionScorer
 from auris.v1 import feed_service_pb2
-from benchlib import REPO, command, fmt, loadavg, machine, percentile, say, verdict, versions
+from benchlib import (
+    REPO,
+    add_figures_argument,
+    command,
+    fmt,
+    loadavg,
+    machine,
+    percentile,
+    say,
+    verdict,
+    versions,
+    write_figures,
+)
 
 MODELS = REPO / "models" / "feeds"
 VERSIONS = ["grpcio", "numpy", "onnxruntime", "protobuf"]
@@ -165,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feed-service.md")
     p.add_argument("--keep", type=Path, default=None, help="keep the collector's folder here")
+    add_figures_argument(p)
     args = p.parse_args(argv)
     data = args.data if args.data.is_dir() else None
     trust = ModelTrust.load([])
@@ -231,11 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"and {len(bars):,} bars in requests of {args.batch}.\n\n",
         "| what | scorer alone | end to end | ratio | target | |\n|---|---|---|---|---|---|\n",
         *(f"| {' | '.join(r)} |\n" for r in rows),
-        f"\nMachine: {machine()}; load average at the end {loadavg()}. The producer runs on the same "
-        f"2 cores as the collector.\n\nVersions: {versions(VERSIONS)}.\n",
+        f"\nMachine: {'; '.join(f'{k} {v}' for k, v in machine().items())}; load average at the end "
+        f"{loadavg()}. The producer runs on the same cores as the collector.\n\nVersions: "
+        f"{', '.join(f'{k} {v}' for k, v in versions(VERSIONS).items())}.\n",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(text), encoding="utf-8")
+    figures = [[w, b, o, r, f"{t}: {m}" if t else "(information)"] for w, b, o, r, t, m in rows]
+    write_figures(args.figures, "feed-service", figures)
     print("".join(text))
     return 0
 

@@ -29,7 +29,18 @@ import pandas as pd
 from auris.agent.signing import ModelTrust
 from auris.collector.feed_models import TickScorer, TransactionScorer
 from auris.v1 import feed_service_pb2
-from benchlib import REPO, fmt, loadavg, machine, percentile, say, verdict, versions
+from benchlib import (
+    REPO,
+    add_figures_argument,
+    fmt,
+    loadavg,
+    machine,
+    percentile,
+    say,
+    verdict,
+    versions,
+    write_figures,
+)
 
 FIXTURES = REPO / "tests" / "data" / "feeds"
 MODELS = REPO / "models" / "feeds"
@@ -161,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--models", type=Path, default=MODELS)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feeds.md")
+    add_figures_argument(p)
     args = p.parse_args(argv)
     data = args.data if args.data.is_dir() else None
     trust = ModelTrust.load([])
@@ -247,6 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(text), encoding="utf-8")
+    figures = [
+        [what, "", rate, "", f"{target}: {met}" if target else "(information)"]
+        for what, rate, target, met in rows
+    ]
+    for name, _, p99, _ in latency:
+        what = f"single-record latency, {name} model, p99 (scorer alone)"
+        figures.append([what, "", f"{p99:.3f} ms", "", "(information)"])
+    write_figures(args.figures, "feeds", figures)
     print("".join(text))
     return 0
 

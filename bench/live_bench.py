@@ -39,7 +39,17 @@ from pathlib import Path
 
 from agent_bench import Collector, _Watcher
 
-from benchlib import REPO, command, loadavg, machine, say, verdict, versions
+from benchlib import (
+    REPO,
+    add_figures_argument,
+    command,
+    loadavg,
+    machine,
+    say,
+    verdict,
+    versions,
+    write_figures,
+)
 
 HOST_IP, PEER_IP = "10.231.90.1", "10.231.90.2"
 IDLE_TIMEOUT_S = 600
@@ -158,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=20_000, help="packets per second sent (%(default)s)")
     p.add_argument("--settle-s", type=float, default=10.0, help="seconds to sample after sending")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "live.md")
+    add_figures_argument(p)
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("live_bench: needs root (a network namespace and a live capture)", file=sys.stderr)
@@ -209,6 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(text), encoding="utf-8")
+    figures = [
+        [
+            f"{what} at {args.flows:,} live flows",
+            base,
+            ours,
+            "",
+            f"{target}: {met}" if target else "(information)",
+        ]
+        for what, base, ours, target, met in rows
+    ]
+    write_figures(args.figures, "live", figures)
     print("".join(text))
     return 0
 
