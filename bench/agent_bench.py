@@ -397,7 +397,7 @@ class _Watcher(threading.Thread):
         self.root = root
         self.interval_s = interval_s
         self.done = threading.Event()
-        self.peak_kb: dict[str, int] = {}
+        self.pid_peak_kb: dict[int, int] = {}
         self.tree_peak_kb = 0
         self.tree_peak_pss_kb = 0
         self.roles: dict[int, str] = {root: "main"}
@@ -412,12 +412,24 @@ class _Watcher(threading.Thread):
             yield pid, parent
             stack += [(child, pid) for child in _children(pid)]
 
+    @property
+    def peak_kb(self) -> dict[str, int]:
+        """Role -> largest VmHWM of a process of that role."""
+        out: dict[str, int] = {}
+        for pid, kb in self.pid_peak_kb.items():
+            role = self.roles.get(pid, "meter")
+            out[role] = max(out.get(role, 0), kb)
+        return out
+
     def sample(self) -> None:
         total = total_pss = 0
         for pid, parent in self._tree():
-            if pid not in self.roles:
-                self.cmdlines[pid] = _cmdline(pid)
-                self.roles[pid] = _role(self.cmdlines[pid], self.roles.get(parent, ""))
+            cmdline = _cmdline(pid)
+            # A new child has its parent's command line until it executes its own (the forkserver
+            # does, right after it is forked): decide its role again whenever it changes.
+            if pid != self.root and cmdline and cmdline != self.cmdlines.get(pid):
+                self.cmdlines[pid] = cmdline
+                self.roles[pid] = _role(cmdline, self.roles.get(parent, ""))
             got = _status_kb(pid)
             cpu = _cpu_s(pid)
             if got is None or cpu is None:
@@ -426,15 +438,15 @@ class _Watcher(threading.Thread):
             total += rss
             total_pss += _pss_kb(pid)
             self.cpu[pid] = cpu
-            role = self.roles[pid]
-            self.peak_kb[role] = max(self.peak_kb.get(role, 0), hwm)
+            self.pid_peak_kb[pid] = max(self.pid_peak_kb.get(pid, 0), hwm)
         self.tree_peak_kb = max(self.tree_peak_kb, total)
         self.tree_peak_pss_kb = max(self.tree_peak_pss_kb, total_pss)
 
     def cpu_by_role(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for pid, seconds in self.cpu.items():
-            out[self.roles[pid]] = out.get(self.roles[pid], 0.0) + seconds
+            role = self.roles.get(pid, "meter")
+            out[role] = out.get(role, 0.0) + seconds
         return out
 
     def run(self) -> None:
