@@ -23,16 +23,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import grpc
+
 # lean first: it keeps pandas (which nfstream imports and the agent never uses) out of every process.
 from auris.agent import __version__, lean, live, sd_notify  # noqa: F401
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
-from auris.agent.enroll import model_key_file
+from auris.agent.enroll import enrolled_files, model_key_file
 from auris.agent.health import Heartbeat, health_metrics
 from auris.agent.logs import configure_logging
 from auris.agent.meter import preload_in_meter_processes
 from auris.agent.metrics import MetricsServer
 from auris.agent.model_updates import ModelCatalog, ModelWatcher
+from auris.agent.renewal import CertificateRenewer, ReopenableChannel, finish_interrupted_renewal
 from auris.agent.scoring import ModelSet
 from auris.agent.signing import ModelTrust
 from auris.agent.spool import Spool
@@ -114,7 +117,7 @@ def _open_models(config: AgentConfig) -> tuple[ModelSet | None, str]:
 _RESTART_ONLY = (
     "collector", "insecure", "ca_file", "cert_file", "key_file", "agent_id", "state_dir", "pcaps",
     "interface", "bpf_filter", "snapshot_length", "promiscuous", "idle_timeout_s", "active_timeout_s",
-    "uplink_batch", "uplink_window", "spool_max_verdicts", "max_live_flows",
+    "uplink_batch", "uplink_window", "spool_max_verdicts", "max_live_flows", "cert_renew_before_days",
 )  # fmt: skip
 
 
@@ -168,19 +171,29 @@ def run(
     state_dir = Path(config.state_dir)
     try:
         lock_state_dir(state_dir)
+        if not config.insecure and (
+            done := finish_interrupted_renewal(Path(config.cert_file), Path(config.key_file))
+        ):
+            logger.warning("%s", done)
         agent_id = agent_identity(state_dir, config.agent_id, "" if config.insecure else config.cert_file)
         spool = Spool(state_dir / "spool.db", config.spool_max_verdicts)
     except (OSError, ValueError) as exc:
         logger.error("state dir %s unusable: %s", state_dir, exc)
         return EXIT_CONFIG
-    try:
-        channel = open_channel(
+
+    def connect() -> grpc.Channel:
+        return open_channel(
             config.collector,
             insecure=config.insecure,
             ca_file=config.ca_file,
             cert_file=config.cert_file,
             key_file=config.key_file,
         )
+
+    try:
+        # With TLS, a renewed certificate re-opens the channel under the stubs made on it.
+        reopenable = None if config.insecure else ReopenableChannel(connect)
+        channel = connect() if reopenable is None else reopenable
     except (OSError, ValueError) as exc:
         logger.error("cannot set up the collector channel: %s", exc)
         return EXIT_CONFIG
@@ -217,7 +230,20 @@ def run(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: agent.request_reload())
-    heartbeat = Heartbeat(channel, agent.heartbeat, config.heartbeat_interval_s)
+    renewer = None
+    if reopenable is not None:
+        enrolled = [p.resolve() for p in enrolled_files(state_dir)[1:]]
+        renewer = CertificateRenewer(
+            channel,
+            Path(config.cert_file),
+            Path(config.key_file),
+            Path(config.ca_file),
+            renew_before_days=config.cert_renew_before_days,
+            on_renewed=reopenable.reopen,
+            renewable=[Path(config.cert_file).resolve(), Path(config.key_file).resolve()] == enrolled,
+        )
+    snapshot = agent.heartbeat if renewer is None else lambda: renewer.report(agent.heartbeat())
+    heartbeat = Heartbeat(channel, snapshot, config.heartbeat_interval_s)
     agent.on_models_swapped = heartbeat.poke
     watcher = ModelWatcher(
         channel,
@@ -230,13 +256,15 @@ def run(
     metrics = None
     if config.metrics_listen:
         try:
-            metrics = MetricsServer(config.metrics_listen, lambda: health_metrics(agent.heartbeat()))
+            metrics = MetricsServer(config.metrics_listen, lambda: health_metrics(snapshot()))
         except (OSError, ValueError) as exc:
             logger.error("cannot serve metrics on %s: %s", config.metrics_listen, exc)
             return EXIT_CONFIG
         metrics.start()
         host = config.metrics_listen.rsplit(":", 1)[0]
         logger.info("metrics on http://%s:%d/metrics", host, metrics.port)
+    if renewer is not None:
+        renewer.start()
     uplink.start()
     heartbeat.start()
     watcher.start()
@@ -248,6 +276,8 @@ def run(
     if metrics is not None:
         metrics.stop()
     watcher.stop()
+    if renewer is not None:
+        renewer.stop()
     heartbeat.stop(final=True)
     spooled = spool.stats
     stats = uplink.stats

@@ -39,6 +39,8 @@ class AgentConfig:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # Renew the enrolled certificate (state_dir/pki) this many days before it expires; 0: never.
+    cert_renew_before_days: float = 30.0
     # Identity; empty means "read or create state_dir/agent-id".
     agent_id: str = ""
     # Where the agent keeps its id and sequence counter.
@@ -252,6 +254,8 @@ def load_agent_config(
         )
     if min(config.uplink_ack_timeout_s, config.uplink_backoff_max_s) <= 0:
         raise ConfigError("uplink_ack_timeout_s and uplink_backoff_max_s must be positive")
+    if config.cert_renew_before_days < 0:
+        raise ConfigError(f"cert_renew_before_days must not be negative, got {config.cert_renew_before_days}")
     if config.send_features not in ("all", "anomalous", "none"):
         raise ConfigError(f"send_features: expected all, anomalous or none, got {config.send_features!r}")
     if config.log_format not in ("text", "json"):

@@ -25,7 +25,7 @@ from auris.agent import __version__
 from auris.agent.signing import load_public_key
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
 
-__all__ = ["EnrollError", "enroll", "enrolled_files", "model_key_file", "pinned_ca"]
+__all__ = ["EnrollError", "certificate_request", "enroll", "enrolled_files", "model_key_file", "pinned_ca"]
 
 
 class EnrollError(Exception):
@@ -83,6 +83,17 @@ def pinned_ca(host: str, port: int, ca_sha256: str, timeout_s: float = 10.0) -> 
     return ca.public_bytes(serialization.Encoding.PEM)
 
 
+def certificate_request(agent_id: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A new key (ECDSA P-256) and a PEM signing request for it naming ``agent_id``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, agent_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def enroll(
     target: str, token: str, ca_sha256: str, state_dir: Path, agent_id: str = "", timeout_s: float = 30.0
 ) -> str:
@@ -92,19 +103,12 @@ def enroll(
     if not host or not port.isdigit():
         raise EnrollError(f"expected HOST:PORT, got {target!r}")
     ca_pem = pinned_ca(host.strip("[]"), int(port), ca_sha256)
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, agent_id or "auris-agent")])
-        )
-        .sign(key, hashes.SHA256())
-    )
+    key, csr_pem = certificate_request(agent_id or "auris-agent")
     request = agent_service_pb2.EnrollRequest(
         token=token,
         agent_id=agent_id,
         hostname=socket.gethostname(),
-        csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
+        csr_pem=csr_pem,
         agent_version=__version__,
     )
     with grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem)) as channel:

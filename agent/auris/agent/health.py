@@ -124,6 +124,16 @@ def health_metrics(heartbeat: agent_service_pb2.HeartbeatRequest) -> list[Metric
                 "auris_agent_model_max_feature_psi", "gauge", "Largest feature PSI, last hour.", worst, labels
             )
         )
+    if h.HasField("certificate_expire_time"):
+        expires = h.certificate_expire_time.ToNanoseconds() / 1e9
+        out.append(
+            Metric(
+                "auris_agent_certificate_expiry_timestamp_seconds",
+                "gauge",
+                "When the agent's certificate expires (Unix time).",
+                expires,
+            )
+        )
     refused = float(len(heartbeat.refused_models))
     out.append(Metric("auris_agent_models_refused", "gauge", "Wanted models the agent refused.", refused))
     return out

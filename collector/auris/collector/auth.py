@@ -59,6 +59,7 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.AgentService/Heartbeat": (AGENT, False),
     "/auris.v1.AgentService/WatchModelUpdates": (AGENT, False),
     "/auris.v1.AgentService/DownloadModel": (AGENT, False),
+    "/auris.v1.AgentService/RenewCertificate": (AGENT, True),
     "/auris.v1.QueryService/QueryVerdicts": (READER, False),
     "/auris.v1.QueryService/SubscribeVerdicts": (READER, False),
     "/auris.v1.QueryService/AggregateVerdicts": (READER, False),

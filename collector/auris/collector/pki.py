@@ -1,5 +1,5 @@
 """The collector's certificate authority: create it, issue the collector's serving certificate, and
-sign agents' certificate requests at enrollment (the agent's key never leaves the agent).
+sign agents' certificate requests at enrollment and renewal (the agent's key never leaves the agent).
 
 Keys are ECDSA P-256. An agent certificate's common name is its agent id; the collector
 takes the caller's agent id from it, never from the request alone.
@@ -26,6 +26,7 @@ __all__ = [
     "AgentSigner",
     "PkiError",
     "PkiPaths",
+    "csr_common_name",
     "fingerprint",
     "init_pki",
     "load_ca",
@@ -160,14 +161,26 @@ def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.Ellip
     return ca, key
 
 
+def _load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise PkiError("csr_pem is not a PEM certificate signing request") from None
+
+
+def csr_common_name(csr_pem: bytes) -> str:
+    """The agent id a certificate signing request asks for (its common name)."""
+    names = _load_csr(csr_pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise PkiError("the certificate signing request has no common name (the agent id)")
+    return str(names[0].value)
+
+
 def sign_agent_csr(
     ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, csr_pem: bytes, agent_id: str, days: float
 ) -> tuple[bytes, str]:
     """A client certificate for ``agent_id`` over the request's key; (PEM, serial as hex)."""
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError:
-        raise PkiError("csr_pem is not a PEM certificate signing request") from None
+    csr = _load_csr(csr_pem)
     if not csr.is_signature_valid:
         raise PkiError("the certificate signing request's signature does not verify")
     public_key = csr.public_key()
@@ -185,7 +198,7 @@ def sign_agent_csr(
 
 
 class AgentSigner:
-    """The collector's CA, loaded to sign agent certificates at enrollment."""
+    """The collector's CA, loaded to sign agent certificates at enrollment and renewal."""
 
     def __init__(self, cert_path: Path, key_path: Path, days: float) -> None:
         self.ca, self._key = load_ca(cert_path, key_path)

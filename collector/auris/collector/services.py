@@ -26,7 +26,7 @@ from auris.collector.broker import Broker, NewVerdict, check_filter, compile_fil
 from auris.collector.explain import Explainers
 from auris.collector.feeds import FeedStore
 from auris.collector.ingest import GroupCommitter
-from auris.collector.pki import AgentSigner
+from auris.collector.pki import AgentSigner, csr_common_name
 from auris.collector.registry import ModelRegistry, StageError
 from auris.collector.store import (
     _INSERT_COLUMNS,
@@ -422,6 +422,47 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         yield agent_service_pb2.DownloadModelResponse(manifest=manifest, chunk=onnx[:_CHUNK])
         for offset in range(_CHUNK, len(onnx), _CHUNK):
             yield agent_service_pb2.DownloadModelResponse(chunk=onnx[offset : offset + _CHUNK])
+
+    async def RenewCertificate(
+        self,
+        request: agent_service_pb2.RenewCertificateRequest,
+        context: grpc.aio.ServicerContext[
+            agent_service_pb2.RenewCertificateRequest, agent_service_pb2.RenewCertificateResponse
+        ],
+    ) -> agent_service_pb2.RenewCertificateResponse:
+        """A new certificate for the calling agent, signed as at enrollment; only for the id its
+        current certificate carries (the interceptor has checked that certificate)."""
+        agent_id = current_principal().agent_id
+        if not agent_id:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "RenewCertificate needs the agent's current certificate (mTLS on the agent port)",
+            )
+        if self._signer is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this collector does not renew certificates (no ca_key_file configured)",
+            )
+        await self._check_identity("", context)
+        csr_pem = request.csr_pem.encode()
+        try:
+            requested = csr_common_name(csr_pem)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if requested != agent_id:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this certificate is for agent {agent_id}, not {requested[:128]}",
+            )
+        try:
+            certificate, serial = self._signer.sign(csr_pem, agent_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self._store.record_certificate, agent_id, serial
+        )
+        logger.info("renewed the certificate of agent %s, new serial %s", agent_id, serial)
+        return agent_service_pb2.RenewCertificateResponse(certificate_pem=certificate.decode())
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):

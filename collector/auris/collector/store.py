@@ -918,6 +918,13 @@ class VerdictStore:
                 (agent_id, hostname[:255], now_ns, now_ns, cert_serial),
             )
 
+    def record_certificate(self, agent_id: str, cert_serial: str) -> None:
+        """The serial of the certificate an agent renewed."""
+        with self._write_lock, self._db.atomic():
+            self._db.conn.execute(
+                "UPDATE agents SET cert_serial = ? WHERE agent_id = ?", (cert_serial, agent_id)
+            )
+
     def agents(self, offline_after_ns: int, agent_id: str = "") -> list[admin_service_pb2.AgentInfo]:
         """Every agent (or one), online when its last heartbeat is younger than ``offline_after_ns``."""
         sql = (

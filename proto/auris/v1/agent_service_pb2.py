@@ -27,7 +27,7 @@ from auris.v1 import verdict_pb2 as auris_dot_v1_dot_verdict__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61uris/v1/agent_service.proto\x12\x08\x61uris.v1\x1a\x14\x61uris/v1/model.proto\x1a\x16\x61uris/v1/verdict.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"v\n\x0e\x45nrollResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\t\x12\x1d\n\x15model_signing_key_pem\x18\x04 \x01(\t\"N\n\x15StreamVerdictsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12#\n\x08verdicts\x18\x02 \x03(\x0b\x32\x11.auris.v1.Verdict\"]\n\x16StreamVerdictsResponse\x12\x1d\n\x15\x61\x63knowledged_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"\x94\x03\n\x0b\x41gentHealth\x12\x14\n\x0cpackets_seen\x18\x01 \x01(\x04\x12\x17\n\x0fpackets_dropped\x18\x02 \x01(\x04\x12\x15\n\rflows_metered\x18\x03 \x01(\x04\x12\x15\n\rflows_evicted\x18\x04 \x01(\x04\x12\x15\n\rverdicts_sent\x18\x05 \x01(\x04\x12\x1d\n\x15verdicts_acknowledged\x18\x06 \x01(\x04\x12\x13\n\x0bspool_depth\x18\x07 \x01(\x04\x12\x15\n\rspool_dropped\x18\x08 \x01(\x04\x12\x16\n\x0escoring_errors\x18\t \x01(\x04\x12\x16\n\x0euptime_seconds\x18\n \x01(\x01\x12:\n\x16last_acknowledged_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11verdicts_rejected\x18\x0c \x01(\x04\x12\x1a\n\x12verdicts_anomalous\x18\r \x01(\x04\x12#\n\x05\x64rift\x18\x0e \x03(\x0b\x32\x14.auris.v1.ModelDrift\"\xc8\x01\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\"\n\x06models\x18\x04 \x03(\x0b\x32\x12.auris.v1.ModelRef\x12%\n\x06health\x18\x05 \x01(\x0b\x32\x15.auris.v1.AgentHealth\x12.\n\x0erefused_models\x18\x06 \x03(\x0b\x32\x16.auris.v1.ModelRefusal\"p\n\x11HeartbeatResponse\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0e\x64\x65sired_models\x18\x02 \x03(\x0b\x32\x12.auris.v1.ModelRef\"S\n\x18WatchModelUpdatesRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12%\n\tinstalled\x18\x02 \x03(\x0b\x32\x12.auris.v1.ModelRef\"r\n\x19WatchModelUpdatesResponse\x12*\n\x0e\x64\x65sired_models\x18\x01 \x03(\x0b\x32\x12.auris.v1.ModelRef\x12)\n\rshadow_models\x18\x02 \x03(\x0b\x32\x12.auris.v1.ModelRef\"9\n\x14\x44ownloadModelRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.auris.v1.ModelRef\"Q\n\x15\x44ownloadModelResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.auris.v1.ModelManifest\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x32\x9e\x03\n\x0c\x41gentService\x12;\n\x06\x45nroll\x12\x17.auris.v1.EnrollRequest\x1a\x18.auris.v1.EnrollResponse\x12W\n\x0eStreamVerdicts\x12\x1f.auris.v1.StreamVerdictsRequest\x1a .auris.v1.StreamVerdictsResponse(\x01\x30\x01\x12\x44\n\tHeartbeat\x12\x1a.auris.v1.HeartbeatRequest\x1a\x1b.auris.v1.HeartbeatResponse\x12^\n\x11WatchModelUpdates\x12\".auris.v1.WatchModelUpdatesRequest\x1a#.auris.v1.WatchModelUpdatesResponse0\x01\x12R\n\rDownloadModel\x12\x1e.auris.v1.DownloadModelRequest\x1a\x1f.auris.v1.DownloadModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61uris/v1/agent_service.proto\x12\x08\x61uris.v1\x1a\x14\x61uris/v1/model.proto\x1a\x16\x61uris/v1/verdict.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"v\n\x0e\x45nrollResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\t\x12\x1d\n\x15model_signing_key_pem\x18\x04 \x01(\t\"N\n\x15StreamVerdictsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12#\n\x08verdicts\x18\x02 \x03(\x0b\x32\x11.auris.v1.Verdict\"]\n\x16StreamVerdictsResponse\x12\x1d\n\x15\x61\x63knowledged_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"\xd1\x03\n\x0b\x41gentHealth\x12\x14\n\x0cpackets_seen\x18\x01 \x01(\x04\x12\x17\n\x0fpackets_dropped\x18\x02 \x01(\x04\x12\x15\n\rflows_metered\x18\x03 \x01(\x04\x12\x15\n\rflows_evicted\x18\x04 \x01(\x04\x12\x15\n\rverdicts_sent\x18\x05 \x01(\x04\x12\x1d\n\x15verdicts_acknowledged\x18\x06 \x01(\x04\x12\x13\n\x0bspool_depth\x18\x07 \x01(\x04\x12\x15\n\rspool_dropped\x18\x08 \x01(\x04\x12\x16\n\x0escoring_errors\x18\t \x01(\x04\x12\x16\n\x0euptime_seconds\x18\n \x01(\x01\x12:\n\x16last_acknowledged_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11verdicts_rejected\x18\x0c \x01(\x04\x12\x1a\n\x12verdicts_anomalous\x18\r \x01(\x04\x12#\n\x05\x64rift\x18\x0e \x03(\x0b\x32\x14.auris.v1.ModelDrift\x12;\n\x17\x63\x65rtificate_expire_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\"\n\x06models\x18\x04 \x03(\x0b\x32\x12.auris.v1.ModelRef\x12%\n\x06health\x18\x05 \x01(\x0b\x32\x15.auris.v1.AgentHealth\x12.\n\x0erefused_models\x18\x06 \x03(\x0b\x32\x16.auris.v1.ModelRefusal\"p\n\x11HeartbeatResponse\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0e\x64\x65sired_models\x18\x02 \x03(\x0b\x32\x12.auris.v1.ModelRef\"S\n\x18WatchModelUpdatesRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12%\n\tinstalled\x18\x02 \x03(\x0b\x32\x12.auris.v1.ModelRef\"r\n\x19WatchModelUpdatesResponse\x12*\n\x0e\x64\x65sired_models\x18\x01 \x03(\x0b\x32\x12.auris.v1.ModelRef\x12)\n\rshadow_models\x18\x02 \x03(\x0b\x32\x12.auris.v1.ModelRef\"9\n\x14\x44ownloadModelRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.auris.v1.ModelRef\"Q\n\x15\x44ownloadModelResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.auris.v1.ModelManifest\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"3\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t2\xf9\x03\n\x0c\x41gentService\x12;\n\x06\x45nroll\x12\x17.auris.v1.EnrollRequest\x1a\x18.auris.v1.EnrollResponse\x12W\n\x0eStreamVerdicts\x12\x1f.auris.v1.StreamVerdictsRequest\x1a .auris.v1.StreamVerdictsResponse(\x01\x30\x01\x12\x44\n\tHeartbeat\x12\x1a.auris.v1.HeartbeatRequest\x1a\x1b.auris.v1.HeartbeatResponse\x12^\n\x11WatchModelUpdates\x12\".auris.v1.WatchModelUpdatesRequest\x1a#.auris.v1.WatchModelUpdatesResponse0\x01\x12R\n\rDownloadModel\x12\x1e.auris.v1.DownloadModelRequest\x1a\x1f.auris.v1.DownloadModelResponse0\x01\x12Y\n\x10RenewCertificate\x12!.auris.v1.RenewCertificateRequest\x1a\".auris.v1.RenewCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,19 +43,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMVERDICTSRESPONSE']._serialized_start=429
   _globals['_STREAMVERDICTSRESPONSE']._serialized_end=522
   _globals['_AGENTHEALTH']._serialized_start=525
-  _globals['_AGENTHEALTH']._serialized_end=929
-  _globals['_HEARTBEATREQUEST']._serialized_start=932
-  _globals['_HEARTBEATREQUEST']._serialized_end=1132
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1134
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1246
-  _globals['_WATCHMODELUPDATESREQUEST']._serialized_start=1248
-  _globals['_WATCHMODELUPDATESREQUEST']._serialized_end=1331
-  _globals['_WATCHMODELUPDATESRESPONSE']._serialized_start=1333
-  _globals['_WATCHMODELUPDATESRESPONSE']._serialized_end=1447
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1449
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1506
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1508
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1589
-  _globals['_AGENTSERVICE']._serialized_start=1592
-  _globals['_AGENTSERVICE']._serialized_end=2006
+  _globals['_AGENTHEALTH']._serialized_end=990
+  _globals['_HEARTBEATREQUEST']._serialized_start=993
+  _globals['_HEARTBEATREQUEST']._serialized_end=1193
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1195
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1307
+  _globals['_WATCHMODELUPDATESREQUEST']._serialized_start=1309
+  _globals['_WATCHMODELUPDATESREQUEST']._serialized_end=1392
+  _globals['_WATCHMODELUPDATESRESPONSE']._serialized_start=1394
+  _globals['_WATCHMODELUPDATESRESPONSE']._serialized_end=1508
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1510
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1567
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1569
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1650
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1652
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1694
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=1696
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1747
+  _globals['_AGENTSERVICE']._serialized_start=1750
+  _globals['_AGENTSERVICE']._serialized_end=2255
 # @@protoc_insertion_point(module_scope)

@@ -158,6 +158,7 @@ class AgentHealth(_message.Message):
     VERDICTS_REJECTED_FIELD_NUMBER: _builtins.int
     VERDICTS_ANOMALOUS_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     packets_seen: _builtins.int
     packets_dropped: _builtins.int
     flows_metered: _builtins.int
@@ -179,6 +180,10 @@ class AgentHealth(_message.Message):
     def drift(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelDrift]:
         """Per model with a reference distribution: the recent window against it."""
 
+    @_builtins.property
+    def certificate_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent's certificate expires; unset without one (insecure development mode)."""
+
     def __init__(
         self,
         *,
@@ -196,10 +201,11 @@ class AgentHealth(_message.Message):
         verdicts_rejected: _builtins.int = ...,
         verdicts_anomalous: _builtins.int = ...,
         drift: _abc.Iterable[_model_pb2.ModelDrift] | None = ...,
+        certificate_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_acknowledged_time", b"last_acknowledged_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expire_time", b"certificate_expire_time", "last_acknowledged_time", b"last_acknowledged_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "flows_evicted", b"flows_evicted", "flows_metered", b"flows_metered", "last_acknowledged_time", b"last_acknowledged_time", "packets_dropped", b"packets_dropped", "packets_seen", b"packets_seen", "scoring_errors", b"scoring_errors", "spool_depth", b"spool_depth", "spool_dropped", b"spool_dropped", "uptime_seconds", b"uptime_seconds", "verdicts_acknowledged", b"verdicts_acknowledged", "verdicts_anomalous", b"verdicts_anomalous", "verdicts_rejected", b"verdicts_rejected", "verdicts_sent", b"verdicts_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_expire_time", b"certificate_expire_time", "drift", b"drift", "flows_evicted", b"flows_evicted", "flows_metered", b"flows_metered", "last_acknowledged_time", b"last_acknowledged_time", "packets_dropped", b"packets_dropped", "packets_seen", b"packets_seen", "scoring_errors", b"scoring_errors", "spool_depth", b"spool_depth", "spool_dropped", b"spool_dropped", "uptime_seconds", b"uptime_seconds", "verdicts_acknowledged", b"verdicts_acknowledged", "verdicts_anomalous", b"verdicts_anomalous", "verdicts_rejected", b"verdicts_rejected", "verdicts_sent", b"verdicts_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,3 +376,47 @@ class DownloadModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadModelResponse: _TypeAlias = DownloadModelResponse  # noqa: Y015
+
+@_typing.final
+class RenewCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.str
+    """PEM certificate signing request over a new key that stays on the agent; its common name
+    must be the agent id of the certificate the call comes with.
+    """
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.str
+    """The new certificate (PEM): same agent id, new serial. The current one stays valid until
+    it expires.
+    """
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateResponse: _TypeAlias = RenewCertificateResponse  # noqa: Y015

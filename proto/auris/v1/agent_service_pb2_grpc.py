@@ -60,6 +60,11 @@ class AgentServiceStub:
                 request_serializer=auris_dot_v1_dot_agent__service__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=auris_dot_v1_dot_agent__service__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/auris.v1.AgentService/RenewCertificate',
+                request_serializer=auris_dot_v1_dot_agent__service__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=auris_dot_v1_dot_agent__service__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -103,6 +108,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """RenewCertificate exchanges a certificate signing request for a new certificate of the
+        calling agent, before its current one expires. Called over mTLS, with the current certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=auris_dot_v1_dot_agent__service__pb2.DownloadModelRequest.FromString,
                     response_serializer=auris_dot_v1_dot_agent__service__pb2.DownloadModelResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=auris_dot_v1_dot_agent__service__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=auris_dot_v1_dot_agent__service__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class AgentService:
             '/auris.v1.AgentService/DownloadModel',
             auris_dot_v1_dot_agent__service__pb2.DownloadModelRequest.SerializeToString,
             auris_dot_v1_dot_agent__service__pb2.DownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auris.v1.AgentService/RenewCertificate',
+            auris_dot_v1_dot_agent__service__pb2.RenewCertificateRequest.SerializeToString,
+            auris_dot_v1_dot_agent__service__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

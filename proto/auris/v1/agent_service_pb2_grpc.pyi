@@ -47,6 +47,10 @@ class AgentServiceStub:
     """WatchModelUpdates streams a notice whenever the agent's desired models change."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.DownloadModelRequest, _agent_service_pb2.DownloadModelResponse]
     """DownloadModel streams a signed model bundle in chunks."""
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.RenewCertificateRequest, _agent_service_pb2.RenewCertificateResponse]
+    """RenewCertificate exchanges a certificate signing request for a new certificate of the
+    calling agent, before its current one expires. Called over mTLS, with the current certificate.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -67,6 +71,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """WatchModelUpdates streams a notice whenever the agent's desired models change."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_agent_service_pb2.DownloadModelRequest, _agent_service_pb2.DownloadModelResponse]  # type: ignore[assignment]
     """DownloadModel streams a signed model bundle in chunks."""
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.RenewCertificateRequest, _agent_service_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """RenewCertificate exchanges a certificate signing request for a new certificate of the
+    calling agent, before its current one expires. Called over mTLS, with the current certificate.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is what agents call on the collector."""
@@ -114,5 +122,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.DownloadModelResponse], _abc.AsyncIterator[_agent_service_pb2.DownloadModelResponse]]:
         """DownloadModel streams a signed model bundle in chunks."""
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _agent_service_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.RenewCertificateResponse, _abc.Awaitable[_agent_service_pb2.RenewCertificateResponse]]:
+        """RenewCertificate exchanges a certificate signing request for a new certificate of the
+        calling agent, before its current one expires. Called over mTLS, with the current certificate.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
