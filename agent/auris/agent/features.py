@@ -9,6 +9,7 @@ refuses a model whose set or columns it cannot produce.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,10 +54,11 @@ class FeatureSet:
 
 def _extract_nfstream(flow: Any) -> list[float]:
     # NFlow exposes every statistic as an attribute; missing ones are a programming error.
-    return [float(getattr(flow, column)) for column in NFSTREAM_COLUMNS]
+    return list(map(float, _NFSTREAM_GET(flow)))
 
 
 NFSTREAM_COLUMNS = _nfstream_columns()
+_NFSTREAM_GET = operator.attrgetter(*NFSTREAM_COLUMNS)  # one C call for every column
 
 NFSTREAM = FeatureSet(
     name="nfstream",
