@@ -9,6 +9,7 @@ streams the spool to the collector.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -321,35 +322,42 @@ class Agent:
         meter.start()
         pending: list[FlowRecord] = []
         pending_key: str | None = None
-        while True:
+        ended = False
+        while not ended:
             self._ping_watchdog()
             if self._reload_requested.is_set():
                 self._apply_reload()
             if self._offered is not None:
                 self._swap_models()
             try:
-                item = self._queue.get(timeout=self._flush_interval_s)
+                items = [self._queue.get(timeout=self._flush_interval_s)]
             except queue.Empty:
                 self._spool_batch(pending_key, pending)
                 pending = []
                 self._housekeeping()
                 continue
-            if isinstance(item, _End):
-                break
-            if isinstance(item, _SourceDone):
-                self._spool_batch(pending_key, pending)
-                pending = []
-                if item.key:
-                    self.spool.mark_replay_complete(item.key)
-                continue
-            if item.key != pending_key:
-                self._spool_batch(pending_key, pending)
-                pending = []
-                pending_key = item.key
-            pending.append(item.flow)
-            if len(pending) >= self.config.score_batch:
-                self._spool_batch(pending_key, pending)
-                pending = []
+            # Take what else is waiting (up to a batch) without blocking: one wake-up per batch,
+            # not per flow, while the meter thread keeps the queue full.
+            with contextlib.suppress(queue.Empty):
+                while len(items) < self.config.score_batch:
+                    items.append(self._queue.get_nowait())
+            for item in items:
+                if isinstance(item, _Flow):
+                    if item.key != pending_key:
+                        self._spool_batch(pending_key, pending)
+                        pending = []
+                        pending_key = item.key
+                    pending.append(item.flow)
+                    if len(pending) >= self.config.score_batch:
+                        self._spool_batch(pending_key, pending)
+                        pending = []
+                elif isinstance(item, _SourceDone):
+                    self._spool_batch(pending_key, pending)
+                    pending = []
+                    if item.key:
+                        self.spool.mark_replay_complete(item.key)
+                else:  # _End: nothing follows it
+                    ended = True
         self._spool_batch(pending_key, pending)
         meter.join()
         # A stop request (before or while draining) drains only briefly; whatever is left stays

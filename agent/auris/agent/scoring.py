@@ -34,8 +34,10 @@ def to_matrix(rows: Sequence[Sequence[float]], width: int) -> npt.NDArray[np.flo
     matrix = np.asarray(rows, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[1] != width:
         raise ValueError(f"expected rows of {width} features, got shape {matrix.shape}")
-    np.nan_to_num(matrix, copy=False, nan=0.0, posinf=_FEATURE_CAP, neginf=-_FEATURE_CAP)
-    np.clip(matrix, -_FEATURE_CAP, _FEATURE_CAP, out=matrix)
+    np.clip(matrix, -_FEATURE_CAP, _FEATURE_CAP, out=matrix)  # also ±inf
+    nan = np.isnan(matrix)
+    if nan.any():  # rare; np.nan_to_num costs 2.5x this whole function on every batch
+        matrix[nan] = 0.0
     return matrix.astype(np.float32)
 
 
