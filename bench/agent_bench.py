@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchlib import add_figures_argument, write_figures
+from benchlib import Collector, add_figures_argument, write_figures
 from benchlib import command as _command
 from benchlib import cpu_s as _cpu_s
 from benchlib import fmt as _fmt
@@ -499,56 +499,6 @@ def run_monitored(cmd: Sequence[str], workdir: Path, timeout_s: float) -> ProcRu
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
     )
-
-
-class Collector:
-    """A real ``auris-collector serve`` on a free loopback port, plaintext."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.log = (workdir / "collector.log").open("wb")
-        address_file = workdir / "collector.address"
-        self.proc = subprocess.Popen(
-            [
-                *_command("auris-collector", "auris.collector.cli"),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--insecure",
-                "--db",
-                str(workdir / "collector.db"),
-                "--address-file",
-                str(address_file),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while not (address_file.is_file() and address_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"collector did not start: {(workdir / 'collector.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.05)
-        self.address = address_file.read_text().strip()
-
-    def cpu_s(self) -> float:
-        return _cpu_s(self.proc.pid) or 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 # --------------------------------------------------------------------------------------------

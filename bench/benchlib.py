@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BIN",
     "REPO",
+    "Collector",
     "add_figures_argument",
     "command",
     "cpu_s",
@@ -160,3 +162,46 @@ def write_figures(path: Path | None, bench: str, rows: Sequence[Sequence[str]]) 
     written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     payload = {"bench": bench, "written": written, "rows": [list(r) for r in rows]}
     path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+
+
+class Collector:
+    """A real ``auris-collector serve`` on a free loopback port, plaintext, on database ``db``
+    (default ``workdir/collector.db``), with the TOML ``config`` file when given."""
+
+    def __init__(
+        self, workdir: Path, db: Path | None = None, name: str = "collector", config: Path | None = None
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.log = self.log_path.open("wb")
+        address_file = workdir / f"{name}.address"
+        address_file.unlink(missing_ok=True)
+        cmd = [*command("auris-collector", "auris.collector.cli"), "serve"]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        cmd += ["--listen", "127.0.0.1:0", "--insecure", "--db", str(db or workdir / "collector.db"),
+                "--address-file", str(address_file), "--log-level", "warning"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while not (address_file.is_file() and address_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.address = address_file.read_text().strip()
+
+    def cpu_s(self) -> float:
+        return cpu_s(self.proc.pid) or 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +38,8 @@ from auris.collector.feed_models import TickScorer, TransactionScorer
 from auris.v1 import feed_service_pb2
 from benchlib import (
     REPO,
+    Collector,
     add_figures_argument,
-    command,
     fmt,
     loadavg,
     machine,
@@ -55,40 +53,6 @@ from benchlib import (
 MODELS = REPO / "models" / "feeds"
 VERSIONS = ["grpcio", "numpy", "onnxruntime", "protobuf"]
 _SERVICE = "/auris.v1.FeedService/"
-
-
-class Collector:
-    """A real collector with the feed models, plaintext on a free loopback port."""
-
-    def __init__(self, workdir: Path) -> None:
-        config = workdir / "collector.toml"
-        config.write_text(f'feed_models_dir = "{MODELS}"\n', encoding="utf-8")
-        address_file = workdir / "address"
-        self.log_path = workdir / "collector.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [*command("auris-collector", "auris.collector.cli"), "serve", "--config", str(config),
-             "--listen", "127.0.0.1:0", "--insecure", "--db", str(workdir / "auris.db"),
-             "--address-file", str(address_file), "--log-level", "warning"],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while not (address_file.is_file() and address_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.address = address_file.read_text().strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def _refeed(records: Sequence[Any], feed_id: str) -> list[Any]:
@@ -162,7 +126,11 @@ def _batches(records: Sequence[Any], batch: int, request: Callable[[Sequence[Any
 @contextlib.contextmanager
 def running_collector(keep: Path | None) -> Iterator[Collector]:
     with tempfile.TemporaryDirectory(prefix="auris-feed-bench-") as tmp:
-        collector = Collector(keep or Path(tmp))
+        workdir = keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "collector.toml"
+        config.write_text(f'feed_models_dir = "{MODELS}"\n', encoding="utf-8")
+        collector = Collector(workdir, config=config)
         try:
             yield collector
         finally:

@@ -37,10 +37,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from agent_bench import Collector, _Watcher
+from agent_bench import _Watcher
 
 from benchlib import (
     REPO,
+    Collector,
     add_figures_argument,
     command,
     loadavg,
@@ -181,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("bare nfstream")
         bare_cmd = [sys.executable, str(Path(__file__).resolve()), "--nfstream-child", here]
         bare, _ = measure(bare_cmd, ns, there, args.flows, args.rate, args.settle_s)
-        (work / "collector").mkdir()
         collector = Collector(work / "collector")
         try:
             config = work / "agent.toml"
