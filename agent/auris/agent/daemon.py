@@ -1,7 +1,7 @@
 """The agent's pipeline: meter thread -> micro-batched scoring -> durable spool -> uplink.
 
 The meter runs in its own thread (nfstream blocks while it waits for flows), handing
-flows over a bounded queue. The main thread scores them in batches of
+flows over a bounded hand-off list. The main thread scores them in batches of
 ``score_batch`` (or whatever is waiting after ``flush_interval_s``, so a quiet link
 still gets its verdicts out), builds verdicts and spools them. The uplink thread
 streams the spool to the collector.
@@ -9,11 +9,9 @@ streams the spool to the collector.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +91,38 @@ class _End:
 _Item = _Flow | _SourceDone | _End
 
 
+class _Handoff:
+    """Items from the meter thread to the scoring loop.
+
+    A bounded list rather than a ``queue.Queue``: the producer wakes the consumer only when the
+    list was empty (the consumer may be asleep), and the consumer takes everything at once, so a
+    busy pipeline costs one wake-up per batch instead of two thread notifications per flow.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[_Item] = []
+        self._limit = limit
+        self._cond = threading.Condition()
+
+    def put(self, item: _Item) -> None:
+        with self._cond:
+            while len(self._items) >= self._limit:  # backpressure on the meter thread
+                self._cond.wait()
+            self._items.append(item)
+            if len(self._items) == 1:
+                self._cond.notify_all()
+
+    def take(self, timeout: float) -> list[_Item]:
+        """Everything waiting, after up to ``timeout`` seconds for something; [] if nothing came."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            items, self._items = self._items, []
+            if len(items) >= self._limit:
+                self._cond.notify_all()  # the producer may wait for room
+            return items
+
+
 class Agent:
     """One run of the agent over its configured sources."""
 
@@ -121,7 +151,7 @@ class Agent:
         self._reload = reload
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=_QUEUE_FLOWS)
+        self._queue = _Handoff(_QUEUE_FLOWS)
         self._started = time.monotonic()
         # A model set offered by the model watcher, swapped in by the scoring loop between batches.
         self._offered: tuple[ModelSet, list[Refusal]] | None = None
@@ -329,18 +359,12 @@ class Agent:
                 self._apply_reload()
             if self._offered is not None:
                 self._swap_models()
-            try:
-                items = [self._queue.get(timeout=self._flush_interval_s)]
-            except queue.Empty:
+            items = self._queue.take(self._flush_interval_s)
+            if not items:
                 self._spool_batch(pending_key, pending)
                 pending = []
                 self._housekeeping()
                 continue
-            # Take what else is waiting (up to a batch) without blocking: one wake-up per batch,
-            # not per flow, while the meter thread keeps the queue full.
-            with contextlib.suppress(queue.Empty):
-                while len(items) < self.config.score_batch:
-                    items.append(self._queue.get_nowait())
             for item in items:
                 if isinstance(item, _Flow):
                     if item.key != pending_key:
