@@ -235,8 +235,8 @@ def run(
     stats = uplink.stats
     logger.info(
         "metered %d flows (%d anomalous, %d skipped as already spooled) in %.1fs; %d verdicts acknowledged, "
-        "%d resent as duplicates, %d refused, %d reconnects, %d failed scoring batches; spool depth %d, "
-        "%d dropped by the spool cap",
+        "%d resent as duplicates, %d refused, %d reconnects, %d rate-limited, %d failed scoring batches; "
+        "spool depth %d, %d dropped by the spool cap",
         report.flows,
         report.anomalies,
         report.flows_skipped,
@@ -245,6 +245,7 @@ def run(
         stats.duplicates,
         stats.rejected,
         stats.reconnects,
+        stats.throttled,
         agent.models.errors,
         spooled.depth,
         spooled.dropped,

@@ -5,7 +5,8 @@ certificate's common name is the agent id). People and programs present an API t
 role on the API port (TLS): reader (query, subscribe), analyst (+ label, alerts), admin (+
 agents, models, feeds, tokens, audit). ``POLICY`` names what every RPC needs and
 ``AuthInterceptor`` enforces it in one place, writing each action, and each refusal, to the
-append-only audit log.
+append-only audit log. The same interceptor applies the rate limits (limits.py): calls per API
+token, verdicts per agent; a caller over its rate gets RESOURCE_EXHAUSTED.
 
 Tokens are shown once; the collector keeps the sha256 of their secret part only.
 """
@@ -18,6 +19,7 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from auris.collector.limits import RETRY_AFTER_KEY, KeyedBuckets, RateLimits
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2
 
@@ -94,6 +97,10 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.FeedService/SubscribeFeedScores": (READER, False),
     "/auris.v1.FeedService/ListFeedRejects": (READER, False),
 }
+# Streams whose messages are rate-limited one by one (per agent), and what each message costs.
+_METERED: dict[str, Callable[[Any], int]] = {
+    "/auris.v1.AgentService/StreamVerdicts": lambda request: len(request.verdicts),
+}
 # Infrastructure anyone may call: health checking and server reflection.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                     "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
@@ -106,6 +113,8 @@ class Principal:
     name: str
     role: int
     agent_id: str = ""
+    # The API token's id, for a token holder (its rate limit is kept by it).
+    token_id: str = ""
 
 
 _CURRENT: contextvars.ContextVar[Principal] = contextvars.ContextVar("auris_principal")
@@ -210,7 +219,7 @@ class Authority:
         now = time.time_ns()
         if expire_ns is not None and expire_ns <= now:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"API token {token_id} has expired")
-        principal = Principal(f"token:{name}", role)
+        principal = Principal(f"token:{name}", role, token_id=token_id)
         # Cache for a few seconds, never past the token's expiry.
         horizon = 5.0 if expire_ns is None else min(5.0, (expire_ns - now) / 1e9)
         self._cache[token_id] = (principal, stored, time.monotonic() + horizon)
@@ -365,11 +374,17 @@ else:  # the runtime class is not generic
 
 
 class AuthInterceptor(_Interceptor):
-    """Checks POLICY before every handler and audits actions and refusals."""
+    """Checks POLICY and the rate limits before every handler and audits actions and refusals.
 
-    def __init__(self, authority: Authority, writer: ThreadPoolExecutor) -> None:
+    A rate-limit refusal is audited once per run of refusals (the first after an admitted
+    request), so that a client hammering the collector cannot flood the audit log."""
+
+    def __init__(
+        self, authority: Authority, writer: ThreadPoolExecutor, limits: RateLimits | None = None
+    ) -> None:
         self._authority = authority
         self._writer = writer
+        self._limits = limits or RateLimits(0, 0, 0, 0)
 
     async def _audit(self, principal: str, method: str, target: str, result: str) -> None:
         action = method.rsplit("/", 1)[-1]
@@ -387,8 +402,57 @@ class AuthInterceptor(_Interceptor):
         except Refused as exc:
             await self._audit(exc.actor or f"? {context.peer()}", method, "", exc.code.name)
             await context.abort(exc.code, str(exc))
+        if principal.token_id:
+            await self._charge(
+                self._limits.tokens, principal.token_id, 1, principal.name, method, context, "calls"
+            )
         _CURRENT.set(principal)
         return principal
+
+    async def _charge(
+        self,
+        buckets: KeyedBuckets,
+        key: str,
+        cost: int,
+        actor: str,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        unit: str,
+    ) -> None:
+        """Take ``cost`` from ``key``'s bucket, or end the call with RESOURCE_EXHAUSTED."""
+        decision = buckets.take(key, cost)
+        if decision.admitted:
+            return
+        if decision.first_refusal:
+            await self._audit(actor, method, "", "RESOURCE_EXHAUSTED")
+        wait_ms = max(1, math.ceil(decision.retry_after_s * 1000))
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(wait_ms)),))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{actor} is over its rate limit of {buckets.rate:g} {unit}/s (burst {buckets.burst:g});"
+            f" retry in {wait_ms / 1000:.2f}s",
+        )
+
+    def _metered(
+        self, method: str, requests: AsyncIterator[Any], context: Any, principal: Principal
+    ) -> AsyncIterator[Any]:
+        """The stream's messages, each charged to the agent's bucket before the handler sees it."""
+        cost = _METERED.get(method)
+        if cost is None or self._limits.agents.rate == 0:
+            return requests
+        charge = self._charge
+        agents = self._limits.agents
+
+        async def metered() -> AsyncIterator[Any]:
+            async for request in requests:
+                # Insecure mode has no certificates: the stream names its agent.
+                agent_id = principal.agent_id or str(getattr(request, "agent_id", ""))[:128]
+                await charge(
+                    agents, agent_id, cost(request), f"agent:{agent_id}", method, context, "verdicts"
+                )
+                yield request
+
+        return metered()
 
     async def intercept_service(
         self,
@@ -404,6 +468,7 @@ class AuthInterceptor(_Interceptor):
         audited = POLICY.get(method, (0, False))[1]
         admit = self._admit
         audit = self._audit
+        metered = self._metered
 
         async def finish(principal: Principal, request: object, context: Any, call: Awaitable[Any]) -> Any:
             if not audited:
@@ -443,8 +508,8 @@ class AuthInterceptor(_Interceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: Any) -> Any:
-                await admit(method, context)
-                return await inner_su(requests, context)
+                principal = await admit(method, context)
+                return await inner_su(metered(method, requests, context, principal), context)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, handler.request_deserializer, handler.response_serializer
@@ -452,8 +517,8 @@ class AuthInterceptor(_Interceptor):
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-            await admit(method, context)
-            async for response in inner_ss(requests, context):
+            principal = await admit(method, context)
+            async for response in inner_ss(metered(method, requests, context, principal), context):
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(
