@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from auris.collector.limits import RETRY_AFTER_KEY, KeyedBuckets, RateLimits
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
@@ -433,26 +434,28 @@ class AuthInterceptor(_Interceptor):
             f" retry in {wait_ms / 1000:.2f}s",
         )
 
-    def _metered(
+    def _incoming(
         self, method: str, requests: AsyncIterator[Any], context: Any, principal: Principal
     ) -> AsyncIterator[Any]:
-        """The stream's messages, each charged to the agent's bucket before the handler sees it."""
+        """The stream's messages, each refused when malformed and, for a metered stream, charged to
+        the agent's bucket before the handler sees it."""
         cost = _METERED.get(method)
-        if cost is None or self._limits.agents.rate == 0:
-            return requests
         charge = self._charge
         agents = self._limits.agents
+        metered = cost is not None and agents.rate > 0
 
-        async def metered() -> AsyncIterator[Any]:
+        async def incoming() -> AsyncIterator[Any]:
             async for request in requests:
-                # Insecure mode has no certificates: the stream names its agent.
-                agent_id = principal.agent_id or str(getattr(request, "agent_id", ""))[:128]
-                await charge(
-                    agents, agent_id, cost(request), f"agent:{agent_id}", method, context, "verdicts"
-                )
+                await _refuse_malformed(request, context)
+                if metered:
+                    assert cost is not None
+                    # Insecure mode has no certificates: the stream names its agent.
+                    agent_id = principal.agent_id or str(getattr(request, "agent_id", ""))[:128]
+                    actor = f"agent:{agent_id}"
+                    await charge(agents, agent_id, cost(request), actor, method, context, "verdicts")
                 yield request
 
-        return metered()
+        return incoming()
 
     async def intercept_service(
         self,
@@ -468,7 +471,9 @@ class AuthInterceptor(_Interceptor):
         audited = POLICY.get(method, (0, False))[1]
         admit = self._admit
         audit = self._audit
-        metered = self._metered
+        incoming = self._incoming
+        # Malformed messages reach the handlers as _Malformed, to be refused with a status.
+        deserialize = _tolerant(handler.request_deserializer)
 
         async def finish(principal: Principal, request: object, context: Any, call: Awaitable[Any]) -> Any:
             if not audited:
@@ -488,42 +493,67 @@ class AuthInterceptor(_Interceptor):
 
             async def unary_unary(request: Any, context: Any) -> Any:
                 principal = await admit(method, context)
+                await _refuse_malformed(request, context)
                 return await finish(principal, request, context, inner_uu(request, context))
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 await admit(method, context)
+                await _refuse_malformed(request, context)
                 async for response in inner_us(request, context):
                     yield response
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, deserialize, handler.response_serializer
             )
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: Any) -> Any:
                 principal = await admit(method, context)
-                return await inner_su(metered(method, requests, context, principal), context)
+                return await inner_su(incoming(method, requests, context, principal), context)
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
+                stream_unary, deserialize, handler.response_serializer
             )
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
             principal = await admit(method, context)
-            async for response in inner_ss(metered(method, requests, context, principal), context):
+            async for response in inner_ss(incoming(method, requests, context, principal), context):
                 yield response
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
+
+
+class _Malformed:
+    """A request that did not parse as its message type (why, in one line)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, returning _Malformed instead of raising: gRPC would answer a parse error
+    with UNKNOWN and the exception's class; the handler wrappers answer INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed((str(exc).splitlines() or ["cannot parse"])[0])
+
+    return parse
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
 
 
 def valid_agent_id(agent_id: str) -> bool:
