@@ -546,7 +546,11 @@ def test_feed_file_regressions(tmp_path: Path) -> None:
     csv_file = tmp_path / "t.csv"
     # Times of inf and 1e300 s: int(inf) raised OverflowError.
     csv_file.write_text("time,amount,transaction_id\ninf,5,a\n1e300,5,b\n1e12,5,c\n1e9,5,d\n")
-    assert [(n, r if isinstance(r, str) else r.transaction_id) for n, r in read_records(csv_file, fmt)] == [
+    got: list[tuple[int, str]] = []
+    for number, record in read_records(csv_file, fmt):
+        assert not isinstance(record, feed_service_pb2.Tick)
+        got.append((number, record if isinstance(record, str) else record.transaction_id))
+    assert got == [
         (2, "time inf is not a finite number"),
         (3, "time 1e+300 is not a finite number"),
         (4, "time '1e12' is out of range (years 1678 to 2261)"),
