@@ -19,13 +19,14 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,6 +34,8 @@ from google.protobuf.message import DecodeError
 from auris.collector.limits import RETRY_AFTER_KEY, KeyedBuckets, RateLimits
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AGENT",
@@ -492,18 +495,22 @@ class AuthInterceptor(_Interceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
+                context = _OneLineContext(context)
                 principal = await admit(method, context)
                 await _refuse_malformed(request, context)
-                return await finish(principal, request, context, inner_uu(request, context))
+                return await finish(
+                    principal, request, context, _guard(method, context, inner_uu(request, context))
+                )
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                context = _OneLineContext(context)
                 await admit(method, context)
                 await _refuse_malformed(request, context)
-                async for response in inner_us(request, context):
+                async for response in _guard_stream(method, context, inner_us(request, context)):
                     yield response
 
             return grpc.unary_stream_rpc_method_handler(
@@ -513,8 +520,10 @@ class AuthInterceptor(_Interceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: Any) -> Any:
+                context = _OneLineContext(context)
                 principal = await admit(method, context)
-                return await inner_su(incoming(method, requests, context, principal), context)
+                call = inner_su(incoming(method, requests, context, principal), context)
+                return await _guard(method, context, call)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, deserialize, handler.response_serializer
@@ -522,11 +531,68 @@ class AuthInterceptor(_Interceptor):
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+            context = _OneLineContext(context)
             principal = await admit(method, context)
-            async for response in inner_ss(incoming(method, requests, context, principal), context):
+            responses = inner_ss(incoming(method, requests, context, principal), context)
+            async for response in _guard_stream(method, context, responses):
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
+
+
+async def _refuse_unexpected(method: str, context: Any, exc: Exception) -> NoReturn:
+    """What a handler let escape, as a status: bad input (ValueError, OverflowError: a timestamp out
+    of range, a number beyond SQLite's integers) is INVALID_ARGUMENT, anything else INTERNAL with
+    the details in the log, never an exception's class and message on the wire."""
+    if isinstance(exc, ValueError | OverflowError):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, (str(exc).splitlines() or [type(exc).__name__])[0]
+        )
+    logger.error("%s failed", method, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {method.rsplit('/', 1)[-1]}; the collector's log has it"
+    )
+    raise AssertionError("unreachable")  # abort always raises
+
+
+async def _guard(method: str, context: Any, call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await _refuse_unexpected(method, context, exc)
+
+
+async def _guard_stream(method: str, context: Any, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        async for response in responses:
+            yield response
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await _refuse_unexpected(method, context, exc)
+
+
+class _OneLineContext:
+    """The servicer context handlers get: whatever a handler aborts with reaches the client as one
+    line (a reason that quotes a client's string, an agent id with a line break, stays one line)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, Any]] = ()
+    ) -> NoReturn:
+        await self._context.abort(code, details.translate(_LINE_BREAKS), trailing_metadata)
+        raise AssertionError("unreachable")  # abort always raises
+
+
+# What str.splitlines() splits on -> its escape: a status's details are one line.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class _Malformed:

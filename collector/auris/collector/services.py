@@ -98,6 +98,8 @@ _MAX_SEQUENCE = 2**63 - 1
 _MAX_COUNTER = 2**62
 # Times are stored in ns in SQLite's signed 64-bit integers: up to 2262-04-11 (the protobuf
 # Timestamp goes to 9999, whose ns would overflow the column and fail the whole group commit).
+# (auris.agent.verdicts.MAX_TIME_SECONDS, where agents clamp to it; not imported: that module
+# pulls in the meter and nfstream, which the collector does not install.)
 _MAX_SECONDS = (2**63 - 1) // 1_000_000_000 - 1
 # Trailing metadata naming the highest sequence of a refused batch, so the agent can drop
 # exactly that batch; a refusal without it concerns the whole stream.
