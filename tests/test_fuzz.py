@@ -230,6 +230,8 @@ def call(
 
 def _check_answer(live: Live, method: MethodDescriptor, code: grpc.StatusCode, details: str) -> None:
     assert code in DECLARED, f"{_path(method)} answered {code.name}: {details}"
+    # The transport's refusal of oversized trailers (a reason quoting a huge request string).
+    assert not details.startswith("Stream removed"), f"{_path(method)}: {details}"
     # (+ "x": a trailing line break counts too)
     assert len((details + "x").splitlines()) == 1, f"{_path(method)}: a multi-line reason: {details!r}"
     assert "Traceback" not in details
@@ -452,6 +454,18 @@ def test_reasons_quoting_a_clients_string_stay_one_line(live: Live) -> None:
         stub.Heartbeat(agent_service_pb2.HeartbeatRequest(agent_id="x\ny"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert caught.value.details() == "this certificate is for agent edge-fuzz, not x\\ny"
+
+
+def test_reasons_quoting_a_long_client_string_are_cut(live: Live) -> None:
+    # "no agent 'xxx...'" with a 100 KB id overflowed the client's trailer limit: the client saw
+    # RESOURCE_EXHAUSTED "Stream removed" instead of NOT_FOUND.
+    with live.secure.client(live.secure.admin_token) as admin, pytest.raises(grpc.RpcError) as caught:
+        admin.get_agent("x" * 100_000)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    details = caught.value.details() or ""
+    assert details.startswith("no agent 'xxx")
+    assert len(details) == 300
+    assert details.endswith("…")
 
 
 @pytest.mark.parametrize("payload", [b"\x00", b"\xff\xff\xff", b"\x0a\x05ab"])

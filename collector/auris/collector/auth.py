@@ -576,7 +576,9 @@ async def _guard_stream(method: str, context: Any, responses: AsyncIterator[Any]
 
 class _OneLineContext:
     """The servicer context handlers get: whatever a handler aborts with reaches the client as one
-    line (a reason that quotes a client's string, an agent id with a line break, stays one line)."""
+    short line. A reason may quote a client's string: a line break in it is escaped, and a long
+    one cut (details travel in HTTP/2 trailers; past the client's limit on their size the client
+    sees only "Stream removed", RESOURCE_EXHAUSTED, instead of the status)."""
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
@@ -587,10 +589,15 @@ class _OneLineContext:
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, Any]] = ()
     ) -> NoReturn:
-        await self._context.abort(code, details.translate(_LINE_BREAKS), trailing_metadata)
+        details = details.translate(_LINE_BREAKS)
+        if len(details) > _MAX_DETAILS:
+            details = details[: _MAX_DETAILS - 1] + "…"
+        await self._context.abort(code, details, trailing_metadata)
         raise AssertionError("unreachable")  # abort always raises
 
 
+# Characters of a status's details at most (percent-encoded in the trailers: up to 12 bytes each).
+_MAX_DETAILS = 300
 # What str.splitlines() splits on -> its escape: a status's details are one line.
 _LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
