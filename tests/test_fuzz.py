@@ -138,7 +138,12 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("fuzz")
     # Small messages, so that "too large" is reachable; no rate limits to trip over.
-    settings_ = {"max_message_mib": 1, "token_rate_limit": 0.0, "agent_rate_limit": 0.0}
+    settings_ = {
+        "max_message_mib": 1,
+        "token_rate_limit": 0.0,
+        "agent_rate_limit": 0.0,
+        "peer_rate_limit": 0.0,
+    }
     with secure_collector(tmp, **settings_) as secure:
         with secure.client(secure.admin_token) as admin:
             enrollment = admin.create_enrollment_token(ttl=dt.timedelta(minutes=5)).token

@@ -163,3 +163,27 @@ def test_an_agent_over_its_rate_is_refused_and_loses_nothing(tmp_path: Path) -> 
         # The admin's token was never limited by the agent's bucket.
         with secure.client(secure.admin_token) as admin:
             assert [a.agent_id for a in admin.list_agents()] == ["edge-1"]
+
+
+def test_calls_without_credentials_are_limited_per_address_before_they_flood_the_audit_log(
+    tmp_path: Path,
+) -> None:
+    with secure_collector(tmp_path, peer_rate_limit=0.5, peer_rate_burst=3.0) as secure:
+        codes: list[grpc.StatusCode] = []
+        with secure.client("auris_deadbeef_not-a-real-secret") as forged:
+            for _ in range(8):
+                with pytest.raises(grpc.RpcError) as caught:
+                    forged.list_agents()
+                codes.append(caught.value.code())
+        assert codes[:3] == [grpc.StatusCode.UNAUTHENTICATED] * 3
+        assert set(codes[3:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        # A valid token from the same address is not held back by that.
+        with secure.client(secure.admin_token) as admin:
+            admin.list_agents()
+        with sqlite3.connect(secure.collector.store.path) as conn:
+            refusals = conn.execute(
+                "SELECT result, COUNT(*) FROM audit WHERE action = 'ListAgents' GROUP BY result"
+            ).fetchall()
+        # Three refusals and one entry for the run of rate-limit refusals, not eight.
+        assert sorted(refusals) == [("RESOURCE_EXHAUSTED", 1), ("UNAUTHENTICATED", 3)]
+        assert secure.collector.limits.peers.refused == 5

@@ -404,14 +404,28 @@ class AuthInterceptor(_Interceptor):
         try:
             principal = self._authority.principal(context, need)
         except Refused as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                # No valid credentials: limited per source address, so that a flood of them
+                # is refused before each one costs an audit entry.
+                await self._charge_peer(method, context)
             await self._audit(exc.actor or f"? {context.peer()}", method, "", exc.code.name)
             await context.abort(exc.code, str(exc))
+        if need == OPEN:  # enrollment: anyone may try, at the per-address rate
+            await self._charge_peer(method, context)
         if principal.token_id:
             await self._charge(
                 self._limits.tokens, principal.token_id, 1, principal.name, method, context, "calls"
             )
         _CURRENT.set(principal)
         return principal
+
+    async def _charge_peer(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        peer = context.peer() or "?"
+        # "ipv4:10.1.2.3:5555", "ipv6:[::1]:5555": the address without the port.
+        address = peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+        await self._charge(
+            self._limits.peers, address, 1, f"? {address}", method, context, "calls without credentials"
+        )
 
     async def _charge(
         self,

@@ -61,6 +61,10 @@ class CollectorConfig:
     agent_rate_burst: float = 100_000.0
     token_rate_limit: float = 1_000.0
     token_rate_burst: float = 2_000.0
+    # Calls a second from one source address without valid credentials (enrollment, missing or
+    # refused tokens, agent RPCs without a certificate), and the burst.
+    peer_rate_limit: float = 20.0
+    peer_rate_burst: float = 100.0
     # Once serving, write the bound host:port here (useful with port 0); the API port's too.
     address_file: str = ""
     api_address_file: str = ""
@@ -121,7 +125,11 @@ def load_collector_config(
         raise ConfigError(f"sqlite_synchronous: expected normal or full, got {config.sqlite_synchronous!r}")
     if not 1 <= config.max_message_mib <= 512:
         raise ConfigError(f"max_message_mib must be between 1 and 512, got {config.max_message_mib}")
-    for rate, burst in (("agent_rate_limit", "agent_rate_burst"), ("token_rate_limit", "token_rate_burst")):
+    for rate, burst in (
+        ("agent_rate_limit", "agent_rate_burst"),
+        ("token_rate_limit", "token_rate_burst"),
+        ("peer_rate_limit", "peer_rate_burst"),
+    ):
         if getattr(config, rate) < 0:
             raise ConfigError(f"{rate} must not be negative (0: no limit), got {getattr(config, rate)}")
         if getattr(config, rate) > 0 and getattr(config, burst) < 1:

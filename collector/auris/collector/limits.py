@@ -1,11 +1,13 @@
-"""Rate limits: a token bucket per agent (verdicts ingested) and per API token (calls).
+"""Rate limits: a token bucket per agent (verdicts ingested), per API token (calls), and per
+source address for calls without valid credentials (enrollment, refused tokens).
 
-``AuthInterceptor`` (auth.py) asks ``RateLimits`` before each call of a token holder and before
-each batch of an agent's verdict stream; a refusal becomes RESOURCE_EXHAUSTED with a one-line
-reason and, in trailing metadata (``auris-retry-after-ms``), how long until the same request
-would pass. Buckets are lenient about size: a request larger than the bucket is admitted when
-the bucket is full and leaves it in debt, so a batch bigger than the burst still gets through
-(at the configured rate) instead of being refused for ever.
+``AuthInterceptor`` (auth.py) asks ``RateLimits`` before each call of a token holder, before
+each batch of an agent's verdict stream, and before it refuses or enrolls a caller without
+credentials (each such refusal would otherwise cost an audit entry). A refusal becomes
+RESOURCE_EXHAUSTED with a one-line reason and, in trailing metadata (``auris-retry-after-ms``),
+how long until the same request would pass. Buckets are lenient about size: a request larger
+than the bucket is admitted when the bucket is full and leaves it in debt, so a batch bigger
+than the burst still gets through (at the configured rate) instead of being refused for ever.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class KeyedBuckets:
 
 
 class RateLimits:
-    """The collector's two limits: verdicts a second per agent, calls a second per API token."""
+    """The collector's limits: verdicts a second per agent, calls a second per API token, calls
+    a second without valid credentials per source address."""
 
     def __init__(
         self,
@@ -108,7 +111,10 @@ class RateLimits:
         agent_burst: float,
         token_rate: float,
         token_burst: float,
+        peer_rate: float = 0.0,
+        peer_burst: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agents = KeyedBuckets(agent_rate, agent_burst, clock)
         self.tokens = KeyedBuckets(token_rate, token_burst, clock)
+        self.peers = KeyedBuckets(peer_rate, peer_burst, clock)
