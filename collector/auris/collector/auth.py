@@ -5,8 +5,11 @@ certificate's common name is the agent id). People and programs present an API t
 role on the API port (TLS): reader (query, subscribe), analyst (+ label, alerts), admin (+
 agents, models, feeds, tokens, audit). ``POLICY`` names what every RPC needs and
 ``AuthInterceptor`` enforces it in one place, writing each action, and each refusal, to the
-append-only audit log. The same interceptor applies the rate limits (limits.py): calls per API
-token, verdicts per agent; a caller over its rate gets RESOURCE_EXHAUSTED.
+append-only audit log. The same interceptor applies the rate limits (limits.py: calls per API
+token, verdicts per agent, calls without credentials per address; RESOURCE_EXHAUSTED past them),
+and makes every answer a declared status with a short one-line reason: an undecodable request is
+INVALID_ARGUMENT, and so is a ValueError a handler lets escape; anything else is INTERNAL (the
+traceback goes to the log, never on the wire).
 
 Tokens are shown once; the collector keeps the sha256 of their secret part only.
 """
