@@ -31,6 +31,7 @@ from google.protobuf import message_factory, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -62,9 +63,18 @@ from tests.test_security import Secure, secure_collector
 AGENT_ID = "edge-fuzz"
 # A deeper run (minutes, not seconds): AURIS_FUZZ_SCALE=20 multiplies every example budget.
 _SCALE = max(1, int(os.environ.get("AURIS_FUZZ_SCALE", "1")))
+# Every RPC the collector serves: the contract's, health checking and server reflection.
+_SERVED = (
+    agent_service_pb2,
+    query_service_pb2,
+    admin_service_pb2,
+    feed_service_pb2,
+    health_pb2,
+    reflection_pb2,
+)
 METHODS: list[MethodDescriptor] = [
     method
-    for module in (agent_service_pb2, query_service_pb2, admin_service_pb2, feed_service_pb2)
+    for module in _SERVED
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 ]
@@ -450,6 +460,19 @@ def test_what_a_handler_lets_escape_is_a_status_not_an_exception(live: Live) -> 
     code, details = call(live.api, method, [request.SerializeToString()], live.admin)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("Timestamp is not valid: Seconds -62135596801 must be in range")
+
+
+def test_health_checking_answers_like_the_rest(live: Live) -> None:
+    # Health and reflection went past the interceptor untouched: bytes that do not parse got
+    # UNKNOWN and the DecodeError's class. Now they are wrapped too; Watch (a handler that calls
+    # context.write instead of yielding) still streams.
+    (check,) = [m for m in METHODS if m.full_name == "grpc.health.v1.Health.Check"]
+    code, details = call(live.api, check, [b"\x00"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("malformed request")
+    watch = health_pb2_grpc.HealthStub(live.api).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
 
 
 def test_reasons_quoting_a_clients_string_stay_one_line(live: Live) -> None:

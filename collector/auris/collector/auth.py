@@ -22,6 +22,7 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
+import inspect
 import logging
 import math
 import re
@@ -486,10 +487,11 @@ class AuthInterceptor(_Interceptor):
         # sync server's, hence Any.
         handler: Any = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(_PUBLIC_PREFIXES):
-            return handler  # type: ignore[no-any-return]
+        if handler is None:  # not a method of ours: gRPC answers UNIMPLEMENTED
+            return None  # type: ignore[return-value]  # the stubs leave out the None gRPC allows
         audited = POLICY.get(method, (0, False))[1]
-        admit = self._admit
+        # Health checking and reflection: no credentials to check, the same answers as the rest.
+        admit = _admit_anyone if method.startswith(_PUBLIC_PREFIXES) else self._admit
         audit = self._audit
         incoming = self._incoming
         # Malformed messages reach the handlers as _Malformed, to be refused with a status.
@@ -530,8 +532,18 @@ class AuthInterceptor(_Interceptor):
                 async for response in _guard_stream(method, context, inner_us(request, context)):
                     yield response
 
+            async def unary_stream_writes(request: Any, context: Any) -> None:
+                context = _OneLineContext(context)
+                await admit(method, context)
+                await _refuse_malformed(request, context)
+                await _guard(method, context, inner_us(request, context))
+
+            # A streaming handler is an async generator, or a coroutine that calls context.write
+            # (grpc's own health servicer's Watch); the wrapper must be the same kind.
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, deserialize, handler.response_serializer
+                unary_stream if inspect.isasyncgenfunction(inner_us) else unary_stream_writes,
+                deserialize,
+                handler.response_serializer,
             )
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
@@ -554,7 +566,20 @@ class AuthInterceptor(_Interceptor):
             async for response in _guard_stream(method, context, responses):
                 yield response
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
+        async def stream_stream_writes(requests: Any, context: Any) -> None:
+            context = _OneLineContext(context)
+            principal = await admit(method, context)
+            await _guard(method, context, inner_ss(incoming(method, requests, context, principal), context))
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream if inspect.isasyncgenfunction(inner_ss) else stream_stream_writes,
+            deserialize,
+            handler.response_serializer,
+        )
+
+
+async def _admit_anyone(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    return Principal(f"anyone {context.peer()}", OPEN)
 
 
 async def _refuse_unexpected(method: str, context: Any, exc: Exception) -> NoReturn:
