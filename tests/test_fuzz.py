@@ -475,6 +475,15 @@ def test_health_checking_answers_like_the_rest(live: Live) -> None:
     watch.cancel()
 
 
+def test_an_aggregation_bucket_beyond_int64_is_refused(live: Live) -> None:
+    # SQLite took the bucket as a float: TypeError building the answer (INTERNAL).
+    (method,) = [m for m in METHODS if m.name == "AggregateVerdicts"]
+    request = query_service_pb2.AggregateVerdictsRequest()
+    request.bucket.seconds = 9_223_372_037
+    code, details = call(live.api, method, [request.SerializeToString()], live.admin)
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "bucket is out of range (at most 292 years)")
+
+
 def test_reasons_quoting_a_clients_string_stay_one_line(live: Live) -> None:
     # "this certificate is for agent edge-fuzz, not x<newline>y" went out as two lines.
     stub = agent_service_pb2_grpc.AgentServiceStub(live.agent)

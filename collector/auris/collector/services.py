@@ -895,6 +895,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         ],
     ) -> query_service_pb2.AggregateVerdictsResponse:
         bucket_ns = request.bucket.ToNanoseconds() if request.HasField("bucket") else 0
+        if bucket_ns >= 2**63:  # SQLite would compute with it as a float
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "bucket is out of range (at most 292 years)"
+            )
         method = self._store.aggregate_rollups if request.rollups else self._store.aggregate
         rows = await _run(context, self._readers, method, request.filter, list(request.group_by), bucket_ns)
         return query_service_pb2.AggregateVerdictsResponse(rows=rows)
