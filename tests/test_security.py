@@ -3,11 +3,13 @@ API tokens and roles, revocation, the audit log; and the attacks each of them mu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -82,8 +84,10 @@ class Secure:
         return key_pem, response.certificate_pem.encode()
 
 
-@pytest.fixture
-def secure(tmp_path: Path) -> Iterator[Secure]:
+@contextlib.contextmanager
+def secure_collector(tmp_path: Path, **settings: Any) -> Iterator[Secure]:
+    """A collector with a real CA (`aurisctl ca init`), both ports on TLS, and a first admin
+    token; ``settings`` over the defaults."""
     pki = tmp_path / "pki"
     made = run_cli("auris.collector.ctl", ["ca", "init", "--dir", str(pki), "--name", "127.0.0.1"])
     assert made.returncode == 0, made.stderr
@@ -91,14 +95,17 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
     db = tmp_path / "auris.db"
     running = CollectorThread(
         CollectorConfig(
-            listen="127.0.0.1:0",
-            api_listen="127.0.0.1:0",
-            db=str(db),
-            ca_file=str(pki / "ca.pem"),
-            cert_file=str(pki / "collector.pem"),
-            key_file=str(pki / "collector.key"),
-            ca_key_file=str(pki / "ca.key"),
-            signing_key_file=str(pki / "models.key"),
+            **{
+                "listen": "127.0.0.1:0",
+                "api_listen": "127.0.0.1:0",
+                "db": str(db),
+                "ca_file": str(pki / "ca.pem"),
+                "cert_file": str(pki / "collector.pem"),
+                "key_file": str(pki / "collector.key"),
+                "ca_key_file": str(pki / "ca.key"),
+                "signing_key_file": str(pki / "models.key"),
+                **settings,
+            }
         )
     )
     running.start()
@@ -111,6 +118,12 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
         yield Secure(running, pki, boot.stdout.strip().splitlines()[-1])
     finally:
         running.stop()
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[Secure]:
+    with secure_collector(tmp_path) as running:
+        yield running
 
 
 def _code(call: Callable[[], object]) -> grpc.StatusCode:

@@ -283,8 +283,8 @@ def run(
     stats = uplink.stats
     logger.info(
         "metered %d flows (%d anomalous, %d skipped as already spooled) in %.1fs; %d verdicts acknowledged, "
-        "%d resent as duplicates, %d refused, %d reconnects, %d failed scoring batches; spool depth %d, "
-        "%d dropped by the spool cap, %d for a full disk",
+        "%d resent as duplicates, %d refused, %d reconnects, %d rate-limited, %d failed scoring batches; "
+        "spool depth %d, %d dropped by the spool cap, %d for a full disk",
         report.flows,
         report.anomalies,
         report.flows_skipped,
@@ -293,6 +293,7 @@ def run(
         stats.duplicates,
         stats.rejected,
         stats.reconnects,
+        stats.throttled,
         agent.models.errors,
         spooled.depth,
         spooled.dropped - spooled.dropped_disk_full,

@@ -38,6 +38,8 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 # and, on a sequence conflict, the highest sequence it holds for this agent.
 _REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
 _STORED_SEQUENCE_KEY = "auris-stored-sequence"
+# Trailing metadata of a rate-limit refusal (RESOURCE_EXHAUSTED): milliseconds to wait.
+_RETRY_AFTER_KEY = "auris-retry-after-ms"
 
 
 def _cancel(call: grpc.RpcContext | None) -> None:
@@ -126,6 +128,9 @@ class UplinkStats:
     # life of this agent id.
     renumbered: int = 0
     reconnects: int = 0
+    # Streams the collector ended because this agent was over its rate limit (the refused
+    # verdicts stay spooled and are sent again after the wait it named).
+    throttled: int = 0
     acknowledged_sequence: int = 0
     # Wall-clock time of the last acknowledgement (for health reports), and the same on the
     # monotonic clock (for timeouts).
@@ -321,6 +326,28 @@ class Uplink:
                     if code == grpc.StatusCode.FAILED_PRECONDITION and isinstance(exc, grpc.Call)
                     else None
                 )
+                retry_after = (
+                    dict(exc.trailing_metadata() or ()).get(_RETRY_AFTER_KEY)
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(exc, grpc.Call)
+                    else None
+                )
+                if retry_after is not None and str(retry_after).isdigit():
+                    # Over the collector's rate limit: wait as long as it says (not the growing
+                    # backoff, which would slow the agent far below its allowed rate), then resend
+                    # from the last acknowledgement.
+                    wait_s = min(int(retry_after) / 1000, 60.0) * (1 + 0.25 * random.random())
+                    with self._lock:
+                        self.stats.throttled += 1
+                        throttled = self.stats.throttled
+                    # A summary, not a line per refusal: the first, then every hundredth.
+                    if throttled == 1 or throttled % 100 == 0:
+                        logger.warning(
+                            "uplink rate-limited by the collector (%d times so far); resending in %.2fs",
+                            throttled,
+                            wait_s,
+                        )
+                    self._abort.wait(wait_s)
+                    continue
                 if stored is not None:
                     # Then back off like any refusal: two running agents sharing one id would
                     # otherwise renumber against each other without pause.

@@ -10,15 +10,26 @@ from auris.agent.meter import FlowRecord
 from auris.agent.scoring import Score
 from auris.v1 import flow_pb2, model_pb2, verdict_pb2
 
-__all__ = ["build_verdict", "decide"]
+__all__ = ["MAX_TIME_SECONDS", "build_verdict", "decide"]
+
+# The latest second a verdict's times may name: the collector stores times in ns in signed 64-bit
+# integers, which end on 2262-04-11 (the protobuf Timestamp itself goes to 9999).
+MAX_TIME_SECONDS = (2**63 - 1) // 1_000_000_000 - 1
+_MAX_TIME_MS = MAX_TIME_SECONDS * 1000
 
 NORMAL_LABEL = "benign"
 ANOMALY_LABEL = "anomaly"
 
 
 def _timestamp_ms(ms: int) -> timestamp_pb2.Timestamp:
+    """A flow time; clamped to 1970..2262: a corrupt capture record's time (nfstream reports a
+    time before 1970 as a huge unsigned number) must not cost the verdict, or the collector
+    would refuse the whole batch it travels in."""
+    ms = int(ms)
+    if ms >= 2**63:  # nfstream's unsigned 64-bit milliseconds of a time before 1970
+        ms -= 2**64
     ts = timestamp_pb2.Timestamp()
-    ts.FromMilliseconds(int(ms))
+    ts.FromMilliseconds(min(max(ms, 0), _MAX_TIME_MS))
     return ts
 
 

@@ -5,7 +5,11 @@ certificate's common name is the agent id). People and programs present an API t
 role on the API port (TLS): reader (query, subscribe), analyst (+ label, alerts), admin (+
 agents, models, feeds, tokens, audit). ``POLICY`` names what every RPC needs and
 ``AuthInterceptor`` enforces it in one place, writing each action, and each refusal, to the
-append-only audit log.
+append-only audit log. The same interceptor applies the rate limits (limits.py: calls per API
+token, verdicts per agent, calls without credentials per address; RESOURCE_EXHAUSTED past them),
+and makes every answer a declared status with a short one-line reason: an undecodable request is
+INVALID_ARGUMENT, and so is a ValueError a handler lets escape; anything else is INTERNAL (the
+traceback goes to the log, never on the wire).
 
 Tokens are shown once; the collector keeps the sha256 of their secret part only.
 """
@@ -18,17 +22,24 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
+import inspect
+import logging
+import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from auris.collector.limits import RETRY_AFTER_KEY, KeyedBuckets, RateLimits
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AGENT",
@@ -95,6 +106,10 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.FeedService/SubscribeFeedScores": (READER, False),
     "/auris.v1.FeedService/ListFeedRejects": (READER, False),
 }
+# Streams whose messages are rate-limited one by one (per agent), and what each message costs.
+_METERED: dict[str, Callable[[Any], int]] = {
+    "/auris.v1.AgentService/StreamVerdicts": lambda request: len(request.verdicts),
+}
 # Infrastructure anyone may call: health checking and server reflection.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                     "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
@@ -107,6 +122,8 @@ class Principal:
     name: str
     role: int
     agent_id: str = ""
+    # The API token's id, for a token holder (its rate limit is kept by it).
+    token_id: str = ""
 
 
 _CURRENT: contextvars.ContextVar[Principal] = contextvars.ContextVar("auris_principal")
@@ -211,7 +228,7 @@ class Authority:
         now = time.time_ns()
         if expire_ns is not None and expire_ns <= now:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"API token {token_id} has expired")
-        principal = Principal(f"token:{name}", role)
+        principal = Principal(f"token:{name}", role, token_id=token_id)
         # Cache for a few seconds, never past the token's expiry.
         horizon = 5.0 if expire_ns is None else min(5.0, (expire_ns - now) / 1e9)
         self._cache[token_id] = (principal, stored, time.monotonic() + horizon)
@@ -366,11 +383,17 @@ else:  # the runtime class is not generic
 
 
 class AuthInterceptor(_Interceptor):
-    """Checks POLICY before every handler and audits actions and refusals."""
+    """Checks POLICY and the rate limits before every handler and audits actions and refusals.
 
-    def __init__(self, authority: Authority, writer: ThreadPoolExecutor) -> None:
+    A rate-limit refusal is audited once per run of refusals (the first after an admitted
+    request), so that a client hammering the collector cannot flood the audit log."""
+
+    def __init__(
+        self, authority: Authority, writer: ThreadPoolExecutor, limits: RateLimits | None = None
+    ) -> None:
         self._authority = authority
         self._writer = writer
+        self._limits = limits or RateLimits(0, 0, 0, 0)
 
     async def _audit(self, principal: str, method: str, target: str, result: str) -> None:
         action = method.rsplit("/", 1)[-1]
@@ -386,10 +409,75 @@ class AuthInterceptor(_Interceptor):
         try:
             principal = self._authority.principal(context, need)
         except Refused as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                # No valid credentials: limited per source address, so that a flood of them
+                # is refused before each one costs an audit entry.
+                await self._charge_peer(method, context)
             await self._audit(exc.actor or f"? {context.peer()}", method, "", exc.code.name)
             await context.abort(exc.code, str(exc))
+        if need == OPEN:  # enrollment: anyone may try, at the per-address rate
+            await self._charge_peer(method, context)
+        if principal.token_id:
+            await self._charge(
+                self._limits.tokens, principal.token_id, 1, principal.name, method, context, "calls"
+            )
         _CURRENT.set(principal)
         return principal
+
+    async def _charge_peer(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        peer = context.peer() or "?"
+        # "ipv4:10.1.2.3:5555", "ipv6:[::1]:5555": the address without the port.
+        address = peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+        await self._charge(
+            self._limits.peers, address, 1, f"? {address}", method, context, "calls without credentials"
+        )
+
+    async def _charge(
+        self,
+        buckets: KeyedBuckets,
+        key: str,
+        cost: int,
+        actor: str,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        unit: str,
+    ) -> None:
+        """Take ``cost`` from ``key``'s bucket, or end the call with RESOURCE_EXHAUSTED."""
+        decision = buckets.take(key, cost)
+        if decision.admitted:
+            return
+        if decision.first_refusal:
+            await self._audit(actor, method, "", "RESOURCE_EXHAUSTED")
+        wait_ms = max(1, math.ceil(decision.retry_after_s * 1000))
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(wait_ms)),))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{actor} is over its rate limit of {buckets.rate:g} {unit}/s (burst {buckets.burst:g});"
+            f" retry in {wait_ms / 1000:.2f}s",
+        )
+
+    def _incoming(
+        self, method: str, requests: AsyncIterator[Any], context: Any, principal: Principal
+    ) -> AsyncIterator[Any]:
+        """The stream's messages, each refused when malformed and, for a metered stream, charged to
+        the agent's bucket before the handler sees it."""
+        cost = _METERED.get(method)
+        charge = self._charge
+        agents = self._limits.agents
+        metered = cost is not None and agents.rate > 0
+
+        async def incoming() -> AsyncIterator[Any]:
+            async for request in requests:
+                await _refuse_malformed(request, context)
+                if metered:
+                    assert cost is not None
+                    # Insecure mode has no certificates: the stream names its agent.
+                    agent_id = principal.agent_id or str(getattr(request, "agent_id", ""))[:128]
+                    actor = f"agent:{agent_id}"
+                    await charge(agents, agent_id, cost(request), actor, method, context, "verdicts")
+                yield request
+
+        return incoming()
 
     async def intercept_service(
         self,
@@ -400,11 +488,15 @@ class AuthInterceptor(_Interceptor):
         # sync server's, hence Any.
         handler: Any = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(_PUBLIC_PREFIXES):
-            return handler  # type: ignore[no-any-return]
+        if handler is None:  # not a method of ours: gRPC answers UNIMPLEMENTED
+            return None  # type: ignore[return-value]  # the stubs leave out the None gRPC allows
         audited = POLICY.get(method, (0, False))[1]
-        admit = self._admit
+        # Health checking and reflection: no credentials to check, the same answers as the rest.
+        admit = _admit_anyone if method.startswith(_PUBLIC_PREFIXES) else self._admit
         audit = self._audit
+        incoming = self._incoming
+        # Malformed messages reach the handlers as _Malformed, to be refused with a status.
+        deserialize = _tolerant(handler.request_deserializer)
 
         async def finish(principal: Principal, request: object, context: Any, call: Awaitable[Any]) -> Any:
             if not audited:
@@ -423,43 +515,161 @@ class AuthInterceptor(_Interceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
+                context = _OneLineContext(context)
                 principal = await admit(method, context)
-                return await finish(principal, request, context, inner_uu(request, context))
+                await _refuse_malformed(request, context)
+                return await finish(
+                    principal, request, context, _guard(method, context, inner_uu(request, context))
+                )
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                context = _OneLineContext(context)
                 await admit(method, context)
-                async for response in inner_us(request, context):
+                await _refuse_malformed(request, context)
+                async for response in _guard_stream(method, context, inner_us(request, context)):
                     yield response
 
+            async def unary_stream_writes(request: Any, context: Any) -> None:
+                context = _OneLineContext(context)
+                await admit(method, context)
+                await _refuse_malformed(request, context)
+                await _guard(method, context, inner_us(request, context))
+
+            # A streaming handler is an async generator, or a coroutine that calls context.write
+            # (grpc's own health servicer's Watch); the wrapper must be the same kind.
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream if inspect.isasyncgenfunction(inner_us) else unary_stream_writes,
+                deserialize,
+                handler.response_serializer,
             )
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: Any) -> Any:
-                await admit(method, context)
-                return await inner_su(requests, context)
+                context = _OneLineContext(context)
+                principal = await admit(method, context)
+                call = inner_su(incoming(method, requests, context, principal), context)
+                return await _guard(method, context, call)
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
+                stream_unary, deserialize, handler.response_serializer
             )
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-            await admit(method, context)
-            async for response in inner_ss(requests, context):
+            context = _OneLineContext(context)
+            principal = await admit(method, context)
+            responses = inner_ss(incoming(method, requests, context, principal), context)
+            async for response in _guard_stream(method, context, responses):
                 yield response
 
+        async def stream_stream_writes(requests: Any, context: Any) -> None:
+            context = _OneLineContext(context)
+            principal = await admit(method, context)
+            await _guard(method, context, inner_ss(incoming(method, requests, context, principal), context))
+
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
+            stream_stream if inspect.isasyncgenfunction(inner_ss) else stream_stream_writes,
+            deserialize,
+            handler.response_serializer,
         )
+
+
+async def _admit_anyone(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    return Principal(f"anyone {context.peer()}", OPEN)
+
+
+async def _refuse_unexpected(method: str, context: Any, exc: Exception) -> NoReturn:
+    """What a handler let escape, as a status: bad input (ValueError, OverflowError: a timestamp out
+    of range, a number beyond SQLite's integers) is INVALID_ARGUMENT, anything else INTERNAL with
+    the details in the log, never an exception's class and message on the wire."""
+    if isinstance(exc, ValueError | OverflowError):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, (str(exc).splitlines() or [type(exc).__name__])[0]
+        )
+    logger.error("%s failed", method, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {method.rsplit('/', 1)[-1]}; the collector's log has it"
+    )
+    raise AssertionError("unreachable")  # abort always raises
+
+
+async def _guard(method: str, context: Any, call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await _refuse_unexpected(method, context, exc)
+
+
+async def _guard_stream(method: str, context: Any, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        async for response in responses:
+            yield response
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await _refuse_unexpected(method, context, exc)
+
+
+class _OneLineContext:
+    """The servicer context handlers get: whatever a handler aborts with reaches the client as one
+    short line. A reason may quote a client's string: a line break in it is escaped, and a long
+    one cut (details travel in HTTP/2 trailers; past the client's limit on their size the client
+    sees only "Stream removed", RESOURCE_EXHAUSTED, instead of the status)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, Any]] = ()
+    ) -> NoReturn:
+        details = details.translate(_LINE_BREAKS)
+        if len(details) > _MAX_DETAILS:
+            details = details[: _MAX_DETAILS - 1] + "…"
+        await self._context.abort(code, details, trailing_metadata)
+        raise AssertionError("unreachable")  # abort always raises
+
+
+# Characters of a status's details at most (percent-encoded in the trailers: up to 12 bytes each).
+_MAX_DETAILS = 300
+# What str.splitlines() splits on -> its escape: a status's details are one line.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+class _Malformed:
+    """A request that did not parse as its message type (why, in one line)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, returning _Malformed instead of raising: gRPC would answer a parse error
+    with UNKNOWN and the exception's class; the handler wrappers answer INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed((str(exc).splitlines() or ["cannot parse"])[0])
+
+    return parse
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
 
 
 def valid_agent_id(agent_id: str) -> bool:

@@ -54,6 +54,18 @@ class CollectorConfig:
     # how many may subscribe at once.
     subscriber_buffer: int = 10_000
     max_subscribers: int = 64
+    # Rate limits (token buckets; a rate of 0: no limit). Verdicts a second each agent may send,
+    # and how many it may send at once after a quiet spell; calls a second each API token may
+    # make, and its burst. A caller over its rate gets RESOURCE_EXHAUSTED; an agent keeps the
+    # refused verdicts in its spool and sends them again after the wait the refusal names.
+    agent_rate_limit: float = 20_000.0
+    agent_rate_burst: float = 100_000.0
+    token_rate_limit: float = 1_000.0
+    token_rate_burst: float = 2_000.0
+    # Calls a second from one source address without valid credentials (enrollment, missing or
+    # refused tokens, agent RPCs without a certificate), and the burst.
+    peer_rate_limit: float = 20.0
+    peer_rate_burst: float = 100.0
     # Once serving, write the bound host:port here (useful with port 0); the API port's too.
     address_file: str = ""
     api_address_file: str = ""
@@ -117,6 +129,15 @@ def load_collector_config(
         raise ConfigError(f"sqlite_synchronous: expected normal or full, got {config.sqlite_synchronous!r}")
     if not 1 <= config.max_message_mib <= 512:
         raise ConfigError(f"max_message_mib must be between 1 and 512, got {config.max_message_mib}")
+    for rate, burst in (
+        ("agent_rate_limit", "agent_rate_burst"),
+        ("token_rate_limit", "token_rate_burst"),
+        ("peer_rate_limit", "peer_rate_burst"),
+    ):
+        if getattr(config, rate) < 0:
+            raise ConfigError(f"{rate} must not be negative (0: no limit), got {getattr(config, rate)}")
+        if getattr(config, rate) > 0 and getattr(config, burst) < 1:
+            raise ConfigError(f"{burst} must be at least 1 when {rate} is set, got {getattr(config, burst)}")
     if not 1 <= config.default_page_size <= config.max_page_size:
         raise ConfigError("default_page_size must be between 1 and max_page_size")
     for what, names in (

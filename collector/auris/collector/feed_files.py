@@ -31,7 +31,10 @@ _ALIASES = {"ts": "time", "timestamp": "time", "tx_datetime": "time", "tx_amount
 
 
 class FeedFileError(ValueError):
-    """The file cannot be read as asked (one line)."""
+    """The file cannot be read as asked (one line: line breaks from the file are escaped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +56,32 @@ _UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
 
 def _time_ns(value: Any, unit: str) -> int:
+    """A time in ns since the epoch; ValueError unless it is one SQLite can hold (1678 to 2261)."""
+    ns = _parse_time_ns(value, unit)
+    if not -(2**63) <= ns < 2**63:
+        raise ValueError(f"time {str(value)[:40]!r} is out of range (years 1678 to 2261)")
+    return ns
+
+
+def _parse_time_ns(value: Any, unit: str) -> int:
     if isinstance(value, dt.datetime):
         stamp = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
         return int(stamp.timestamp()) * 1_000_000_000 + stamp.microsecond * 1000
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError("time is not a finite number")
+        if not math.isfinite(value) or not math.isfinite(value * _UNIT[unit]):
+            raise ValueError(f"time {value!r} is not a finite number")
         return int(value * _UNIT[unit])
     text = str(value).strip()
     if not text:
         raise ValueError("time is missing")
     try:
-        return int(float(text) * _UNIT[unit])
+        number = float(text)
     except ValueError:
         pass
+    else:
+        return _parse_time_ns(number, unit)
     try:
-        return _time_ns(dt.datetime.fromisoformat(text), unit)
+        return _parse_time_ns(dt.datetime.fromisoformat(text), unit)
     except ValueError:
         raise ValueError(f"time {text[:40]!r} is neither a number nor an ISO 8601 time") from None
 
@@ -114,18 +127,23 @@ def _columns(header: Sequence[str], fmt: FileFormat) -> tuple[dict[str, str], li
 
 def _rows(path: Path) -> tuple[list[str], Iterator[Sequence[Any]]]:
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             table = pq.ParquetFile(path)
-        except OSError as exc:
-            raise FeedFileError(f"{path}: {exc}") from None
-        header = list(table.schema_arrow.names)
+            header = list(table.schema_arrow.names)
+        except (OSError, pa.ArrowException) as exc:
+            # ArrowInvalid for a file that is not Parquet at all (an empty one, say).
+            raise FeedFileError(f"{path}: not a readable Parquet file ({exc})") from None
 
         def parquet_rows() -> Iterator[Sequence[Any]]:
-            for batch in table.iter_batches(batch_size=10_000):
-                columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-                yield from zip(*columns, strict=True)
+            try:
+                for batch in table.iter_batches(batch_size=10_000):
+                    columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+                    yield from zip(*columns, strict=True)
+            except pa.ArrowException as exc:  # corrupt data past the footer: the rows so far stand
+                raise OSError(f"unreadable Parquet data: {exc}") from None
 
         return header, parquet_rows()
     try:

@@ -65,6 +65,14 @@ def _ns(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
 
 
+def time_problem(name: str, ts: Any) -> str | None:
+    """Why a Timestamp is unusable, or None: stored in ns, it must fit SQLite's signed 64-bit
+    integers (the years 1678 to 2261)."""
+    if not 0 <= ts.nanos <= 999_999_999 or not -(2**63) <= _ns(ts) < 2**63:
+        return f"{name} is out of range (seconds {ts.seconds}, nanos {ts.nanos})"
+    return None
+
+
 def _finite(message: Any, fields: Sequence[str]) -> str | None:
     for name in fields:
         if not message.HasField(name):
@@ -80,7 +88,7 @@ def validate_transaction(tx: feed_service_pb2.Transaction) -> str | None:
         return "transaction_id is empty"
     if not tx.HasField("time"):
         return "time is missing"
-    reason = _finite(tx, ["amount"])
+    reason = time_problem("time", tx.time) or _finite(tx, ["amount"])
     if reason:
         return reason
     if tx.amount < 0:
@@ -103,6 +111,9 @@ def validate_tick(tick: feed_service_pb2.Tick, last_ns: int | None) -> str | Non
         return "symbol is empty"
     if not tick.HasField("time"):
         return "time is missing"
+    reason = time_problem("time", tick.time)
+    if reason:
+        return reason
     if tick.is_bar:
         reason = _finite(tick, ["open", "high", "low", "close", "volume"])
         if reason:
@@ -659,6 +670,9 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
     async def QueryFeedScores(
         self, request: feed_service_pb2.QueryFeedScoresRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feed_service_pb2.QueryFeedScoresResponse:
+        reason = time_problem("since_time", request.since_time)
+        if reason:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         since = _ns(request.since_time) if request.HasField("since_time") else 0
         anomalous = request.anomalous if request.HasField("anomalous") else None
         try:

@@ -23,6 +23,7 @@ from auris.collector.auth import AuthInterceptor, Authority
 from auris.collector.broker import Broker, NewVerdict
 from auris.collector.config import CollectorConfig
 from auris.collector.feeds import FeedScorers, FeedServicer, FeedStore
+from auris.collector.limits import RateLimits
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
 from auris.collector.services import AdminServicer, AgentServicer, QueryServicer
@@ -77,8 +78,16 @@ class Collector:
             if config.ca_key_file
             else None
         )
+        self.limits = RateLimits(
+            config.agent_rate_limit,
+            config.agent_rate_burst,
+            config.token_rate_limit,
+            config.token_rate_burst,
+            config.peer_rate_limit,
+            config.peer_rate_burst,
+        )
         self._server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.authority, self._writer)],
+            interceptors=[AuthInterceptor(self.authority, self._writer, self.limits)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -383,6 +392,15 @@ class Collector:
             Metric("auris_collector_subscribers", "gauge", "Live subscriptions.",
                    self.broker.subscribers + self.alert_broker.subscribers + self.feed_broker.subscribers),
         ]  # fmt: skip
+        for kind, buckets in (
+            ("agent", self.limits.agents),
+            ("token", self.limits.tokens),
+            ("peer", self.limits.peers),
+        ):
+            out.append(Metric("auris_collector_rate_limited_total", "counter",
+                              "Requests refused for being over a rate limit (agent: verdict batches,"
+                              " token: calls, peer: calls without credentials from one address).",
+                              buckets.refused, {"kind": kind}))  # fmt: skip
         offline_ns = int(self.config.agent_offline_after_s * 1e9)
         states: dict[str, int] = {"online": 0, "offline": 0, "revoked": 0}
         for agent in self.store.agents(offline_ns):

@@ -69,7 +69,8 @@ AlertsChanged = Callable[[list[int]], Awaitable[None]]
 def _status_for(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, AlertStateError | StageError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, ValueError):
+    # OverflowError: a request's number beyond SQLite's signed 64-bit integers (an id of 2**64-1).
+    if isinstance(exc, ValueError | OverflowError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, LookupError):
         return grpc.StatusCode.NOT_FOUND
@@ -87,13 +88,19 @@ async def _run(
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
     except (ValueError, LookupError, AlertStateError, StageError) as exc:
         await context.abort(_status_for(exc), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except OverflowError as exc:
+        await context.abort(_status_for(exc), f"a number in the request is out of range ({exc})")
     raise AssertionError("unreachable")  # context.abort always raises
 
 
 # SQLite integers are signed 64-bit; packet and byte totals add two counters.
 _MAX_SEQUENCE = 2**63 - 1
 _MAX_COUNTER = 2**62
-_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the protobuf Timestamp limit
+# Times are stored in ns in SQLite's signed 64-bit integers: up to 2262-04-11 (the protobuf
+# Timestamp goes to 9999, whose ns would overflow the column and fail the whole group commit).
+# (auris.agent.verdicts.MAX_TIME_SECONDS, where agents clamp to it; not imported: that module
+# pulls in the meter and nfstream, which the collector does not install.)
+_MAX_SECONDS = (2**63 - 1) // 1_000_000_000 - 1
 # Trailing metadata naming the highest sequence of a refused batch, so the agent can drop
 # exactly that batch; a refusal without it concerns the whole stream.
 REJECTED_SEQUENCE_KEY = "auris-rejected-sequence"
@@ -929,6 +936,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         ],
     ) -> query_service_pb2.AggregateVerdictsResponse:
         bucket_ns = request.bucket.ToNanoseconds() if request.HasField("bucket") else 0
+        if bucket_ns >= 2**63:  # SQLite would compute with it as a float
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "bucket is out of range (at most 292 years)"
+            )
         method = self._store.aggregate_rollups if request.rollups else self._store.aggregate
         rows = await _run(context, self._readers, method, request.filter, list(request.group_by), bucket_ns)
         return query_service_pb2.AggregateVerdictsResponse(rows=rows)
