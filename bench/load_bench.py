@@ -36,7 +36,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import REPO, command, cpu_s, fmt, loadavg, machine, percentile, say, versions
+from benchlib import (
+    REPO,
+    add_figures_argument,
+    command,
+    cpu_s,
+    fmt,
+    loadavg,
+    machine,
+    percentile,
+    say,
+    versions,
+    write_figures,
+)
 
 AGENT_PREFIX = "load-agent-"
 _TICK_S = 0.25  # how often a paced agent's scoring loop spools a batch
@@ -497,6 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plaintext instead of mTLS")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load.md")
+    add_figures_argument(p)
     return p
 
 
@@ -524,8 +537,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = render(results, args, started, load_start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
+    write_figures(args.figures, "load", figures(results, args))
     print(report)
     return 0
+
+
+def figures(phases: list[Phase], args: argparse.Namespace) -> list[list[str]]:
+    """Summary rows for bench/run.py: rate, ack latency, errors and exactly-once, per phase."""
+    rows = []
+    for p in phases:
+        what = f"{len(p.agents)} agents over {'plaintext' if args.insecure else 'mTLS'}, " + (
+            f"paced at {p.rate:g} verdicts/s each" if p.rate > 0 else "flat out"
+        )
+        rate = fmt(p.acked / p.seconds if p.seconds > 0 else float("nan"), "verdicts/s")
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(p.errors.items())) or "no errors"
+        once = "every verdict stored once" if p.exactly_once else "**NOT stored exactly once**"
+        rows.append([f"{what}: acknowledged", "", rate, "", "(information)"])
+        rows.append([f"{what}: ack p50 / p99", "", f"{_ms(p.latencies, 50)} / {_ms(p.latencies, 99)}", "",
+                     "(information)"])  # fmt: skip
+        rows.append([f"{what}: errors; storage", "", f"{errors}; {once}", "", "(information)"])
+    return rows
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ BENCHES = (
     Bench("feeds", "feeds_bench.py", ("--rows", "20000", "--runs", "1", "--latency-records", "1000")),
     Bench("feed-service", "feed_service_bench.py", ("--rows", "20000", "--latency-calls", "500")),
     Bench("live", "live_bench.py", ("--flows", "20000"), needs_root=True),
+    Bench("load", "load_bench.py", ("--agents", "10", "--duration-s", "5")),
 )  # fmt: skip
 
 
