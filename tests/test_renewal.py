@@ -69,10 +69,15 @@ def test_an_agent_renews_for_itself_only_and_not_once_revoked(secure: Secure) ->
     key, csr_pem = certificate_request("edge-1")
     _, other_csr = certificate_request("edge-2")
     with secure.agent_channel(key_pem, cert_pem) as channel:
-        response = _renew(channel, csr_pem)
         # The certificate says edge-1: it gets no certificate for edge-2, and garbage is refused.
         assert _code(lambda: _renew(channel, other_csr)) == grpc.StatusCode.PERMISSION_DENIED
         assert _code(lambda: _renew(channel, "not a request")) == grpc.StatusCode.INVALID_ARGUMENT
+        response = _renew(channel, csr_pem)
+        # From now on only the newest certificate is accepted: the replaced one is refused.
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        heartbeat = agent_service_pb2.HeartbeatRequest(agent_id="edge-1")
+        assert _code(lambda: stub.Heartbeat(heartbeat, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+        assert _code(lambda: _renew(channel, csr_pem)) == grpc.StatusCode.PERMISSION_DENIED
     new = x509.load_pem_x509_certificate(response.certificate_pem.encode())
     assert _common_name(new) == "edge-1"
     assert new.serial_number != old.serial_number
@@ -91,9 +96,10 @@ def test_an_agent_renews_for_itself_only_and_not_once_revoked(secure: Secure) ->
         (serial,) = conn.execute("SELECT cert_serial FROM agents WHERE agent_id = 'edge-1'").fetchone()
     assert serial == format(new.serial_number, "x")
     assert _audit(db, "RenewCertificate") == [
-        ("agent:edge-1", "OK"),
         ("agent:edge-1", "PERMISSION_DENIED"),
         ("agent:edge-1", "INVALID_ARGUMENT"),
+        ("agent:edge-1", "OK"),
+        ("agent:edge-1", "PERMISSION_DENIED"),  # the replaced certificate, asking again
     ]
 
     # Without a client certificate (the API port) there is nobody to renew for.

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from auris.collector.limits import RETRY_AFTER_KEY, KeyedBuckets, RateLimits
@@ -172,6 +173,15 @@ class Authority:
             row[0]
             for row in store.reader().execute("SELECT agent_id FROM agents WHERE revoked_ns IS NOT NULL")
         }
+        # agent id -> serial (hex) of the newest certificate this collector issued it: an older one
+        # (replaced by a renewal) is refused. Agents with certificates issued elsewhere have none.
+        self._serials: dict[str, str] = {
+            agent_id: serial
+            for agent_id, serial in store.reader().execute(
+                "SELECT agent_id, cert_serial FROM agents WHERE cert_serial IS NOT NULL AND cert_serial != ''"
+            )
+        }
+        self._pem_serials: dict[bytes, str] = {}  # certificate PEM -> serial, parsed once
         # token_id -> (principal, secret sha256, valid until monotonic); dropped on revocation.
         self._cache: dict[str, tuple[Principal, str, float]] = {}
 
@@ -278,6 +288,25 @@ class Authority:
     def is_revoked(self, agent_id: str) -> bool:
         return agent_id in self._revoked
 
+    def certificate_issued(self, agent_id: str, serial: str) -> None:
+        """From now on only this certificate of the agent is accepted (enrollment, renewal)."""
+        self._serials[agent_id] = serial
+
+    def _presented_serial(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        pem = next(iter(context.auth_context().get("x509_pem_cert") or []), None)
+        if pem is None:
+            return None
+        serial = self._pem_serials.get(pem)
+        if serial is None:
+            try:
+                serial = format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+            except ValueError:
+                return None
+            if len(self._pem_serials) > 10_000:
+                self._pem_serials.clear()
+            self._pem_serials[pem] = serial
+        return serial
+
     def revoke_agent(self, agent_id: str, reason: str) -> None:
         """Refuse the agent from now on: its streams end at their next batch, its calls fail."""
         with self._store.writing() as conn:
@@ -340,6 +369,15 @@ class Authority:
             agent_id = bytes(names[0]).decode("utf-8", "replace")
             if self.is_revoked(agent_id):
                 raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"agent {agent_id} is revoked")
+            newest = self._serials.get(agent_id)
+            presented = self._presented_serial(context) if newest else None
+            if newest and presented and presented != newest:
+                raise Refused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"agent {agent_id}: certificate {presented} was replaced by {newest} (renewed or"
+                    " enrolled again); only the newest is accepted",
+                    f"agent:{agent_id}",
+                )
             return Principal(f"agent:{agent_id}", OPEN, agent_id)
         bearer = ""
         for key, value in context.invocation_metadata() or ():

@@ -310,6 +310,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await loop.run_in_executor(
             self._writer, self._store.record_enrollment, agent_id, request.hostname, serial, time.time_ns()
         )
+        self._authority.certificate_issued(agent_id, serial)
         logger.info("enrolled agent %s (%s), certificate serial %s", agent_id, request.hostname[:128], serial)
         return agent_service_pb2.EnrollResponse(
             agent_id=agent_id,
@@ -468,6 +469,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self._store.record_certificate, agent_id, serial
         )
+        self._authority.certificate_issued(agent_id, serial)
         logger.info("renewed the certificate of agent %s, new serial %s", agent_id, serial)
         return agent_service_pb2.RenewCertificateResponse(certificate_pem=certificate.decode())
 
