@@ -1178,7 +1178,7 @@ def _store_call(store: VerdictStore, call: QueryCall, token: str) -> int:
         return len(store.aggregate(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
     if call.rpc == "rollups":
         return len(store.aggregate_rollups(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
-    return len(store.top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10))
+    return len(store.top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10).talkers)
 
 
 def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCall]]]:
