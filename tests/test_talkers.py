@@ -271,11 +271,13 @@ def test_retention_keeps_the_summary_and_its_bounds(
         answer = store.top_talkers(window(start, end), q.TALKER_METRIC_FLOWS, 10)
         check(answer, counts, q.TALKER_METRIC_FLOWS, 10)
         assert {t.ip for t in answer.talkers[:3]} == set(HEAVY)
-    partly = store.top_talkers(
-        window(BASE_MS + 2 * MINUTE_MS + 1, BASE_MS + 9 * MINUTE_MS), q.TALKER_METRIC_FLOWS, 3
-    )
-    assert partly.approximate
-    assert partly.talkers[0].flows_error > 0
+    start, end = BASE_MS + 2 * MINUTE_MS + 1, BASE_MS + 9 * MINUTE_MS
+    for metric in METRICS:
+        for limit in (3, 30):
+            partly = store.top_talkers(window(start, end), metric, limit)
+            check(partly, truth(verdicts, start, end), metric, limit)
+            assert partly.approximate
+    assert store.top_talkers(window(start, end), q.TALKER_METRIC_FLOWS, 3).talkers[0].flows_error > 0
     # The raw rows answer for what is left of them.
     exact = store.top_talkers(
         window(BASE_MS, BASE_MS + 12 * MINUTE_MS), q.TALKER_METRIC_FLOWS, 10, exact=True

@@ -48,9 +48,10 @@ MINUTE_NS = 60_000_000_000
 # last hour, 7.4k addresses a minute) 64 left the last hour's top-10 exact by every count.
 KEEP = 64
 # How far the newest scored time must be past a minute's end before the minute closes. A later
-# verdict still counts, but costs its ingest transaction: at 5 s, the benchmark's agents (whose
-# scored clocks run ahead of each other) made a third of theirs late and the end-to-end ingest
-# 30 % slower; at 60 s, no slower than without the summary (bench/results/collector.md).
+# verdict still counts, but costs its ingest transaction (~50 % more writer time): at 5 s the
+# benchmark's end-to-end ingest, whose agents' scored clocks drift apart, was 30 % slower than
+# without the summary; at 60 s, no slower (bench/results/collector.md). Open minutes are read
+# from the raw rows by queries: a longer wait costs them.
 LATENESS_NS = 60_000_000_000
 # Minutes closed in one read transaction of close_due at most.
 _MINUTES_PER_ROUND = 30
@@ -355,6 +356,16 @@ def _rank(
     ).fetchone()
     rest = [int(v) for v in rests]
     truncated = bounded or any(rest)
+    # The most a minute only partly in range can add to an address: its largest row.
+    most_extra = 0
+    for r in summary:
+        if not r.within:
+            (largest,) = conn.execute(
+                f"SELECT COALESCE(MAX({_METRICS[metric]}), 0) FROM talkers"
+                " WHERE minute_ns >= ? AND minute_ns < ?",
+                (r.start, r.end),
+            ).fetchone()
+            most_extra += int(largest)
     n = 7 if bounded else 4
     sums = ", ".join(f"SUM({c})" for c in ("flows", "bytes", "anomalies", "xf", "xb", "xa")[: n - 1])
     rows = conn.execute(
@@ -368,7 +379,7 @@ def _rank(
         lower = [int(v) for v in values[:3]]
         extra = [int(v) for v in values[3:]] or [0, 0, 0]
         if len(ranked) >= limit and (
-            not truncated or (not bounded and lower[metric] + rest[metric] < ranked[limit - 1][1][metric])
+            not truncated or lower[metric] + most_extra + rest[metric] < ranked[limit - 1][1][metric]
         ):
             following_lower = lower[metric]
             break
@@ -378,7 +389,8 @@ def _rank(
     response = query_service_pb2.ListTopTalkersResponse()
     omitted = rest[metric]  # an address with no row at all
     if following_lower is not None and truncated:
-        omitted = max(omitted, following_lower + rest[metric])
+        # Rows not read have lower bounds no higher, so upper bounds at most this.
+        omitted = max(omitted, following_lower + most_extra + rest[metric])
     for k, (ip, lower, extra) in enumerate(ranked):
         cover = covered.get(ip, (0, 0, 0))
         error = [extra[i] + rest[i] - cover[i] if truncated else 0 for i in range(3)]
@@ -409,14 +421,16 @@ def _covered(
     conn: sqlite3.Connection, ips: Sequence[str], in_range: str, range_params: Sequence[int]
 ) -> dict[str, tuple[int, int, int]]:
     """For each address: the sums of the rests of the minutes in range where it has a complete row."""
-    if not ips:
-        return {}
-    marks = ", ".join("?" for _ in ips)
-    rows = conn.execute(
-        "SELECT t.ip, SUM(m.rest_flows), SUM(m.rest_bytes), SUM(m.rest_anomalies)"
-        " FROM talker_minutes AS m JOIN talkers AS t ON t.minute_ns = m.minute_ns"
-        f" WHERE ({in_range.replace('minute_ns', 'm.minute_ns')}) AND t.ip IN ({marks}) AND NOT t.partial"
-        " GROUP BY t.ip",
-        [*range_params, *ips],
-    )
-    return {ip: (int(f), int(b), int(a)) for ip, f, b, a in rows}
+    out: dict[str, tuple[int, int, int]] = {}
+    for first in range(0, len(ips), 500):
+        part = ips[first : first + 500]
+        marks = ", ".join("?" for _ in part)
+        rows = conn.execute(
+            "SELECT t.ip, SUM(m.rest_flows), SUM(m.rest_bytes), SUM(m.rest_anomalies)"
+            " FROM talker_minutes AS m JOIN talkers AS t ON t.minute_ns = m.minute_ns"
+            f" WHERE ({in_range.replace('minute_ns', 'm.minute_ns')}) AND t.ip IN ({marks}) AND NOT t.partial"
+            " GROUP BY t.ip",
+            [*range_params, *part],
+        )
+        out.update((ip, (int(f), int(b), int(a))) for ip, f, b, a in rows)
+    return out
