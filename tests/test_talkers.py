@@ -336,3 +336,18 @@ def test_the_rpc_and_aurisctl_say_when_an_answer_is_approximate(
             "--since", "2023-11-14T22:13:30Z", "--until", "2023-11-14T22:19:00Z"]  # fmt: skip
     assert ctl.main(args, out) == 0
     assert "approximate" in out.getvalue().splitlines()[-1]
+
+
+def test_a_backlog_closes_in_short_rounds_to_the_same_summary(
+    tmp_path: Path, store: VerdictStore, verdicts: list[verdict_pb2.Verdict]
+) -> None:
+    """A collector that was down: every due minute at once, a few per read transaction."""
+    behind = VerdictStore(tmp_path / "behind.db")
+    for first in range(0, len(verdicts), 256):
+        behind.ingest("agent-1", verdicts[first : first + 256])
+    rounds = []
+    while closed := behind.close_talker_minutes():
+        rounds.append(closed)
+    assert len(rounds) > 1
+    assert max(rounds) <= talkers._MINUTES_PER_ROUND
+    assert summary_rows(behind.path) == summary_rows(store.path)

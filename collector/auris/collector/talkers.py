@@ -53,8 +53,9 @@ KEEP = 64
 # without the summary; at 60 s, no slower (bench/results/collector.md). Open minutes are read
 # from the raw rows by queries: a longer wait costs them.
 LATENESS_NS = 60_000_000_000
-# Minutes closed in one read transaction of close_due at most.
-_MINUTES_PER_ROUND = 30
+# Minutes closed in one read transaction of close_due at most: a backlog (a collector that was
+# down) goes in short rounds, so the WAL is not held for long and close() does not wait long.
+_MINUTES_PER_ROUND = 5
 # meta key: minutes before this time (ns, a whole minute) are closed.
 CLOSED_BEFORE = "talkers_closed_before_ns"
 _METRICS = ("flows", "bytes", "anomalies")
