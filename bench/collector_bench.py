@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from auris.collector import talkers
 from auris.collector.client import CollectorClient
 from auris.collector.store import (
     _INSERT_SQL,
@@ -1084,7 +1085,8 @@ def build_query_db(path: Path, rows: int, agents: int, span_hours: float, fracti
     """``rows`` verdicts from ``agents`` agents over ``span_hours`` up to now, by raw executemany.
 
     Agents' shares are heavy-tailed; rows arrive in scored-time order, interleaved across agents,
-    so ids grow with time as in a live collector. Rollups and the agents table are filled in too.
+    so ids grow with time as in a live collector. Rollups, the top-talker summary and the agents
+    table are filled in too.
     """
     tmp = path.with_name(path.name + ".part")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
@@ -1126,6 +1128,7 @@ def build_query_db(path: Path, rows: int, agents: int, span_hours: float, fracti
             last_report = time.monotonic()
     conn.execute("BEGIN")
     conn.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE true"))
+    talkers.backfill(conn, time.time_ns())
     conn.executemany(
         "INSERT INTO agents (agent_id, hostname, first_seen_ns, last_seen_ns, acknowledged_sequence,"
         " verdicts_stored) VALUES (?, ?, ?, ?, ?, ?)",
@@ -1145,7 +1148,7 @@ def build_query_db(path: Path, rows: int, agents: int, span_hours: float, fracti
 
 @dataclasses.dataclass
 class QueryCall:
-    rpc: str  # "query", "aggregate", "rollups" or "talkers"
+    rpc: str  # "query", "aggregate", "rollups", "talkers" or "talkers_exact"
     filter: query_service_pb2.VerdictFilter
     page2: bool = False
 
@@ -1168,7 +1171,10 @@ def _grpc_call(client: CollectorClient, call: QueryCall, token: str) -> int:
         return len(
             client.aggregate(call.filter, [query_service_pb2.GROUP_BY_LABEL], rollups=call.rpc == "rollups")
         )
-    return len(client.top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10))
+    exact = call.rpc == "talkers_exact"
+    return len(
+        client.list_top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10, exact=exact).talkers
+    )
 
 
 def _store_call(store: VerdictStore, call: QueryCall, token: str) -> int:
@@ -1178,7 +1184,8 @@ def _store_call(store: VerdictStore, call: QueryCall, token: str) -> int:
         return len(store.aggregate(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
     if call.rpc == "rollups":
         return len(store.aggregate_rollups(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
-    return len(store.top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10))
+    exact = call.rpc == "talkers_exact"
+    return len(store.top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10, exact=exact).talkers)
 
 
 def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCall]]]:
@@ -1223,6 +1230,10 @@ def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCal
         ("AggregateVerdicts by label, last hour (raw rows)", lambda i: QueryCall("aggregate", last_hour())),
         ("AggregateVerdicts by label, last hour (rollups)", lambda i: QueryCall("rollups", last_hour())),
         ("ListTopTalkers by bytes, last hour, top 10", lambda i: QueryCall("talkers", last_hour())),
+        (
+            "ListTopTalkers by bytes, last hour, top 10, exact=true (raw rows, as before the summary)",
+            lambda i: QueryCall("talkers_exact", last_hour()),
+        ),
     ]
 
 
@@ -1280,6 +1291,15 @@ def measure_queries(
                     if len(result.grpc_s) >= 3 and spent > kind_budget:
                         result.note = f"stopped after {len(result.grpc_s)} repetitions ({spent:.0f} s budget)"
                         break
+                if call.rpc == "talkers":
+                    answer = client.list_top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10)
+                    largest = max((t.bytes_error for t in answer.talkers), default=0)
+                    summary = (
+                        f"approximate, bytes errors up to {largest:,}, omitted_max {answer.omitted_max:,}"
+                        if answer.approximate
+                        else "exact (approximate=false: every count exact, nothing left out ranks higher)"
+                    )
+                    result.note = "; ".join(filter(None, [result.note, f"the last answer: {summary}"]))
                 results.append(result)
                 _say(
                     f"{name}: gRPC p50 {_ms(_percentile(result.grpc_s, 50))}, "
@@ -1577,7 +1597,8 @@ def render(r: Report) -> str:
         f"subscriber asks for up to {args.subscribe_batch} verdicts a message (max_batch)",
         f"queries: a database of {args.query_rows:,} verdicts from {args.query_agents} agents (shares "
         f"heavy-tailed) over {args.query_span_hours:g} h, scored time increasing with id, "
-        f"{100 * args.anomalous_fraction:g} % anomalous, rollups and agents table filled, no ANALYZE: "
+        f"{100 * args.anomalous_fraction:g} % anomalous, rollups, top-talker summary and agents table "
+        "filled, no ANALYZE: "
         f"{r.query_db} ({r.query_db_bytes / 1e9:.2f} GB), "
         + (
             f"built by raw executemany in {r.query_db_built_s:.0f} s"

@@ -202,5 +202,12 @@ def test_top_talkers_count_both_ends_of_each_flow(store: VerdictStore) -> None:
             c[1] += total
             c[2] += anomalous
     expected = sorted(counts.items(), key=lambda kv: (-kv[1][0], kv[0]))[:5]
-    talkers = store.top_talkers(flt, q.TALKER_METRIC_FLOWS, 5)
-    assert [(t.ip, [t.flows, t.bytes, t.anomalies]) for t in talkers] == expected
+    exact = store.top_talkers(flt, q.TALKER_METRIC_FLOWS, 5, exact=True)
+    assert [(t.ip, [t.flows, t.bytes, t.anomalies]) for t in exact.talkers] == expected
+    assert not exact.approximate
+    # From the summary: each count within its bound of the truth.
+    for t in store.top_talkers(flt, q.TALKER_METRIC_FLOWS, 5).talkers:
+        truth = counts[t.ip]
+        assert t.flows <= truth[0] <= t.flows + t.flows_error
+        assert t.bytes <= truth[1] <= t.bytes + t.bytes_error
+        assert t.anomalies <= truth[2] <= t.anomalies + t.anomalies_error

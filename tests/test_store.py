@@ -230,10 +230,11 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
     # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
-    # query indexes (7), model refusals (8), feeds (9).
+    # query indexes (7), model refusals (8), feeds (9), top talkers (10).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
-                  "enrollment_tokens", "audit", "feed_records", "feed_rejects"):  # fmt: skip
+                  "enrollment_tokens", "audit", "feed_records", "feed_rejects", "talkers",
+                  "talker_minutes"):  # fmt: skip
         db.execute(f"DROP TABLE {table}")
     for column in ("revoked_ns", "revoked_reason", "cert_serial", "refusals_pb"):
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
@@ -242,7 +243,7 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
                   "verdicts_dst_ip_block"):  # fmt: skip
         db.execute(f"DROP INDEX {index}")
     db.execute("CREATE INDEX idx_verdicts_last_seen_ns ON verdicts (last_seen_ns)")
-    db.execute("DELETE FROM meta WHERE key = 'raw_deleted_through_ns'")
+    db.execute("DELETE FROM meta WHERE key IN ('raw_deleted_through_ns', 'talkers_closed_before_ns')")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.conn.commit()
     db.close()

@@ -207,11 +207,22 @@ class CollectorClient:
         metric: query_service_pb2.TalkerMetric.ValueType,
         limit: int = 10,
     ) -> list[query_service_pb2.Talker]:
-        request = query_service_pb2.ListTopTalkersRequest(filter=flt, metric=metric, limit=limit)
+        return list(self.list_top_talkers(flt, metric, limit).talkers)
+
+    def list_top_talkers(
+        self,
+        flt: query_service_pb2.VerdictFilter,
+        metric: query_service_pb2.TalkerMetric.ValueType,
+        limit: int = 10,
+        *,
+        exact: bool = False,
+    ) -> query_service_pb2.ListTopTalkersResponse:
+        """Top talkers with whether the answer is exact (``approximate``, each count's error)."""
+        request = query_service_pb2.ListTopTalkersRequest(filter=flt, metric=metric, limit=limit, exact=exact)
         response: query_service_pb2.ListTopTalkersResponse = self._query.ListTopTalkers(
             request, timeout=self._timeout
         )
-        return list(response.talkers)
+        return response
 
     def label(self, ids: list[int], label: str, note: str = "", author: str = "") -> int:
         """Label stored verdicts (benign, unsure, or an attack class); returns how many were found."""

@@ -221,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_filter_options(talkers)
     talkers.add_argument("--by", choices=sorted(_METRICS), default="bytes", help="ranking (default bytes)")
     talkers.add_argument("--limit", type=int, default=10, help="how many (default 10)")
+    talkers.add_argument(
+        "--exact", action="store_true", help="count from the raw verdicts, not the summary (slow over hours)"
+    )
     talkers.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sub.add_parser("services", help="list the collector's gRPC services (server reflection) and health")
@@ -669,13 +672,32 @@ def _stats(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> in
 
 
 def _talkers(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
-    talkers = client.top_talkers(_filter(args), _METRICS[args.by], args.limit)
+    response = client.list_top_talkers(_filter(args), _METRICS[args.by], args.limit, exact=args.exact)
+    talkers = response.talkers
     if args.json:
         for t in talkers:
             print(_json(t), file=out)
         return EXIT_OK
-    rows = [(t.ip, str(t.flows), str(t.bytes), str(t.anomalies)) for t in talkers]
+
+    def count(value: int, error: int) -> str:
+        return f"{value}+{error}" if error else str(value)
+
+    rows = [
+        (
+            t.ip,
+            count(t.flows, t.flows_error),
+            count(t.bytes, t.bytes_error),
+            count(t.anomalies, t.anomalies_error),
+        )
+        for t in talkers
+    ]
     _print_rows(("ADDRESS", "FLOWS", "BYTES", "ANOMALIES"), rows, out)
+    if response.approximate:
+        print(
+            f"approximate (heavy-hitter summary): N+E means between N and N+E; an address not listed has"
+            f" at most {response.omitted_max} {args.by}; --exact counts the raw verdicts",
+            file=out,
+        )
     return EXIT_OK
 
 

@@ -274,6 +274,7 @@ class Collector:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._server.start()
         self.store.checkpoint_in_background()
+        self.store.summarise_in_background()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()

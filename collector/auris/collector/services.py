@@ -9,6 +9,7 @@ generated base classes do that); docs/ROADMAP.md says when they come.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import secrets
@@ -954,10 +955,11 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         ],
     ) -> query_service_pb2.ListTopTalkersResponse:
         limit = min(request.limit or 10, self._max_page)
-        talkers = await _run(
-            context, self._readers, self._store.top_talkers, request.filter, request.metric, limit
+        top = functools.partial(self._store.top_talkers, exact=request.exact)
+        response: query_service_pb2.ListTopTalkersResponse = await _run(
+            context, self._readers, top, request.filter, request.metric, limit
         )
-        return query_service_pb2.ListTopTalkersResponse(talkers=talkers)
+        return response
 
     async def ListTopAnomalies(
         self,

@@ -25,13 +25,14 @@ from typing import Any
 
 import sqlite_utils
 
+from auris.collector import talkers
 from auris.v1 import admin_service_pb2, agent_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
 __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "VerdictStore", "verdict_row"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -396,6 +397,13 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX feed_rejects_feed ON feed_rejects (feed_id, id)")
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    """Top talkers: a heavy-hitter summary per minute and address (talkers.py), from the verdicts
+    already stored."""
+    talkers.create(db.conn)
+    talkers.backfill(db.conn, time.time_ns())
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -406,6 +414,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
 ]
 
 
@@ -436,6 +445,7 @@ class VerdictStore:
             self.migrate()
         self._local = threading.local()
         self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
+        self._summariser: tuple[threading.Thread, threading.Event] | None = None
         self.on_ingest: IngestHook | None = None
 
     @property
@@ -512,12 +522,38 @@ class VerdictStore:
         thread.start()
         self._checkpointer = (thread, stop)
 
+    def close_talker_minutes(self, now_ns: int | None = None) -> int:
+        """Close the top-talker minutes that are due (talkers.py); how many. Reads on this
+        thread's reader, then writes briefly."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return talkers.close_due(self._reader(), self.writing, now_ns)
+
+    def summarise_in_background(self, interval_s: float = 1.0) -> None:
+        """Close top-talker minutes from a thread of their own, every ``interval_s`` (off the
+        ingest path: reading a minute's verdicts once takes a few µs each); close() stops it."""
+        if self._summariser is not None:
+            return
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    while self.close_talker_minutes() and not stop.is_set():
+                        pass  # a backlog: go on at once
+                except sqlite3.Error as exc:  # busy or locked: the next round tries again
+                    logger.warning("top talkers summary: %s", exc)
+
+        thread = threading.Thread(target=run, name="auris-talkers", daemon=True)
+        thread.start()
+        self._summariser = (thread, stop)
+
     def close(self) -> None:
-        if self._checkpointer is not None:
-            thread, stop = self._checkpointer
-            stop.set()
-            thread.join()
-            self._checkpointer = None
+        for worker in (self._checkpointer, self._summariser):
+            if worker is not None:
+                thread, stop = worker
+                stop.set()
+                thread.join()
+        self._checkpointer = self._summariser = None
         self._db.close()
 
     # -- ingest ---------------------------------------------------------------------------
@@ -604,6 +640,7 @@ class VerdictStore:
                 conn.execute(_upsert_agents_sql(len(agents) // 6), agents)
             if new_rows:
                 conn.execute(_ROLLUP_UPSERT.format(select=_ROLLUP_SELECT + " WHERE id > ?"), (first_id,))
+                talkers.add_late(conn, first_id, min(row[11] for row in new_rows))
         return [outcome for outcome in outcomes if outcome is not None]
 
     @staticmethod
@@ -1114,11 +1151,27 @@ class VerdictStore:
         flt: query_service_pb2.VerdictFilter,
         metric: query_service_pb2.TalkerMetric.ValueType,
         limit: int,
-    ) -> list[query_service_pb2.Talker]:
-        """Addresses ranked by bytes, flows or anomalies, counting both ends of each flow."""
+        *,
+        exact: bool = False,
+    ) -> query_service_pb2.ListTopTalkersResponse:
+        """Addresses ranked by bytes, flows or anomalies, counting both ends of each flow.
+
+        A filter of scored time alone is answered from the heavy-hitter summary (talkers.py):
+        exact where the range's minutes kept every address, otherwise with each count's error
+        bound and ``approximate`` set. Other filters, ranges within a minute, and ``exact``
+        read the raw rows.
+        """
         order = _TALKER_ORDER.get(metric)
         if order is None:
             raise ValueError(f"unknown talker metric {metric}")
+        conn = self._reader()
+        if not exact and _time_range_only(flt):
+            start, end = _time_bounds(flt)
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (RAW_DELETED_THROUGH,)).fetchone()
+            deleted_through = int(row[0]) if row else 2**62  # unknown: treat every raw row as gone
+            answer = talkers.top(conn, start, end, _TALKER_METRICS.index(order), limit, deleted_through)
+            if answer is not None:
+                return answer
         where, params = filter_sql(flt)
         clause = " WHERE " + " AND ".join(where) if where else ""
         # Each row read once, counted for both its ends.
@@ -1128,10 +1181,12 @@ class VerdictStore:
             f" FROM verdicts CROSS JOIN (SELECT 0 AS side UNION ALL SELECT 1){clause}"
             f" GROUP BY ip ORDER BY {order} DESC, ip LIMIT ?"
         )
-        return [
-            query_service_pb2.Talker(ip=ip, flows=flows, bytes=total or 0, anomalies=anomalies or 0)
-            for ip, flows, total, anomalies in self._reader().execute(sql, [*params, limit])
-        ]
+        return query_service_pb2.ListTopTalkersResponse(
+            talkers=[
+                query_service_pb2.Talker(ip=ip, flows=flows, bytes=total or 0, anomalies=anomalies or 0)
+                for ip, flows, total, anomalies in conn.execute(sql, [*params, limit])
+            ]
+        )
 
     def aggregate_rollups(
         self,
@@ -1333,6 +1388,7 @@ _TALKER_ORDER = {
     query_service_pb2.TALKER_METRIC_FLOWS: "flows",
     query_service_pb2.TALKER_METRIC_ANOMALIES: "anomalies",
 }
+_TALKER_METRICS = ("flows", "bytes", "anomalies")  # talkers.top's metric numbers
 _MAX_AGGREGATE_ROWS = 10_000
 _LAST_SEEN_MINUTE = f"last_seen_ns / {_MINUTE_NS}"
 _BLOCK = f"id / {ID_BLOCK}"
@@ -1407,6 +1463,16 @@ def filter_sql(
         where.append("score <= ?")
         params.append(flt.max_score)
     return where, params
+
+
+def _time_range_only(flt: query_service_pb2.VerdictFilter) -> bool:
+    """Whether ``flt`` sets nothing but a range of scored time."""
+    rest = query_service_pb2.VerdictFilter()
+    rest.CopyFrom(flt)
+    rest.ClearField("time_range")
+    scored = rest.time_field in _SCORED_TIME
+    rest.ClearField("time_field")
+    return scored and rest.ByteSize() == 0
 
 
 def _time_bounds(flt: query_service_pb2.VerdictFilter) -> tuple[int | None, int | None]:

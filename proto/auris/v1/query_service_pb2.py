@@ -28,19 +28,19 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61uris/v1/query_service.proto\x12\x08\x61uris.v1\x1a\x13\x61uris/v1/flow.proto\x1a\x16\x61uris/v1/verdict.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x03\n\rVerdictFilter\x12\'\n\ntime_range\x18\x01 \x01(\x0b\x32\x13.auris.v1.TimeRange\x12\'\n\ntime_field\x18\x02 \x01(\x0e\x32\x13.auris.v1.TimeField\x12\x11\n\tagent_ids\x18\x03 \x03(\t\x12\x11\n\thostnames\x18\x04 \x03(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x0e\n\x06src_ip\x18\x06 \x01(\t\x12\x0e\n\x06\x64st_ip\x18\x07 \x01(\t\x12\x15\n\x08src_port\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08\x64st_port\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bip_protocol\x18\n \x01(\rH\x02\x88\x01\x01\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12\x10\n\x08model_id\x18\x0c \x01(\t\x12\x16\n\tanomalous\x18\r \x01(\x08H\x03\x88\x01\x01\x12\x16\n\tmin_score\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x16\n\tmax_score\x18\x0f \x01(\x01H\x05\x88\x01\x01\x42\x0b\n\t_src_portB\x0b\n\t_dst_portB\x0e\n\x0c_ip_protocolB\x0c\n\n_anomalousB\x0c\n\n_min_scoreB\x0c\n\n_max_score\"f\n\x14QueryVerdictsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15QueryVerdictsResponse\x12)\n\x08verdicts\x18\x01 \x03(\x0b\x32\x17.auris.v1.StoredVerdict\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x18SubscribeVerdictsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12\x11\n\tmax_batch\x18\x02 \x01(\r\"p\n\x19SubscribeVerdictsResponse\x12(\n\x07verdict\x18\x01 \x01(\x0b\x32\x17.auris.v1.StoredVerdict\x12)\n\x08verdicts\x18\x02 \x03(\x0b\x32\x17.auris.v1.StoredVerdict\"\xa4\x01\n\x18\x41ggregateVerdictsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12#\n\x08group_by\x18\x02 \x03(\x0e\x32\x11.auris.v1.GroupBy\x12)\n\x06\x62ucket\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07rollups\x18\x04 \x01(\x08\"\xa0\x01\n\x0c\x41ggregateRow\x12\x35\n\x11\x62ucket_start_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cgroup_values\x18\x02 \x03(\t\x12\x10\n\x08verdicts\x18\x03 \x01(\x04\x12\x11\n\tanomalies\x18\x04 \x01(\x04\x12\x0f\n\x07packets\x18\x05 \x01(\x04\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\"A\n\x19\x41ggregateVerdictsResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.auris.v1.AggregateRow\"w\n\x15ListTopTalkersRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12&\n\x06metric\x18\x02 \x01(\x0e\x32\x16.auris.v1.TalkerMetric\x12\r\n\x05limit\x18\x03 \x01(\r\"E\n\x06Talker\x12\n\n\x02ip\x18\x01 \x01(\t\x12\r\n\x05\x66lows\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x11\n\tanomalies\x18\x04 \x01(\x04\";\n\x16ListTopTalkersResponse\x12!\n\x07talkers\x18\x01 \x03(\x0b\x32\x10.auris.v1.Talker\"Q\n\x17ListTopAnomaliesRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12\r\n\x05limit\x18\x02 \x01(\r\"E\n\x18ListTopAnomaliesResponse\x12)\n\x08verdicts\x18\x01 \x03(\x0b\x32\x17.auris.v1.StoredVerdict\"J\n\x14LabelVerdictsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12%\n\x05label\x18\x02 \x01(\x0b\x32\x16.auris.v1.AnalystLabel\"(\n\x15LabelVerdictsResponse\x12\x0f\n\x07labeled\x18\x01 \x01(\r*l\n\tTimeField\x12\x1a\n\x16TIME_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11TIME_FIELD_SCORED\x10\x01\x12\x13\n\x0fTIME_FIELD_FLOW\x10\x02\x12\x17\n\x13TIME_FIELD_RECEIVED\x10\x03*w\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x12\n\x0eGROUP_BY_AGENT\x10\x01\x12\x12\n\x0eGROUP_BY_LABEL\x10\x02\x12\x12\n\x0eGROUP_BY_MODEL\x10\x03\x12\x16\n\x12GROUP_BY_ANOMALOUS\x10\x04*|\n\x0cTalkerMetric\x12\x1d\n\x19TALKER_METRIC_UNSPECIFIED\x10\x00\x12\x17\n\x13TALKER_METRIC_BYTES\x10\x01\x12\x17\n\x13TALKER_METRIC_FLOWS\x10\x02\x12\x1b\n\x17TALKER_METRIC_ANOMALIES\x10\x03\x32\xa0\x04\n\x0cQueryService\x12P\n\rQueryVerdicts\x12\x1e.auris.v1.QueryVerdictsRequest\x1a\x1f.auris.v1.QueryVerdictsResponse\x12^\n\x11SubscribeVerdicts\x12\".auris.v1.SubscribeVerdictsRequest\x1a#.auris.v1.SubscribeVerdictsResponse0\x01\x12\\\n\x11\x41ggregateVerdicts\x12\".auris.v1.AggregateVerdictsRequest\x1a#.auris.v1.AggregateVerdictsResponse\x12S\n\x0eListTopTalkers\x12\x1f.auris.v1.ListTopTalkersRequest\x1a .auris.v1.ListTopTalkersResponse\x12Y\n\x10ListTopAnomalies\x12!.auris.v1.ListTopAnomaliesRequest\x1a\".auris.v1.ListTopAnomaliesResponse\x12P\n\rLabelVerdicts\x12\x1e.auris.v1.LabelVerdictsRequest\x1a\x1f.auris.v1.LabelVerdictsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61uris/v1/query_service.proto\x12\x08\x61uris.v1\x1a\x13\x61uris/v1/flow.proto\x1a\x16\x61uris/v1/verdict.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x03\n\rVerdictFilter\x12\'\n\ntime_range\x18\x01 \x01(\x0b\x32\x13.auris.v1.TimeRange\x12\'\n\ntime_field\x18\x02 \x01(\x0e\x32\x13.auris.v1.TimeField\x12\x11\n\tagent_ids\x18\x03 \x03(\t\x12\x11\n\thostnames\x18\x04 \x03(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x0e\n\x06src_ip\x18\x06 \x01(\t\x12\x0e\n\x06\x64st_ip\x18\x07 \x01(\t\x12\x15\n\x08src_port\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08\x64st_port\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bip_protocol\x18\n \x01(\rH\x02\x88\x01\x01\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12\x10\n\x08model_id\x18\x0c \x01(\t\x12\x16\n\tanomalous\x18\r \x01(\x08H\x03\x88\x01\x01\x12\x16\n\tmin_score\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x16\n\tmax_score\x18\x0f \x01(\x01H\x05\x88\x01\x01\x42\x0b\n\t_src_portB\x0b\n\t_dst_portB\x0e\n\x0c_ip_protocolB\x0c\n\n_anomalousB\x0c\n\n_min_scoreB\x0c\n\n_max_score\"f\n\x14QueryVerdictsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15QueryVerdictsResponse\x12)\n\x08verdicts\x18\x01 \x03(\x0b\x32\x17.auris.v1.StoredVerdict\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x18SubscribeVerdictsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12\x11\n\tmax_batch\x18\x02 \x01(\r\"p\n\x19SubscribeVerdictsResponse\x12(\n\x07verdict\x18\x01 \x01(\x0b\x32\x17.auris.v1.StoredVerdict\x12)\n\x08verdicts\x18\x02 \x03(\x0b\x32\x17.auris.v1.StoredVerdict\"\xa4\x01\n\x18\x41ggregateVerdictsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12#\n\x08group_by\x18\x02 \x03(\x0e\x32\x11.auris.v1.GroupBy\x12)\n\x06\x62ucket\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07rollups\x18\x04 \x01(\x08\"\xa0\x01\n\x0c\x41ggregateRow\x12\x35\n\x11\x62ucket_start_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cgroup_values\x18\x02 \x03(\t\x12\x10\n\x08verdicts\x18\x03 \x01(\x04\x12\x11\n\tanomalies\x18\x04 \x01(\x04\x12\x0f\n\x07packets\x18\x05 \x01(\x04\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\"A\n\x19\x41ggregateVerdictsResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.auris.v1.AggregateRow\"\x86\x01\n\x15ListTopTalkersRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12&\n\x06metric\x18\x02 \x01(\x0e\x32\x16.auris.v1.TalkerMetric\x12\r\n\x05limit\x18\x03 \x01(\r\x12\r\n\x05\x65xact\x18\x04 \x01(\x08\"\x88\x01\n\x06Talker\x12\n\n\x02ip\x18\x01 \x01(\t\x12\r\n\x05\x66lows\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x11\n\tanomalies\x18\x04 \x01(\x04\x12\x13\n\x0b\x66lows_error\x18\x05 \x01(\x04\x12\x13\n\x0b\x62ytes_error\x18\x06 \x01(\x04\x12\x17\n\x0f\x61nomalies_error\x18\x07 \x01(\x04\"e\n\x16ListTopTalkersResponse\x12!\n\x07talkers\x18\x01 \x03(\x0b\x32\x10.auris.v1.Talker\x12\x13\n\x0b\x61pproximate\x18\x02 \x01(\x08\x12\x13\n\x0bomitted_max\x18\x03 \x01(\x04\"Q\n\x17ListTopAnomaliesRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.auris.v1.VerdictFilter\x12\r\n\x05limit\x18\x02 \x01(\r\"E\n\x18ListTopAnomaliesResponse\x12)\n\x08verdicts\x18\x01 \x03(\x0b\x32\x17.auris.v1.StoredVerdict\"J\n\x14LabelVerdictsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12%\n\x05label\x18\x02 \x01(\x0b\x32\x16.auris.v1.AnalystLabel\"(\n\x15LabelVerdictsResponse\x12\x0f\n\x07labeled\x18\x01 \x01(\r*l\n\tTimeField\x12\x1a\n\x16TIME_FIELD_UNSPECIFIED\x10\x00\x12\x15\n\x11TIME_FIELD_SCORED\x10\x01\x12\x13\n\x0fTIME_FIELD_FLOW\x10\x02\x12\x17\n\x13TIME_FIELD_RECEIVED\x10\x03*w\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x12\n\x0eGROUP_BY_AGENT\x10\x01\x12\x12\n\x0eGROUP_BY_LABEL\x10\x02\x12\x12\n\x0eGROUP_BY_MODEL\x10\x03\x12\x16\n\x12GROUP_BY_ANOMALOUS\x10\x04*|\n\x0cTalkerMetric\x12\x1d\n\x19TALKER_METRIC_UNSPECIFIED\x10\x00\x12\x17\n\x13TALKER_METRIC_BYTES\x10\x01\x12\x17\n\x13TALKER_METRIC_FLOWS\x10\x02\x12\x1b\n\x17TALKER_METRIC_ANOMALIES\x10\x03\x32\xa0\x04\n\x0cQueryService\x12P\n\rQueryVerdicts\x12\x1e.auris.v1.QueryVerdictsRequest\x1a\x1f.auris.v1.QueryVerdictsResponse\x12^\n\x11SubscribeVerdicts\x12\".auris.v1.SubscribeVerdictsRequest\x1a#.auris.v1.SubscribeVerdictsResponse0\x01\x12\\\n\x11\x41ggregateVerdicts\x12\".auris.v1.AggregateVerdictsRequest\x1a#.auris.v1.AggregateVerdictsResponse\x12S\n\x0eListTopTalkers\x12\x1f.auris.v1.ListTopTalkersRequest\x1a .auris.v1.ListTopTalkersResponse\x12Y\n\x10ListTopAnomalies\x12!.auris.v1.ListTopAnomaliesRequest\x1a\".auris.v1.ListTopAnomaliesResponse\x12P\n\rLabelVerdicts\x12\x1e.auris.v1.LabelVerdictsRequest\x1a\x1f.auris.v1.LabelVerdictsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'auris.v1.query_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIMEFIELD']._serialized_start=1917
-  _globals['_TIMEFIELD']._serialized_end=2025
-  _globals['_GROUPBY']._serialized_start=2027
-  _globals['_GROUPBY']._serialized_end=2146
-  _globals['_TALKERMETRIC']._serialized_start=2148
-  _globals['_TALKERMETRIC']._serialized_end=2272
+  _globals['_TIMEFIELD']._serialized_start=2043
+  _globals['_TIMEFIELD']._serialized_end=2151
+  _globals['_GROUPBY']._serialized_start=2153
+  _globals['_GROUPBY']._serialized_end=2272
+  _globals['_TALKERMETRIC']._serialized_start=2274
+  _globals['_TALKERMETRIC']._serialized_end=2398
   _globals['_VERDICTFILTER']._serialized_start=153
   _globals['_VERDICTFILTER']._serialized_end=594
   _globals['_QUERYVERDICTSREQUEST']._serialized_start=596
@@ -57,20 +57,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGGREGATEROW']._serialized_end=1323
   _globals['_AGGREGATEVERDICTSRESPONSE']._serialized_start=1325
   _globals['_AGGREGATEVERDICTSRESPONSE']._serialized_end=1390
-  _globals['_LISTTOPTALKERSREQUEST']._serialized_start=1392
-  _globals['_LISTTOPTALKERSREQUEST']._serialized_end=1511
-  _globals['_TALKER']._serialized_start=1513
-  _globals['_TALKER']._serialized_end=1582
-  _globals['_LISTTOPTALKERSRESPONSE']._serialized_start=1584
-  _globals['_LISTTOPTALKERSRESPONSE']._serialized_end=1643
-  _globals['_LISTTOPANOMALIESREQUEST']._serialized_start=1645
-  _globals['_LISTTOPANOMALIESREQUEST']._serialized_end=1726
-  _globals['_LISTTOPANOMALIESRESPONSE']._serialized_start=1728
-  _globals['_LISTTOPANOMALIESRESPONSE']._serialized_end=1797
-  _globals['_LABELVERDICTSREQUEST']._serialized_start=1799
-  _globals['_LABELVERDICTSREQUEST']._serialized_end=1873
-  _globals['_LABELVERDICTSRESPONSE']._serialized_start=1875
-  _globals['_LABELVERDICTSRESPONSE']._serialized_end=1915
-  _globals['_QUERYSERVICE']._serialized_start=2275
-  _globals['_QUERYSERVICE']._serialized_end=2819
+  _globals['_LISTTOPTALKERSREQUEST']._serialized_start=1393
+  _globals['_LISTTOPTALKERSREQUEST']._serialized_end=1527
+  _globals['_TALKER']._serialized_start=1530
+  _globals['_TALKER']._serialized_end=1666
+  _globals['_LISTTOPTALKERSRESPONSE']._serialized_start=1668
+  _globals['_LISTTOPTALKERSRESPONSE']._serialized_end=1769
+  _globals['_LISTTOPANOMALIESREQUEST']._serialized_start=1771
+  _globals['_LISTTOPANOMALIESREQUEST']._serialized_end=1852
+  _globals['_LISTTOPANOMALIESRESPONSE']._serialized_start=1854
+  _globals['_LISTTOPANOMALIESRESPONSE']._serialized_end=1923
+  _globals['_LABELVERDICTSREQUEST']._serialized_start=1925
+  _globals['_LABELVERDICTSREQUEST']._serialized_end=1999
+  _globals['_LABELVERDICTSRESPONSE']._serialized_start=2001
+  _globals['_LABELVERDICTSRESPONSE']._serialized_end=2041
+  _globals['_QUERYSERVICE']._serialized_start=2401
+  _globals['_QUERYSERVICE']._serialized_end=2945
 # @@protoc_insertion_point(module_scope)

@@ -391,8 +391,13 @@ class ListTopTalkersRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     METRIC_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     metric: Global___TalkerMetric.ValueType
     limit: _builtins.int
+    exact: _builtins.bool
+    """Count from the raw verdicts even where the heavy-hitter summary would answer (slow over
+    long ranges: every verdict in range is read).
+    """
     @_builtins.property
     def filter(self) -> Global___VerdictFilter: ...
     def __init__(
@@ -401,10 +406,11 @@ class ListTopTalkersRequest(_message.Message):
         filter: Global___VerdictFilter | None = ...,
         metric: Global___TalkerMetric.ValueType = ...,
         limit: _builtins.int = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit", "metric", b"metric"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "filter", b"filter", "limit", b"limit", "metric", b"metric"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,16 +418,27 @@ Global___ListTopTalkersRequest: _TypeAlias = ListTopTalkersRequest  # noqa: Y015
 
 @_typing.final
 class Talker(_message.Message):
+    """Talker is one address with its counts over the range, both ends of each flow counted."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IP_FIELD_NUMBER: _builtins.int
     FLOWS_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     ANOMALIES_FIELD_NUMBER: _builtins.int
+    FLOWS_ERROR_FIELD_NUMBER: _builtins.int
+    BYTES_ERROR_FIELD_NUMBER: _builtins.int
+    ANOMALIES_ERROR_FIELD_NUMBER: _builtins.int
     ip: _builtins.str
     flows: _builtins.int
     bytes: _builtins.int
     anomalies: _builtins.int
+    flows_error: _builtins.int
+    """How much each count may fall short of the truth when the heavy-hitter summary answered:
+    the true count lies in [count, count + error]. 0: exact.
+    """
+    bytes_error: _builtins.int
+    anomalies_error: _builtins.int
     def __init__(
         self,
         *,
@@ -429,10 +446,13 @@ class Talker(_message.Message):
         flows: _builtins.int = ...,
         bytes: _builtins.int = ...,
         anomalies: _builtins.int = ...,
+        flows_error: _builtins.int = ...,
+        bytes_error: _builtins.int = ...,
+        anomalies_error: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies", b"anomalies", "bytes", b"bytes", "flows", b"flows", "ip", b"ip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies", b"anomalies", "anomalies_error", b"anomalies_error", "bytes", b"bytes", "bytes_error", b"bytes_error", "flows", b"flows", "flows_error", b"flows_error", "ip", b"ip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,16 +463,28 @@ class ListTopTalkersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TALKERS_FIELD_NUMBER: _builtins.int
+    APPROXIMATE_FIELD_NUMBER: _builtins.int
+    OMITTED_MAX_FIELD_NUMBER: _builtins.int
+    approximate: _builtins.bool
+    """True when a count is a bound (an error is not 0) or an address left out may have more of
+    the metric than the last one listed; false when list and counts are exact.
+    """
+    omitted_max: _builtins.int
+    """When approximate: the most of the metric that any address left out can have."""
     @_builtins.property
-    def talkers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Talker]: ...
+    def talkers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Talker]:
+        """Ranked by the metric's count (a lower bound where its error is not 0), then address."""
+
     def __init__(
         self,
         *,
         talkers: _abc.Iterable[Global___Talker] | None = ...,
+        approximate: _builtins.bool = ...,
+        omitted_max: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["talkers", b"talkers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximate", b"approximate", "omitted_max", b"omitted_max", "talkers", b"talkers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
