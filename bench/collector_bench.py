@@ -48,7 +48,7 @@ from auris.collector.store import (
     verdict_row,
 )
 from auris.v1 import flow_pb2, model_pb2, query_service_pb2, verdict_pb2
-from benchlib import command as _command
+from benchlib import Collector, add_figures_argument, write_figures
 from benchlib import cpu_s as _cpu_s
 from benchlib import fmt as _fmt
 from benchlib import loadavg as _loadavg
@@ -346,52 +346,6 @@ def _peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-class Collector:
-    """A real ``auris-collector serve`` on a free loopback port, plaintext, on database ``db``."""
-
-    def __init__(self, workdir: Path, db: Path, name: str = "collector") -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{name}.log"
-        self.log = self.log_path.open("wb")
-        address_file = workdir / f"{name}.address"
-        self.proc = subprocess.Popen(
-            [
-                *_command("auris-collector", "auris.collector.cli"),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--insecure",
-                "--db",
-                str(db),
-                "--address-file",
-                str(address_file),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while not (address_file.is_file() and address_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.address = address_file.read_text().strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 class Child:
@@ -1733,6 +1687,7 @@ def _parser() -> argparse.ArgumentParser:
         help="skip optional runs and shorten query repetitions to finish near this (default 2400)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a sanity check in about a minute")
+    add_figures_argument(p)
     p.add_argument("--seed", type=int, default=1, help="random seed of the generator")
     p.add_argument(
         "--cache-dir",
@@ -1907,6 +1862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
+    write_figures(args.figures, "collector", build_table(report))
     _say(f"written to {args.out}")
     return 0
 
