@@ -29,10 +29,11 @@ from auris.v1 import (
 )
 from tests.conftest import CollectorThread, make_verdict, run_cli
 
-READER, ANALYST, ADMIN = (
+READER, ANALYST, ADMIN, ROLE_FEED = (
     admin_service_pb2.ROLE_READER,
     admin_service_pb2.ROLE_ANALYST,
     admin_service_pb2.ROLE_ADMIN,
+    admin_service_pb2.ROLE_FEED,
 )
 
 
@@ -320,3 +321,32 @@ def test_the_agent_enrolls_with_a_pinned_ca_then_delivers_over_mtls(secure: Secu
         stored = list(admin.query(verdict_filter()))
     assert stored
     assert {v.verdict.agent_id for v in stored} == {"edge-42"}
+
+
+def test_a_feed_token_submits_records_and_nothing_else(secure: Secure) -> None:
+    """The feed role is a producer's: it submits transactions and ticks (so do admins), and may not
+    read anything back or reach any other RPC; readers may not submit."""
+    tx = feed_service_pb2.Transaction(feed_id="cards", transaction_id="t1", customer_id="c", amount=3.5)
+    tx.time.FromNanoseconds(1_700_000_000_000_000_000)
+    tick = feed_service_pb2.Tick(feed_id="bars", symbol="X", price=10.0, size=1.0)
+    tick.time.FromNanoseconds(1_700_000_000_000_000_000)
+    with secure.client(secure.admin_token) as admin:
+        producer_token, _ = admin.create_api_token("pos-gateway", ROLE_FEED)
+        reader_token, _ = admin.create_api_token("dashboard", READER)
+        second = feed_service_pb2.Transaction()
+        second.CopyFrom(tx)
+        second.transaction_id = "t2"
+        assert admin.submit_transactions([second]).accepted == 1  # admins still may
+    with secure.client(producer_token) as producer:
+        assert producer.submit_transactions([tx]).accepted == 1
+        assert producer.submit_ticks([tick]).accepted == 1
+        for denied in (
+            lambda: list(producer.feed_scores("cards")),
+            lambda: list(producer.query(verdict_filter())),
+            lambda: producer.list_feeds(),
+            lambda: producer.create_api_token("x", ROLE_FEED),
+        ):
+            assert _code(denied) == grpc.StatusCode.PERMISSION_DENIED
+    with secure.client(reader_token) as reader:
+        assert _code(lambda: reader.submit_transactions([tx])) == grpc.StatusCode.PERMISSION_DENIED
+        assert [s.record_id for s in reader.feed_scores("cards")] == ["t1", "t2"]  # newest first

@@ -3,7 +3,8 @@
 Agents prove who they are with their client certificate (the agent port is mTLS-only, and a
 certificate's common name is the agent id). People and programs present an API token with a
 role on the API port (TLS): reader (query, subscribe), analyst (+ label, alerts), admin (+
-agents, models, feeds, tokens, audit). ``POLICY`` names what every RPC needs and
+agents, models, feeds, tokens, audit), or feed (submit transactions and ticks, nothing else: a
+producer's token). ``POLICY`` names what every RPC needs and
 ``AuthInterceptor`` enforces it in one place, writing each action, and each refusal, to the
 append-only audit log. The same interceptor applies the rate limits (limits.py: calls per API
 token, verdicts per agent, calls without credentials per address; RESOURCE_EXHAUSTED past them),
@@ -56,11 +57,25 @@ __all__ = [
 READER = admin_service_pb2.ROLE_READER
 ANALYST = admin_service_pb2.ROLE_ANALYST
 ADMIN = admin_service_pb2.ROLE_ADMIN
+FEED = admin_service_pb2.ROLE_FEED
 # Pseudo-roles: an agent certificate; nothing (enrollment carries its own token).
 AGENT = -1
 OPEN = 0
 
-_ROLE_NAMES = {READER: "reader", ANALYST: "analyst", ADMIN: "admin", AGENT: "an agent certificate"}
+_ROLE_NAMES = {
+    READER: "reader",
+    ANALYST: "analyst",
+    ADMIN: "admin",
+    FEED: "feed",
+    AGENT: "an agent certificate",
+}
+# Role -> the needs it satisfies: reader < analyst < admin; a feed producer only submits records.
+_GRANTS: dict[int, frozenset[int]] = {
+    READER: frozenset({READER}),
+    ANALYST: frozenset({READER, ANALYST}),
+    ADMIN: frozenset({READER, ANALYST, ADMIN, FEED}),
+    FEED: frozenset({FEED}),
+}
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Method -> (who may call it, whether a call is an action for the audit log). A method that is
@@ -99,10 +114,10 @@ POLICY: dict[str, tuple[int, bool]] = {
     "/auris.v1.AdminService/CreateApiToken": (ADMIN, True),
     "/auris.v1.AdminService/RevokeApiToken": (ADMIN, True),
     "/auris.v1.AdminService/ListAuditEvents": (ADMIN, False),
-    "/auris.v1.FeedService/StreamTransactions": (ADMIN, False),
-    "/auris.v1.FeedService/SubmitTransactions": (ADMIN, False),
-    "/auris.v1.FeedService/StreamTicks": (ADMIN, False),
-    "/auris.v1.FeedService/SubmitTicks": (ADMIN, False),
+    "/auris.v1.FeedService/StreamTransactions": (FEED, False),
+    "/auris.v1.FeedService/SubmitTransactions": (FEED, False),
+    "/auris.v1.FeedService/StreamTicks": (FEED, False),
+    "/auris.v1.FeedService/SubmitTicks": (FEED, False),
     "/auris.v1.FeedService/QueryFeedScores": (READER, False),
     "/auris.v1.FeedService/SubscribeFeedScores": (READER, False),
     "/auris.v1.FeedService/ListFeedRejects": (READER, False),
@@ -191,8 +206,8 @@ class Authority:
         """A new API token; (token, token_id). The token is returned once and never stored."""
         if not name or len(name) > 64:
             raise ValueError("a token needs a name of 1 to 64 characters")
-        if role not in (READER, ANALYST, ADMIN):
-            raise ValueError("role must be reader, analyst or admin")
+        if role not in _GRANTS:
+            raise ValueError("role must be reader, analyst, admin or feed")
         if ttl_s < 0:
             raise ValueError("ttl must not be negative")
         token, token_id, digest = _new_token("auris")
@@ -388,7 +403,7 @@ class Authority:
                 grpc.StatusCode.UNAUTHENTICATED, "this RPC needs an API token (authorization: Bearer ...)"
             )
         principal = self.verify_token(bearer)
-        if principal.role < need:
+        if need not in _GRANTS.get(principal.role, frozenset()):
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{principal.name} ({_ROLE_NAMES[principal.role]}) may not call this: "

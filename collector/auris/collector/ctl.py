@@ -98,6 +98,7 @@ _ROLES = {
     "reader": admin_service_pb2.ROLE_READER,
     "analyst": admin_service_pb2.ROLE_ANALYST,
     "admin": admin_service_pb2.ROLE_ADMIN,
+    "feed": admin_service_pb2.ROLE_FEED,
 }
 _DOMAINS = {
     "network": model_pb2.MODEL_DOMAIN_NETWORK_FLOW,

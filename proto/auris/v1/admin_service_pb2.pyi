@@ -117,14 +117,19 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     ROLE_READER: _Role.ValueType  # 1
     ROLE_ANALYST: _Role.ValueType  # 2
     ROLE_ADMIN: _Role.ValueType  # 3
+    ROLE_FEED: _Role.ValueType  # 4
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
-    """Role is what an API token may do; each role includes the ones before it."""
+    """Role is what an API token may do. Reader, analyst and admin each include the ones before
+    them; feed is apart: a producer of the transaction and tick feeds, which may submit records
+    and nothing else (an admin may submit too).
+    """
 
 ROLE_UNSPECIFIED: Role.ValueType  # 0
 ROLE_READER: Role.ValueType  # 1
 ROLE_ANALYST: Role.ValueType  # 2
 ROLE_ADMIN: Role.ValueType  # 3
+ROLE_FEED: Role.ValueType  # 4
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 @_typing.final
