@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
+# The logs go to files here and the demo quotes them: human lines, not the JSON a file gets by default.
+export AURIS_AGENT_LOG_FORMAT=text AURIS_COLLECTOR_LOG_FORMAT=text
 demo=.demo
 pcaps=tests/data/pcaps
 rm -rf "$demo" && mkdir -p "$demo"

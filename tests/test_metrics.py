@@ -90,9 +90,9 @@ def test_the_collector_reports_verdicts_agents_and_rollout(tmp_path: Path) -> No
 
 
 def test_json_logs_from_a_real_agent_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logs are JSON when standard error is not a terminal (the default, "auto"), and on request."""
     import json
 
-    monkeypatch.setenv("AURIS_AGENT_LOG_FORMAT", "json")
     with running_collector(tmp_path / "auris.db") as running:
         run = run_agent(running.address, [PCAPS / "steam.pcap"], tmp_path / "agent")
     assert run.returncode == 0, run.stderr
@@ -103,4 +103,74 @@ def test_json_logs_from_a_real_agent_run(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("AURIS_AGENT_LOG_FORMAT", "yaml")
     bad = run_agent("127.0.0.1:1", [PCAPS / "steam.pcap"], tmp_path / "agent")
     assert bad.returncode == 2
-    assert "log_format: expected text or json" in bad.stderr
+    assert "log_format: expected auto, text or json" in bad.stderr
+
+
+def test_every_call_has_a_request_id_in_the_reply_and_in_the_log_lines_it_causes(tmp_path: Path) -> None:
+    """The collector gives each call a request id (the caller's ``x-request-id`` when usable), sends
+    it back in the trailing metadata, error or not, and puts it on the log lines the call causes;
+    aurisctl prints it with an error."""
+    import contextlib
+    import io
+    import json
+    import logging
+
+    import grpc
+
+    from auris.agent.logs import configure_logging
+    from auris.collector import ctl
+    from auris.collector.client import CollectorClient
+    from auris.v1 import admin_service_pb2, admin_service_pb2_grpc, feed_service_pb2, feed_service_pb2_grpc
+
+    with (
+        running_collector(tmp_path / "auris.db") as running,
+        CollectorClient(running.address, insecure=True) as c,
+    ):
+        stub = admin_service_pb2_grpc.AdminServiceStub(c.channel)
+        _, call = stub.ListAgents.with_call(admin_service_pb2.ListAgentsRequest(), timeout=10)
+        generated = str(dict(call.trailing_metadata() or ())["x-request-id"])
+        assert re.fullmatch(r"[0-9a-f]{12}", generated)
+        _, call = stub.ListAgents.with_call(
+            admin_service_pb2.ListAgentsRequest(), timeout=10, metadata=(("x-request-id", "ticket-42"),)
+        )
+        assert dict(call.trailing_metadata() or ())["x-request-id"] == "ticket-42"
+        # An error carries it too, and the collector's log line about it has the same id.
+        stream = io.StringIO()
+        configure_logging("info", "json")
+        handler = logging.getLogger().handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        try:
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.RevokeAgent(
+                    admin_service_pb2.RevokeAgentRequest(agent_id="nobody"),
+                    timeout=10,
+                    metadata=(("x-request-id", "ticket-43"),),
+                )
+            # A call that logs: a feed batch with a rejected record.
+            feeds = feed_service_pb2_grpc.FeedServiceStub(c.channel)
+            bad = feed_service_pb2.Transaction(feed_id="cards", transaction_id="t", amount=-1.0)
+            bad.time.FromNanoseconds(1_700_000_000_000_000_000)
+            feeds.SubmitTransactions(
+                feed_service_pb2.SubmitTransactionsRequest(transactions=[bad]),
+                timeout=10,
+                metadata=(("x-request-id", "ticket-44"),),
+            )
+        finally:
+            logging.getLogger().handlers.clear()
+        call_error = failed.value
+        assert isinstance(call_error, grpc.Call)
+        assert dict(call_error.trailing_metadata() or ())["x-request-id"] == "ticket-43"
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = ctl.main(
+                ["--collector", running.address, "--insecure", "agents", "revoke", "nobody"], io.StringIO()
+            )
+    assert code == ctl.EXIT_RPC
+    assert re.search(r"^aurisctl: NOT_FOUND: .* \(request [0-9a-f]{12}\)$", err.getvalue().strip()), (
+        err.getvalue()
+    )
+    logged = [json.loads(line) for line in stream.getvalue().splitlines() if "ticket-44" in line]
+    assert logged, stream.getvalue()
+    assert logged[0]["request_id"] == "ticket-44"
+    assert "1 rejected" in logged[0]["message"]

@@ -88,8 +88,8 @@ class AgentConfig:
     # Spooled verdicts kept while the collector is away; past it the oldest are dropped (counted).
     spool_max_verdicts: int = 1_000_000
     log_level: str = "info"
-    # "text" (human lines) or "json" (one object a line: time, level, logger, message).
-    log_format: str = "text"
+    # "auto" (JSON unless stderr is a terminal), "text" (human lines) or "json" (one object a line).
+    log_format: str = "auto"
     # Prometheus metrics on http://HOST:PORT/metrics (the heartbeat's counters); empty: off.
     metrics_listen: str = ""
 
@@ -258,8 +258,8 @@ def load_agent_config(
         raise ConfigError(f"cert_renew_before_days must not be negative, got {config.cert_renew_before_days}")
     if config.send_features not in ("all", "anomalous", "none"):
         raise ConfigError(f"send_features: expected all, anomalous or none, got {config.send_features!r}")
-    if config.log_format not in ("text", "json"):
-        raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    if config.log_format not in ("auto", "text", "json"):
+        raise ConfigError(f"log_format: expected auto, text or json, got {config.log_format!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
     return config

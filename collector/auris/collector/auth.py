@@ -37,6 +37,7 @@ import grpc
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
+from auris.agent.logs import REQUEST_ID
 from auris.collector.limits import RETRY_AFTER_KEY, KeyedBuckets, RateLimits
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2
@@ -674,13 +675,24 @@ class _OneLineContext:
     """The servicer context handlers get: whatever a handler aborts with reaches the client as one
     short line. A reason may quote a client's string: a line break in it is escaped, and a long
     one cut (details travel in HTTP/2 trailers; past the client's limit on their size the client
-    sees only "Stream removed", RESOURCE_EXHAUSTED, instead of the status)."""
+    sees only "Stream removed", RESOURCE_EXHAUSTED, instead of the status).
+
+    It also gives the call its request id: the caller's ``x-request-id`` metadata when it sends a
+    usable one, else a new one. Log lines written while the call is served carry it (logs.py), and
+    the caller gets it back in the trailing metadata, with an error or without."""
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
+        sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), "")
+        self.request_id = sent if isinstance(sent, str) and _REQUEST_ID.match(sent) else secrets.token_hex(6)
+        REQUEST_ID.set(self.request_id)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, Any]]) -> None:
+        self._context.set_trailing_metadata((*trailing_metadata, (REQUEST_ID_KEY, self.request_id)))
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, Any]] = ()
@@ -688,8 +700,14 @@ class _OneLineContext:
         details = details.translate(_LINE_BREAKS)
         if len(details) > _MAX_DETAILS:
             details = details[: _MAX_DETAILS - 1] + "…"
+        if trailing_metadata:
+            trailing_metadata = (*trailing_metadata, (REQUEST_ID_KEY, self.request_id))
         await self._context.abort(code, details, trailing_metadata)
         raise AssertionError("unreachable")  # abort always raises
+
+
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 # Characters of a status's details at most (percent-encoded in the trailers: up to 12 bytes each).

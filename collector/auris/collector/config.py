@@ -103,8 +103,8 @@ class CollectorConfig:
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
-    # "text" (human lines) or "json" (one object a line: time, level, logger, message).
-    log_format: str = "text"
+    # "auto" (JSON unless stderr is a terminal), "text" (human lines) or "json" (one object a line).
+    log_format: str = "auto"
     # Prometheus metrics on http://HOST:PORT/metrics; empty: off.
     metrics_listen: str = ""
 
@@ -148,8 +148,8 @@ def load_collector_config(
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"{what}: names must be unique ({', '.join(duplicates)} repeated)")
-    if config.log_format not in ("text", "json"):
-        raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    if config.log_format not in ("auto", "text", "json"):
+        raise ConfigError(f"log_format: expected auto, text or json, got {config.log_format!r}")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")
     return config

@@ -1594,7 +1594,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        print(f"aurisctl: {code.name}: {details}", file=sys.stderr)
+        trailing: Sequence[tuple[str, Any]] = (
+            (exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()
+        )
+        rid = next((str(value) for key, value in trailing if key == "x-request-id"), "")
+        # The collector's log lines for this call carry the same request id.
+        print(f"aurisctl: {code.name}: {details}" + (f" (request {rid})" if rid else ""), file=sys.stderr)
         return EXIT_UNREACHABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_RPC
 
 
