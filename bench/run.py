@@ -126,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only", default="", help="comma-separated benchmark names: " + ", ".join(b.name for b in BENCHES)
     )
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one benchmark after this long")
+    p.add_argument(
+        "--table-only", action="store_true", help="run nothing: rewrite the table from the latest figures"
+    )
     args = p.parse_args(argv)
     chosen = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
     unknown = set(filter(None, args.only.split(","))) - {b.name for b in BENCHES}
@@ -135,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="auris-bench-run-") as tmp:
         folder = Path(tmp) if args.quick else RESULTS
+        if args.table_only:
+            chosen = []
         outcomes = [run_one(b, args.quick, folder, args.timeout_s) for b in chosen]
         if not args.quick:  # the latest figures of the others, with their date
             earlier = [b for b in BENCHES if b not in chosen and (RESULTS / f"{b.name}.json").is_file()]
