@@ -165,14 +165,22 @@ def write_figures(path: Path | None, bench: str, rows: Sequence[Sequence[str]]) 
 
 
 class Collector:
-    """A real ``auris-collector serve`` on a free loopback port, plaintext, on database ``db``
-    (default ``workdir/collector.db``), with the TOML ``config`` file when given."""
+    """A real ``auris-collector serve`` on a free loopback port, on database ``db`` (default
+    ``workdir/collector.db``), with the TOML ``config`` file when given: plaintext, or TLS as the
+    config says when ``insecure`` is False."""
 
     def __init__(
-        self, workdir: Path, db: Path | None = None, name: str = "collector", config: Path | None = None
+        self,
+        workdir: Path,
+        db: Path | None = None,
+        name: str = "collector",
+        config: Path | None = None,
+        *,
+        insecure: bool = True,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
+        self.db = db or workdir / "collector.db"
         self.log_path = workdir / f"{name}.log"
         self.log = self.log_path.open("wb")
         address_file = workdir / f"{name}.address"
@@ -180,7 +188,7 @@ class Collector:
         cmd = [*command("auris-collector", "auris.collector.cli"), "serve"]
         if config is not None:
             cmd += ["--config", str(config)]
-        cmd += ["--listen", "127.0.0.1:0", "--insecure", "--db", str(db or workdir / "collector.db"),
+        cmd += ["--listen", "127.0.0.1:0", *(["--insecure"] if insecure else []), "--db", str(self.db),
                 "--address-file", str(address_file), "--log-level", "warning"]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import select
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -38,8 +37,8 @@ from typing import Any
 
 from benchlib import (
     REPO,
+    Collector,
     add_figures_argument,
-    command,
     cpu_s,
     fmt,
     loadavg,
@@ -250,55 +249,18 @@ def make_certificates(pki: Path, count: int) -> tuple[Path, list[dict[str, Any]]
     return pki, agents
 
 
-class CollectorProcess:
-    """``auris-collector --config FILE serve`` with mTLS on loopback, on a fresh database."""
-
-    def __init__(self, work: Path, pki: Path, insecure: bool) -> None:
-        self.db = work / "auris.db"
-        address = work / "collector.address"
-        config = work / "collector.toml"
-        lines = [
-            'listen = "127.0.0.1:0"',
-            f'db = "{self.db}"',
-            f'address_file = "{address}"',
-            'log_level = "warning"',
-        ]
-        if insecure:
-            lines += ["insecure = true", 'api_listen = ""']
-        else:
-            lines += [
-                'api_listen = "127.0.0.1:0"',
-                f'ca_file = "{pki / "ca.pem"}"',
-                f'cert_file = "{pki / "collector.pem"}"',
-                f'key_file = "{pki / "collector.key"}"',
-            ]
-        config.write_text("\n".join(lines) + "\n")
-        self.log_path = work / "collector.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [*command("auris-collector", "auris.collector.cli"), "--config", str(config), "serve"],
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while not (address.is_file() and address.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.address = address.read_text().strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+def start_collector(work: Path, pki: Path, insecure: bool) -> Collector:
+    """A collector on a fresh database: mTLS on loopback (an API port for the checks), or plaintext."""
+    config = work / "collector.toml"
+    lines = ['api_listen = ""'] if insecure else [
+        'api_listen = "127.0.0.1:0"',
+        f'ca_file = "{pki / "ca.pem"}"',
+        f'cert_file = "{pki / "collector.pem"}"',
+        f'key_file = "{pki / "collector.key"}"',
+    ]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    config.write_text("\n".join(lines) + "\n")
+    return Collector(work, work / "auris.db", config=config, insecure=insecure)
 
 
 class Child:
@@ -379,7 +341,7 @@ def run_phase(
 ) -> Phase:
     phase_dir = work / name
     phase_dir.mkdir()
-    collector = CollectorProcess(phase_dir, pki, args.insecure)
+    collector = start_collector(phase_dir, pki, args.insecure)
     children: list[Child] = []
     try:
         step_ns = int(1e9 / rate) if rate > 0 else 1_000_000

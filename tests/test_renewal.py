@@ -28,17 +28,9 @@ from auris.collector.pki import init_pki, load_ca, sign_agent_csr
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc
 from tests import test_security
 from tests.conftest import MODELS, PCAPS, CollectorThread, make_verdict, run_cli
-from tests.test_security import Secure
+from tests.test_security import Secure, _code
 
 secure = test_security.secure
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    code = caught.value.code()
-    assert isinstance(code, grpc.StatusCode)
-    return code
 
 
 def _key_pem(key: object) -> bytes:
