@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import threading
 from collections.abc import Iterator, Sequence
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -144,6 +145,7 @@ _TRACKER_ARG = 16  # position of the tracker in nfstream 6.6's meter_workflow ar
 # Meter processes with the channel they send flows on, so that a meter that dies (OOM killer,
 # a crash) can be reported instead of leaving nfstream waiting on that channel forever.
 _METERS: list[_Meter] = []
+_METERS_LOCK = threading.Lock()  # the meter thread adds and prunes, housekeeping scans
 
 
 @dataclasses.dataclass(eq=False)
@@ -176,7 +178,8 @@ class _CountingContext:
         if len(meter_args) > _TRACKER_ARG:
             _TRACKERS.append(meter_args[_TRACKER_ARG])
             meter = _Meter(process, self._channel)
-            _METERS.append(meter)
+            with _METERS_LOCK:
+                _METERS.append(meter)
             self.meters.append(meter)
         return process
 
@@ -204,9 +207,9 @@ def _end_channel(meter: _Meter) -> bool:
             return True
         finally:
             channel._wlock.release()
-    fd = channel._writer.fileno()
-    os.set_blocking(fd, False)
-    with contextlib.suppress(BlockingIOError):
+    with contextlib.suppress(OSError):  # full (the reader is behind) or closed: try again later
+        fd = channel._writer.fileno()
+        os.set_blocking(fd, False)
         os.write(fd, bytes(65536))
     return False
 
@@ -219,7 +222,9 @@ def report_dead_meters() -> int:
     a flow may need more than one call. Returns how many dead meters were newly found.
     """
     found = 0
-    for meter in _METERS:
+    with _METERS_LOCK:
+        meters = list(_METERS)
+    for meter in meters:
         if meter.done or meter.ended:
             continue
         if meter.exit_code is None:
@@ -288,7 +293,8 @@ def meter_source(
     finally:
         for meter in context.meters:
             meter.done = True
-        _METERS[:] = [m for m in _METERS if not m.done]
+        with _METERS_LOCK:
+            _METERS[:] = [m for m in _METERS if not m.done]
 
 
 def _read(streamer: Any, context: _CountingContext) -> Iterator[Any]:

@@ -103,6 +103,9 @@ class Spool:
         """Record that all of ``source`` was spooled (on a full disk, with the next batch that fits;
         until then a restart meters the rest of it again)."""
         with self._lock:
+            if self._unsaved_drops:  # never complete before the drops and progress are written
+                self._unsaved_complete.add(source)
+                return
             try:
                 self._mark_complete(source)
             except sqlite3.OperationalError as exc:

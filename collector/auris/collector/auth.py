@@ -197,6 +197,10 @@ class Authority:
                 "SELECT agent_id, cert_serial FROM agents WHERE cert_serial IS NOT NULL AND cert_serial != ''"
             )
         }
+        # agent id -> the serial a renewal replaced, still accepted until the new one is first
+        # presented (a lost reply must not lock the agent out). In memory: after a restart only
+        # the newest is accepted.
+        self._previous: dict[str, str] = {}
         self._pem_serials: dict[bytes, str] = {}  # certificate PEM -> serial, parsed once
         # token_id -> (principal, secret sha256, valid until monotonic); dropped on revocation.
         self._cache: dict[str, tuple[Principal, str, float]] = {}
@@ -304,9 +308,15 @@ class Authority:
     def is_revoked(self, agent_id: str) -> bool:
         return agent_id in self._revoked
 
-    def certificate_issued(self, agent_id: str, serial: str) -> None:
-        """From now on only this certificate of the agent is accepted (enrollment, renewal)."""
+    def certificate_issued(self, agent_id: str, serial: str, *, renewal: bool = False) -> None:
+        """From now on only this certificate of the agent is accepted (enrollment); after a renewal
+        the replaced one too, until the new one is first presented."""
+        replaced = self._serials.get(agent_id)
         self._serials[agent_id] = serial
+        if renewal and replaced and replaced != serial:
+            self._previous[agent_id] = replaced
+        else:
+            self._previous.pop(agent_id, None)
 
     def _presented_serial(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         pem = next(iter(context.auth_context().get("x509_pem_cert") or []), None)
@@ -387,7 +397,9 @@ class Authority:
                 raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"agent {agent_id} is revoked")
             newest = self._serials.get(agent_id)
             presented = self._presented_serial(context) if newest else None
-            if newest and presented and presented != newest:
+            if newest and presented == newest:
+                self._previous.pop(agent_id, None)  # the renewed certificate is in use
+            elif newest and (presented is None or presented != self._previous.get(agent_id)):
                 raise Refused(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"agent {agent_id}: certificate {presented} was replaced by {newest} (renewed or"
@@ -678,13 +690,16 @@ class _OneLineContext:
     sees only "Stream removed", RESOURCE_EXHAUSTED, instead of the status).
 
     It also gives the call its request id: the caller's ``x-request-id`` metadata when it sends a
-    usable one, else a new one. Log lines written while the call is served carry it (logs.py), and
-    the caller gets it back in the trailing metadata, with an error or without."""
+    usable one, else a new one. Log lines the call's own task writes carry it (logs.py; not those
+    of the executor threads it hands work to), and the caller gets it back in the trailing
+    metadata, with an error or without."""
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
         sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), "")
-        self.request_id = sent if isinstance(sent, str) and _REQUEST_ID.match(sent) else secrets.token_hex(6)
+        self.request_id = (
+            sent if isinstance(sent, str) and _REQUEST_ID.fullmatch(sent) else secrets.token_hex(6)
+        )
         REQUEST_ID.set(self.request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
@@ -707,7 +722,7 @@ class _OneLineContext:
 
 
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 # Characters of a status's details at most (percent-encoded in the trailers: up to 12 bytes each).

@@ -52,6 +52,8 @@ TRANSACTIONS = admin_service_pb2.FEED_KIND_TRANSACTIONS
 TICKS = admin_service_pb2.FEED_KIND_TICKS
 # The most records one request may carry.
 MAX_BATCH = 100_000
+# Rebuilding windows: records in a row older than the window after which the walk back stops.
+_PAST_SPAN_ROWS = 10_000
 
 
 def hash_identifier(key: bytes, value: str) -> str:
@@ -162,7 +164,7 @@ class FeedScorers:
         tick_detector: str | None = None,
         *,
         history: FeedStore | None = None,
-        max_replay: int = 2_000_000,
+        max_replay: int = 500_000,
     ) -> None:
         from auris.collector.feed_models import TickScorer, TransactionScorer, load_feed_models
 
@@ -199,8 +201,9 @@ class FeedScorers:
         for feed_id, rows in by_feed.items():
             scorer = scorers.get(feed_id)
             if scorer is None:
-                scorer = scorers[feed_id] = new()
-                self._rebuild(kind, feed_id, scorer)
+                scorer = new()
+                self._rebuild(kind, feed_id, scorer)  # kept only once rebuilt: a failure retries
+                scorers[feed_id] = scorer
             for i, result in zip(rows, scorer.score_aligned([records[i] for i in rows]), strict=True):
                 if result is not None:
                     out[i] = Scored(
@@ -308,8 +311,8 @@ class FeedStore:
         self, feed_id: str, span_s: float, limit: int, chunk: int = 10_000
     ) -> Iterator[list[feed_service_pb2.Transaction]]:
         """The feed's stored transactions of the last ``span_s`` before its newest one (at most
-        ``limit``, the newest kept), in the order they were stored, in chunks. Walking back stops
-        at the first record older than the span: records that came that late are left out."""
+        ``limit``, the newest kept), in the order they were stored, in chunks. Walking back skips
+        records older than the span and stops after a run of them."""
         conn = self._store.reader()
         rows = conn.execute(
             "SELECT id, time_ns FROM feed_records WHERE feed_id = ? AND kind = ? ORDER BY id DESC",
@@ -317,21 +320,30 @@ class FeedStore:
         )
         first_id: int | None = None
         cutoff: int | None = None
-        for taken, (row_id, time_ns) in enumerate(rows):
+        taken = older = 0
+        for row_id, time_ns in rows:
             if cutoff is None:
                 cutoff = time_ns - int(span_s * 1e9)
-            if time_ns < cutoff or taken >= limit:
-                break
+            if time_ns < cutoff:
+                # A late record is skipped, not the end: stop once a long run is past the span.
+                older += 1
+                if older >= _PAST_SPAN_ROWS:
+                    break
+                continue
+            older = 0
             first_id = row_id
+            taken += 1
+            if taken >= limit:
+                break
         rows.close()
-        if first_id is None:
+        if first_id is None or cutoff is None:
             return
         after = first_id - 1
         while True:
             page = conn.execute(
                 "SELECT id, record_pb FROM feed_records WHERE feed_id = ? AND kind = ? AND id > ?"
-                " ORDER BY id LIMIT ?",
-                (feed_id, TRANSACTIONS, after, chunk),
+                " AND time_ns >= ? ORDER BY id LIMIT ?",
+                (feed_id, TRANSACTIONS, after, cutoff, chunk),
             ).fetchall()
             if not page:
                 return

@@ -470,7 +470,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self._store.record_certificate, agent_id, serial
         )
-        self._authority.certificate_issued(agent_id, serial)
+        self._authority.certificate_issued(agent_id, serial, renewal=True)
         logger.info("renewed the certificate of agent %s, new serial %s", agent_id, serial)
         return agent_service_pb2.RenewCertificateResponse(certificate_pem=certificate.decode())
 
