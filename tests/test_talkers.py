@@ -5,6 +5,7 @@ exactly the raw answer; late verdicts, migration from schema 9, retention, and t
 from __future__ import annotations
 
 import io
+import json
 import random
 import sqlite3
 import time
@@ -336,6 +337,12 @@ def test_the_rpc_and_aurisctl_say_when_an_answer_is_approximate(
             "--since", "2023-11-14T22:13:30Z", "--until", "2023-11-14T22:19:00Z"]  # fmt: skip
     assert ctl.main(args, out) == 0
     assert "approximate" in out.getvalue().splitlines()[-1]
+    out = io.StringIO()
+    assert ctl.main([*args, "--json"], out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 40
+    assert all(line["approximate"] is True for line in lines)
+    assert {line["omitted_max"] for line in lines} == {str(answer.omitted_max)}
 
 
 def test_a_backlog_closes_in_short_rounds_to_the_same_summary(

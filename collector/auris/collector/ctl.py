@@ -675,9 +675,12 @@ def _stats(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> in
 def _talkers(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     response = client.list_top_talkers(_filter(args), _METRICS[args.by], args.limit, exact=args.exact)
     talkers = response.talkers
-    if args.json:
+    if args.json:  # one talker a line, with whether the answer is exact and its bound on the rest
+        # 64-bit counts as strings, as protobuf's JSON mapping writes the talkers' own.
+        bound = {"approximate": response.approximate, "omitted_max": str(response.omitted_max)}
         for t in talkers:
-            print(_json(t), file=out)
+            line = json_format.MessageToDict(t, preserving_proto_field_name=True) | bound
+            print(json.dumps(line), file=out)
         return EXIT_OK
 
     def count(value: int, error: int) -> str:
