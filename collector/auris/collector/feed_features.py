@@ -27,6 +27,7 @@ State lives in memory, grows with the number of entities and symbols, and is los
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -486,6 +487,13 @@ class CompletedBars:
 
     def __len__(self) -> int:
         return len(self.symbols)
+
+
+def trade_bar_start_ns(t_s: float, seconds: float) -> int:
+    """The start (ns) of the ``seconds`` trade bar holding a trade at ``t_s`` (seconds since the
+    epoch, as ``seconds + nanos * 1e-9``): the bucket ``TradeBars.add`` puts it in, named as
+    ``TickScorer`` names trade bars."""
+    return round(math.floor(t_s / seconds) * seconds * 1e3) * 1_000_000
 
 
 class TradeBars:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from auris.collector.feed_features import trade_bar_start_ns
 from auris.collector.feed_files import FileFormat, read_records
 from auris.collector.feed_models import FeedResult, TickScorer, TransactionScorer
 from auris.collector.feeds import tick_record_id, validate_tick, validate_transaction
@@ -222,12 +223,8 @@ def score_file(
                 if reason is None:
                     last_tick[record.symbol] = record.time.ToNanoseconds()
                     if not record.is_bar and isinstance(scorer, TickScorer):
-                        # The bar's id as TickScorer names it (same float arithmetic as TradeBars).
-                        seconds = scorer.trades.seconds
-                        start_s = (
-                            math.floor((record.time.seconds + record.time.nanos * 1e-9) / seconds) * seconds
-                        )
-                        bar = f"{record.symbol}@{round(start_s * 1e3) * 1_000_000}"
+                        t_s = record.time.seconds + record.time.nanos * 1e-9
+                        bar = f"{record.symbol}@{trade_bar_start_ns(t_s, scorer.trades.seconds)}"
                         row["bar"] = bar
             if reason is not None:
                 row.update(status="rejected", reason=reason)

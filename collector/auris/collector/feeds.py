@@ -362,19 +362,22 @@ class FeedStore:
                 "SELECT DISTINCT entity FROM feed_records WHERE feed_id = ? AND kind = ?", (feed_id, TICKS)
             )
         ]
-        bucket_ns = int(trade_bar_seconds * 1e9)
+        from auris.collector.feed_features import trade_bar_start_ns
+
         for symbol in symbols:
             rows = conn.execute(
-                "SELECT time_ns, record_pb FROM feed_records WHERE feed_id = ? AND kind = ? AND entity = ?"
+                "SELECT record_pb FROM feed_records WHERE feed_id = ? AND kind = ? AND entity = ?"
                 " ORDER BY time_ns DESC, id DESC",
                 (feed_id, TICKS, symbol),
             )
             ticks: list[feed_service_pb2.Tick] = []
             seen = 0
             last_bucket: int | None = None
-            for time_ns, blob in rows:
+            for (blob,) in rows:
                 tick = feed_service_pb2.Tick.FromString(blob)
-                bucket = None if tick.is_bar else time_ns // bucket_ns
+                stamp = tick.time
+                t_s = stamp.seconds + stamp.nanos * 1e-9
+                bucket = None if tick.is_bar else trade_bar_start_ns(t_s, trade_bar_seconds)
                 if bucket is None or bucket != last_bucket:
                     seen += 1
                     if seen > bars:

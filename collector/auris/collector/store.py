@@ -424,6 +424,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _rollup_filter(flt: query_service_pb2.VerdictFilter, where: list[str], params: list[Any]) -> None:
+    """The parts of ``flt`` the rollups keep (agents, labels, model), as SQL conditions."""
+    for column, values in (("agent_id", list(flt.agent_ids)), ("label", list(flt.labels))):
+        if values:
+            where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+            params.extend(values)
+    if flt.model_id:
+        where.append("model_id = ?")
+        params.append(flt.model_id)
+
+
 class VerdictStore:
     """The collector's SQLite database. Thread-safe: writes are serialised on one connection."""
 
@@ -1118,13 +1129,7 @@ class VerdictStore:
         keys += [_GROUP_COLUMNS[g] for g in group_by]
         where = ["minute_ns >= ?", "minute_ns < ?"]
         params: list[Any] = [first, end]
-        for column, values in (("agent_id", list(flt.agent_ids)), ("label", list(flt.labels))):
-            if values:
-                where.append(f"{column} IN ({', '.join('?' for _ in values)})")
-                params.extend(values)
-        if flt.model_id:
-            where.append("model_id = ?")
-            params.append(flt.model_id)
+        _rollup_filter(flt, where, params)
         sql = (
             f"SELECT {', '.join(keys)}, SUM(verdicts), SUM(anomalies), SUM(packets), SUM(bytes) FROM rollups"
             f" WHERE {' AND '.join(where)} GROUP BY {', '.join(keys)}"
@@ -1232,13 +1237,7 @@ class VerdictStore:
             if present:
                 where.append(f"minute_ns {op} ?")
                 params.append(_ns(ts) // minute * minute)
-        for column, values in (("agent_id", list(flt.agent_ids)), ("label", list(flt.labels))):
-            if values:
-                where.append(f"{column} IN ({', '.join('?' for _ in values)})")
-                params.extend(values)
-        if flt.model_id:
-            where.append("model_id = ?")
-            params.append(flt.model_id)
+        _rollup_filter(flt, where, params)
         bucket = f"(minute_ns / {bucket_ns}) * {bucket_ns}" if bucket_ns else "NULL"
         keys = [bucket, *keys]
         sql = (
