@@ -248,14 +248,6 @@ class FeedScorers:
             return [None] * len(records)
         return self._score(TICKS, records, self._ticks, self._new_ticks)
 
-    def flush(self) -> list[tuple[str, list[Scored]]]:
-        """Close and score every open trade bar (end of a file): (feed, scores) per feed."""
-        return [
-            (feed_id, [Scored(r.model_id, r.model_version, r.score, r.anomalous, r.explanation)
-                       for r in scorer.flush()])
-            for feed_id, scorer in self._ticks.items()
-        ]  # fmt: skip
-
 
 _COLUMNS = "id, feed_id, record_id, entity, time_ns, model_id, model_version, score, anomalous, explanation"
 
