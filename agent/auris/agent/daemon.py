@@ -94,31 +94,64 @@ _Item = _Flow | _SourceDone | _End
 class _Handoff:
     """Items from the meter thread to the scoring loop.
 
-    A bounded list rather than a ``queue.Queue``: the producer wakes the consumer only when the
-    list was empty (the consumer may be asleep), and the consumer takes everything at once, so a
-    busy pipeline costs one wake-up per batch instead of two thread notifications per flow.
+    A bounded list rather than a ``queue.Queue``, and the consumer is woken only when a whole
+    batch is waiting (or an end-of-source marker, or when the oldest item has waited
+    ``max_delay_s``): on a 2-core host every wake-up can preempt a thread that holds the GIL,
+    so a busy pipeline costs one wake-up per batch instead of one or two per flow.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, batch: int) -> None:
         self._items: list[_Item] = []
         self._limit = limit
+        self.batch = batch
+        self._urgent = False
+        # When the oldest waiting item came (time.monotonic()).
+        self._first_at = 0.0
         self._cond = threading.Condition()
+
+    @property
+    def _wanted(self) -> int:
+        return max(1, min(self.batch, self._limit))
 
     def put(self, item: _Item) -> None:
         with self._cond:
             while len(self._items) >= self._limit:  # backpressure on the meter thread
                 self._cond.wait()
+            if not self._items:
+                self._first_at = time.monotonic()
             self._items.append(item)
-            if len(self._items) == 1:
+            if not isinstance(item, _Flow):
+                self._urgent = True
+                self._cond.notify_all()
+            elif len(self._items) >= self._wanted:
                 self._cond.notify_all()
 
-    def take(self, timeout: float) -> list[_Item]:
-        """Everything waiting, after up to ``timeout`` seconds for something; [] if nothing came."""
+    def take(self, max_delay_s: float, timeout_s: float) -> list[_Item]:
+        """What is waiting, once a batch (or more) is, an end marker came, or the oldest item has
+        waited ``max_delay_s``; [] if nothing came within ``timeout_s``.
+
+        When woken by a full batch, whole batches are taken and the rest waits for its own."""
         with self._cond:
-            if not self._items:
-                self._cond.wait(timeout)
-            items, self._items = self._items, []
-            if len(items) >= self._limit:
+            now = time.monotonic()
+            deadline = now + timeout_s
+            while True:
+                waiting = len(self._items)
+                if waiting >= self._wanted or self._urgent:
+                    break
+                if waiting and now - self._first_at >= max_delay_s:
+                    break
+                if not waiting and now >= deadline:
+                    return []
+                self._cond.wait((self._first_at + max_delay_s if waiting else deadline) - now)
+                now = time.monotonic()
+            if self._urgent or waiting < self._wanted:
+                items, self._items = self._items, []
+                self._urgent = False
+            else:
+                whole = waiting - waiting % self._wanted
+                items, self._items = self._items[:whole], self._items[whole:]
+                self._first_at = now  # the rest came after the batch that woke us: a close bound
+            if waiting >= self._limit:
                 self._cond.notify_all()  # the producer may wait for room
             return items
 
@@ -151,7 +184,7 @@ class Agent:
         self._reload = reload
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
-        self._queue = _Handoff(_QUEUE_FLOWS)
+        self._queue = _Handoff(_QUEUE_FLOWS, config.score_batch)
         self._started = time.monotonic()
         # A model set offered by the model watcher, swapped in by the scoring loop between batches.
         self._offered: tuple[ModelSet, list[Refusal]] | None = None
@@ -329,6 +362,7 @@ class Agent:
             return  # the reloader logged why; the old configuration stays
         config, models = loaded
         self.config, self.models = config, models
+        self._queue.batch = config.score_batch
 
     def _ping_watchdog(self) -> None:
         """WATCHDOG=1 at most every half WatchdogSec, from the scoring loop: it proves the loop turns."""
@@ -353,18 +387,15 @@ class Agent:
         pending: list[FlowRecord] = []
         pending_key: str | None = None
         ended = False
+        housekeeping_due = time.monotonic() + self._flush_interval_s
         while not ended:
             self._ping_watchdog()
             if self._reload_requested.is_set():
                 self._apply_reload()
             if self._offered is not None:
                 self._swap_models()
-            items = self._queue.take(self._flush_interval_s)
-            if not items:
-                self._spool_batch(pending_key, pending)
-                pending = []
-                self._housekeeping()
-                continue
+            # A flow waits at most flush_interval_s for its batch to fill (a quiet link).
+            items = self._queue.take(self._flush_interval_s, self._flush_interval_s)
             for item in items:
                 if isinstance(item, _Flow):
                     if item.key != pending_key:
@@ -382,6 +413,12 @@ class Agent:
                         self.spool.mark_replay_complete(item.key)
                 else:  # _End: nothing follows it
                     ended = True
+            # take() hands over whole batches, or flows that waited long enough: nothing is held back.
+            self._spool_batch(pending_key, pending)
+            pending = []
+            if time.monotonic() >= housekeeping_due:
+                self._housekeeping()
+                housekeeping_due = time.monotonic() + self._flush_interval_s
         self._spool_batch(pending_key, pending)
         meter.join()
         # A stop request (before or while draining) drains only briefly; whatever is left stays

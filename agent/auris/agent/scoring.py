@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -41,9 +43,11 @@ def to_matrix(rows: Sequence[Sequence[float]], width: int) -> npt.NDArray[np.flo
     return matrix.astype(np.float32)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Score:
-    """What one model said about one row."""
+_NO_PROBABILITIES: Mapping[str, float] = MappingProxyType({})
+
+
+class Score(NamedTuple):
+    """What one model said about one row (a tuple: built for every flow and model)."""
 
     model_id: str
     model_version: str
@@ -53,7 +57,7 @@ class Score:
     anomalous: bool
     label: str
     # Classifiers: class -> probability.
-    probabilities: dict[str, float] = dataclasses.field(default_factory=dict)
+    probabilities: Mapping[str, float] = _NO_PROBABILITIES
     # Explaining detectors: (feature, contribution), largest first.
     top_features: tuple[tuple[str, float], ...] = ()
     # A shadow model's score: reported, never deciding the verdict.

@@ -74,6 +74,8 @@ class Spool:
         self._unsaved_replay: dict[str, int] = {}
         self._unsaved_complete: set[str] = set()
         self._wakeup = threading.Condition(self._lock)
+        # The sequence each waiter of wait_for_more() waits for: appends wake a waiter only then.
+        self._wanted: list[int] = []
 
     def _counter(self, name: str) -> int:
         row = self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -169,7 +171,8 @@ class Spool:
                 self._unsaved_complete.clear()
                 logger.warning("spool %s has room again (%d verdicts dropped so far for a full disk)",
                                self.path, self._dropped_disk_full)  # fmt: skip
-            self._wakeup.notify_all()
+            if self._wanted and self._last_sequence >= min(self._wanted):
+                self._wakeup.notify_all()
         return verdicts
 
     def _store(
@@ -254,10 +257,23 @@ class Spool:
             self._wakeup.notify_all()
             return len(rows)
 
-    def wait_for_more(self, sequence: int, timeout: float) -> bool:
-        """Block until a verdict above ``sequence`` is spooled, or timeout; True if one is."""
+    @property
+    def last_sequence(self) -> int:
+        """The last sequence number handed out."""
+        return self._last_sequence
+
+    def wait_for_more(self, sequence: int, timeout: float, want: int = 1) -> bool:
+        """Block until ``want`` verdicts above ``sequence`` are spooled, or timeout; True if they are.
+
+        Appends wake the waiter only once that many are there (each wake-up can preempt the
+        appending thread while it holds the GIL)."""
+        target = sequence + max(1, want)
         with self._wakeup:
-            return self._wakeup.wait_for(lambda: self._last_sequence > sequence, timeout)
+            self._wanted.append(target)
+            try:
+                return self._wakeup.wait_for(lambda: self._last_sequence >= target, timeout)
+            finally:
+                self._wanted.remove(target)
 
     def acknowledge(self, sequence: int) -> int:
         """Prune every verdict up to ``sequence``; return how many were removed. On a full disk

@@ -32,6 +32,8 @@ __all__ = ["Uplink", "UplinkStats", "encode_batch", "is_loopback_target", "open_
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+# How long a partial batch waits for more verdicts before it is sent anyway.
+_LINGER_S = 0.05
 # Expected while a collector restarts or the network heals; anything else needs an operator.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 # Trailing metadata with which the collector names the highest sequence of a refused batch,
@@ -232,14 +234,26 @@ class Uplink:
                     logger.warning("no acknowledgement for %.0fs; reconnecting", self._ack_timeout_s)
                     _cancel(self._call)
                     return
+            lingered = False
             while True:
                 if dead.is_set() or self._abort.is_set():
                     return
+                available = self._spool.last_sequence - sent
+                if available < self._batch and not lingered and not self._input_closed.is_set():
+                    # A partial batch: give it a moment to fill (fewer, fuller batches cost the
+                    # agent and the collector less), then send what there is.
+                    if available > 0:
+                        lingered = True
+                        self._spool.wait_for_more(sent, _LINGER_S, self._batch)
+                    else:
+                        self._spool.wait_for_more(sent, _POLL_S)
+                    continue
                 batch = self._spool.read_raw_after(sent, self._batch)
                 if batch:
                     break
                 if self._input_closed.is_set() and self._spool.stats.last_sequence <= sent:
                     return  # everything is sent: half-close, then wait for the last acks
+                lingered = False
                 self._spool.wait_for_more(sent, _POLL_S)
             sent = batch[-1][0]
             last_progress = time.monotonic()
