@@ -738,7 +738,8 @@ def _baseline_markdown(evaluation: model_pb2.Evaluation) -> str:
     return (
         f"## The attack class beside flag-everything\n\nBenign test flows weighted to {share:.0%} "
         f"unless said otherwise. At the test rows' own balance (flood captures make {own:.0%} of them "
-        "attack) flagging everything scores higher F1: that balance is an artefact of the captures.\n\n"
+        "attack) flagging everything scores higher F1: that balance is an artefact of the captures. "
+        "The PR and ROC curves above are drawn at that balance too.\n\n"
         + markdown_table(("figure", "model", "flag everything"), rows)
         + "\n"
     )
