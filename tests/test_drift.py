@@ -56,7 +56,7 @@ def test_the_window_forgets_old_minutes() -> None:
 
 
 def test_shipped_models_carry_a_reference_of_their_own_columns() -> None:
-    for path in (MODELS / "nfstream-rf.manifest.json", MODELS / "candidates" / "nfstream-ae.manifest.json"):
+    for path in (MODELS / "nfstream-rf.manifest.json", MODELS / "nfstream-ae.manifest.json"):
         manifest = read_manifest(path)
         reference = manifest.reference
         assert [f.feature for f in reference.features] == list(manifest.feature_set.columns)

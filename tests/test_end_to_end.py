@@ -83,11 +83,12 @@ def test_capture_to_query(collector: CollectorThread, client: CollectorClient, t
     sequences = sorted(s.verdict.sequence for s in stored)
     assert sequences == list(range(sequences[0], sequences[0] + len(stored)))
     for s in stored:
-        assert [m.model.model_id for m in s.verdict.scores] == ["nfstream-rf"]
+        assert sorted(m.model.model_id for m in s.verdict.scores) == ["nfstream-ae", "nfstream-rf"]
         assert s.verdict.anomalous == any(m.anomalous for m in s.verdict.scores)
         assert s.verdict.explanation
 
-    # The shipped classifier flags most of an nmap service scan and most of these benign captures pass.
+    # The shipped classifier flags most of an nmap service scan and most of these benign captures pass
+    # (a verdict is anomalous when either default model says so).
     def share_anomalous(name: str) -> float:
         flows = [s for s in stored if s.verdict.capture_source == name]
         return sum(s.verdict.anomalous for s in flows) / len(flows)
@@ -266,7 +267,10 @@ def test_heartbeats_feed_the_agent_registry(tmp_path: Path) -> None:
             assert agent.health.verdicts_acknowledged == flows
             assert agent.health.spool_depth == 0
             assert agent.health.HasField("last_acknowledged_time")
-            assert [f"{m.model_id}@{m.version}" for m in agent.models] == ["nfstream-rf@1"]
+            assert sorted(f"{m.model_id}@{m.version}" for m in agent.models) == [
+                "nfstream-ae@2",
+                "nfstream-rf@1",
+            ]
             assert agent.verdicts_stored == flows
             assert c.get_agent(agent.agent_id).hostname == agent.hostname
             out = io.StringIO()

@@ -52,6 +52,16 @@ def test_the_collector_explains_a_stored_verdict(tmp_path: Path, monkeypatch: py
             assert (e.model.model_id, len(e.contributions)) == ("nfstream-rf", 5)
             assert e.contributions[0].feature in NFSTREAM.columns
             assert "path contributions" in e.method
+            # Where the autoencoder alone fired it decided the verdict; explaining it with no model
+            # named explains the verdict's classifier. Where both fired, the classifier decided.
+            stored = list(client.query(verdict_filter(anomalous=True), page_size=500))
+            by_ae = [v for v in stored if v.verdict.model.model_id == "nfstream-ae"]
+            assert by_ae
+            assert all(v.verdict.label == "anomaly" for v in by_ae)
+            assert client.explain_verdict(by_ae[0].id, top=3).model.model_id == "nfstream-rf"
+            both = [v for v in stored if all(s.anomalous for s in v.verdict.scores)]
+            assert both
+            assert {v.verdict.model.model_id for v in both} == {"nfstream-rf"}
             with pytest.raises(grpc.RpcError) as caught:
                 client.explain_verdict(10**9)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND

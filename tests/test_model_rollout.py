@@ -21,7 +21,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from auris.agent.manifest import ManifestError, read_manifest
+from auris.agent.manifest import ManifestError, find_manifests, read_manifest
 from auris.agent.model_updates import ModelCatalog
 from auris.agent.signing import ModelTrust, public_key_pem, sign_manifest
 from auris.collector import ctl
@@ -61,8 +61,14 @@ def _version(version: str, *, threshold: float | None = None) -> model_pb2.Model
     return manifest
 
 
+def _shipped_set() -> list[str]:
+    """What an agent runs when the collector wants nothing: every default model in models/."""
+    manifests = (read_manifest(p) for p in find_manifests(MODELS))
+    return sorted(f"{m.model_id}@{m.version}" for m in manifests)
+
+
 def _running(client: CollectorClient) -> dict[str, list[str]]:
-    return {a.agent_id: [f"{m.model_id}@{m.version}" for m in a.models] for a in client.list_agents()}
+    return {a.agent_id: sorted(f"{m.model_id}@{m.version}" for m in a.models) for a in client.list_agents()}
 
 
 def _udp_flow() -> None:
@@ -193,7 +199,9 @@ def test_promotion_reaches_two_agents_and_rollback_restores(
                 client.model(RF)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
             assert wait_for(lambda: all(not a.refused_models for a in client.list_agents()), 30)
-            assert _running(client) == {"agent-1": [shipped], "agent-2": [shipped]}
+            defaults = _shipped_set()
+            assert shipped in defaults
+            assert _running(client) == {"agent-1": defaults, "agent-2": defaults}
         for agent in agents:
             agent.send_signal(signal.SIGTERM)
             _, err = agent.communicate(timeout=30)
@@ -236,7 +244,7 @@ def test_a_tampered_download_is_refused_and_a_restart_runs_the_wanted_set(tmp_pa
     catalog.save_desired([model_pb2.ModelRef(model_id=RF, version="99")])
     models, refusals, _ = catalog.compose()
     assert [r.reason for r in refusals] == [f"{RF}@99 is not downloaded yet"]
-    assert [m.ref for m in models.models] == [f"{RF}@{_shipped()[0].version}"]
+    assert sorted(m.ref for m in models.models) == _shipped_set()
 
 
 def test_a_shadow_version_scores_beside_production_and_compare_counts_it(tmp_path: Path) -> None:

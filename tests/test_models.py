@@ -22,8 +22,9 @@ from tests.conftest import MODELS, PCAPS, TEST_SIGNING_KEY, TEST_TRUST, resign
 def test_shipped_models_load_and_carry_their_evaluation() -> None:
     models, errors = load_models(MODELS)
     assert errors == []
-    assert [m.manifest.model_id for m in models.models] == ["nfstream-rf"]
-    manifest = models.models[0].manifest
+    by_id = {m.manifest.model_id: m.manifest for m in models.models}
+    assert set(by_id) == {"nfstream-rf", "nfstream-ae"}
+    manifest = by_id["nfstream-rf"]
     assert manifest.kind == model_pb2.MODEL_KIND_CLASSIFIER
     assert list(manifest.feature_set.columns) == list(NFSTREAM.columns)
     evaluation = manifest.evaluation
@@ -37,7 +38,7 @@ def test_shipped_models_load_and_carry_their_evaluation() -> None:
 
 
 def _copy_model(tmp_path: Path) -> Path:
-    (manifest,) = find_manifests(MODELS)
+    manifest = MODELS / "nfstream-rf.manifest.json"
     for path in (manifest, MODELS / read_manifest(manifest).onnx_file):
         shutil.copy(path, tmp_path / path.name)
     return tmp_path / manifest.name
@@ -181,11 +182,12 @@ def test_scoring_survives_empty_and_failing_batches() -> None:
     assert models.score([]) == []
     flows = list(meter_flows([str(PCAPS / "steam.pcap")], [NFSTREAM]))
     features = [f.features for f in flows]
-    assert all(len(s) == 1 for s in models.score(features))
-    models.models[0].manifest.input_name = "not-an-input"  # every call to onnxruntime now fails
+    assert all(len(s) == len(models.models) == 2 for s in models.score(features))
+    for model in models.models:
+        model.manifest.input_name = "not-an-input"  # every call to onnxruntime now fails
     scores = models.score(features)
     assert scores == [[] for _ in flows]  # the flows survive, unscored
-    assert models.errors == 1
+    assert models.errors == 2
 
 
 def test_classifier_and_autoencoder_score_every_flow_with_explanations(tmp_path: Path) -> None:
@@ -194,9 +196,8 @@ def test_classifier_and_autoencoder_score_every_flow_with_explanations(tmp_path:
 
     from auris.agent.verdicts import build_verdict
 
-    for folder in (MODELS, MODELS / "candidates"):
-        for path in folder.glob("nfstream-*.*"):
-            shutil.copy(path, tmp_path / path.name)
+    for path in MODELS.glob("nfstream-*.*"):
+        shutil.copy(path, tmp_path / path.name)
     models, errors = load_models(tmp_path)
     assert errors == []
     kinds = {m.manifest.model_id: m.manifest.kind for m in models.models}
@@ -217,8 +218,8 @@ def test_classifier_and_autoencoder_score_every_flow_with_explanations(tmp_path:
         assert all(name in NFSTREAM.columns for name, _ in ae.top_features)
         contributions = [value for _, value in ae.top_features]
         assert contributions == sorted(contributions, reverse=True)
-        # The score is the mean error over all features, so at least the top three's share of it.
-        assert ae.score >= sum(contributions) / len(NFSTREAM.columns) - 1e-6
+        # The score is the sum of every column's share of the error, so at least the top three's.
+        assert ae.score >= sum(contributions) - 1e-5
         verdict = build_verdict(
             agent_id="a", sequence=1, flow=flow, scores=scores, hostname="h", scored_time=now
         )
@@ -229,12 +230,29 @@ def test_classifier_and_autoencoder_score_every_flow_with_explanations(tmp_path:
             assert ae.top_features[0][0] in verdict.explanation
 
 
-def test_the_candidate_autoencoder_reports_its_weakness() -> None:
-    """It is not shipped in the default set: its manifest shows it below the trivial baseline."""
-    evaluation = read_manifest(MODELS / "candidates" / "nfstream-ae.manifest.json").evaluation
+def test_the_default_autoencoder_beats_flag_everything_on_its_honest_split() -> None:
+    """Shipped beside the classifier because its manifest shows it above the trivial baseline."""
+    manifest = read_manifest(MODELS / "nfstream-ae.manifest.json")
+    assert manifest.kind == model_pb2.MODEL_KIND_AUTOENCODER
+    assert list(manifest.feature_set.columns) == list(NFSTREAM.columns)
+    evaluation = manifest.evaluation
+    assert "by time inside each capture" in evaluation.split
     assert evaluation.baseline_name == "flag everything"
-    assert evaluation.macro_f1 < evaluation.baseline_macro_f1
-    assert [p.name for p in find_manifests(MODELS)] == ["nfstream-rf.manifest.json"]
+    attack = next(c for c in evaluation.per_class if c.label == "attack")
+    extra = evaluation.extra
+    assert attack.f1 > extra["attack_f1_flag_everything"] + 0.2
+    assert evaluation.pr_auc > extra["pr_auc_flag_everything"]
+    assert evaluation.macro_f1 > evaluation.baseline_macro_f1
+    # On captures and on benign captures it never saw, attack flows are flagged far more often.
+    assert extra["test_attack_flag_rate"] > 10 * extra["test_benign_flag_rate"]
+    assert extra["capture_holdout_attack_recall_min"] > 10 * extra["capture_holdout_benign_fpr_max"]
+    assert "benign calibration flows" in manifest.threshold.method
+    assert extra["onnx_parity_max_rel_diff"] < 1e-4
+    assert (MODELS / manifest.onnx_file).stat().st_size < 1_000_000
+    assert sorted(p.name for p in find_manifests(MODELS)) == [
+        "nfstream-ae.manifest.json",
+        "nfstream-rf.manifest.json",
+    ]
 
 
 def test_every_shipped_model_carries_a_release_signature() -> None:

@@ -29,7 +29,7 @@ CANDIDATE = admin_service_pb2.MODEL_STAGE_CANDIDATE
 def _models_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "models"
     folder.mkdir()
-    for path in [*MODELS.glob("nfstream-rf.*"), *(MODELS / "candidates").glob("nfstream-ae.*")]:
+    for path in MODELS.glob("nfstream-*.*"):
         shutil.copy(path, folder)
     # A second version of the classifier (same bytes, new version, unsigned): a candidate, which
     # the collector signs with its own key.
@@ -66,7 +66,7 @@ def test_models_are_imported_listed_and_shown(tmp_path: Path, caplog: pytest.Log
         assert models == {
             (
                 "nfstream-ae",
-                read_manifest(MODELS / "candidates" / "nfstream-ae.manifest.json").version,
+                read_manifest(MODELS / "nfstream-ae.manifest.json").version,
             ): PRODUCTION,
             ("nfstream-rf", rf_version): PRODUCTION,
             ("nfstream-rf", "2099.1"): CANDIDATE,

@@ -202,7 +202,7 @@ def test_the_agent_reports_ready_reloading_watchdog_and_stopping(
         notify_socket.expect("STOPPING=1")
         _, err = agent.communicate(timeout=120)
         assert agent.returncode == 0, err
-        assert "reloaded configuration and 1 model(s)" in err
+        assert "reloaded configuration and 2 model(s)" in err  # the two default models
     finally:
         if agent.poll() is None:
             agent.kill()

@@ -133,7 +133,7 @@ def test_sighup_reloads_all_or_nothing(collector: CollectorThread, tmp_path: Pat
     assert agent.returncode == 0, err
     assert "reload refused, keeping the running models" in err
     assert "reload refused, keeping the running configuration" in err
-    assert "reloaded configuration and 1 model(s)" in err
+    assert "reloaded configuration and 2 model(s)" in err  # the two default models
     assert "bpf_filter changed; these take effect at the next restart" in err
 
 

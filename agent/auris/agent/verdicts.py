@@ -48,8 +48,9 @@ def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
 
     Any model that fires makes the flow anomalous. The label is the classifier's
     class when a classifier fired, ``anomaly`` when only detectors fired, and the
-    normal label otherwise. The deciding model is the first that fired, else the
-    first classifier, else the first model.
+    normal label otherwise. The deciding model is the first classifier that fired (its
+    label is the verdict's), else the first model that fired, else the first
+    classifier, else the first model.
     """
     scores = [s for s in scores if not s.shadow]  # shadow models never decide
     if not scores:
@@ -57,8 +58,8 @@ def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
     fired = [s for s in scores if s.anomalous]
     classifiers = [s for s in scores if s.kind == model_pb2.MODEL_KIND_CLASSIFIER]
     if fired:
-        decider = fired[0]
         fired_classifier = next((s for s in fired if s.kind == model_pb2.MODEL_KIND_CLASSIFIER), None)
+        decider = fired_classifier or fired[0]
         label = fired_classifier.label if fired_classifier else ANOMALY_LABEL
         explanation = "; ".join(_explain(s) for s in fired)
         return decider, label, True, explanation

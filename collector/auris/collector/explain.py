@@ -231,10 +231,17 @@ class Explainers:
         if not stored:
             raise LookupError(f"no verdict {verdict_id}")
         v = stored[0].verdict
-        model_id = model_id or v.model.model_id
-        score = next((s for s in v.scores if s.model.model_id == model_id and not s.shadow), None)
+        scores = [s for s in v.scores if not s.shadow]
+        if model_id:
+            score = next((s for s in scores if s.model.model_id == model_id), None)
+        else:
+            # The deciding model, or when a detector (an autoencoder) decided, the verdict's classifier.
+            classifiers = [s for s in scores if s.kind == model_pb2.MODEL_KIND_CLASSIFIER]
+            score = next((s for s in classifiers if s.model.model_id == v.model.model_id), None)
+            score = score or next(iter(classifiers), None)
+            model_id = v.model.model_id
         if score is None:
-            raise LookupError(f"verdict {verdict_id} has no score of {model_id}")
+            raise LookupError(f"verdict {verdict_id} has no classifier score of {model_id}")
         explainer, background = self._explainer(score.model)
         fs = explainer.manifest.feature_set
         vector = next((f for f in v.features if (f.feature_set, f.version) == (fs.name, fs.version)), None)

@@ -735,7 +735,9 @@ class ExplainVerdictRequest(_message.Message):
     id: _builtins.int
     """The stored verdict's id."""
     model_id: _builtins.str
-    """The classifier to explain; empty: the model that decided the verdict."""
+    """The classifier to explain; empty: the one that decided the verdict, or its classifier when a
+    detector (an autoencoder) decided.
+    """
     top: _builtins.int
     """How many features to return, largest contribution first; 0: 10."""
     def __init__(
