@@ -113,10 +113,11 @@ class LoadedModel:
             contributions = np.asarray(outputs[1]).reshape(n, -1)
             k = min(TOP_FEATURES, contributions.shape[1])
             top = np.argsort(-contributions, axis=1)[:, :k]
+            values = np.take_along_axis(contributions, top, axis=1).astype(np.float64).tolist()
             columns = m.feature_set.columns
             top_features = [
-                tuple((columns[j], float(row[j])) for j in idx)
-                for idx, row in zip(top.tolist(), contributions, strict=True)
+                tuple(zip([columns[j] for j in idx], row, strict=True))
+                for idx, row in zip(top.tolist(), values, strict=True)
             ]
         if self.drift is not None:
             self.drift.observe(inputs, scores)
