@@ -269,10 +269,11 @@ def test_a_meter_killed_while_sending_a_flow_fails_its_source_instead_of_hanging
     veth: tuple[str, str],
 ) -> None:
     """The meter dies holding the channel's write lock, half a flow written: the reader waits for
-    bytes that will never come (and the lock will never be released). The agent's dead-meter check
-    completes the broken message, so the read fails and the source is reported dead. The broken
-    write is made by hand on the real channel of a real meter on a live interface (killing a meter
-    at that exact instant cannot be timed), then the meter is killed as the OOM killer would."""
+    bytes that will never come (and the lock will never be released). The dead-meter watchdog (a
+    thread of meter.py's wherever captures are read) completes the broken message, so the read
+    fails and the source is reported dead. The broken write is made by hand on the real channel of
+    a real meter on a live interface (killing a meter at that exact instant cannot be timed), then
+    the meter is killed as the OOM killer would."""
     from auris.agent import meter as meters
     from auris.agent.features import NFSTREAM
 
@@ -296,14 +297,11 @@ def test_a_meter_killed_while_sending_a_flow_fails_its_source_instead_of_hanging
     try:
         os.write(meter.channel._writer.fileno(), struct.pack("!i", 5000) + b"\x80\x05" + bytes(98))
         time.sleep(0.2)
-        os.kill(meter.process.pid, signal.SIGKILL)
-        reader.join(2)
-        assert reader.is_alive(), "the reader did not wait on the half-written flow: test proves nothing"
-        for _ in range(100):  # the agent's housekeeping calls this once a flush interval
-            meters.report_dead_meters()
-            reader.join(0.2)
-            if not reader.is_alive():
-                break
+        with meters._METERS_LOCK:  # the watchdog waits for this lock
+            os.kill(meter.process.pid, signal.SIGKILL)
+            reader.join(2)
+            assert reader.is_alive(), "the reader did not wait on the half-written flow: test proves nothing"
+        reader.join(30)  # the watchdog looks once a second, with nobody calling it
         assert not reader.is_alive(), "the reader still waits for the rest of the broken message"
     finally:
         meter.channel._wlock.release()

@@ -26,7 +26,6 @@ from auris.agent.meter import (
     MeterOptions,
     capture_counters,
     meter_source,
-    report_dead_meters,
     source_label,
 )
 from auris.agent.model_updates import Refusal
@@ -374,9 +373,7 @@ class Agent:
             self._watchdog_due = now + self._watchdog_s
 
     def _housekeeping(self) -> None:
-        """Once per quiet flush interval: notice dead meters, repeat a flush request after stop."""
-        if report_dead_meters():
-            logger.error("a meter process died; its capture is reported as unreadable")
+        """Once per flush interval: repeat a flush request after stop (dead meters: meter.py's watchdog)."""
         if self._stop.is_set() and self.config.interface:
             live.request_flush()  # a meter that started after the stop request gets it too
 

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -145,7 +146,10 @@ _TRACKER_ARG = 16  # position of the tracker in nfstream 6.6's meter_workflow ar
 # Meter processes with the channel they send flows on, so that a meter that dies (OOM killer,
 # a crash) can be reported instead of leaving nfstream waiting on that channel forever.
 _METERS: list[_Meter] = []
-_METERS_LOCK = threading.Lock()  # the meter thread adds and prunes, housekeeping scans
+_METERS_LOCK = threading.Lock()  # readers add and prune, the watchdog scans
+_WATCHDOG: threading.Thread | None = None
+# How often the watchdog looks for meter processes that died.
+_WATCH_S = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -237,6 +241,23 @@ def report_dead_meters() -> int:
     return found
 
 
+def _watch_meters() -> None:
+    while True:
+        time.sleep(_WATCH_S)
+        if report_dead_meters():
+            logger.error("a meter process died; its capture is reported as unreadable")
+
+
+def _start_watchdog() -> None:
+    """One thread per process that ends the reads of dead meters (see report_dead_meters), for
+    every reader of captures: the agent, training pipelines, tests."""
+    global _WATCHDOG
+    with _METERS_LOCK:
+        if _WATCHDOG is None or not _WATCHDOG.is_alive():
+            _WATCHDOG = threading.Thread(target=_watch_meters, name="auris-dead-meters", daemon=True)
+            _WATCHDOG.start()
+
+
 @dataclasses.dataclass(frozen=True)
 class CaptureCounters:
     packets_processed: int
@@ -267,6 +288,7 @@ def meter_source(
     Raises ValueError (from nfstream) when the source cannot be opened.
     """
     label = source_label(source)
+    _start_watchdog()
     streamer = _streamer(source, options or MeterOptions(), feature_sets)
     context: _CountingContext = streamer._mp_context
     try:
