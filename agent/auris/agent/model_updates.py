@@ -149,6 +149,10 @@ class ModelCatalog:
         chosen: list[LoadedModel] = []
         refusals: list[Refusal] = []
         for ref in wanted:
+            same = self._running(running, ref)
+            if same is not None:  # keep it as it runs: its session, its drift window
+                chosen.append(same)
+                continue
             try:
                 model = self._load(ref, metered)
             except ManifestError as exc:
@@ -168,6 +172,24 @@ class ModelCatalog:
             models, errors = load_models(self.models_dir, self.threads, self.trust)
             return models, refusals, errors
         return ModelSet(chosen + shadows), refusals, []
+
+    def _running(self, running: ModelSet | None, ref: model_pb2.ModelRef) -> LoadedModel | None:
+        """The running production model that is ``ref`` (same id, version and ONNX bytes), if any."""
+        if running is None:
+            return None
+        for model in running.models:
+            m = model.manifest
+            if model.shadow or (m.model_id, m.version) != (ref.model_id, ref.version):
+                continue
+            path = self.find(ref)
+            if path is not None:
+                try:
+                    if read_manifest(path).onnx_sha256 != m.onnx_sha256:
+                        return None  # same name, other bytes: load (and verify) the wanted one
+                except ManifestError:
+                    return None
+            return model
+        return None
 
     def _load(self, ref: model_pb2.ModelRef, metered: set[str] | None) -> LoadedModel:
         """One wanted model, verified and loaded; ManifestError (one line) when the agent will not run it."""
