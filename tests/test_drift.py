@@ -64,6 +64,8 @@ def test_shipped_models_carry_a_reference_of_their_own_columns() -> None:
 
 
 def test_agents_report_drift_and_a_drift_rule_opens_an_alert(tmp_path: Path) -> None:
+    # The agent starts with both shipped defaults, then follows the collector's set
+    # (nfstream-rf alone): the running nfstream-rf stays, drift window included.
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     for path in MODELS.glob("nfstream-rf.*"):
