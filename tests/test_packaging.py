@@ -52,6 +52,39 @@ def test_agent_sources_import_nothing_forbidden() -> None:
     assert not offenders
 
 
+def _imported(node: ast.stmt) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
+
+
+def test_agent_modules_import_lean_before_nfstream() -> None:
+    """nfstream imports pandas, which the agent venv does not hold: every agent module that imports
+    nfstream must import auris.agent.lean before it (tests/test_cli.py runs the agent without pandas)."""
+    offenders = []
+    importers = []
+    for path in sorted((REPO / "agent").rglob("*.py")):
+        if path.name == "lean.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        lean_at = nfstream_at = None
+        for node in ast.walk(tree):
+            names = _imported(node) if isinstance(node, ast.stmt) else []
+            line = getattr(node, "lineno", 0)
+            if "auris.agent.lean" in names and node in tree.body:
+                lean_at = min(lean_at or line, line)
+            if any(n.split(".")[0] in ("nfstream", "_lib_engine") for n in names):
+                nfstream_at = min(nfstream_at or line, line)
+        if nfstream_at is not None:
+            importers.append(path.name)
+            if lean_at is None or lean_at > nfstream_at:
+                offenders.append(path.name)
+    assert {"meter.py", "live.py", "cicflowmeter.py"} <= set(importers)
+    assert not offenders
+
+
 def _closure(name: str, extras: frozenset[str]) -> set[str]:
     """Installed distributions that ``pip install name[extras]`` pulls in, transitively."""
     seen: set[str] = set()
