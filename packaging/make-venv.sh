@@ -69,7 +69,7 @@ fi
 
 py=$venv/bin/python
 has() { "$py" -c 'import importlib.metadata as m, sys; m.distribution(sys.argv[1])' "$1" 2>/dev/null; }
-requirements() { "$py" "$here/requirements.py" "$@"; }
+requirements() { "$py" "$here/venv-requirements.py" "$@"; }
 
 if [[ -x $py ]] && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     say "updating the venv at $venv"

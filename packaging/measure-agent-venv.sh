@@ -71,7 +71,7 @@ options+=(--wheel "$wheel")
 # A venv's distributions by installed size (the files each RECORD lists, bytecode included), then
 # what the total holds that the agent never runs. Run by the venv's own interpreter.
 report() {
-    "$1/bin/python" - "$2" <<'EOF'
+    "$1/bin/python" -I - "$2" <<'EOF'
 import importlib.metadata as md
 import os
 import sys

@@ -215,12 +215,12 @@ def test_scripts_are_shellcheck_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# -- the venv (make-venv.sh, requirements.py) ------------------------------------------------------
+# -- the venv (make-venv.sh, venv-requirements.py) ----------------------------------------------
 
 
 def _requirements(*args: str) -> list[str]:
     done = subprocess.run(
-        [sys.executable, str(PACKAGING / "requirements.py"), *args],
+        [sys.executable, str(PACKAGING / "venv-requirements.py"), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -247,13 +247,14 @@ def test_requirements_come_from_the_installed_metadata() -> None:
     assert {Requirement(r).name for r in theirs} == {"cffi", "psutil", "dpkt", "numpy"}
     assert any(line.startswith("nfstream ") for line in _requirements("needing", "pandas"))
     missing = subprocess.run(
-        [sys.executable, str(PACKAGING / "requirements.py"), "of", "no-such-dist"],
+        [sys.executable, str(PACKAGING / "venv-requirements.py"), "of", "no-such-dist"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert (missing.returncode, missing.stderr) == (2, "requirements.py: no-such-dist is not installed\n")
+    assert missing.returncode == 2
+    assert missing.stderr == "venv-requirements.py: no-such-dist is not installed\n"
 
 
 def _wheel(folder: Path, name: str, version: str, *requires: str) -> Path:

@@ -4,11 +4,11 @@ Run by the venv's own interpreter, so that markers are evaluated for it; the mar
 ``packaging``, or pip's vendored copy of it. ``needing`` also runs in a venv that has neither
 (make-venv.sh asks it before bringing pip back): every marker then counts as true.
 
-  python requirements.py of auris agent,collector --without nfstream
+  python venv-requirements.py of auris agent,collector --without nfstream
       what auris needs, its extras agent and collector included, one requirement a line
-  python requirements.py of nfstream --without pandas
-  python requirements.py of auris agent --only nfstream      # nfstream's pinned requirement
-  python requirements.py needing pip setuptools
+  python venv-requirements.py of nfstream --without pandas
+  python venv-requirements.py of auris agent --only nfstream      # nfstream's pinned requirement
+  python venv-requirements.py needing pip setuptools
       installed distributions (others than those named) that require any of them
 """
 
@@ -91,7 +91,7 @@ def needing(names: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="requirements.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="venv-requirements.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     of = sub.add_parser("of", help="a distribution's requirements, markers evaluated")
     of.add_argument("dist")
@@ -108,12 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
         return 0
     if Requirement is None:
-        print("requirements.py: needs packaging or pip in this environment", file=sys.stderr)
+        print("venv-requirements.py: needs packaging or pip in this environment", file=sys.stderr)
         return 2
     try:
         found = requirements_of(args.dist, [e for e in args.extras.split(",") if e])
     except md.PackageNotFoundError:
-        print(f"requirements.py: {args.dist} is not installed", file=sys.stderr)
+        print(f"venv-requirements.py: {args.dist} is not installed", file=sys.stderr)
         return 2
     without = {canonicalize_name(n) for n in args.without}
     only = {canonicalize_name(n) for n in args.only}
