@@ -123,15 +123,18 @@ else
 fi
 
 if ((!keep_pip)); then
-    tooling=()
+    removed=()
     for name in pip setuptools; do
-        if has "$name"; then tooling+=("$name"); fi
+        has "$name" || continue
+        needs=$(requirements needing "$name" | paste -sd ';' -)
+        if [[ -n $needs ]]; then
+            say "kept $name: $needs"
+        else
+            removed+=("$name")
+        fi
     done
-    needs=$(requirements needing "${tooling[@]}")
-    if [[ -n $needs ]]; then
-        say "kept ${tooling[*]}: $(tr '\n' ';' <<<"$needs")"
-    else
-        "${pip[@]}" uninstall --yes "${tooling[@]}"
-        say "removed ${tooling[*]} from the venv (--keep-pip keeps them; ensurepip brings pip back)"
+    if ((${#removed[@]})); then
+        "${pip[@]}" uninstall --yes "${removed[@]}"
+        say "removed ${removed[*]} from the venv (--keep-pip keeps them; ensurepip brings pip back)"
     fi
 fi
