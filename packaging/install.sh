@@ -7,7 +7,9 @@
 #
 # What it does, idempotently (run it again to upgrade):
 #   - the system user and group "auris" (not with --root: a staged install creates no user);
-#   - a virtual environment at PREFIX/venv with auris[agent], auris[collector] or both;
+#   - a virtual environment at PREFIX/venv with auris[agent], auris[collector] or both, made by
+#     make-venv.sh: without pandas (nfstream's to_pandas() needs it, the agent does not) and
+#     without pip and setuptools, unless --with-pandas / --keep-pip;
 #   - the shipped models in PREFIX/models (agent; replaced on every run: keep your own elsewhere);
 #   - /etc/auris (root:auris 0750) with agent.toml / collector.toml / aurisctl.toml copied from
 #     packaging/ only when absent: an operator's configuration is never overwritten;
@@ -27,6 +29,10 @@ usage: packaging/install.sh (--agent | --collector)... [options]
   --offline          no package index: every dependency wheel must be in --wheel-dir
                      (packaging/build-wheels.sh --with-deps agent,collector makes them)
   --python PYTHON    interpreter for the venv (default: python3, 3.11 or newer)
+  --with-pandas      also install pandas (about 90 MB), for nfstream's to_pandas(); the agent
+                     does not need it, and without this flag an update removes it
+  --keep-pip         leave pip and setuptools in the venv (about 20 MB; removed by default,
+                     an update brings pip back with ensurepip while it runs)
   --root DIR         staged install under DIR: no user, no chown, no systemctl; needs
                      --skip-venv (a venv only works at the path it was made at)
   --skip-venv        lay out users, folders, configuration, models and units only
@@ -51,6 +57,7 @@ python=python3
 root=""
 skip_venv=0
 systemctl=1
+venv_options=()
 while (($#)); do
     case $1 in
         --agent) agent=1; shift ;;
@@ -59,6 +66,7 @@ while (($#)); do
         --wheel-dir) wheel_dir=${2:?--wheel-dir needs a folder}; shift 2 ;;
         --offline) offline=1; shift ;;
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
+        --with-pandas | --keep-pip) venv_options+=("$1"); shift ;;
         --root) root=${2:?--root needs a folder}; shift 2 ;;
         --skip-venv) skip_venv=1; shift ;;
         --no-systemctl) systemctl=0; shift ;;
@@ -145,27 +153,14 @@ if ((!skip_venv)); then
     if [[ -n $wheel_dir ]]; then
         wheel=$(find "$wheel_dir" -maxdepth 1 -name 'auris-*.whl' | sort -V | tail -n 1)
         [[ -n $wheel ]] || die "no auris-*.whl in $wheel_dir (packaging/build-wheels.sh makes one)"
-        index=(--find-links "$wheel_dir")
-        if ((offline)); then index+=(--no-index); fi
+        venv_options+=(--find-links "$wheel_dir")
+        if ((offline)); then venv_options+=(--offline); fi
     else
         [[ -f $src/pyproject.toml ]] || die "no source tree at $src: pass --wheel-dir"
         wheel=$("$here/build-wheels.sh" --python "$python" --out "$work/dist")
-        index=()
     fi
-    if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-        say "reusing the venv at $venv"
-    else
-        rm -rf "$venv"
-        "$python" -m venv "$venv"
-        say "created the venv at $venv"
-    fi
-    pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
-    # The wheel by its path, never by name: an index may hold an unrelated project called auris.
-    "${pip[@]}" install "${index[@]}" "auris[$extras] @ file://$wheel"
-    # A rebuilt wheel keeps its version number; make sure the venv runs exactly this one.
-    "${pip[@]}" install --no-deps --force-reinstall "$wheel"
-    version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("auris"))')
-    say "installed auris $version [$extras] from $(basename "$wheel")"
+    "$here/make-venv.sh" --venv "$venv" --wheel "$wheel" --extras "$extras" --python "$python" \
+        "${venv_options[@]}"
 fi
 
 # -- models (agent) ----------------------------------------------------------------------------

@@ -1,80 +1,82 @@
 #!/usr/bin/env bash
-# Installed size of an agent-only virtual environment: a fresh venv, `pip install auris[agent]`
-# (from the wheel packaging/build-wheels.sh builds, as install.sh does), then `du`. Prints the
-# total, the ten largest installed distributions, and whether it fits the target (150 MB).
+# Installed size of an agent-only virtual environment, made exactly as install.sh makes it
+# (make-venv.sh --extras agent: no pandas, no pip or setuptools), from the wheel
+# packaging/build-wheels.sh builds; beside it, for comparison, a plain
+# `pip install 'auris[agent]'` into a fresh venv (make-venv.sh --with-pandas --keep-pip). Prints
+# each total (du -sm), every installed distribution of the first and the largest of the second,
+# and whether the first fits the target (150 MB).
 #
-#   packaging/measure-agent-venv.sh [--python python3] [--wheel-dir DIR] [--keep] [--target-mb 150]
+#   packaging/measure-agent-venv.sh [--python python3] [--wheel-dir DIR] [--dir DIR] [--no-plain]
 #
 # Needs the package index (or --wheel-dir with every dependency wheel, see build-wheels.sh).
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: packaging/measure-agent-venv.sh [--python PYTHON] [--wheel-dir DIR] [--venv DIR] [--keep]
+usage: packaging/measure-agent-venv.sh [--python PYTHON] [--wheel-dir DIR] [--dir DIR] [--no-plain]
                                        [--target-mb MB]
 
-  --python PYTHON  interpreter the venv is made from (default: python3)
+  --python PYTHON  interpreter the venvs are made from (default: python3)
   --wheel-dir DIR  install from these wheels only (auris-*.whl and its dependencies, no index)
-  --venv DIR       make the venv here (must not exist; default: a temporary folder)
-  --keep           keep the venv afterwards (a temporary one is removed otherwise)
+  --dir DIR        make the venvs in DIR/install-sh and DIR/pip-install and keep them (DIR must
+                   not exist; default: a temporary folder, removed afterwards)
+  --no-plain       measure install.sh's venv only, not the plain `pip install 'auris[agent]'`
   --target-mb MB   the size target (default: 150)
 EOF
+}
+
+die() {
+    echo "measure-agent-venv: $*" >&2
+    exit 2
 }
 
 here=$(cd "$(dirname "$0")" && pwd)
 python=python3
 wheel_dir=""
-venv=""
-keep=0
+dir=""
+plain=1
 target_mb=150
 while (($#)); do
     case $1 in
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
         --wheel-dir) wheel_dir=${2:?--wheel-dir needs a folder}; shift 2 ;;
-        --venv) venv=${2:?--venv needs a folder}; shift 2 ;;
-        --keep) keep=1; shift ;;
+        --dir) dir=${2:?--dir needs a folder}; shift 2 ;;
+        --no-plain) plain=0; shift ;;
         --target-mb) target_mb=${2:?--target-mb needs a number}; shift 2 ;;
         -h | --help) usage; exit 0 ;;
-        *) echo "measure-agent-venv: unknown argument $1" >&2; usage >&2; exit 2 ;;
+        *) usage >&2; die "unknown argument $1" ;;
     esac
 done
-[[ $target_mb =~ ^[0-9]+$ ]] || { echo "measure-agent-venv: --target-mb takes a whole number" >&2; exit 2; }
+[[ $target_mb =~ ^[0-9]+$ ]] || die "--target-mb takes a whole number"
 
 work=$(mktemp -d)
-cleanup() {
-    rm -rf "$work"
-    if ((!keep)) && [[ -n ${temp_venv:-} ]]; then rm -rf "$temp_venv"; fi
-}
-trap cleanup EXIT
-if [[ -z $venv ]]; then
-    temp_venv=$(mktemp -d /tmp/auris-agent-venv.XXXXXX)
-    venv=$temp_venv/venv
-elif [[ -e $venv ]]; then
-    echo "measure-agent-venv: $venv exists; give a new folder" >&2
-    exit 2
+trap 'rm -rf "$work"' EXIT
+if [[ -z $dir ]]; then
+    dir=$work/venvs
+elif [[ -e $dir ]]; then
+    die "$dir exists; give a new folder"
 fi
+mkdir -p "$dir"
 
+options=(--python "$python" --extras agent)
 if [[ -n $wheel_dir ]]; then
     wheel=$(find "$wheel_dir" -maxdepth 1 -name 'auris-*.whl' | sort -V | tail -n 1)
-    [[ -n $wheel ]] || { echo "measure-agent-venv: no auris-*.whl in $wheel_dir" >&2; exit 2; }
-    index=(--no-index --find-links "$wheel_dir")
+    [[ -n $wheel ]] || die "no auris-*.whl in $wheel_dir"
+    options+=(--find-links "$wheel_dir" --offline)
 else
     wheel=$("$here/build-wheels.sh" --out "$work/dist")
-    index=()
 fi
+options+=(--wheel "$wheel")
 
-echo "== $("$python" --version) venv at $venv, installing auris[agent] from $(basename "$wheel")" >&2
-"$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${index[@]}" "auris[agent] @ file://$wheel"
-
-total_mb=$(du -sm "$venv" | cut -f1)
-echo "agent venv: $(du -sh "$venv" | cut -f1) ($total_mb MB, du -sm) at $venv"
-echo "largest installed distributions (files listed in each RECORD, bytecode included):"
-"$venv/bin/python" - <<'EOF'
+# A venv's distributions by installed size (the files each RECORD lists, bytecode included), then
+# what the total holds that the agent never runs. Run by the venv's own interpreter.
+report() {
+    "$1/bin/python" -I - "$2" <<'EOF'
 import importlib.metadata as md
 import os
 import sys
 
+shown = int(sys.argv[1])
 sizes = []
 for dist in md.distributions():
     total = 0
@@ -84,15 +86,15 @@ for dist in md.distributions():
             total += os.path.getsize(path)
     sizes.append((total, f"{dist.metadata['Name']} {dist.version}"))
 sizes.sort(reverse=True)
-for size, name in sizes[:10]:
+for size, name in sizes[:shown]:
     print(f"  {size / 2**20:7.1f} MB  {name}")
-rest = sum(size for size, _ in sizes[10:])
-print(f"  {rest / 2**20:7.1f} MB  the other {max(len(sizes) - 10, 0)} distributions")
+if len(sizes) > shown:
+    rest = sum(size for size, _ in sizes[shown:])
+    print(f"  {rest / 2**20:7.1f} MB  the other {len(sizes) - shown} distributions")
 
-# What the total holds that the agent never runs, for a judgement on trimming.
 site = next(p for p in sys.path if p.endswith("site-packages"))
 bytecode = tests = 0
-for top, dirs, files in os.walk(site):
+for top, _dirs, files in os.walk(site):
     parts = os.path.relpath(top, site).split(os.sep)
     size = sum(os.path.getsize(os.path.join(top, f)) for f in files)
     if "tests" in parts:
@@ -100,13 +102,28 @@ for top, dirs, files in os.walk(site):
     elif "__pycache__" in parts:
         bytecode += size
 tooling = sum(size for size, name in sizes if name.split()[0] in ("pip", "setuptools"))
-print("of the total (overlaps aside):")
+print("  of the total (overlaps aside):")
 print(f"  {bytecode / 2**20:7.1f} MB  bytecode (__pycache__) outside test suites")
 print(f"  {tests / 2**20:7.1f} MB  test suites shipped inside packages (*/tests/)")
-print(f"  {tooling / 2**20:7.1f} MB  pip and setuptools (the venv's own tooling)")
+print(f"  {tooling / 2**20:7.1f} MB  pip and setuptools")
 EOF
-if ((total_mb <= target_mb)); then
-    echo "target <= $target_mb MB: met"
+}
+
+echo "== $("$python" --version), $(basename "$wheel")" >&2
+"$here/make-venv.sh" --venv "$dir/install-sh" "${options[@]}" >&2
+agent_mb=$(du -sm "$dir/install-sh" | cut -f1)
+echo "install.sh's agent venv (make-venv.sh --extras agent): $agent_mb MB (du -sm)"
+report "$dir/install-sh" 100
+if ((plain)); then
+    "$here/make-venv.sh" --venv "$dir/pip-install" "${options[@]}" --with-pandas --keep-pip >&2
+    echo "plain pip install 'auris[agent]' into a fresh venv: $(du -sm "$dir/pip-install" | cut -f1) MB (du -sm)"
+    report "$dir/pip-install" 10
+fi
+if [[ $dir != "$work/venvs" ]]; then
+    echo "venvs kept in $dir"
+fi
+if ((agent_mb <= target_mb)); then
+    echo "target <= $target_mb MB for install.sh's agent venv: met"
 else
-    echo "target <= $target_mb MB: NOT MET ($total_mb MB)"
+    echo "target <= $target_mb MB for install.sh's agent venv: NOT MET ($agent_mb MB)"
 fi

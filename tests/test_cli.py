@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+from nfstream import NFStreamer
 
 from auris.agent import __version__
-from tests.conftest import PCAPS, REPO, run_cli
+from auris.agent.lean import PANDAS_MISSING
+from auris.collector.client import CollectorClient, verdict_filter
+from tests.conftest import MODELS, PCAPS, REPO, CollectorThread, run_cli
 
 # (module, console script, arguments that make it load its configuration)
 COMMANDS = [
@@ -281,3 +287,76 @@ def test_the_agent_defers_pandas_and_nfstream_still_finds_it_when_asked() -> Non
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) > 0
+
+
+def _python_without(tmp_path: Path, *missing: str) -> tuple[list[str], dict[str, str]]:
+    """A command line and environment for this interpreter as if ``missing`` were not installed.
+
+    Its site-packages becomes a folder of links to everything else, on PYTHONPATH with this
+    checkout; ``-S`` keeps the real one off sys.path (multiprocessing passes ``-S`` on to the
+    forkserver it starts, and the environment too). Nothing else changes: same interpreter,
+    same versions of every other package.
+    """
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    pattern = re.compile(rf"({'|'.join(map(re.escape, missing))})([-.].*)?")
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not pattern.fullmatch(entry.name) and entry.suffix != ".pth":
+            (site / entry.name).symlink_to(entry)
+    path = [REPO / d for d in ("agent", "collector", "training", "proto")] + [REPO, site]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, path))}
+    env.pop("AURIS_AGENT_MODELS_DIR", None)
+    return [sys.executable, "-S"], env
+
+
+def test_the_agent_runs_without_pandas(
+    collector: CollectorThread, client: CollectorClient, tmp_path: Path
+) -> None:
+    """The agent venv install.sh makes has no pandas: the agent, its forkserver and its meter
+    processes import nfstream all the same, and verdicts come out. nfstream's to_pandas() says
+    what is missing in one line; to_csv() needs no pandas."""
+    python, env = _python_without(tmp_path, "pandas")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*python, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=False
+        )
+
+    blocked = run("-c", "import pandas")
+    assert blocked.returncode == 1
+    assert "ModuleNotFoundError: No module named 'pandas'" in blocked.stderr
+
+    pcap = PCAPS / "nmap_nmap_80_w_service_detection.pcap"
+    agent = run(
+        "-m", "auris.agent", "--collector", collector.address, "--insecure", "--models-dir", str(MODELS),
+        "--state-dir", str(tmp_path / "agent"), "--pcap", str(pcap),
+    )  # fmt: skip
+    assert agent.returncode == 0, agent.stderr
+    stored = list(client.query(verdict_filter()))
+    assert len(stored) == sum(1 for _ in NFStreamer(source=str(pcap))) > 0
+    assert all(s.verdict.capture_source == pcap.name for s in stored)
+    assert all([m.model.model_id for m in s.verdict.scores] == ["nfstream-rf"] for s in stored)
+    assert any(s.verdict.anomalous for s in stored)  # an nmap service scan: the model flags most of it
+
+    # The meter's forkserver preloads lean itself, for programs other than the agent's CLI too.
+    metered = run(
+        "-c",
+        "from auris.agent.features import NFSTREAM\n"
+        "from auris.agent.meter import meter_source\n"
+        f"print(sum(1 for _ in meter_source({str(pcap)!r}, [NFSTREAM])))\n",
+    )
+    assert metered.returncode == 0, metered.stderr
+    assert metered.stdout.split() == [str(len(stored))]
+
+    exporters = run(
+        "-c",
+        "import auris.agent.lean\n"
+        "from nfstream import NFStreamer\n"
+        f"print(NFStreamer(source={str(pcap)!r}).to_csv(path='flows.csv'))\n"
+        f"NFStreamer(source={str(pcap)!r}).to_pandas()\n",
+    )
+    assert exporters.returncode == 1
+    assert exporters.stdout.split() == [str(len(stored))]
+    assert exporters.stderr.strip().splitlines()[-1] == f"ModuleNotFoundError: {PANDAS_MISSING}"
+    # It fails before metering anything: no half-written temporary CSV file left behind.
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["flows.csv"]

@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,7 +140,17 @@ def test_install_is_idempotent_and_never_overwrites_configuration(staged: Path) 
 
 def test_install_with_a_prefix_moves_venv_paths_and_models(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    _run("install.sh", "--root", root, "--agent", "--skip-venv", "--prefix", "/srv/auris")
+    _run(
+        "install.sh",
+        "--root",
+        root,
+        "--agent",
+        "--skip-venv",
+        "--prefix",
+        "/srv/auris",
+        "--with-pandas",
+        "--keep-pip",
+    )
     unit = (root / "etc" / "systemd" / "system" / "auris-agent.service").read_text()
     assert "ExecStart=/srv/auris/venv/bin/auris-agent --config /etc/auris/agent.toml" in unit
     assert "/opt/auris" not in unit
@@ -189,7 +200,7 @@ def test_install_refuses_bad_arguments(tmp_path: Path, args: Sequence[str], mess
 def test_scripts_parse() -> None:
     for path in SCRIPTS:
         subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
-    for name in ("build-wheels.sh", "install.sh", "uninstall.sh", "measure-agent-venv.sh"):
+    for name in ("build-wheels.sh", "install.sh", "uninstall.sh", "make-venv.sh", "measure-agent-venv.sh"):
         assert os.access(PACKAGING / name, os.X_OK), f"{name} is not executable"
         assert "usage:" in _run(name, "--help").stdout
 
@@ -202,3 +213,138 @@ def test_scripts_are_shellcheck_clean() -> None:
         [shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the venv (make-venv.sh, venv-requirements.py) ----------------------------------------------
+
+
+def _requirements(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(PACKAGING / "venv-requirements.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.splitlines()
+
+
+def test_requirements_come_from_the_installed_metadata() -> None:
+    """The agent venv's requirement list is pyproject's, read back from the installed metadata."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    agent = project["dependencies"] + project["optional-dependencies"]["agent"]
+    pinned = {str(Requirement(r)) for r in agent}
+    assert set(_requirements("of", "auris", "agent")) == pinned
+    nfstream = [r for r in pinned if r.startswith("nfstream")]
+    assert _requirements("of", "auris", "agent", "--only", "nfstream") == nfstream
+    assert set(_requirements("of", "auris", "agent", "--without", "nfstream")) == pinned - set(nfstream)
+    # Through the training extra's auris[agent], as pip would.
+    assert set(_requirements("of", "auris", "training")) >= pinned
+
+    theirs = _requirements("of", "nfstream", "--without", "pandas")
+    assert {Requirement(r).name for r in theirs} == {"cffi", "psutil", "dpkt", "numpy"}
+    assert any(line.startswith("nfstream ") for line in _requirements("needing", "pandas"))
+    missing = subprocess.run(
+        [sys.executable, str(PACKAGING / "venv-requirements.py"), "of", "no-such-dist"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr == "venv-requirements.py: no-such-dist is not installed\n"
+
+
+def _wheel(folder: Path, name: str, version: str, *requires: str) -> Path:
+    """A minimal wheel holding one module named after the distribution."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Provides-Extra: {e}\n" for e in ("agent", "collector") if name == "auris")
+    metadata += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {
+        f"{name}.py": "",
+        f"{info}/METADATA": metadata,
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{n},,\n" for n in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in files.items():
+            zf.writestr(member, text)
+    return path
+
+
+def _installed(venv: Path) -> set[str]:
+    code = "import importlib.metadata as m; print(*sorted(d.metadata['Name'] for d in m.distributions()))"
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return set(out.stdout.split())
+
+
+def test_make_venv_leaves_out_pandas_and_pip_and_updates_in_place(tmp_path: Path) -> None:
+    """make-venv.sh against a wheel folder of stand-ins for auris, nfstream, pandas and the rest
+    (no package index): the real pip, venv and ensurepip do the work."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    auris = _wheel(
+        wheels, "auris", "0.1.0", "contract==1.0",
+        'nfstream==6.6.0; extra == "agent"', 'numeric>=2.0; extra == "agent"',
+        'storage==1.0; extra == "collector"',
+    )  # fmt: skip
+    _wheel(
+        wheels, "nfstream", "6.6.0", "numeric>=1.19", "packets>=1.0",
+        'pandas>=1.1.5; implementation_name != "pypy"', 'pandas<3; implementation_name == "pypy"',
+    )  # fmt: skip
+    _wheel(wheels, "pandas", "3.1.1", "numeric>=1.0", "zones")
+    for name in ("contract", "numeric", "packets", "storage", "zones"):
+        _wheel(wheels, name, "2.1" if name == "numeric" else "1.0")
+    # Only that folder: neither a pip configuration nor PIP_* variables of this machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    venv = tmp_path / "venv"
+
+    def make(*options: str) -> str:
+        done = subprocess.run(
+            ["bash", str(PACKAGING / "make-venv.sh"), "--venv", str(venv), "--wheel", str(auris),
+             "--extras", "agent", "--find-links", str(wheels), "--offline", "--python", sys.executable,
+             *options],
+            capture_output=True, text=True, timeout=120, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    slim = {"auris", "nfstream", "contract", "numeric", "packets"}
+    out = make("--with-pandas")
+    assert "created the venv" in out
+    assert _installed(venv) == slim | {"pandas", "zones"}
+    assert not list((venv / "bin").glob("pip*"))  # removed after installing
+
+    # An update without --with-pandas makes the venv anew without it (no stale dependency of
+    # it left behind; no pip needed to decide).
+    out = make()
+    assert "making it anew without" in out
+    assert "without pandas" in out
+    assert _installed(venv) == slim
+
+    # A plain update: pip comes back for the run (--keep-pip: and stays).
+    out = make("--keep-pip")
+    assert "brought pip back with ensurepip" in out
+    assert "removed pip" not in out
+    assert _installed(venv) - {"pip", "setuptools"} == slim
+    assert "pip" in _installed(venv)
+
+
+def test_make_venv_refuses_bad_arguments(tmp_path: Path) -> None:
+    wheel = tmp_path / "auris-0.1.0-py3-none-any.whl"
+    for args, message in [
+        ((), "--venv, --wheel and --extras are required"),
+        (("--venv", tmp_path / "v", "--wheel", wheel, "--extras", "agent"), "no wheel at"),
+        (("--venv", tmp_path / "v", "--wheel", wheel, "--extras", "Agent;rm"), "--extras takes names"),
+        (("--bogus",), "unknown argument --bogus"),
+    ]:
+        result = _run("make-venv.sh", *args, check=False)
+        assert result.returncode == 2, args
+        assert message in result.stderr, result.stderr
+    assert not (tmp_path / "v").exists()

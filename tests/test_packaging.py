@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -52,18 +54,68 @@ def test_agent_sources_import_nothing_forbidden() -> None:
     assert not offenders
 
 
-def _closure(name: str, extras: frozenset[str]) -> set[str]:
-    """Installed distributions that ``pip install name[extras]`` pulls in, transitively."""
+def _imported(node: ast.stmt) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
+
+
+def test_agent_modules_import_lean_before_nfstream() -> None:
+    """nfstream imports pandas, which the agent venv does not hold: every agent module that imports
+    nfstream must import auris.agent.lean before it (tests/test_cli.py runs the agent without pandas)."""
+    offenders = []
+    importers = []
+    for path in sorted((REPO / "agent").rglob("*.py")):
+        if path.name == "lean.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        lean_at = nfstream_at = None
+        for node in ast.walk(tree):
+            names = _imported(node) if isinstance(node, ast.stmt) else []
+            line = getattr(node, "lineno", 0)
+            if "auris.agent.lean" in names and node in tree.body:
+                lean_at = min(lean_at or line, line)
+            if any(n.split(".")[0] in ("nfstream", "_lib_engine") for n in names):
+                nfstream_at = min(nfstream_at or line, line)
+        if nfstream_at is not None:
+            importers.append(path.name)
+            if lean_at is None or lean_at > nfstream_at:
+                offenders.append(path.name)
+    assert {"meter.py", "live.py", "cicflowmeter.py"} <= set(importers)
+    assert not offenders
+
+
+def _project_requirements() -> list[str]:
+    """This checkout's requirements as metadata states them (an installed copy may be older)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    out = list(project["dependencies"])
+    for extra, requirements in project["optional-dependencies"].items():
+        for text in requirements:
+            req = Requirement(text)
+            marker = f'extra == "{extra}"' + (f" and ({req.marker})" if req.marker else "")
+            req.marker = None
+            out.append(f"{req}; {marker}")
+    return out
+
+
+_PROJECT = _project_requirements()
+
+
+def _closure(name: str, extras: frozenset[str], without: frozenset[str] = frozenset()) -> set[str]:
+    """Installed distributions that ``pip install name[extras]`` pulls in, transitively, leaving
+    out those named in ``without`` (and what only they pull in)."""
     seen: set[str] = set()
     todo = [(name, extras)]
     while todo:
         dist_name, dist_extras = todo.pop()
         key = re.sub(r"[-_.]+", "-", dist_name).lower()
-        if key in seen and not dist_extras:
+        if (key in seen and not dist_extras) or key in without:
             continue
         seen.add(key)
         try:
-            requirements = distribution(dist_name).requires or []
+            requirements = _PROJECT if key == "auris" else distribution(dist_name).requires or []
         except PackageNotFoundError:
             continue  # an optional platform dependency not installed here
         for text in requirements:
@@ -80,6 +132,57 @@ def test_agent_extra_pulls_no_trainers() -> None:
     assert not agent & FORBIDDEN_DISTRIBUTIONS, agent & FORBIDDEN_DISTRIBUTIONS
     # The check can fail: the training extra does pull scikit-learn.
     assert "scikit-learn" in _closure("auris", frozenset({"training"}))
+
+
+def _site_of(folder: Path, dists: set[str]) -> Path:
+    """A site-packages folder of links to the installed files of ``dists`` and nothing else."""
+    folder.mkdir()
+    for name in dists:
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue  # an optional platform dependency not installed here
+        for top in {f.parts[0] for f in dist.files or []}:
+            target = Path(str(dist.locate_file(top)))
+            if top not in ("..", "__pycache__") and not top.endswith(".pth") and target.exists():
+                link = folder / top
+                if not link.exists():
+                    link.symlink_to(target)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("extra", "without", "modules"),
+    [
+        # As install.sh installs them: no pandas (auris.agent.lean).
+        ("agent", {"pandas"}, ["auris.agent.cli"]),
+        ("collector", {"pandas"}, ["auris.collector.cli", "auris.collector.server", "auris.collector.ctl"]),
+    ],
+)
+def test_each_component_imports_with_only_its_extra_installed(
+    tmp_path: Path, extra: str, without: set[str], modules: list[str]
+) -> None:
+    """An install of one component holds its extra's dependencies only: its programs must import
+    with nothing else on the path (this interpreter with -S, a site-packages of links)."""
+    site = _site_of(tmp_path / "site", _closure("auris", frozenset({extra}), frozenset(without)) - {"auris"})
+    path = [REPO / d for d in ("agent", "collector", "training", "proto")] + [REPO, site]
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", "".join(f"import {m}\n" for m in modules)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, path))},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+    blocked = subprocess.run(
+        [sys.executable, "-S", "-c", "import torch"],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, path))},
+        timeout=60,
+        check=False,
+    )
+    assert blocked.returncode == 1  # the check can fail: what the extra lacks is not there
 
 
 def test_no_generic_import_packages() -> None:

@@ -18,6 +18,9 @@ import dataclasses
 import math
 from typing import Any
 
+from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstream without pandas)
+
+# isort: split
 from nfstream import NFPlugin
 
 __all__ = [

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-# lean first: it keeps pandas (which nfstream imports and the agent never uses) out of every process.
+# lean first: nfstream imports pandas, which the agent never uses and its venv may not hold (lean.py).
 from auris.agent import __version__, lean, live, sd_notify  # noqa: F401
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent

@@ -30,6 +30,9 @@ import threading
 import time
 from typing import Any
 
+from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstream without pandas)
+
+# isort: split
 import _lib_engine  # nfstream's native engine, with libpcap linked in
 import nfstream.meter
 import nfstream.streamer

@@ -15,6 +15,9 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstream without pandas)
+
+# isort: split
 from nfstream import NFStreamer
 from nfstream.utils import InternalError, NFEvent
 
@@ -98,7 +101,10 @@ class MeterStats:
 
 
 _FORKSERVER = multiprocessing.get_context("forkserver")
-_FORKSERVER.set_forkserver_preload(["nfstream.meter"])
+# lean first: the forkserver imports nfstream as this process did (multiprocessing would swallow
+# the ImportError of a venv without pandas, and every meter process would die of it).
+_PRELOAD_FIRST, _PRELOAD_LAST = ["auris.agent.lean"], ["nfstream.meter"]
+_FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *_PRELOAD_LAST])
 
 
 def preload_in_meter_processes(*modules: str) -> None:
@@ -111,7 +117,7 @@ def preload_in_meter_processes(*modules: str) -> None:
     a plain script need the usual ``if __name__ == "__main__":`` guard, as with any
     multiprocessing start method other than fork.
     """
-    _FORKSERVER.set_forkserver_preload([*modules, "nfstream.meter"])
+    _FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *modules, *_PRELOAD_LAST])
 
 
 def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[FeatureSet]) -> Any:
