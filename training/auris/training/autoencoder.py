@@ -85,21 +85,34 @@ class Autoencoder:
             helper.make_node("Mul", ["residual", "residual"], [ERRORS_OUTPUT]),
             helper.make_node("ReduceMean", [ERRORS_OUTPUT], [SCORE_OUTPUT], axes=[1], keepdims=0),
         ]
-        graph = helper.make_graph(
-            nodes,
-            "auris_autoencoder",
-            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, n])],
-            [
-                helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, [None]),
-                helper.make_tensor_value_info(ERRORS_OUTPUT, TensorProto.FLOAT, [None, n]),
-            ],
-            initializer=inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
-        model.ir_version = _IR_VERSION  # make_model may write a newer IR than onnxruntime reads
-        onnx.checker.check_model(model)
-        data: bytes = model.SerializeToString()
-        return data
+        return detector_model(nodes, "auris_autoencoder", n, inits)
+
+
+def detector_model(
+    nodes: list[onnx.NodeProto],
+    name: str,
+    width: int,
+    initializers: list[onnx.TensorProto],
+    *,
+    full_check: bool = False,
+) -> bytes:
+    """A serialised detector graph as the agent reads one: ``INPUT_NAME`` [rows, width] in,
+    ``SCORE_OUTPUT`` [rows] and ``ERRORS_OUTPUT`` [rows, width] (per-column contributions) out."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, width])],
+        [
+            helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, [None]),
+            helper.make_tensor_value_info(ERRORS_OUTPUT, TensorProto.FLOAT, [None, width]),
+        ],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    model.ir_version = _IR_VERSION  # make_model may write a newer IR than onnxruntime reads
+    onnx.checker.check_model(model, full_check=full_check)
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def fit_autoencoder(x_benign: Matrix, hidden: tuple[int, ...] = (32, 8, 32), seed: int = 0) -> Autoencoder:

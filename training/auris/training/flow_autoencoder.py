@@ -30,9 +30,11 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPRegressor
+
+from auris.training.autoencoder import ERRORS_OUTPUT, INPUT_NAME, SCORE_OUTPUT, detector_model
 
 __all__ = [
     "ERRORS_OUTPUT",
@@ -43,13 +45,6 @@ __all__ = [
     "fit_flow_autoencoder",
     "flow_shapes",
 ]
-
-SCORE_OUTPUT = "score"
-ERRORS_OUTPUT = "feature_errors"
-INPUT_NAME = "features"
-# onnxruntime 1.31 accepts IR version 10 at most for opset 17 graphs built by hand.
-_IR_VERSION = 10
-_OPSET = 17
 
 SHAPES = ("one packet", "one-sided", "two-sided")
 _PROTOCOLS = (6, 17, 1, 58)  # TCP, UDP, ICMP, ICMPv6; anything else is "other"
@@ -254,21 +249,7 @@ class FlowAutoencoder:
             node("MatMul", ["normalised", "attribution"], [ERRORS_OUTPUT]),
             node("ReduceSum", [ERRORS_OUTPUT, "one_axis"], [SCORE_OUTPUT], keepdims=0),
         ]
-        graph = helper.make_graph(
-            nodes,
-            "auris_flow_autoencoder",
-            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, n])],
-            [
-                helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, [None]),
-                helper.make_tensor_value_info(ERRORS_OUTPUT, TensorProto.FLOAT, [None, n]),
-            ],
-            initializer=inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
-        model.ir_version = _IR_VERSION  # make_model may write a newer IR than onnxruntime reads
-        onnx.checker.check_model(model, full_check=True)
-        data: bytes = model.SerializeToString()
-        return data
+        return detector_model(nodes, "auris_flow_autoencoder", n, inits, full_check=True)
 
 
 def fit_flow_autoencoder(
