@@ -71,6 +71,8 @@ class Collector:
         self.store = VerdictStore(Path(config.db), config.sqlite_synchronous)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auris-reader")
+        # Feed batches are read and validated here while the writer stores earlier ones.
+        self._feed_preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-feed-prepare")
         limit = config.max_message_mib * 1024 * 1024
         self.authority = Authority(self.store, insecure=config.insecure)
         self.signer = (
@@ -178,6 +180,7 @@ class Collector:
                 default_page=config.default_page_size,
                 max_page=config.max_page_size,
                 alerts_changed=self._alerts_changed,
+                preparer=self._feed_preparer,
             ),
             self._server,
         )
@@ -461,6 +464,7 @@ class Collector:
             self.notifier.stop()
         # The sinks finish the batch in hand; their cursors keep the place of the rest.
         await asyncio.get_running_loop().run_in_executor(None, self.siem.stop)
+        self._feed_preparer.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()
