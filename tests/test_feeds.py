@@ -563,3 +563,78 @@ def test_streams_answer_batch_by_batch_in_order_and_score_as_the_scorers_do(tmp_
     want_bars = [(r.record_id, r.score, r.explanation) for r in tick_scorer.score(bars[:400])]
     got_bars = [(s.record_id, s.score, s.explanation) for a in bar_answers for s in a.scores]
     assert got_bars == want_bars
+
+
+def test_answers_carry_the_scores_the_request_asks_for(tmp_path: Path) -> None:
+    """ANSWER_SCORES_ANOMALOUS answers with the anomalous records' scores only and NONE with none;
+    either way every record is stored with its score and published to subscribers, and the
+    default answers with all."""
+    from auris.v1 import feed_service_pb2_grpc
+    from tests.conftest import MODELS
+
+    txs = [
+        tx
+        for tx in _fixture_records(
+            "ulb-sample.csv",
+            FileFormat(
+                "transactions", "x", {"Time": "time", "Amount": "amount"}, ["Class"], rest_as_features=True
+            ),
+        )
+        if isinstance(tx, feed_service_pb2.Transaction)
+    ]
+    assert len(txs) >= 60
+    batches = [txs[i : i + 20] for i in range(0, 60, 20)]
+    modes = [
+        feed_service_pb2.ANSWER_SCORES_ANOMALOUS,
+        feed_service_pb2.ANSWER_SCORES_NONE,
+        feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
+    ]
+    with (
+        running_collector(tmp_path / "auris.db", feed_models_dir=str(MODELS / "feeds")) as collector,
+        CollectorClient(collector.address, insecure=True) as client,
+        grpc.insecure_channel(collector.address) as channel,
+    ):
+        seen: list[feed_service_pb2.FeedScore] = []
+        stream = client.subscribe_feed_scores("x")
+
+        def follow() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the collector stops at the end of the test
+                for score in stream:
+                    seen.append(score)
+
+        threading.Thread(target=follow, daemon=True).start()
+        running = collector.collector
+        assert running is not None
+        assert wait_for(lambda: running.feed_broker.active, 10)
+        stub = feed_service_pb2_grpc.FeedServiceStub(channel)
+        answers = [
+            stub.SubmitTransactions(
+                feed_service_pb2.SubmitTransactionsRequest(transactions=batch, answer_scores=mode),
+                timeout=30,
+            )
+            for batch, mode in zip(batches, modes, strict=True)
+        ]
+        assert wait_for(lambda: len(seen) == 60, 10)
+        stored = {s.record_id: s for s in client.feed_scores("x")}
+    assert [a.accepted for a in answers] == [20, 20, 20]
+    anomalous = [s.record_id for s in seen[:20] if s.anomalous]
+    assert anomalous, "the fixture's frauds: some records of the first batch are anomalous"
+    assert [s.record_id for s in answers[0].scores] == anomalous
+    assert all(s.model.model_id and s.id for s in answers[0].scores)
+    assert len(answers[1].scores) == 0
+    assert [s.record_id for s in answers[2].scores] == [s.record_id for s in seen[40:]]
+    assert len(stored) == 60
+    assert all(stored[s.record_id].score == s.score for s in seen)
+    # Without subscribers (nor alert rules) only the anomalous records' scores are built at all.
+    with (
+        running_collector(tmp_path / "quiet.db", feed_models_dir=str(MODELS / "feeds")) as collector,
+        grpc.insecure_channel(collector.address) as channel,
+    ):
+        quiet = feed_service_pb2_grpc.FeedServiceStub(channel).SubmitTransactions(
+            feed_service_pb2.SubmitTransactionsRequest(transactions=batches[0], answer_scores=modes[0]),
+            timeout=30,
+        )
+    assert quiet.accepted == 20
+    assert [(s.record_id, s.score, s.explanation) for s in quiet.scores] == [
+        (s.record_id, s.score, s.explanation) for s in answers[0].scores
+    ]

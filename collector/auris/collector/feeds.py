@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 import numpy as np
@@ -235,6 +235,8 @@ def _kept(n: int, rejects: Sequence[feed_service_pb2.RejectedRecord]) -> list[in
     return [i for i in range(n) if i not in dropped]
 
 
+AnswerScores: TypeAlias = "feed_service_pb2.AnswerScores.ValueType"
+
 # The answers of the four ingest RPCs: the same three fields each.
 _Answer = (
     feed_service_pb2.SubmitTransactionsResponse
@@ -438,6 +440,38 @@ def _score(row: Sequence[Any]) -> feed_service_pb2.FeedScore:
     return out
 
 
+def _add_scores(
+    into: RepeatedCompositeFieldContainer[feed_service_pb2.FeedScore],
+    feed_id: str,
+    rows: FeedRows,
+    first_id: int,
+    only: Sequence[bool] | None,
+) -> None:
+    """Append the FeedScores of stored rows (ids from ``first_id`` on), those where ``only`` is
+    true when given."""
+    add = into.add
+    nan = math.nan
+    fields = zip(
+        range(first_id, first_id + len(rows.record_ids)), rows.record_ids, rows.entities, rows.seconds,
+        rows.nanos, rows.model_ids, rows.model_versions, rows.scores, rows.anomalous, rows.explanations,
+        strict=True,
+    )  # fmt: skip
+    for row_id, record_id, entity, sec, nanos, model_id, version, score, anomalous, text in (
+        fields if only is None else itertools.compress(fields, only)
+    ):
+        add(
+            id=row_id,
+            feed_id=feed_id,
+            record_id=record_id,
+            entity=entity,
+            time={"seconds": sec, "nanos": nanos},
+            model={"model_id": model_id, "version": version} if model_id else None,
+            score=nan if score is None else score,
+            anomalous=anomalous,
+            explanation=text,
+        )
+
+
 class FeedStore:
     """Feed records and rejects in the collector's database."""
 
@@ -446,10 +480,13 @@ class FeedStore:
         store: VerdictStore,
         on_store: Callable[[sqlite3.Connection, list[feed_service_pb2.FeedScore], int], list[int]]
         | None = None,
+        wants_scores: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
-        # Alert rules over feed scores, run inside the transaction that stores them.
+        # Alert rules over feed scores, run inside the transaction that stores them, and whether
+        # they look at them at all right now (rules come and go with SIGHUP).
         self._on_store = on_store
+        self._wants_scores = wants_scores or (lambda: on_store is not None)
         # (feed, symbol) -> latest accepted tick time, loaded per feed on first use.
         self._last_tick: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
@@ -572,7 +609,7 @@ class FeedStore:
             [r[4].explanation if r[4] else "" for r in records],
         )
         into = feed_service_pb2.StreamTransactionsResponse().scores
-        alert_ids = self.add_rows(feed_id, kind, rows, rejects, now_ns, into)
+        alert_ids, _ = self.add_rows(feed_id, kind, rows, rejects, now_ns, into)
         return list(into), alert_ids
 
     def add_rows(
@@ -583,14 +620,23 @@ class FeedStore:
         rejects: Sequence[feed_service_pb2.RejectedRecord],
         now_ns: int,
         into: RepeatedCompositeFieldContainer[feed_service_pb2.FeedScore],
-    ) -> list[int]:
+        answer: AnswerScores = feed_service_pb2.ANSWER_SCORES_ALL,
+        publish: bool = False,
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
         """Store a feed's accepted records and rejects of one batch in one transaction; append the
-        stored scores to ``into`` (an answer's ``scores``) and return the ids of alerts they
-        changed."""
+        stored scores that ``answer`` asks for to ``into`` (an answer's ``scores``). Returns the ids
+        of alerts the scores changed, and every stored score when ``publish`` (else none)."""
         alert_ids: list[int] = []
         n = len(rows.record_ids)
         time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
-        start = len(into)
+        answer_all = answer in (
+            feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
+            feed_service_pb2.ANSWER_SCORES_ALL,
+        )
+        # Every score is built when the answer, subscribers or alert rules want them all.
+        build_all = n > 0 and (answer_all or publish or (self._on_store is not None and self._wants_scores()))
+        built = into if answer_all else feed_service_pb2.StreamTicksResponse().scores
+        start = len(built)
         with self._store.writing() as conn:
             if n:
                 conn.executemany(
@@ -603,32 +649,20 @@ class FeedStore:
                 )  # fmt: skip
                 # One writer, rowids without AUTOINCREMENT: the batch took consecutive ids.
                 first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - n + 1
-                add = into.add
-                nan = math.nan
-                for row_id, record_id, entity, sec, nanos, model_id, version, score, anomalous, text in zip(
-                    range(first, first + n), rows.record_ids, rows.entities, rows.seconds, rows.nanos,
-                    rows.model_ids, rows.model_versions, rows.scores, rows.anomalous, rows.explanations,
-                    strict=True,
-                ):  # fmt: skip
-                    add(
-                        id=row_id,
-                        feed_id=feed_id,
-                        record_id=record_id,
-                        entity=entity,
-                        time={"seconds": sec, "nanos": nanos},
-                        model={"model_id": model_id, "version": version} if model_id else None,
-                        score=nan if score is None else score,
-                        anomalous=anomalous,
-                        explanation=text,
-                    )
+                if build_all:
+                    _add_scores(built, feed_id, rows, first, None)
+                    if answer == feed_service_pb2.ANSWER_SCORES_ANOMALOUS:
+                        into.extend(score for score in built[start:] if score.anomalous)
+                elif answer == feed_service_pb2.ANSWER_SCORES_ANOMALOUS:
+                    _add_scores(into, feed_id, rows, first, rows.anomalous)
             if rejects:
                 conn.executemany(
                     "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
                     " VALUES (?,?,?,?,?)",
                     [(feed_id, now_ns, r.index, r.record_id, r.reason) for r in rejects],
                 )
-            if self._on_store is not None and n:
-                alert_ids = self._on_store(conn, into[start:], now_ns)
+            if self._on_store is not None and build_all:
+                alert_ids = self._on_store(conn, built[start:], now_ns)
         if kind == TICKS and n:
             with self._lock:
                 last = self._last_tick
@@ -636,7 +670,7 @@ class FeedStore:
                     key = (feed_id, entity)
                     if time > last.get(key, time - 1):
                         last[key] = time
-        return alert_ids
+        return alert_ids, built[start:] if publish and build_all else []
 
     def query(
         self, feed_id: str, since_ns: int, anomalous: bool | None, page_size: int, page_token: str
@@ -829,9 +863,12 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                 latest[key] = _ns(tick.time)
         return rejects
 
-    def _commit(self, prepared: _Prepared, answer: _Answer) -> list[int]:
-        """Score and store a prepared batch, fill the answer; the ids of alerts changed. Batches
-        come here one at a time, in the order they arrived."""
+    def _commit(
+        self, prepared: _Prepared, answer: _Answer, wanted: AnswerScores
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+        """Score and store a prepared batch, fill the answer (with the scores ``wanted``); the ids
+        of alerts changed, and the scores to publish. Batches come here one at a time, in the order
+        they arrived."""
         batch, columns, blobs, rejects = prepared.batch, prepared.columns, prepared.blobs, prepared.rejects
         if prepared.kind == TICKS:
             # Tick order is checked against the symbols' latest stored times here, where batches
@@ -858,7 +895,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         rows = FeedRows.of(
             record_ids, entities, columns.seconds.tolist(), columns.nanos.tolist(), blobs, scored
         )
-        return self._store(prepared.kind, batch, columns.feed_ids, rows, rejects, answer)
+        return self._store(prepared.kind, batch, columns.feed_ids, rows, rejects, answer, wanted)
 
     def _store(
         self,
@@ -868,9 +905,10 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         rows: FeedRows,
         rejects: list[feed_service_pb2.RejectedRecord],
         answer: _Answer,
-    ) -> list[int]:
+        wanted: AnswerScores,
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
         """Store the accepted rows (per feed) and the rejects, fill the answer; the ids of alerts
-        changed."""
+        changed and the scores to publish."""
         parts: dict[str, FeedRows] = {}
         if feed_ids and feed_ids.count(feed_ids[0]) == len(feed_ids):
             parts[feed_ids[0]] = rows
@@ -885,25 +923,31 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             rejected.setdefault(batch[reject.index].feed_id, []).append(reject)
         now = time.time_ns()
         alert_ids: list[int] = []
+        published: list[feed_service_pb2.FeedScore] = []
+        publish = self._broker.active
         for feed_id in dict.fromkeys([*parts, *rejected]):
-            alert_ids += self._feeds.add_rows(
+            changed, stored = self._feeds.add_rows(
                 feed_id, kind, parts.get(feed_id) or rows.take([]), rejected.get(feed_id, []), now,
-                answer.scores,
+                answer.scores, wanted, publish,
             )  # fmt: skip
-        answer.accepted = len(answer.scores)
+            alert_ids += changed
+            published += stored
+        answer.accepted = len(rows.record_ids)
         answer.rejected.extend(rejects)
-        return alert_ids
+        return alert_ids, published
 
     async def _accept(
         self,
         kind: int,
-        records: Sequence[Any],
+        request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         answer: _AnswerT,
         after: asyncio.Future[Any] | None = None,
     ) -> _AnswerT:
         """Prepare a batch (on the preparing thread), then, once ``after`` (the stream's previous
         batch) is done, score and store it (on the writer thread) and publish its scores."""
+        records = request.transactions if kind == TRANSACTIONS else request.ticks
+        wanted = request.answer_scores
         if len(records) > MAX_BATCH:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
@@ -914,15 +958,15 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         if after is not None:
             await asyncio.wait([after])
 
-        def commit() -> list[int]:
+        def commit() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
             with self._lock:
-                return self._commit(prepared, answer)
+                return self._commit(prepared, answer, wanted)
 
-        alert_ids = await loop.run_in_executor(self._writer, commit)
+        alert_ids, published = await loop.run_in_executor(self._writer, commit)
         if alert_ids and self._alerts_changed is not None:
             await self._alerts_changed(alert_ids)
-        if answer.scores and self._broker.active:
-            self._broker.publish(list(answer.scores))
+        if published:
+            self._broker.publish(published)
         if answer.rejected:
             logger.info(
                 "feed batch: %d accepted, %d rejected (first: %s)",
@@ -949,9 +993,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             previous: asyncio.Task[_AnswerT] | None = None
             try:
                 async for request in requests:
-                    records = request.transactions if kind == TRANSACTIONS else request.ticks
                     previous = asyncio.ensure_future(
-                        self._accept(kind, records, context, answer_type(), previous)
+                        self._accept(kind, request, context, answer_type(), previous)
                     )
                     await queue.put(previous)
             finally:
@@ -980,7 +1023,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> feed_service_pb2.SubmitTransactionsResponse:
         return await self._accept(
-            TRANSACTIONS, request.transactions, context, feed_service_pb2.SubmitTransactionsResponse()
+            TRANSACTIONS, request, context, feed_service_pb2.SubmitTransactionsResponse()
         )
 
     async def StreamTransactions(
@@ -996,7 +1039,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
     async def SubmitTicks(
         self, request: feed_service_pb2.SubmitTicksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feed_service_pb2.SubmitTicksResponse:
-        return await self._accept(TICKS, request.ticks, context, feed_service_pb2.SubmitTicksResponse())
+        return await self._accept(TICKS, request, context, feed_service_pb2.SubmitTicksResponse())
 
     async def StreamTicks(
         self,

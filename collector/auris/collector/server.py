@@ -145,7 +145,7 @@ class Collector:
             ),
             self._server,
         )
-        self.feeds = FeedStore(self.store, self._evaluate_feed)
+        self.feeds = FeedStore(self.store, self._evaluate_feed, lambda: self.alerts.has_feed_rules)
         self.feed_broker: Broker[feed_service_pb2.FeedScore] = Broker(
             config.subscriber_buffer, config.max_subscribers
         )
