@@ -501,9 +501,28 @@ class FeedStore:
                     (feed_id, TICKS),
                 )
                 for entity, latest in rows:
-                    self._last_tick[(feed_id, entity)] = int(latest)
+                    key = (feed_id, entity)
+                    self._last_tick[key] = max(int(latest), self._last_tick.get(key, int(latest)))
                 self._loaded.add(feed_id)
             return self._last_tick.get((feed_id, symbol))
+
+    def note_ticks(self, feed_ids: Sequence[str], symbols: Sequence[str], time_ns: Sequence[int]) -> None:
+        """Accepted ticks, before they are stored: the symbols' latest times for the batches that
+        are checked meanwhile."""
+        with self._lock:
+            last = self._last_tick
+            for key, t in zip(zip(feed_ids, symbols, strict=True), time_ns, strict=True):
+                if t > last.get(key, t - 1):
+                    last[key] = t
+
+    def forget_ticks(self, feed_ids: Sequence[str]) -> None:
+        """Drop the feeds' latest tick times (reloaded from the store on next use): after a batch
+        noted by ``note_ticks`` failed to be stored."""
+        with self._lock:
+            for feed_id in set(feed_ids):
+                self._loaded.discard(feed_id)
+                for key in [k for k in self._last_tick if k[0] == feed_id]:
+                    del self._last_tick[key]
 
     def recent_transactions(
         self, feed_id: str, span_s: float, limit: int, chunk: int = 10_000
@@ -760,12 +779,42 @@ class _Prepared:
 
     kind: int
     batch: Sequence[Any]
-    # The accepted records' columns (for ticks: all the batch's until _commit checks the order).
+    # The accepted records' columns (for ticks: all the batch's until scoring checks the order).
     columns: TransactionColumns | TickColumns
     blobs: list[bytes]
     rejects: list[feed_service_pb2.RejectedRecord]
     # Ticks: the first time of each (feed, symbol), or None when ticks must be checked one by one.
     firsts: dict[tuple[str, str], int] | None = None
+
+
+@dataclasses.dataclass
+class _Scored:
+    """A batch scored, waiting to be stored."""
+
+    kind: int
+    batch: Sequence[Any]
+    feed_ids: list[str]
+    rows: FeedRows
+    rejects: list[feed_service_pb2.RejectedRecord]
+
+
+@dataclasses.dataclass
+class _Stages:
+    """When a stream's batch is through scoring, and through storing: the next batch waits for
+    each before its own."""
+
+    scored: asyncio.Future[None]
+    stored: asyncio.Future[None]
+
+    @classmethod
+    def new(cls) -> _Stages:
+        loop = asyncio.get_running_loop()
+        return cls(loop.create_future(), loop.create_future())
+
+    def close(self) -> None:
+        for future in (self.scored, self.stored):
+            if not future.done():
+                future.set_result(None)
 
 
 class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
@@ -785,12 +834,15 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         max_page: int = 1000,
         alerts_changed: Callable[[list[int]], Awaitable[None]] | None = None,
         preparer: ThreadPoolExecutor | None = None,
+        scorer: ThreadPoolExecutor | None = None,
     ) -> None:
         self._alerts_changed = alerts_changed
         self._feeds = feeds
         self._writer = writer
         # Reads and validates batches while the writer scores and stores earlier ones.
         self._preparer = preparer or writer
+        # Scores batches while the writer stores the one before (onnxruntime releases the GIL).
+        self._scorer = scorer or writer
         self._readers = readers
         self._broker = broker
         self._hash_key = hash_key
@@ -798,8 +850,11 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         self._score_ticks = score_ticks
         self._default_page = default_page
         self._max_page = max_page
-        # One batch of a feed at a time: scoring state and tick order are per feed.
+        # One batch at a time through scoring (scoring state and tick order are per feed), and one
+        # through storing (record ids, rejects, alerts): a batch may be stored while the next one
+        # is scored.
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()
 
     def _hashed(self, batch: Sequence[feed_service_pb2.Transaction]) -> list[feed_service_pb2.Transaction]:
         """Copies of the records with their customer and terminal ids hashed (the request stays as
@@ -863,15 +918,12 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                 latest[key] = _ns(tick.time)
         return rejects
 
-    def _commit(
-        self, prepared: _Prepared, answer: _Answer, wanted: AnswerScores
-    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-        """Score and store a prepared batch, fill the answer (with the scores ``wanted``); the ids
-        of alerts changed, and the scores to publish. Batches come here one at a time, in the order
-        they arrived."""
+    def _score_batch(self, prepared: _Prepared) -> _Scored:
+        """Check a prepared batch's tick order and score it. Batches come here one at a time, in
+        the order they arrived."""
         batch, columns, blobs, rejects = prepared.batch, prepared.columns, prepared.blobs, prepared.rejects
         if prepared.kind == TICKS:
-            # Tick order is checked against the symbols' latest stored times here, where batches
+            # Tick order is checked against the symbols' latest accepted times here, where batches
             # come one after the other; a batch not known clean is checked tick by tick.
             last_ns = self._feeds.last_tick_ns
             firsts = prepared.firsts
@@ -888,14 +940,29 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             record_ids, entities = columns.transaction_ids, columns.customers
         else:
             assert isinstance(columns, TickColumns)
-            scored = self._score_ticks(columns) if self._score_ticks and blobs else None
             time_ns = columns.time_ns.tolist()
+            self._feeds.note_ticks(columns.feed_ids, columns.symbols, time_ns)
+            scored = self._score_ticks(columns) if self._score_ticks and blobs else None
             record_ids = [f"{symbol}@{t}" for symbol, t in zip(columns.symbols, time_ns, strict=True)]
             entities = columns.symbols
         rows = FeedRows.of(
             record_ids, entities, columns.seconds.tolist(), columns.nanos.tolist(), blobs, scored
         )
-        return self._store(prepared.kind, batch, columns.feed_ids, rows, rejects, answer, wanted)
+        return _Scored(prepared.kind, batch, columns.feed_ids, rows, rejects)
+
+    def _store_batch(
+        self, scored: _Scored, answer: _Answer, wanted: AnswerScores
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+        """Store a scored batch, fill the answer (with the scores ``wanted``); the ids of alerts
+        changed, and the scores to publish. Batches come here in the order they were scored."""
+        try:
+            return self._store(
+                scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted
+            )
+        except BaseException:
+            if scored.kind == TICKS:
+                self._feeds.forget_ticks(scored.feed_ids)
+            raise
 
     def _store(
         self,
@@ -942,27 +1009,43 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         answer: _AnswerT,
-        after: asyncio.Future[Any] | None = None,
+        stages: _Stages | None = None,
+        after: _Stages | None = None,
     ) -> _AnswerT:
-        """Prepare a batch (on the preparing thread), then, once ``after`` (the stream's previous
-        batch) is done, score and store it (on the writer thread) and publish its scores."""
+        """Prepare a batch (on the preparing thread), score it once the stream's batch before
+        (``after``) is scored (on the scoring thread), store it once that one is stored (on the
+        writer thread), and publish its scores; ``stages`` tells the next batch how far this one
+        got."""
+        stages = stages or _Stages.new()
         records = request.transactions if kind == TRANSACTIONS else request.ticks
         wanted = request.answer_scores
-        if len(records) > MAX_BATCH:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
-            )
         loop = asyncio.get_running_loop()
         prepare = self._prepare_transactions if kind == TRANSACTIONS else self._prepare_ticks
-        prepared = await loop.run_in_executor(self._preparer, prepare, records)
-        if after is not None:
-            await asyncio.wait([after])
+        try:
+            if len(records) > MAX_BATCH:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
+                )
+            prepared = await loop.run_in_executor(self._preparer, prepare, records)
+            if after is not None:
+                await after.scored
 
-        def commit() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-            with self._lock:
-                return self._commit(prepared, answer, wanted)
+            def score() -> _Scored:
+                with self._lock:
+                    return self._score_batch(prepared)
 
-        alert_ids, published = await loop.run_in_executor(self._writer, commit)
+            scored = await loop.run_in_executor(self._scorer, score)
+            stages.scored.set_result(None)
+            if after is not None:
+                await after.stored
+
+            def store() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+                with self._store_lock:
+                    return self._store_batch(scored, answer, wanted)
+
+            alert_ids, published = await loop.run_in_executor(self._writer, store)
+        finally:
+            stages.close()  # the next batch goes on, also when this one failed
         if alert_ids and self._alerts_changed is not None:
             await self._alerts_changed(alert_ids)
         if published:
@@ -990,13 +1073,15 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         queue: asyncio.Queue[asyncio.Task[_AnswerT] | None] = asyncio.Queue(_READ_AHEAD)
 
         async def read() -> None:
-            previous: asyncio.Task[_AnswerT] | None = None
+            previous: _Stages | None = None
             try:
                 async for request in requests:
-                    previous = asyncio.ensure_future(
-                        self._accept(kind, request, context, answer_type(), previous)
+                    stages = _Stages.new()
+                    task = asyncio.ensure_future(
+                        self._accept(kind, request, context, answer_type(), stages, previous)
                     )
-                    await queue.put(previous)
+                    previous = stages
+                    await queue.put(task)
             finally:
                 await queue.put(None)
 
