@@ -7,7 +7,14 @@ Rejected records are counted and kept (``ListFeedRejects``). With ``feed_hash_ke
 set, customer and terminal ids are replaced by a keyed hash (HMAC-SHA256) before anything
 else sees them, so the store never holds the raw identifiers. Accepted records are scored
 by the feed's models when the collector has them (``feed_models.py``), stored with their
-scores in one transaction, published to subscribers, and acknowledged.
+scores in one transaction, published to subscribers, and acknowledged (with every score, or
+the anomalous ones only, as the request asks).
+
+A batch is read into columns (``feed_batch.py``) and checked on those arrays; a record is
+looked at on its own only where its columns say it may be bad, so the reasons are those of
+``validate_transaction`` / ``validate_tick``. The batches of a stream go through three stages
+on three threads - prepared (columns, checks), scored, stored - so that one is prepared and the
+one before scored while an earlier one is stored: onnxruntime and SQLite release the GIL.
 """
 
 from __future__ import annotations
