@@ -13,17 +13,30 @@ import math
 import shutil
 import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from auris.collector import ctl
 from auris.collector.client import CollectorClient
+from auris.collector.feed_batch import TickColumns, TransactionColumns
+from auris.collector.feed_features import TX_ULB
 from auris.collector.feed_files import FeedFileError, FileFormat, read_records
-from auris.collector.feeds import hash_identifier, validate_tick, validate_transaction
+from auris.collector.feeds import (
+    hash_identifier,
+    ticks_need_checking,
+    transaction_suspects,
+    validate_tick,
+    validate_transaction,
+)
 from auris.v1 import feed_service_pb2
 from tests.conftest import DATA, running_collector, wait_for
 
@@ -389,3 +402,239 @@ def test_feed_score_writes_one_row_per_input_row_with_the_collectors_scores(tmp_
     assert code == ctl.EXIT_USAGE
     assert "unknown column 'TX_FRAUD'" in err.getvalue()
     assert not (tmp_path / "x.csv").exists()
+
+
+# Field values that validation must judge (None: the field is left unset).
+_NUMBERS = st.sampled_from([None, 0.0, -0.0, 1.5, -2.0, math.nan, math.inf, -math.inf, 1e300])
+_SECONDS = st.sampled_from([None, 0, 1_700_000_000, -1, 9_223_372_036, -9_223_372_037, 2**62])
+_NANOS = st.sampled_from([0, 1, 854_775_807, 854_775_808, 999_999_999])
+
+
+def _stamp(
+    message: feed_service_pb2.Transaction | feed_service_pb2.Tick, seconds: int | None, nanos: int
+) -> None:
+    if seconds is not None:
+        message.time.seconds = seconds
+        message.time.nanos = nanos
+
+
+@st.composite
+def _transactions(draw: st.DrawFn) -> feed_service_pb2.Transaction:
+    tx = feed_service_pb2.Transaction(transaction_id=draw(st.sampled_from(["", "t1"])))
+    _stamp(tx, draw(_SECONDS), draw(_NANOS))
+    amount = draw(_NUMBERS)
+    if amount is not None:
+        tx.amount = amount
+    names = draw(st.sampled_from(["none", "ulb", "ulb+x", "28 without V28", "some"]))
+    v = TX_ULB.columns[:-1]
+    columns = {
+        "none": [],
+        "ulb": v,
+        "ulb+x": [*v, "x"],
+        "28 without V28": [*v[:-1], "x"],
+        "some": ["V1", "y"],
+    }
+    for name in columns[names]:
+        tx.features[name] = (
+            draw(st.sampled_from([0.5, -3.0, math.nan, math.inf])) if draw(st.booleans()) else 1.0
+        )
+    return tx
+
+
+@st.composite
+def _ticks(draw: st.DrawFn) -> feed_service_pb2.Tick:
+    tick = feed_service_pb2.Tick(
+        feed_id=draw(st.sampled_from(["a", "b"])), symbol=draw(st.sampled_from(["", "X", "Y"]))
+    )
+    _stamp(tick, draw(st.one_of(_SECONDS, st.integers(1_700_000_000, 1_700_000_005))), draw(_NANOS))
+    tick.is_bar = draw(st.booleans())
+    fields = ("open", "high", "low", "close", "volume") if tick.is_bar else ("price", "size")
+    for name in fields:
+        value = draw(st.one_of(_NUMBERS, st.floats(1.0, 3.0)))
+        if value is not None:
+            setattr(tick, name, value)
+    return tick
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.lists(_transactions(), max_size=12))
+def test_column_checks_find_every_transaction_that_validation_rejects(
+    batch: list[feed_service_pb2.Transaction],
+) -> None:
+    """The batch path looks at one record on its own only where its columns say it might be bad:
+    that must cover every record ``validate_transaction`` rejects (and leave the records as sent)."""
+    before = [tx.SerializeToString() for tx in batch]
+    looked_up = TransactionColumns.of(batch)
+    indexed = TransactionColumns.of(batch, before)  # indexes the maps, restores those it changed
+    assert batch == [feed_service_pb2.Transaction.FromString(blob) for blob in before]
+    assert looked_up.ulb_rows.tolist() == indexed.ulb_rows.tolist()
+    assert looked_up.other_features.tolist() == indexed.other_features.tolist()
+    np.testing.assert_array_equal(looked_up.ulb_values, indexed.ulb_values)
+    suspects = set(transaction_suspects(indexed))
+    rejected = {i for i, tx in enumerate(batch) if validate_transaction(tx) is not None}
+    assert rejected <= suspects
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.lists(_ticks(), max_size=12), stored=st.sampled_from([None, 1_700_000_002 * 10**9]))
+def test_column_checks_pass_a_tick_batch_only_when_validation_accepts_every_tick(
+    batch: list[feed_service_pb2.Tick], stored: int | None
+) -> None:
+    latest: dict[tuple[str, str], int] = {}
+    rejected = 0
+    for tick in batch:
+        key = (tick.feed_id, tick.symbol)
+        if validate_tick(tick, latest.get(key, stored if tick.symbol else None)) is None:
+            latest[key] = tick.time.seconds * 10**9 + tick.time.nanos
+        else:
+            rejected += 1
+    if not ticks_need_checking(TickColumns.of(batch), lambda feed, symbol: stored):
+        assert rejected == 0
+
+
+def test_streams_answer_batch_by_batch_in_order_and_score_as_the_scorers_do(tmp_path: Path) -> None:
+    """A client that sends the next request only after the answer to the one before gets every
+    answer (batches are read ahead, never waited for); a tick batch prepared while the one before
+    was being stored is still checked against it; scores equal the scorers' own on the same
+    records, across feeds sharing a batch."""
+    from auris.agent.signing import ModelTrust
+    from auris.collector.feed_models import TickScorer, TransactionScorer
+    from auris.v1 import feed_service_pb2_grpc
+    from tests.conftest import MODELS
+
+    ulb = _fixture_records(
+        "ulb-sample.csv",
+        FileFormat(
+            "transactions", "x", {"Time": "time", "Amount": "amount"}, ["Class"], rest_as_features=True
+        ),
+    )
+    txs: list[feed_service_pb2.Transaction] = []
+    for i, tx in enumerate(ulb):
+        assert isinstance(tx, feed_service_pb2.Transaction)
+        tx.feed_id = "ab"[i % 2]
+        txs.append(tx)
+    bars = [
+        b
+        for b in _fixture_records("bars-sample.csv", FileFormat("ticks", "bars"))
+        if isinstance(b, feed_service_pb2.Tick)
+    ]
+    tx_batches = [txs[i : i + 50] for i in range(0, len(txs), 50)]
+    # The third bar batch repeats the last bar of the second: rejected, whichever batch was stored.
+    bar_batches = [bars[:150], bars[150:300], [bars[299], *bars[300:400]]]
+
+    def lockstep(requests: list, answered: list) -> Iterator:  # type: ignore[type-arg]
+        for sent, request in enumerate(requests, 1):
+            yield request
+            deadline = time.monotonic() + 30
+            while len(answered) < sent:
+                assert time.monotonic() < deadline, "no answer before the next request"
+                time.sleep(0.005)
+
+    with (
+        running_collector(tmp_path / "auris.db", feed_models_dir=str(MODELS / "feeds")) as collector,
+        grpc.insecure_channel(collector.address) as channel,
+    ):
+        stub = feed_service_pb2_grpc.FeedServiceStub(channel)
+        tx_answers: list[feed_service_pb2.StreamTransactionsResponse] = []
+        requests = [feed_service_pb2.StreamTransactionsRequest(transactions=b) for b in tx_batches]
+        for answer in stub.StreamTransactions(lockstep(requests, tx_answers), timeout=60):
+            tx_answers.append(answer)
+        bar_answers: list[feed_service_pb2.StreamTicksResponse] = []
+        tick_requests = [feed_service_pb2.StreamTicksRequest(ticks=b) for b in bar_batches]
+        # Sent all at once: batches are read ahead of the one being stored.
+        bar_answers = list(stub.StreamTicks(iter(tick_requests), timeout=60))
+
+    assert [a.accepted for a in tx_answers] == [len(b) for b in tx_batches]
+    assert [a.accepted for a in bar_answers] == [150, 150, 100]
+    (reject,) = bar_answers[2].rejected
+    assert reject.index == 0
+    assert "does not increase" in reject.reason
+    trust = ModelTrust.load([])
+    for feed in "ab":
+        scorer = TransactionScorer.load(MODELS / "feeds", trust)
+        mine = [tx for tx in txs if tx.feed_id == feed]
+        want = [(r.record_id, r.score, r.explanation) for r in scorer.score(mine)]
+        got = [
+            (s.record_id, s.score, s.explanation) for a in tx_answers for s in a.scores if s.feed_id == feed
+        ]
+        assert len(got) == len(mine)
+        assert got == want
+    tick_scorer = TickScorer.load(MODELS / "feeds", trust)
+    want_bars = [(r.record_id, r.score, r.explanation) for r in tick_scorer.score(bars[:400])]
+    got_bars = [(s.record_id, s.score, s.explanation) for a in bar_answers for s in a.scores]
+    assert got_bars == want_bars
+
+
+def test_answers_carry_the_scores_the_request_asks_for(tmp_path: Path) -> None:
+    """ANSWER_SCORES_ANOMALOUS answers with the anomalous records' scores only and NONE with none;
+    either way every record is stored with its score and published to subscribers, and the
+    default answers with all."""
+    from auris.v1 import feed_service_pb2_grpc
+    from tests.conftest import MODELS
+
+    txs = [
+        tx
+        for tx in _fixture_records(
+            "ulb-sample.csv",
+            FileFormat(
+                "transactions", "x", {"Time": "time", "Amount": "amount"}, ["Class"], rest_as_features=True
+            ),
+        )
+        if isinstance(tx, feed_service_pb2.Transaction)
+    ]
+    assert len(txs) >= 60
+    batches = [txs[i : i + 20] for i in range(0, 60, 20)]
+    modes = [
+        feed_service_pb2.ANSWER_SCORES_ANOMALOUS,
+        feed_service_pb2.ANSWER_SCORES_NONE,
+        feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
+    ]
+    with (
+        running_collector(tmp_path / "auris.db", feed_models_dir=str(MODELS / "feeds")) as collector,
+        CollectorClient(collector.address, insecure=True) as client,
+        grpc.insecure_channel(collector.address) as channel,
+    ):
+        seen: list[feed_service_pb2.FeedScore] = []
+        stream = client.subscribe_feed_scores("x")
+
+        def follow() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the collector stops at the end of the test
+                for score in stream:
+                    seen.append(score)
+
+        threading.Thread(target=follow, daemon=True).start()
+        running = collector.collector
+        assert running is not None
+        assert wait_for(lambda: running.feed_broker.active, 10)
+        stub = feed_service_pb2_grpc.FeedServiceStub(channel)
+        answers = [
+            stub.SubmitTransactions(
+                feed_service_pb2.SubmitTransactionsRequest(transactions=batch, answer_scores=mode),
+                timeout=30,
+            )
+            for batch, mode in zip(batches, modes, strict=True)
+        ]
+        assert wait_for(lambda: len(seen) == 60, 10)
+        stored = {s.record_id: s for s in client.feed_scores("x")}
+    assert [a.accepted for a in answers] == [20, 20, 20]
+    anomalous = [s.record_id for s in seen[:20] if s.anomalous]
+    assert anomalous, "the fixture's frauds: some records of the first batch are anomalous"
+    assert [s.record_id for s in answers[0].scores] == anomalous
+    assert all(s.model.model_id and s.id for s in answers[0].scores)
+    assert len(answers[1].scores) == 0
+    assert [s.record_id for s in answers[2].scores] == [s.record_id for s in seen[40:]]
+    assert len(stored) == 60
+    assert all(stored[s.record_id].score == s.score for s in seen)
+    # Without subscribers (nor alert rules) only the anomalous records' scores are built at all.
+    with (
+        running_collector(tmp_path / "quiet.db", feed_models_dir=str(MODELS / "feeds")) as collector,
+        grpc.insecure_channel(collector.address) as channel,
+    ):
+        quiet = feed_service_pb2_grpc.FeedServiceStub(channel).SubmitTransactions(
+            feed_service_pb2.SubmitTransactionsRequest(transactions=batches[0], answer_scores=modes[0]),
+            timeout=30,
+        )
+    assert quiet.accepted == 20
+    assert [(s.record_id, s.score, s.explanation) for s in quiet.scores] == [
+        (s.record_id, s.score, s.explanation) for s in answers[0].scores
+    ]

@@ -34,6 +34,7 @@ import onnxruntime as ort
 from auris.agent.manifest import ManifestError, find_manifests, read_manifest
 from auris.agent.runtime import open_session
 from auris.agent.signing import ModelTrust
+from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.feed_features import (
     BAR_SEQ,
     BAR_Z,
@@ -48,6 +49,7 @@ from auris.collector.feed_features import (
 from auris.v1 import feed_service_pb2, model_pb2
 
 __all__ = [
+    "BatchScores",
     "FeedModel",
     "FeedResult",
     "TickScorer",
@@ -60,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+Rows = npt.NDArray[np.intp]
+Mask = npt.NDArray[np.bool_]
 
 # Top features named in an explanation.
 _TOP = 3
@@ -134,6 +139,41 @@ class FeedModel:
             scores = raw.reshape(len(x)).astype(np.float64)
         explanation = np.asarray(out[1], dtype=np.float32) if len(out) > 1 else None
         return scores, explanation
+
+
+@dataclasses.dataclass
+class BatchScores:
+    """Scores of a batch laid out one slot per input record: for a trade, the score of the trade
+    bar it closed. ``model`` indexes ``models`` (-1: not scored)."""
+
+    models: list[FeedModel]
+    model: npt.NDArray[np.int8]
+    score: F64
+    anomalous: Mask
+    explanation: list[str]
+
+    @classmethod
+    def empty(cls, n: int, models: list[FeedModel]) -> BatchScores:
+        return cls(models, np.full(n, -1, dtype=np.int8), np.zeros(n), np.zeros(n, dtype=bool), [""] * n)
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def put(self, rows: Sequence[int], other: BatchScores) -> None:
+        """Copy ``other`` (scores of the records at ``rows``) into this batch's slots."""
+        index = np.asarray(rows, dtype=np.intp)
+        mapping = []
+        for model in other.models:
+            mine = next((k for k, m in enumerate(self.models) if m is model), None)
+            if mine is None:
+                self.models.append(model)
+                mine = len(self.models) - 1
+            mapping.append(mine)
+        self.model[index] = np.asarray([*mapping, -1], dtype=np.int8)[other.model]
+        self.score[index] = other.score
+        self.anomalous[index] = other.anomalous
+        for i, text in zip(index.tolist(), other.explanation, strict=True):
+            self.explanation[i] = text
 
 
 _WINDOW_RE = re.compile(r"\bwindow=(\d+)")
@@ -269,68 +309,54 @@ class TransactionScorer:
 
     def score(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult]:
         """Score a batch in time order; one result per scored record, in input order."""
-        n = len(transactions)
-        if n == 0:
-            return []
-        times = np.empty(n)
-        amounts = np.empty(n)
-        time_ns: list[int] = []
-        customers: list[str] = []
-        terminals: list[str] = []
-        ulb_rows: list[int] = []
-        ulb_values: list[list[float]] = []
-        v_columns = self._v_columns
-        want_ulb = self.ulb is not None
-        for i, tx in enumerate(transactions):
-            stamp = tx.time
-            seconds, nanos = stamp.seconds, stamp.nanos
-            times[i] = seconds + nanos * 1e-9
-            time_ns.append(seconds * 1_000_000_000 + nanos)
-            amounts[i] = tx.amount
-            customers.append(tx.customer_id)
-            terminals.append(tx.terminal_id)
-            if want_ulb:
-                features = tx.features
-                # Indexing a protobuf map inserts missing keys: look only once all are there.
-                if len(features) >= len(v_columns) and all(map(features.__contains__, v_columns)):
-                    row = [features[c] for c in v_columns]
-                    row.append(tx.amount)
-                    ulb_values.append(row)
-                    ulb_rows.append(i)
-        with self._lock:
-            window_rows = self.windows.update(times, customers, terminals, amounts)
-            results: list[FeedResult | None] = [None] * n
-            routed = np.zeros(n, dtype=bool)
-            if self.ulb is not None and ulb_rows:
-                rows = np.asarray(ulb_rows, dtype=np.intp)
-                routed[rows] = True
-                x = np.asarray(ulb_values, dtype=np.float32)
-                self._run(self.ulb, x, rows, transactions, time_ns, results)
-            rest = np.flatnonzero(~routed)
-            if self.entity is not None and len(rest):
-                self._run(
-                    self.entity, window_rows[rest].astype(np.float32), rest, transactions, time_ns, results
-                )
-            out = [r for r in results if r is not None]
-            self.unscored += n - len(out)
-            return out
+        return [r for r in self.score_aligned(transactions) if r is not None]
 
     def score_aligned(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult | None]:
         """``score`` laid out one slot per input record (None where no model scored it)."""
-        out: list[FeedResult | None] = [None] * len(transactions)
-        for result in self.score(transactions):
-            out[result.index] = result
+        columns = TransactionColumns.of(transactions)
+        scored = self.score_columns(columns)
+        time_ns = columns.time_ns.tolist()
+        out: list[FeedResult | None] = [None] * len(columns)
+        for i in np.flatnonzero(scored.model >= 0).tolist():
+            model = scored.models[scored.model[i]]
+            out[i] = FeedResult(
+                i,
+                columns.transaction_ids[i],
+                time_ns[i],
+                model.model_id,
+                model.version,
+                float(scored.score[i]),
+                bool(scored.anomalous[i]),
+                scored.explanation[i],
+            )
         return out
 
-    def _run(
-        self,
-        model: FeedModel,
-        x: F32,
-        rows: npt.NDArray[np.intp],
-        transactions: Sequence[feed_service_pb2.Transaction],
-        time_ns: list[int],
-        results: list[FeedResult | None],
-    ) -> None:
+    def score_columns(self, columns: TransactionColumns) -> BatchScores:
+        """Score a batch (in time order) given as columns: the core of ``score``."""
+        n = len(columns)
+        models = [m for m in (self.ulb, self.entity) if m is not None]
+        out = BatchScores.empty(n, models)
+        if n == 0:
+            return out
+        with self._lock:
+            window_rows = self.windows.update(
+                columns.times_s, columns.customers, columns.terminals, columns.amounts
+            )
+            routed = np.zeros(n, dtype=bool)
+            if self.ulb is not None and len(columns.ulb_rows):
+                rows = columns.ulb_rows
+                routed[rows] = True
+                x = np.empty((len(rows), len(TX_ULB.columns)), dtype=np.float32)
+                x[:, :-1] = columns.ulb_values
+                x[:, -1] = columns.amounts[rows]
+                self._run(self.ulb, x, rows, out)
+            rest = np.flatnonzero(~routed)
+            if self.entity is not None and len(rest):
+                self._run(self.entity, window_rows[rest].astype(np.float32), rest, out)
+            self.unscored += int(np.count_nonzero(out.model < 0))
+            return out
+
+    def _run(self, model: FeedModel, x: F32, rows: Rows, out: BatchScores) -> None:
         try:
             scores, errors = model.run(x)
         except Exception as exc:  # onnxruntime's errors are untyped; the records stay unscored
@@ -340,19 +366,15 @@ class TransactionScorer:
             )
             return
         flagged = scores >= model.threshold
-        texts = [""] * len(rows)
+        out.model[rows] = next(k for k, m in enumerate(out.models) if m is model)
+        out.score[rows] = scores
+        out.anomalous[rows] = flagged
         if errors is not None:
             pick = np.arange(len(rows)) if self.explain == "all" else np.flatnonzero(flagged)
             if len(pick):
-                for j, text in zip(
-                    pick.tolist(), _explanations(model.feature_set.columns, errors[pick], "err"), strict=True
-                ):
-                    texts[j] = "reconstruction " + text
-        mid, version = model.model_id, model.version
-        for j, (i, s, a) in enumerate(zip(rows.tolist(), scores.tolist(), flagged.tolist(), strict=True)):
-            results[i] = FeedResult(
-                i, transactions[i].transaction_id, time_ns[i], mid, version, s, a, texts[j]
-            )
+                texts = _explanations(model.feature_set.columns, errors[pick], "err")
+                for i, text in zip(rows[pick].tolist(), texts, strict=True):
+                    out.explanation[i] = "reconstruction " + text
 
 
 def _bar_start_ns(start_s: F64) -> list[int]:
@@ -413,63 +435,72 @@ class TickScorer:
     def score(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult]:
         """Score a batch in time order: one result per bar record, and one per trade bar closed."""
         with self._lock:
-            bars = self._bars(ticks)
-            return self._score_bars(*bars) if bars is not None else []
+            bars = self._bars(TickColumns.of(ticks))
+            return self._results(*bars) if bars is not None else []
+
+    def score_columns(self, columns: TickColumns) -> BatchScores:
+        """``score`` for a batch given as columns, laid out one slot per record (see
+        ``BatchScores``)."""
+        out = BatchScores.empty(len(columns), [self.model])
+        with self._lock:
+            bars = self._bars(columns)
+            judged = self._judge(bars[1], bars[2]) if bars is not None else None
+        if bars is not None and judged is not None:
+            index = bars[0]
+            scores, flagged, texts = judged
+            out.model[index] = 0
+            out.score[index] = scores
+            out.anomalous[index] = flagged
+            for i, text in zip(index.tolist(), texts, strict=True):
+                out.explanation[i] = text
+        return out
 
     def warm(self, ticks: Sequence[feed_service_pb2.Tick]) -> None:
         """Feed earlier records (in time order) into the bar windows and the open trade bars
         without scoring them."""
         with self._lock:
-            bars = self._bars(ticks)
+            bars = self._bars(TickColumns.of(ticks))
             if bars is not None:
                 _, symbols, v, _ = bars
                 self.bars.update(symbols, v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5])
 
-    def _bars(
-        self, ticks: Sequence[feed_service_pb2.Tick]
-    ) -> tuple[npt.NDArray[np.int64], list[str], F64, list[int]] | None:
+    def _bars(self, ticks: TickColumns) -> tuple[I64, list[str], F64, list[int]] | None:
         """The bars a batch brings (its bar records, and the trade bars its trades close), in input
         order: (index of the closing record, symbols, time + OHLCV rows, start times in ns)."""
-        bar_index: list[int] = []
-        bar_symbol: list[str] = []
-        bar_values: list[tuple[float, float, float, float, float, float]] = []
-        bar_ns: list[int] = []
-        trade_index: list[int] = []
-        trade_symbol: list[str] = []
-        trade_values: list[tuple[float, float, float]] = []
-        for i, tick in enumerate(ticks):
-            stamp = tick.time
-            seconds, nanos = stamp.seconds, stamp.nanos
-            t = seconds + nanos * 1e-9
-            if tick.is_bar:
-                bar_ns.append(seconds * 1_000_000_000 + nanos)
-                bar_index.append(i)
-                bar_symbol.append(tick.symbol)
-                bar_values.append((t, tick.open, tick.high, tick.low, tick.close, tick.volume))
-            else:
-                trade_index.append(i)
-                trade_symbol.append(tick.symbol)
-                trade_values.append((t, tick.price, tick.size))
-        if trade_index:
-            tv = np.asarray(trade_values, dtype=np.float64)
-            done = self.trades.add(trade_symbol, tv[:, 0], tv[:, 1], tv[:, 2])
+        t = ticks.times_s
+        is_bar = ticks.is_bar
+        bar_rows = np.flatnonzero(is_bar)
+        trade_rows = np.flatnonzero(~is_bar)
+        bar_index = bar_rows
+        bar_symbol = [ticks.symbols[i] for i in bar_rows.tolist()]
+        bar_values = np.column_stack(
+            [t[bar_rows], ticks.open[bar_rows], ticks.high[bar_rows], ticks.low[bar_rows],
+             ticks.close[bar_rows], ticks.volume[bar_rows]]
+        )  # fmt: skip
+        bar_ns = ticks.time_ns[bar_rows].tolist()
+        if len(trade_rows):
+            done = self.trades.add(
+                [ticks.symbols[i] for i in trade_rows.tolist()],
+                t[trade_rows],
+                ticks.price[trade_rows],
+                ticks.size[trade_rows],
+            )
             if len(done):
-                closing = np.asarray(trade_index, dtype=np.int64)[done.index]
-                bar_ns += _bar_start_ns(done.start_s)
-                bar_index += closing.tolist()
+                bar_index = np.concatenate([bar_index, trade_rows[done.index]])
                 bar_symbol += done.symbols
-                bar_values += list(
-                    zip(done.start_s.tolist(), done.open.tolist(), done.high.tolist(), done.low.tolist(),
-                        done.close.tolist(), done.volume.tolist(), strict=True)
+                bar_values = np.concatenate(
+                    [bar_values, np.column_stack(
+                        [done.start_s, done.open, done.high, done.low, done.close, done.volume])]
                 )  # fmt: skip
-        if not bar_index:
+                bar_ns += _bar_start_ns(done.start_s)
+        if not len(bar_index):
             return None
-        order = np.argsort(np.asarray(bar_index), kind="stable")  # trade bars where they closed
-        values = np.asarray(bar_values, dtype=np.float64)[order]
-        index = np.asarray(bar_index, dtype=np.int64)[order]
+        if not len(trade_rows):  # bar records only: already in input order
+            return bar_index.astype(np.int64), bar_symbol, bar_values, bar_ns
+        order = np.argsort(bar_index, kind="stable")  # trade bars where they closed
         symbols = [bar_symbol[k] for k in order.tolist()]
         stamps = [bar_ns[k] for k in order.tolist()]
-        return index, symbols, values, stamps
+        return bar_index[order].astype(np.int64), symbols, bar_values[order], stamps
 
     def score_aligned(self, ticks: Sequence[feed_service_pb2.Tick]) -> list[FeedResult | None]:
         """``score`` laid out one slot per input record: a bar's own result; for a trade, the result
@@ -486,11 +517,25 @@ class TickScorer:
             if not len(done):
                 return []
             values = np.column_stack([done.start_s, done.open, done.high, done.low, done.close, done.volume])
-            return self._score_bars(done.index, done.symbols, values, _bar_start_ns(done.start_s))
+            return self._results(done.index, done.symbols, values, _bar_start_ns(done.start_s))
 
-    def _score_bars(
-        self, index: npt.NDArray[np.int64], symbols: list[str], values: F64, stamps: list[int]
-    ) -> list[FeedResult]:
+    def _results(self, index: I64, symbols: list[str], values: F64, stamps: list[int]) -> list[FeedResult]:
+        judged = self._judge(symbols, values)
+        if judged is None:
+            return []
+        scores, flagged, texts = judged
+        model = self.model
+        mid, version = model.model_id, model.version
+        return [
+            FeedResult(i, f"{sym}@{t}", t, mid, version, s, a, text)
+            for i, sym, t, s, a, text in zip(
+                index.tolist(), symbols, stamps, scores.tolist(), flagged.tolist(), texts, strict=True
+            )
+        ]
+
+    def _judge(self, symbols: list[str], values: F64) -> tuple[F64, Mask, list[str]] | None:
+        """Feed bars into the windows and score them: (scores, anomalous, explanations), or None
+        when the model failed."""
         model = self.model
         sequences = model.sequence_length > 0
         feats = self.bars.update(
@@ -512,7 +557,7 @@ class TickScorer:
                 logger.error(
                     "tick model %s@%s failed on %d bars: %s", model.model_id, model.version, len(rows), exc
                 )
-                return []
+                return None
             scores[rows] = s
             flagged_rows = rows if self.explain == "all" else rows[s >= model.threshold]
             if len(flagged_rows):
@@ -530,10 +575,4 @@ class TickScorer:
         for j in np.flatnonzero(~ready).tolist():
             texts[j] = f"warm-up: {int(feats.history[j])} of {need} bars"
         flagged = (scores >= model.threshold) & ready
-        mid, version = model.model_id, model.version
-        return [
-            FeedResult(i, f"{sym}@{t}", t, mid, version, s, a, text)
-            for i, sym, t, s, a, text in zip(
-                index.tolist(), symbols, stamps, scores.tolist(), flagged.tolist(), texts, strict=True
-            )
-        ]
+        return scores, flagged, texts

@@ -7,7 +7,14 @@ Rejected records are counted and kept (``ListFeedRejects``). With ``feed_hash_ke
 set, customer and terminal ids are replaced by a keyed hash (HMAC-SHA256) before anything
 else sees them, so the store never holds the raw identifiers. Accepted records are scored
 by the feed's models when the collector has them (``feed_models.py``), stored with their
-scores in one transaction, published to subscribers, and acknowledged.
+scores in one transaction, published to subscribers, and acknowledged (with every score, or
+the anomalous ones only, as the request asks).
+
+A batch is read into columns (``feed_batch.py``) and checked on those arrays; a record is
+looked at on its own only where its columns say it may be bad, so the reasons are those of
+``validate_transaction`` / ``validate_tick``. The batches of a stream go through three stages
+on three threads - prepared (columns, checks), scored, stored - so that one is prepared and the
+one before scored while an earlier one is stored: onnxruntime and SQLite release the GIL.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import sqlite3
@@ -24,15 +32,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from auris.agent.manifest import ManifestError
 from auris.agent.signing import ModelTrust
 from auris.collector.broker import Broker, follow
+from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc, model_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
+    from auris.collector.feed_models import BatchScores
 
 __all__ = [
     "FeedScorer",
@@ -41,7 +57,10 @@ __all__ = [
     "FeedStore",
     "Scored",
     "hash_identifier",
+    "tick_firsts",
     "tick_record_id",
+    "ticks_need_checking",
+    "transaction_suspects",
     "validate_tick",
     "validate_transaction",
 ]
@@ -65,6 +84,10 @@ def hash_identifier(key: bytes, value: str) -> str:
 
 def _ns(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
+
+
+# Seconds beyond which a Timestamp may not fit in signed 64-bit nanoseconds (time_problem decides).
+_SAFE_SECONDS = (-(2**63) // 1_000_000_000 + 1, 2**63 // 1_000_000_000 - 1)
 
 
 def time_problem(name: str, ts: Any) -> str | None:
@@ -135,6 +158,108 @@ def validate_tick(tick: feed_service_pb2.Tick, last_ns: int | None) -> str | Non
     return None
 
 
+def _time_suspects(seconds: npt.NDArray[np.int64], nanos: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    # A missing time reads as 0 s 0 ns: such records are looked at one by one.
+    bad: npt.NDArray[np.bool_] = (
+        ((seconds == 0) & (nanos == 0))
+        | (nanos < 0)
+        | (nanos > 999_999_999)
+        | (seconds < _SAFE_SECONDS[0])
+        | (seconds > _SAFE_SECONDS[1])
+    )
+    return bad
+
+
+def transaction_suspects(columns: TransactionColumns) -> list[int]:
+    """The records of a batch that ``validate_transaction`` might reject (a superset: a missing
+    field reads as zero, so zeros are looked at too), from the batch's columns."""
+    bad = _time_suspects(columns.seconds, columns.nanos)
+    amounts = columns.amounts
+    bad |= ~(amounts > 0) | ~np.isfinite(amounts)
+    if len(columns.ulb_rows):
+        bad[columns.ulb_rows] |= ~np.isfinite(columns.ulb_values).all(axis=1)
+    bad[columns.other_features] = True  # features beyond V1..V28: their sum is checked on the record
+    if "" in columns.transaction_ids:
+        bad[[i for i, tid in enumerate(columns.transaction_ids) if not tid]] = True
+    return np.flatnonzero(bad).tolist()
+
+
+def tick_firsts(columns: TickColumns) -> dict[tuple[str, str], int] | None:
+    """The first time (ns) of each (feed, symbol) of a batch when ``validate_tick`` can reject none
+    of its ticks provided each first time is after its symbol's latest accepted one; None when some
+    tick may be rejected for any other reason (then each is checked on its own)."""
+    if not len(columns):
+        return {}
+    if "" in columns.symbols or _time_suspects(columns.seconds, columns.nanos).any():
+        return None
+    bars = columns.is_bar
+    if bars.any():
+        o, h, lo, c, v = (getattr(columns, n)[bars] for n in ("open", "high", "low", "close", "volume"))
+        values = np.stack([o, h, lo, c, v])
+        if (
+            not np.isfinite(values).all()
+            or (values == 0).any()  # maybe missing
+            or (v < 0).any()
+            or not ((lo <= np.minimum(o, c)) & (h >= np.maximum(o, c))).all()
+        ):
+            return None
+    trades = ~bars
+    if trades.any():
+        price, size = columns.price[trades], columns.size[trades]
+        if not ((price > 0) & (size > 0) & np.isfinite(price) & np.isfinite(size)).all():
+            return None
+    # Times must increase within each (feed, symbol).
+    keys: dict[tuple[str, str], int] = {}
+    codes = np.fromiter(
+        (keys.setdefault(key, len(keys)) for key in zip(columns.feed_ids, columns.symbols, strict=True)),
+        np.int64,
+        len(columns),
+    )
+    order = np.argsort(codes, kind="stable")
+    code, ns = codes[order], columns.time_ns[order]
+    if ((code[1:] == code[:-1]) & (ns[1:] <= ns[:-1])).any():
+        return None
+    first = np.flatnonzero(np.concatenate([[True], code[1:] != code[:-1]]))
+    return dict(zip(keys, ns[first].tolist(), strict=True))
+
+
+def ticks_need_checking(columns: TickColumns, last_ns: Callable[[str, str], int | None]) -> bool:
+    """Whether ``validate_tick`` might reject any tick of the batch (``last_ns``: a feed's symbol's
+    latest accepted time); False means every one is accepted."""
+    firsts = tick_firsts(columns)
+    if firsts is None:
+        return True
+    for key, start in firsts.items():
+        last = last_ns(*key)
+        if last is not None and start <= last:
+            return True
+    return False
+
+
+def _kept(n: int, rejects: Sequence[feed_service_pb2.RejectedRecord]) -> list[int]:
+    """Indices of a batch of ``n`` records less the rejected ones."""
+    dropped = {r.index for r in rejects}
+    return [i for i in range(n) if i not in dropped]
+
+
+AnswerScores: TypeAlias = "feed_service_pb2.AnswerScores.ValueType"
+
+# The answers of the four ingest RPCs: the same three fields each.
+_Answer = (
+    feed_service_pb2.SubmitTransactionsResponse
+    | feed_service_pb2.StreamTransactionsResponse
+    | feed_service_pb2.SubmitTicksResponse
+    | feed_service_pb2.StreamTicksResponse
+)
+_AnswerT = TypeVar(
+    "_AnswerT",
+    feed_service_pb2.SubmitTransactionsResponse,
+    feed_service_pb2.StreamTransactionsResponse,
+    feed_service_pb2.SubmitTicksResponse,
+    feed_service_pb2.StreamTicksResponse,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scored:
     """What a feed's model said about one record."""
@@ -146,11 +271,9 @@ class Scored:
     explanation: str = ""
 
 
-# What one batch came to: stored scores, rejected records, alerts changed.
-_Outcome = tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord], list[int]]
-
-# Scores a batch of accepted records (in time order) of one kind; one result (or None) per record.
-FeedScorer = Callable[[Sequence[Any]], Sequence[Scored | None]]
+# Scores a batch of accepted records (in time order) of one kind, given as columns
+# (TransactionColumns or TickColumns); None when there is no model for the kind.
+FeedScorer = Callable[[Any], "BatchScores | None"]
 
 
 class FeedScorers:
@@ -191,28 +314,28 @@ class FeedScorers:
             found.append(f"{self._tick_model.model_id}@{self._tick_model.version}")
         return found
 
-    def _score(
-        self, kind: int, records: Sequence[Any], scorers: dict[str, Any], new: Callable[[], Any]
-    ) -> list[Scored | None]:
-        out: list[Scored | None] = [None] * len(records)
-        by_feed: dict[str, list[int]] = {}
-        for i, record in enumerate(records):
-            by_feed.setdefault(record.feed_id, []).append(i)
-        for feed_id, rows in by_feed.items():
+    def _score(self, kind: int, columns: Any, scorers: dict[str, Any], new: Callable[[], Any]) -> BatchScores:
+        from auris.collector.feed_models import BatchScores
+
+        feed_ids: list[str] = columns.feed_ids
+        groups: dict[str, list[int]] = {}
+        if feed_ids.count(feed_ids[0]) != len(feed_ids):
+            for i, feed_id in enumerate(feed_ids):
+                groups.setdefault(feed_id, []).append(i)
+        out: BatchScores | None = None
+        for feed_id in groups or [feed_ids[0]]:
             scorer = scorers.get(feed_id)
             if scorer is None:
                 scorer = new()
                 self._rebuild(kind, feed_id, scorer)  # kept only once rebuilt: a failure retries
                 scorers[feed_id] = scorer
-            for i, result in zip(rows, scorer.score_aligned([records[i] for i in rows]), strict=True):
-                if result is not None:
-                    out[i] = Scored(
-                        result.model_id,
-                        result.model_version,
-                        result.score,
-                        result.anomalous,
-                        result.explanation,
-                    )
+            if not groups:  # the whole batch is one feed's
+                scored: BatchScores = scorer.score_columns(columns)
+                return scored
+            rows = groups[feed_id]
+            out = out or BatchScores.empty(len(feed_ids), [])
+            out.put(rows, scorer.score_columns(columns.take(np.asarray(rows, dtype=np.intp))))
+        assert out is not None
         return out
 
     def _rebuild(self, kind: int, feed_id: str, scorer: Any) -> None:
@@ -238,15 +361,70 @@ class FeedScorers:
                 time.monotonic() - started,
             )
 
-    def transactions(self, records: Sequence[feed_service_pb2.Transaction]) -> list[Scored | None]:
-        if not self._tx_models:
-            return [None] * len(records)
-        return self._score(TRANSACTIONS, records, self._tx, self._new_tx)
+    def transactions(self, columns: TransactionColumns) -> BatchScores | None:
+        """Scores of a batch of accepted transactions (in time order), or None without models."""
+        if not self._tx_models or not len(columns):
+            return None
+        return self._score(TRANSACTIONS, columns, self._tx, self._new_tx)
 
-    def ticks(self, records: Sequence[feed_service_pb2.Tick]) -> list[Scored | None]:
-        if self._tick_model is None:
-            return [None] * len(records)
-        return self._score(TICKS, records, self._ticks, self._new_ticks)
+    def ticks(self, columns: TickColumns) -> BatchScores | None:
+        """Scores of a batch of accepted ticks (in time order), or None without a tick model."""
+        if self._tick_model is None or not len(columns):
+            return None
+        return self._score(TICKS, columns, self._ticks, self._new_ticks)
+
+
+@dataclasses.dataclass
+class FeedRows:
+    """A feed's accepted records of one batch, as columns, with their scores (``score`` None and
+    ``model_id`` "" where no model scored a record)."""
+
+    record_ids: list[str]
+    entities: list[str]
+    seconds: list[int]
+    nanos: list[int]
+    blobs: list[bytes]
+    model_ids: list[str]
+    model_versions: list[str]
+    scores: list[float | None]
+    anomalous: list[bool]
+    explanations: list[str]
+
+    @classmethod
+    def of(
+        cls,
+        record_ids: list[str],
+        entities: list[str],
+        seconds: list[int],
+        nanos: list[int],
+        blobs: list[bytes],
+        scored: BatchScores | None,
+    ) -> FeedRows:
+        n = len(record_ids)
+        if scored is None:
+            return cls(record_ids, entities, seconds, nanos, blobs, [""] * n, [""] * n, [None] * n,
+                       [False] * n, [""] * n)  # fmt: skip
+        names = np.array([*(m.model_id for m in scored.models), ""], dtype=object)
+        versions = np.array([*(m.version for m in scored.models), ""], dtype=object)
+        scores: list[float | None] = scored.score.tolist()
+        if (scored.model < 0).any():
+            scores = [None if m < 0 else s for m, s in zip(scored.model.tolist(), scores, strict=True)]
+        return cls(
+            record_ids,
+            entities,
+            seconds,
+            nanos,
+            blobs,
+            names[scored.model].tolist(),
+            versions[scored.model].tolist(),
+            scores,
+            scored.anomalous.tolist(),
+            scored.explanation,
+        )
+
+    def take(self, rows: list[int]) -> FeedRows:
+        columns = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return FeedRows(*([column[i] for i in rows] for column in columns))
 
 
 _COLUMNS = "id, feed_id, record_id, entity, time_ns, model_id, model_version, score, anomalous, explanation"
@@ -269,6 +447,38 @@ def _score(row: Sequence[Any]) -> feed_service_pb2.FeedScore:
     return out
 
 
+def _add_scores(
+    into: RepeatedCompositeFieldContainer[feed_service_pb2.FeedScore],
+    feed_id: str,
+    rows: FeedRows,
+    first_id: int,
+    only: Sequence[bool] | None,
+) -> None:
+    """Append the FeedScores of stored rows (ids from ``first_id`` on), those where ``only`` is
+    true when given."""
+    add = into.add
+    nan = math.nan
+    fields = zip(
+        range(first_id, first_id + len(rows.record_ids)), rows.record_ids, rows.entities, rows.seconds,
+        rows.nanos, rows.model_ids, rows.model_versions, rows.scores, rows.anomalous, rows.explanations,
+        strict=True,
+    )  # fmt: skip
+    for row_id, record_id, entity, sec, nanos, model_id, version, score, anomalous, text in (
+        fields if only is None else itertools.compress(fields, only)
+    ):
+        add(
+            id=row_id,
+            feed_id=feed_id,
+            record_id=record_id,
+            entity=entity,
+            time={"seconds": sec, "nanos": nanos},
+            model={"model_id": model_id, "version": version} if model_id else None,
+            score=nan if score is None else score,
+            anomalous=anomalous,
+            explanation=text,
+        )
+
+
 class FeedStore:
     """Feed records and rejects in the collector's database."""
 
@@ -277,10 +487,13 @@ class FeedStore:
         store: VerdictStore,
         on_store: Callable[[sqlite3.Connection, list[feed_service_pb2.FeedScore], int], list[int]]
         | None = None,
+        wants_scores: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
-        # Alert rules over feed scores, run inside the transaction that stores them.
+        # Alert rules over feed scores, run inside the transaction that stores them, and whether
+        # they look at them at all right now (rules come and go with SIGHUP).
         self._on_store = on_store
+        self._wants_scores = wants_scores or (lambda: on_store is not None)
         # (feed, symbol) -> latest accepted tick time, loaded per feed on first use.
         self._last_tick: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
@@ -295,9 +508,28 @@ class FeedStore:
                     (feed_id, TICKS),
                 )
                 for entity, latest in rows:
-                    self._last_tick[(feed_id, entity)] = int(latest)
+                    key = (feed_id, entity)
+                    self._last_tick[key] = max(int(latest), self._last_tick.get(key, int(latest)))
                 self._loaded.add(feed_id)
             return self._last_tick.get((feed_id, symbol))
+
+    def note_ticks(self, feed_ids: Sequence[str], symbols: Sequence[str], time_ns: Sequence[int]) -> None:
+        """Accepted ticks, before they are stored: the symbols' latest times for the batches that
+        are checked meanwhile."""
+        with self._lock:
+            last = self._last_tick
+            for key, t in zip(zip(feed_ids, symbols, strict=True), time_ns, strict=True):
+                if t > last.get(key, t - 1):
+                    last[key] = t
+
+    def forget_ticks(self, feed_ids: Sequence[str]) -> None:
+        """Drop the feeds' latest tick times (reloaded from the store on next use): after a batch
+        noted by ``note_ticks`` failed to be stored."""
+        with self._lock:
+            for feed_id in set(feed_ids):
+                self._loaded.discard(feed_id)
+                for key in [k for k in self._last_tick if k[0] == feed_id]:
+                    del self._last_tick[key]
 
     def recent_transactions(
         self, feed_id: str, span_s: float, limit: int, chunk: int = 10_000
@@ -390,42 +622,81 @@ class FeedStore:
     ) -> tuple[list[feed_service_pb2.FeedScore], list[int]]:
         """Store accepted records (record id, entity, time, serialised record, score) and rejects in one
         transaction; return the stored scores and the ids of alerts they changed."""
-        out: list[feed_service_pb2.FeedScore] = []
+        rows = FeedRows(
+            [r[0] for r in records],
+            [r[1] for r in records],
+            [r[2] // 1_000_000_000 for r in records],
+            [r[2] % 1_000_000_000 for r in records],
+            [r[3] for r in records],
+            [r[4].model_id if r[4] else "" for r in records],
+            [r[4].model_version if r[4] else "" for r in records],
+            [r[4].score if r[4] else None for r in records],
+            [bool(r[4] and r[4].anomalous) for r in records],
+            [r[4].explanation if r[4] else "" for r in records],
+        )
+        into = feed_service_pb2.StreamTransactionsResponse().scores
+        alert_ids, _ = self.add_rows(feed_id, kind, rows, rejects, now_ns, into)
+        return list(into), alert_ids
+
+    def add_rows(
+        self,
+        feed_id: str,
+        kind: int,
+        rows: FeedRows,
+        rejects: Sequence[feed_service_pb2.RejectedRecord],
+        now_ns: int,
+        into: RepeatedCompositeFieldContainer[feed_service_pb2.FeedScore],
+        answer: AnswerScores = feed_service_pb2.ANSWER_SCORES_ALL,
+        publish: bool = False,
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+        """Store a feed's accepted records and rejects of one batch in one transaction; append the
+        stored scores that ``answer`` asks for to ``into`` (an answer's ``scores``). Returns the ids
+        of alerts the scores changed, and every stored score when ``publish`` (else none)."""
         alert_ids: list[int] = []
-        rows = [
-            (feed_id, kind, record_id, entity, time_ns, now_ns,
-             scored.model_id if scored else "", scored.model_version if scored else "",
-             scored.score if scored else None, int(bool(scored and scored.anomalous)),
-             scored.explanation if scored else "", blob)
-            for record_id, entity, time_ns, blob, scored in records
-        ]  # fmt: skip
+        n = len(rows.record_ids)
+        time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
+        answer_all = answer in (
+            feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
+            feed_service_pb2.ANSWER_SCORES_ALL,
+        )
+        # Every score is built when the answer, subscribers or alert rules want them all.
+        build_all = n > 0 and (answer_all or publish or (self._on_store is not None and self._wants_scores()))
+        built = into if answer_all else feed_service_pb2.StreamTicksResponse().scores
+        start = len(built)
         with self._store.writing() as conn:
-            if rows:
+            if n:
                 conn.executemany(
                     "INSERT INTO feed_records (feed_id, kind, record_id, entity, time_ns, received_ns,"
                     " model_id, model_version, score, anomalous, explanation, record_pb)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    rows,
-                )
+                    zip(itertools.repeat(feed_id), itertools.repeat(kind), rows.record_ids, rows.entities,
+                        time_ns, itertools.repeat(now_ns), rows.model_ids, rows.model_versions, rows.scores,
+                        rows.anomalous, rows.explanations, rows.blobs, strict=False),
+                )  # fmt: skip
                 # One writer, rowids without AUTOINCREMENT: the batch took consecutive ids.
-                first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows) + 1
-                out = [
-                    _score((first + i, row[0], row[2], row[3], row[4], *row[6:11]))
-                    for i, row in enumerate(rows)
-                ]
-            conn.executemany(
-                "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
-                " VALUES (?,?,?,?,?)",
-                [(feed_id, now_ns, r.index, r.record_id, r.reason) for r in rejects],
-            )
-            if self._on_store is not None and out:
-                alert_ids = self._on_store(conn, out, now_ns)
-        if kind == TICKS:
+                first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - n + 1
+                if build_all:
+                    _add_scores(built, feed_id, rows, first, None)
+                    if answer == feed_service_pb2.ANSWER_SCORES_ANOMALOUS:
+                        into.extend(score for score in built[start:] if score.anomalous)
+                elif answer == feed_service_pb2.ANSWER_SCORES_ANOMALOUS:
+                    _add_scores(into, feed_id, rows, first, rows.anomalous)
+            if rejects:
+                conn.executemany(
+                    "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
+                    " VALUES (?,?,?,?,?)",
+                    [(feed_id, now_ns, r.index, r.record_id, r.reason) for r in rejects],
+                )
+            if self._on_store is not None and build_all:
+                alert_ids = self._on_store(conn, built[start:], now_ns)
+        if kind == TICKS and n:
             with self._lock:
-                for _, entity, time_ns, _, _ in records:
+                last = self._last_tick
+                for entity, time in zip(rows.entities, time_ns, strict=True):
                     key = (feed_id, entity)
-                    self._last_tick[key] = max(time_ns, self._last_tick.get(key, 0))
-        return out, alert_ids
+                    if time > last.get(key, time - 1):
+                        last[key] = time
+        return alert_ids, built[start:] if publish and build_all else []
 
     def query(
         self, feed_id: str, since_ns: int, anomalous: bool | None, page_size: int, page_token: str
@@ -505,6 +776,54 @@ class FeedStore:
         return sorted(out, key=lambda info: info.feed_id)
 
 
+# Batches of one client stream in hand at a time (being prepared, waiting, being stored).
+_READ_AHEAD = 2
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A batch read into columns and checked, waiting to be scored and stored."""
+
+    kind: int
+    batch: Sequence[Any]
+    # The accepted records' columns (for ticks: all the batch's until scoring checks the order).
+    columns: TransactionColumns | TickColumns
+    blobs: list[bytes]
+    rejects: list[feed_service_pb2.RejectedRecord]
+    # Ticks: the first time of each (feed, symbol), or None when ticks must be checked one by one.
+    firsts: dict[tuple[str, str], int] | None = None
+
+
+@dataclasses.dataclass
+class _Scored:
+    """A batch scored, waiting to be stored."""
+
+    kind: int
+    batch: Sequence[Any]
+    feed_ids: list[str]
+    rows: FeedRows
+    rejects: list[feed_service_pb2.RejectedRecord]
+
+
+@dataclasses.dataclass
+class _Stages:
+    """When a stream's batch is through scoring, and through storing: the next batch waits for
+    each before its own."""
+
+    scored: asyncio.Future[None]
+    stored: asyncio.Future[None]
+
+    @classmethod
+    def new(cls) -> _Stages:
+        loop = asyncio.get_running_loop()
+        return cls(loop.create_future(), loop.create_future())
+
+    def close(self) -> None:
+        for future in (self.scored, self.stored):
+            if not future.done():
+                future.set_result(None)
+
+
 class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
     """FeedService: accept, hash, validate, score, store, publish, acknowledge."""
 
@@ -521,10 +840,16 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         default_page: int = 100,
         max_page: int = 1000,
         alerts_changed: Callable[[list[int]], Awaitable[None]] | None = None,
+        preparer: ThreadPoolExecutor | None = None,
+        scorer: ThreadPoolExecutor | None = None,
     ) -> None:
         self._alerts_changed = alerts_changed
         self._feeds = feeds
         self._writer = writer
+        # Reads and validates batches while the writer scores and stores earlier ones.
+        self._preparer = preparer or writer
+        # Scores batches while the writer stores the one before (onnxruntime releases the GIL).
+        self._scorer = scorer or writer
         self._readers = readers
         self._broker = broker
         self._hash_key = hash_key
@@ -532,33 +857,59 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         self._score_ticks = score_ticks
         self._default_page = default_page
         self._max_page = max_page
-        # One batch of a feed at a time: scoring state and tick order are per feed.
+        # One batch at a time through scoring (scoring state and tick order are per feed), and one
+        # through storing (record ids, rejects, alerts): a batch may be stored while the next one
+        # is scored.
         self._lock = threading.Lock()
+        self._store_lock = threading.Lock()
 
-    def _transactions(self, batch: Sequence[feed_service_pb2.Transaction]) -> _Outcome:
+    def _hashed(self, batch: Sequence[feed_service_pb2.Transaction]) -> list[feed_service_pb2.Transaction]:
+        """Copies of the records with their customer and terminal ids hashed (the request stays as
+        it came)."""
+        assert self._hash_key is not None
+        key = self._hash_key
+        hashes: dict[str, str] = {}
+        out = []
+        for original in batch:
+            tx = feed_service_pb2.Transaction()
+            tx.CopyFrom(original)
+            for name in ("customer_id", "terminal_id"):
+                raw = getattr(tx, name)
+                hashed = hashes.get(raw)
+                if hashed is None:
+                    hashed = hashes[raw] = hash_identifier(key, raw)
+                setattr(tx, name, hashed)
+            out.append(tx)
+        return out
+
+    def _prepare_transactions(self, batch: Sequence[feed_service_pb2.Transaction]) -> _Prepared:
+        records = self._hashed(batch) if self._hash_key is not None else batch
+        blobs = [tx.SerializeToString() for tx in records]
+        columns = TransactionColumns.of(records, blobs)
         rejects: list[feed_service_pb2.RejectedRecord] = []
-        accepted: list[feed_service_pb2.Transaction] = []
-        for index, original in enumerate(batch):
-            tx = original
-            if self._hash_key is not None:  # on a copy: the request stays as it came
-                tx = feed_service_pb2.Transaction()
-                tx.CopyFrom(original)
-                tx.customer_id = hash_identifier(self._hash_key, tx.customer_id)
-                tx.terminal_id = hash_identifier(self._hash_key, tx.terminal_id)
+        for index in transaction_suspects(columns):
+            tx = records[index]
             reason = validate_transaction(tx)
             if reason is not None:
                 rejects.append(
                     feed_service_pb2.RejectedRecord(index=index, reason=reason, record_id=tx.transaction_id)
                 )
-            else:
-                accepted.append(tx)
-        return self._store(
-            TRANSACTIONS, batch, accepted, rejects, lambda t: (t.transaction_id, t.customer_id)
-        )
+        if rejects:
+            keep = _kept(len(records), rejects)
+            columns = columns.take(np.asarray(keep, dtype=np.intp))
+            blobs = [blobs[i] for i in keep]
+        return _Prepared(TRANSACTIONS, batch, columns, blobs, rejects)
 
-    def _ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> _Outcome:
+    def _prepare_ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> _Prepared:
+        columns = TickColumns.of(batch)
+        firsts = tick_firsts(columns)
+        blobs = [tick.SerializeToString() for tick in batch] if firsts is not None else []
+        return _Prepared(TICKS, batch, columns, blobs, [], firsts)
+
+    def _check_ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> list[feed_service_pb2.RejectedRecord]:
+        """Each tick of a batch against ``validate_tick``, in order (an accepted tick's time is its
+        symbol's latest from then on)."""
         rejects: list[feed_service_pb2.RejectedRecord] = []
-        accepted: list[feed_service_pb2.Tick] = []
         latest: dict[tuple[str, str], int] = {}
         for index, tick in enumerate(batch):
             key = (tick.feed_id, tick.symbol)
@@ -571,78 +922,200 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                     )
                 )
             else:
-                accepted.append(tick)
                 latest[key] = _ns(tick.time)
-        return self._store(TICKS, batch, accepted, rejects, lambda t: (tick_record_id(t), t.symbol))
+        return rejects
+
+    def _score_batch(self, prepared: _Prepared) -> _Scored:
+        """Check a prepared batch's tick order and score it. Batches come here one at a time, in
+        the order they arrived."""
+        batch, columns, blobs, rejects = prepared.batch, prepared.columns, prepared.blobs, prepared.rejects
+        if prepared.kind == TICKS:
+            # Tick order is checked against the symbols' latest accepted times here, where batches
+            # come one after the other; a batch not known clean is checked tick by tick.
+            last_ns = self._feeds.last_tick_ns
+            firsts = prepared.firsts
+            if firsts is None or any(
+                (last := last_ns(*key)) is not None and start <= last for key, start in firsts.items()
+            ):
+                rejects = self._check_ticks(batch)
+                keep = _kept(len(batch), rejects)
+                columns = columns.take(np.asarray(keep, dtype=np.intp))
+                blobs = [batch[i].SerializeToString() for i in keep]
+        if prepared.kind == TRANSACTIONS:
+            assert isinstance(columns, TransactionColumns)
+            scored = self._score_transactions(columns) if self._score_transactions and blobs else None
+            record_ids, entities = columns.transaction_ids, columns.customers
+        else:
+            assert isinstance(columns, TickColumns)
+            time_ns = columns.time_ns.tolist()
+            self._feeds.note_ticks(columns.feed_ids, columns.symbols, time_ns)
+            scored = self._score_ticks(columns) if self._score_ticks and blobs else None
+            record_ids = [f"{symbol}@{t}" for symbol, t in zip(columns.symbols, time_ns, strict=True)]
+            entities = columns.symbols
+        rows = FeedRows.of(
+            record_ids, entities, columns.seconds.tolist(), columns.nanos.tolist(), blobs, scored
+        )
+        return _Scored(prepared.kind, batch, columns.feed_ids, rows, rejects)
+
+    def _store_batch(
+        self, scored: _Scored, answer: _Answer, wanted: AnswerScores
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+        """Store a scored batch, fill the answer (with the scores ``wanted``); the ids of alerts
+        changed, and the scores to publish. Batches come here in the order they were scored."""
+        try:
+            return self._store(
+                scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted
+            )
+        except BaseException:
+            if scored.kind == TICKS:
+                self._feeds.forget_ticks(scored.feed_ids)
+            raise
 
     def _store(
         self,
         kind: int,
         batch: Sequence[Any],
-        accepted: Sequence[Any],
+        feed_ids: list[str],
+        rows: FeedRows,
         rejects: list[feed_service_pb2.RejectedRecord],
-        ids: Callable[[Any], tuple[str, str]],
-    ) -> _Outcome:
-        scorer = self._score_transactions if kind == TRANSACTIONS else self._score_ticks
-        scores: Sequence[Scored | None] = (
-            scorer(accepted) if scorer is not None and accepted else [None] * len(accepted)
-        )
-        stored: list[feed_service_pb2.FeedScore] = []
-        by_feed: dict[str, list[tuple[str, str, int, bytes, Scored | None]]] = {}
-        for record, scored in zip(accepted, scores, strict=True):
-            record_id, entity = ids(record)
-            by_feed.setdefault(record.feed_id, []).append(
-                (record_id, entity, _ns(record.time), record.SerializeToString(), scored)
-            )
+        answer: _Answer,
+        wanted: AnswerScores,
+    ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+        """Store the accepted rows (per feed) and the rejects, fill the answer; the ids of alerts
+        changed and the scores to publish."""
+        parts: dict[str, FeedRows] = {}
+        if feed_ids and feed_ids.count(feed_ids[0]) == len(feed_ids):
+            parts[feed_ids[0]] = rows
+        else:
+            groups: dict[str, list[int]] = {}
+            for i, feed_id in enumerate(feed_ids):
+                groups.setdefault(feed_id, []).append(i)
+            parts = {feed_id: rows.take(members) for feed_id, members in groups.items()}
         # Each reject is kept under the feed its record named.
         rejected: dict[str, list[feed_service_pb2.RejectedRecord]] = {}
         for reject in rejects:
             rejected.setdefault(batch[reject.index].feed_id, []).append(reject)
         now = time.time_ns()
         alert_ids: list[int] = []
-        for feed_id in dict.fromkeys([*by_feed, *rejected]):
-            added, changed = self._feeds.add(
-                feed_id, kind, by_feed.get(feed_id, []), rejected.get(feed_id, []), now
-            )
-            stored += added
+        published: list[feed_service_pb2.FeedScore] = []
+        publish = self._broker.active
+        for feed_id in dict.fromkeys([*parts, *rejected]):
+            changed, stored = self._feeds.add_rows(
+                feed_id, kind, parts.get(feed_id) or rows.take([]), rejected.get(feed_id, []), now,
+                answer.scores, wanted, publish,
+            )  # fmt: skip
             alert_ids += changed
-        return stored, rejects, alert_ids
+            published += stored
+        answer.accepted = len(rows.record_ids)
+        answer.rejected.extend(rejects)
+        return alert_ids, published
 
     async def _accept(
-        self, kind: int, records: Sequence[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[list[feed_service_pb2.FeedScore], list[feed_service_pb2.RejectedRecord]]:
-        if len(records) > MAX_BATCH:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
-            )
-        work = self._transactions if kind == TRANSACTIONS else self._ticks
+        self,
+        kind: int,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        answer: _AnswerT,
+        stages: _Stages | None = None,
+        after: _Stages | None = None,
+    ) -> _AnswerT:
+        """Prepare a batch (on the preparing thread), score it once the stream's batch before
+        (``after``) is scored (on the scoring thread), store it once that one is stored (on the
+        writer thread), and publish its scores; ``stages`` tells the next batch how far this one
+        got."""
+        stages = stages or _Stages.new()
+        records = request.transactions if kind == TRANSACTIONS else request.ticks
+        wanted = request.answer_scores
+        loop = asyncio.get_running_loop()
+        prepare = self._prepare_transactions if kind == TRANSACTIONS else self._prepare_ticks
+        try:
+            if len(records) > MAX_BATCH:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
+                )
+            prepared = await loop.run_in_executor(self._preparer, prepare, records)
+            if after is not None:
+                await after.scored
 
-        def run() -> _Outcome:
-            with self._lock:
-                return work(records)
+            def score() -> _Scored:
+                with self._lock:
+                    return self._score_batch(prepared)
 
-        stored, rejects, alert_ids = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+            scored = await loop.run_in_executor(self._scorer, score)
+            stages.scored.set_result(None)
+            if after is not None:
+                await after.stored
+
+            def store() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+                with self._store_lock:
+                    return self._store_batch(scored, answer, wanted)
+
+            alert_ids, published = await loop.run_in_executor(self._writer, store)
+        finally:
+            stages.close()  # the next batch goes on, also when this one failed
         if alert_ids and self._alerts_changed is not None:
             await self._alerts_changed(alert_ids)
-        if stored and self._broker.active:
-            self._broker.publish(stored)
-        if rejects:
+        if published:
+            self._broker.publish(published)
+        if answer.rejected:
             logger.info(
                 "feed batch: %d accepted, %d rejected (first: %s)",
-                len(stored),
-                len(rejects),
-                rejects[0].reason,
+                answer.accepted,
+                len(answer.rejected),
+                answer.rejected[0].reason,
             )
-        return stored, rejects
+        return answer
+
+    async def _stream(
+        self,
+        kind: int,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+        answer_type: type[_AnswerT],
+    ) -> AsyncIterator[_AnswerT]:
+        """Answers of a client stream, in order. Requests are read ahead (up to ``_READ_AHEAD``
+        batches in hand) so that the next batch is prepared while the one before is scored and
+        stored: onnxruntime and SQLite release the GIL, the preparing thread uses it meanwhile. An
+        answer goes out as soon as its batch is stored, whether or not more requests came."""
+        queue: asyncio.Queue[asyncio.Task[_AnswerT] | None] = asyncio.Queue(_READ_AHEAD)
+
+        async def read() -> None:
+            previous: _Stages | None = None
+            try:
+                async for request in requests:
+                    stages = _Stages.new()
+                    task = asyncio.ensure_future(
+                        self._accept(kind, request, context, answer_type(), stages, previous)
+                    )
+                    previous = stages
+                    await queue.put(task)
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.ensure_future(read())
+        taken: asyncio.Task[_AnswerT] | None = None
+        try:
+            while (taken := await queue.get()) is not None:
+                yield await taken
+            await reader  # a failed read ends the call with its error
+        finally:
+            reader.cancel()
+            left = [taken] if taken is not None else []
+            while not queue.empty():
+                task = queue.get_nowait()
+                if task is not None:
+                    left.append(task)
+            for task in left:
+                task.cancel()
+            await asyncio.gather(reader, *left, return_exceptions=True)
 
     async def SubmitTransactions(
         self,
         request: feed_service_pb2.SubmitTransactionsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> feed_service_pb2.SubmitTransactionsResponse:
-        stored, rejects = await self._accept(TRANSACTIONS, request.transactions, context)
-        return feed_service_pb2.SubmitTransactionsResponse(
-            accepted=len(stored), rejected=rejects, scores=stored
+        return await self._accept(
+            TRANSACTIONS, request, context, feed_service_pb2.SubmitTransactionsResponse()
         )
 
     async def StreamTransactions(
@@ -650,26 +1123,25 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         request_iterator: AsyncIterator[feed_service_pb2.StreamTransactionsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[feed_service_pb2.StreamTransactionsResponse]:
-        async for request in request_iterator:
-            stored, rejects = await self._accept(TRANSACTIONS, request.transactions, context)
-            yield feed_service_pb2.StreamTransactionsResponse(
-                accepted=len(stored), rejected=rejects, scores=stored
-            )
+        async for answer in self._stream(
+            TRANSACTIONS, request_iterator, context, feed_service_pb2.StreamTransactionsResponse
+        ):
+            yield answer
 
     async def SubmitTicks(
         self, request: feed_service_pb2.SubmitTicksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> feed_service_pb2.SubmitTicksResponse:
-        stored, rejects = await self._accept(TICKS, request.ticks, context)
-        return feed_service_pb2.SubmitTicksResponse(accepted=len(stored), rejected=rejects, scores=stored)
+        return await self._accept(TICKS, request, context, feed_service_pb2.SubmitTicksResponse())
 
     async def StreamTicks(
         self,
         request_iterator: AsyncIterator[feed_service_pb2.StreamTicksRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[feed_service_pb2.StreamTicksResponse]:
-        async for request in request_iterator:
-            stored, rejects = await self._accept(TICKS, request.ticks, context)
-            yield feed_service_pb2.StreamTicksResponse(accepted=len(stored), rejected=rejects, scores=stored)
+        async for answer in self._stream(
+            TICKS, request_iterator, context, feed_service_pb2.StreamTicksResponse
+        ):
+            yield answer
 
     def _page(self, size: int) -> int:
         return min(size or self._default_page, self._max_page)

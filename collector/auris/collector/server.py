@@ -71,6 +71,10 @@ class Collector:
         self.store = VerdictStore(Path(config.db), config.sqlite_synchronous)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-writer")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auris-reader")
+        # Feed batches are read and validated here while the writer stores earlier ones.
+        self._feed_preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-feed-prepare")
+        # ... and scored here (onnxruntime releases the GIL) while the writer stores the one before.
+        self._feed_scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-feed-score")
         limit = config.max_message_mib * 1024 * 1024
         self.authority = Authority(self.store, insecure=config.insecure)
         self.signer = (
@@ -143,7 +147,7 @@ class Collector:
             ),
             self._server,
         )
-        self.feeds = FeedStore(self.store, self._evaluate_feed)
+        self.feeds = FeedStore(self.store, self._evaluate_feed, lambda: self.alerts.has_feed_rules)
         self.feed_broker: Broker[feed_service_pb2.FeedScore] = Broker(
             config.subscriber_buffer, config.max_subscribers
         )
@@ -178,6 +182,8 @@ class Collector:
                 default_page=config.default_page_size,
                 max_page=config.max_page_size,
                 alerts_changed=self._alerts_changed,
+                preparer=self._feed_preparer,
+                scorer=self._feed_scorer,
             ),
             self._server,
         )
@@ -461,6 +467,8 @@ class Collector:
             self.notifier.stop()
         # The sinks finish the batch in hand; their cursors keep the place of the rest.
         await asyncio.get_running_loop().run_in_executor(None, self.siem.stop)
+        self._feed_preparer.shutdown(wait=True)
+        self._feed_scorer.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()

@@ -26,7 +26,7 @@ from auris.v1 import model_pb2 as auris_dot_v1_dot_model__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61uris/v1/feed_service.proto\x12\x08\x61uris.v1\x1a\x14\x61uris/v1/model.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x02\n\x0bTransaction\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\x12\x13\n\x06\x61mount\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32#.auris.v1.Transaction.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_amount\"\xab\x02\n\x04Tick\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\x05price\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04size\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04open\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04high\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x03low\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05\x63lose\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x13\n\x06volume\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x0e\n\x06is_bar\x18\x0b \x01(\x08\x42\x08\n\x06_priceB\x07\n\x05_sizeB\x07\n\x05_openB\x07\n\x05_highB\x06\n\x04_lowB\x08\n\x06_closeB\t\n\x07_volume\"B\n\x0eRejectedRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\"\xcf\x01\n\tFeedScore\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05model\x18\x04 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tanomalous\x18\x06 \x01(\x08\x12\x13\n\x0b\x65xplanation\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\x04\x12\x0e\n\x06\x65ntity\x18\t \x01(\t\"H\n\x19StreamTransactionsRequest\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.auris.v1.Transaction\"\x7f\n\x1aStreamTransactionsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"H\n\x19SubmitTransactionsRequest\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.auris.v1.Transaction\"\x7f\n\x1aSubmitTransactionsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"3\n\x12StreamTicksRequest\x12\x1d\n\x05ticks\x18\x01 \x03(\x0b\x32\x0e.auris.v1.Tick\"x\n\x13StreamTicksResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"3\n\x12SubmitTicksRequest\x12\x1d\n\x05ticks\x18\x01 \x03(\x0b\x32\x0e.auris.v1.Tick\"x\n\x13SubmitTicksResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"\xa6\x01\n\x16QueryFeedScoresRequest\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12.\n\nsince_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\tanomalous\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\tB\x0c\n\n_anomalous\"W\n\x17QueryFeedScoresResponse\x12#\n\x06scores\x18\x01 \x03(\x0b\x32\x13.auris.v1.FeedScore\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x1aSubscribeFeedScoresRequest\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x16\n\tanomalous\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_anomalous\"A\n\x1bSubscribeFeedScoresResponse\x12\"\n\x05score\x18\x01 \x01(\x0b\x32\x13.auris.v1.FeedScore\"\x88\x01\n\x0cStoredReject\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x02 \x01(\t\x12\x31\n\rreceived_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06record\x18\x04 \x01(\x0b\x32\x18.auris.v1.RejectedRecord\"P\n\x16ListFeedRejectsRequest\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x17ListFeedRejectsResponse\x12\'\n\x07rejects\x18\x01 \x03(\x0b\x32\x16.auris.v1.StoredReject\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x85\x05\n\x0b\x46\x65\x65\x64Service\x12\x63\n\x12StreamTransactions\x12#.auris.v1.StreamTransactionsRequest\x1a$.auris.v1.StreamTransactionsResponse(\x01\x30\x01\x12_\n\x12SubmitTransactions\x12#.auris.v1.SubmitTransactionsRequest\x1a$.auris.v1.SubmitTransactionsResponse\x12N\n\x0bStreamTicks\x12\x1c.auris.v1.StreamTicksRequest\x1a\x1d.auris.v1.StreamTicksResponse(\x01\x30\x01\x12J\n\x0bSubmitTicks\x12\x1c.auris.v1.SubmitTicksRequest\x1a\x1d.auris.v1.SubmitTicksResponse\x12V\n\x0fQueryFeedScores\x12 .auris.v1.QueryFeedScoresRequest\x1a!.auris.v1.QueryFeedScoresResponse\x12\x64\n\x13SubscribeFeedScores\x12$.auris.v1.SubscribeFeedScoresRequest\x1a%.auris.v1.SubscribeFeedScoresResponse0\x01\x12V\n\x0fListFeedRejects\x12 .auris.v1.ListFeedRejectsRequest\x1a!.auris.v1.ListFeedRejectsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61uris/v1/feed_service.proto\x12\x08\x61uris.v1\x1a\x14\x61uris/v1/model.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x02\n\x0bTransaction\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\x12\x13\n\x06\x61mount\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32#.auris.v1.Transaction.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_amount\"\xab\x02\n\x04Tick\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\x05price\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04size\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04open\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04high\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x03low\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05\x63lose\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x13\n\x06volume\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x0e\n\x06is_bar\x18\x0b \x01(\x08\x42\x08\n\x06_priceB\x07\n\x05_sizeB\x07\n\x05_openB\x07\n\x05_highB\x06\n\x04_lowB\x08\n\x06_closeB\t\n\x07_volume\"B\n\x0eRejectedRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\"\xcf\x01\n\tFeedScore\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05model\x18\x04 \x01(\x0b\x32\x12.auris.v1.ModelRef\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tanomalous\x18\x06 \x01(\x08\x12\x13\n\x0b\x65xplanation\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\x04\x12\x0e\n\x06\x65ntity\x18\t \x01(\t\"w\n\x19StreamTransactionsRequest\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.auris.v1.Transaction\x12-\n\ranswer_scores\x18\x02 \x01(\x0e\x32\x16.auris.v1.AnswerScores\"\x7f\n\x1aStreamTransactionsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"w\n\x19SubmitTransactionsRequest\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.auris.v1.Transaction\x12-\n\ranswer_scores\x18\x02 \x01(\x0e\x32\x16.auris.v1.AnswerScores\"\x7f\n\x1aSubmitTransactionsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"b\n\x12StreamTicksRequest\x12\x1d\n\x05ticks\x18\x01 \x03(\x0b\x32\x0e.auris.v1.Tick\x12-\n\ranswer_scores\x18\x02 \x01(\x0e\x32\x16.auris.v1.AnswerScores\"x\n\x13StreamTicksResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"b\n\x12SubmitTicksRequest\x12\x1d\n\x05ticks\x18\x01 \x03(\x0b\x32\x0e.auris.v1.Tick\x12-\n\ranswer_scores\x18\x02 \x01(\x0e\x32\x16.auris.v1.AnswerScores\"x\n\x13SubmitTicksResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12*\n\x08rejected\x18\x02 \x03(\x0b\x32\x18.auris.v1.RejectedRecord\x12#\n\x06scores\x18\x03 \x03(\x0b\x32\x13.auris.v1.FeedScore\"\xa6\x01\n\x16QueryFeedScoresRequest\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12.\n\nsince_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\tanomalous\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\tB\x0c\n\n_anomalous\"W\n\x17QueryFeedScoresResponse\x12#\n\x06scores\x18\x01 \x03(\x0b\x32\x13.auris.v1.FeedScore\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x1aSubscribeFeedScoresRequest\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x16\n\tanomalous\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_anomalous\"A\n\x1bSubscribeFeedScoresResponse\x12\"\n\x05score\x18\x01 \x01(\x0b\x32\x13.auris.v1.FeedScore\"\x88\x01\n\x0cStoredReject\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x02 \x01(\t\x12\x31\n\rreceived_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06record\x18\x04 \x01(\x0b\x32\x18.auris.v1.RejectedRecord\"P\n\x16ListFeedRejectsRequest\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x17ListFeedRejectsResponse\x12\'\n\x07rejects\x18\x01 \x03(\x0b\x32\x16.auris.v1.StoredReject\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*y\n\x0c\x41nswerScores\x12\x1d\n\x19\x41NSWER_SCORES_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41NSWER_SCORES_ALL\x10\x01\x12\x1b\n\x17\x41NSWER_SCORES_ANOMALOUS\x10\x02\x12\x16\n\x12\x41NSWER_SCORES_NONE\x10\x03\x32\x85\x05\n\x0b\x46\x65\x65\x64Service\x12\x63\n\x12StreamTransactions\x12#.auris.v1.StreamTransactionsRequest\x1a$.auris.v1.StreamTransactionsResponse(\x01\x30\x01\x12_\n\x12SubmitTransactions\x12#.auris.v1.SubmitTransactionsRequest\x1a$.auris.v1.SubmitTransactionsResponse\x12N\n\x0bStreamTicks\x12\x1c.auris.v1.StreamTicksRequest\x1a\x1d.auris.v1.StreamTicksResponse(\x01\x30\x01\x12J\n\x0bSubmitTicks\x12\x1c.auris.v1.SubmitTicksRequest\x1a\x1d.auris.v1.SubmitTicksResponse\x12V\n\x0fQueryFeedScores\x12 .auris.v1.QueryFeedScoresRequest\x1a!.auris.v1.QueryFeedScoresResponse\x12\x64\n\x13SubscribeFeedScores\x12$.auris.v1.SubscribeFeedScoresRequest\x1a%.auris.v1.SubscribeFeedScoresResponse0\x01\x12V\n\x0fListFeedRejects\x12 .auris.v1.ListFeedRejectsRequest\x1a!.auris.v1.ListFeedRejectsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSACTION_FEATURESENTRY']._loaded_options = None
   _globals['_TRANSACTION_FEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_ANSWERSCORES']._serialized_start=2621
+  _globals['_ANSWERSCORES']._serialized_end=2742
   _globals['_TRANSACTION']._serialized_start=97
   _globals['_TRANSACTION']._serialized_end=371
   _globals['_TRANSACTION_FEATURESENTRY']._serialized_start=313
@@ -46,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEEDSCORE']._serialized_start=744
   _globals['_FEEDSCORE']._serialized_end=951
   _globals['_STREAMTRANSACTIONSREQUEST']._serialized_start=953
-  _globals['_STREAMTRANSACTIONSREQUEST']._serialized_end=1025
-  _globals['_STREAMTRANSACTIONSRESPONSE']._serialized_start=1027
-  _globals['_STREAMTRANSACTIONSRESPONSE']._serialized_end=1154
-  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_start=1156
-  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_end=1228
-  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_start=1230
-  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_end=1357
-  _globals['_STREAMTICKSREQUEST']._serialized_start=1359
-  _globals['_STREAMTICKSREQUEST']._serialized_end=1410
-  _globals['_STREAMTICKSRESPONSE']._serialized_start=1412
-  _globals['_STREAMTICKSRESPONSE']._serialized_end=1532
-  _globals['_SUBMITTICKSREQUEST']._serialized_start=1534
-  _globals['_SUBMITTICKSREQUEST']._serialized_end=1585
-  _globals['_SUBMITTICKSRESPONSE']._serialized_start=1587
-  _globals['_SUBMITTICKSRESPONSE']._serialized_end=1707
-  _globals['_QUERYFEEDSCORESREQUEST']._serialized_start=1710
-  _globals['_QUERYFEEDSCORESREQUEST']._serialized_end=1876
-  _globals['_QUERYFEEDSCORESRESPONSE']._serialized_start=1878
-  _globals['_QUERYFEEDSCORESRESPONSE']._serialized_end=1965
-  _globals['_SUBSCRIBEFEEDSCORESREQUEST']._serialized_start=1967
-  _globals['_SUBSCRIBEFEEDSCORESREQUEST']._serialized_end=2050
-  _globals['_SUBSCRIBEFEEDSCORESRESPONSE']._serialized_start=2052
-  _globals['_SUBSCRIBEFEEDSCORESRESPONSE']._serialized_end=2117
-  _globals['_STOREDREJECT']._serialized_start=2120
-  _globals['_STOREDREJECT']._serialized_end=2256
-  _globals['_LISTFEEDREJECTSREQUEST']._serialized_start=2258
-  _globals['_LISTFEEDREJECTSREQUEST']._serialized_end=2338
-  _globals['_LISTFEEDREJECTSRESPONSE']._serialized_start=2340
-  _globals['_LISTFEEDREJECTSRESPONSE']._serialized_end=2431
-  _globals['_FEEDSERVICE']._serialized_start=2434
-  _globals['_FEEDSERVICE']._serialized_end=3079
+  _globals['_STREAMTRANSACTIONSREQUEST']._serialized_end=1072
+  _globals['_STREAMTRANSACTIONSRESPONSE']._serialized_start=1074
+  _globals['_STREAMTRANSACTIONSRESPONSE']._serialized_end=1201
+  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_start=1203
+  _globals['_SUBMITTRANSACTIONSREQUEST']._serialized_end=1322
+  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_start=1324
+  _globals['_SUBMITTRANSACTIONSRESPONSE']._serialized_end=1451
+  _globals['_STREAMTICKSREQUEST']._serialized_start=1453
+  _globals['_STREAMTICKSREQUEST']._serialized_end=1551
+  _globals['_STREAMTICKSRESPONSE']._serialized_start=1553
+  _globals['_STREAMTICKSRESPONSE']._serialized_end=1673
+  _globals['_SUBMITTICKSREQUEST']._serialized_start=1675
+  _globals['_SUBMITTICKSREQUEST']._serialized_end=1773
+  _globals['_SUBMITTICKSRESPONSE']._serialized_start=1775
+  _globals['_SUBMITTICKSRESPONSE']._serialized_end=1895
+  _globals['_QUERYFEEDSCORESREQUEST']._serialized_start=1898
+  _globals['_QUERYFEEDSCORESREQUEST']._serialized_end=2064
+  _globals['_QUERYFEEDSCORESRESPONSE']._serialized_start=2066
+  _globals['_QUERYFEEDSCORESRESPONSE']._serialized_end=2153
+  _globals['_SUBSCRIBEFEEDSCORESREQUEST']._serialized_start=2155
+  _globals['_SUBSCRIBEFEEDSCORESREQUEST']._serialized_end=2238
+  _globals['_SUBSCRIBEFEEDSCORESRESPONSE']._serialized_start=2240
+  _globals['_SUBSCRIBEFEEDSCORESRESPONSE']._serialized_end=2305
+  _globals['_STOREDREJECT']._serialized_start=2308
+  _globals['_STOREDREJECT']._serialized_end=2444
+  _globals['_LISTFEEDREJECTSREQUEST']._serialized_start=2446
+  _globals['_LISTFEEDREJECTSREQUEST']._serialized_end=2526
+  _globals['_LISTFEEDREJECTSRESPONSE']._serialized_start=2528
+  _globals['_LISTFEEDREJECTSRESPONSE']._serialized_end=2619
+  _globals['_FEEDSERVICE']._serialized_start=2745
+  _globals['_FEEDSERVICE']._serialized_end=3390
 # @@protoc_insertion_point(module_scope)

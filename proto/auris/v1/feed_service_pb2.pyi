@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,37 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AnswerScores:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnswerScoresEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnswerScores.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANSWER_SCORES_UNSPECIFIED: _AnswerScores.ValueType  # 0
+    """As ANSWER_SCORES_ALL."""
+    ANSWER_SCORES_ALL: _AnswerScores.ValueType  # 1
+    """One FeedScore per accepted record."""
+    ANSWER_SCORES_ANOMALOUS: _AnswerScores.ValueType  # 2
+    """Only the anomalous records' FeedScores: cheaper for a feed that streams at a high rate."""
+    ANSWER_SCORES_NONE: _AnswerScores.ValueType  # 3
+    """No FeedScores: the counts and rejects only."""
+
+class AnswerScores(_AnswerScores, metaclass=_AnswerScoresEnumTypeWrapper):
+    """AnswerScores says which scores the answer to an ingest request carries. Its accepted count
+    and rejected records are always there; the scores are stored (and published to subscribers)
+    whatever the answer carries.
+    """
+
+ANSWER_SCORES_UNSPECIFIED: AnswerScores.ValueType  # 0
+"""As ANSWER_SCORES_ALL."""
+ANSWER_SCORES_ALL: AnswerScores.ValueType  # 1
+"""One FeedScore per accepted record."""
+ANSWER_SCORES_ANOMALOUS: AnswerScores.ValueType  # 2
+"""Only the anomalous records' FeedScores: cheaper for a feed that streams at a high rate."""
+ANSWER_SCORES_NONE: AnswerScores.ValueType  # 3
+"""No FeedScores: the counts and rejects only."""
+Global___AnswerScores: _TypeAlias = AnswerScores  # noqa: Y015
 
 @_typing.final
 class Transaction(_message.Message):
@@ -250,16 +282,20 @@ class StreamTransactionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    ANSWER_SCORES_FIELD_NUMBER: _builtins.int
+    answer_scores: Global___AnswerScores.ValueType
+    """Which scores the answer to this request carries (default: all)."""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]: ...
     def __init__(
         self,
         *,
         transactions: _abc.Iterable[Global___Transaction] | None = ...,
+        answer_scores: Global___AnswerScores.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_scores", b"answer_scores", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,7 +312,9 @@ class StreamTransactionsResponse(_message.Message):
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]: ...
     @_builtins.property
-    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]: ...
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]:
+        """The stored records' scores that the request's answer_scores asks for (default: all)."""
+
     def __init__(
         self,
         *,
@@ -297,16 +335,20 @@ class SubmitTransactionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    ANSWER_SCORES_FIELD_NUMBER: _builtins.int
+    answer_scores: Global___AnswerScores.ValueType
+    """Which scores the answer carries (default: all)."""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]: ...
     def __init__(
         self,
         *,
         transactions: _abc.Iterable[Global___Transaction] | None = ...,
+        answer_scores: Global___AnswerScores.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_scores", b"answer_scores", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,7 +365,9 @@ class SubmitTransactionsResponse(_message.Message):
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]: ...
     @_builtins.property
-    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]: ...
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]:
+        """The stored records' scores that the request's answer_scores asks for (default: all)."""
+
     def __init__(
         self,
         *,
@@ -344,16 +388,20 @@ class StreamTicksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TICKS_FIELD_NUMBER: _builtins.int
+    ANSWER_SCORES_FIELD_NUMBER: _builtins.int
+    answer_scores: Global___AnswerScores.ValueType
+    """Which scores the answer carries (default: all)."""
     @_builtins.property
     def ticks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tick]: ...
     def __init__(
         self,
         *,
         ticks: _abc.Iterable[Global___Tick] | None = ...,
+        answer_scores: Global___AnswerScores.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ticks", b"ticks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_scores", b"answer_scores", "ticks", b"ticks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,7 +418,9 @@ class StreamTicksResponse(_message.Message):
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]: ...
     @_builtins.property
-    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]: ...
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]:
+        """The stored records' scores that the request's answer_scores asks for (default: all)."""
+
     def __init__(
         self,
         *,
@@ -391,16 +441,20 @@ class SubmitTicksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TICKS_FIELD_NUMBER: _builtins.int
+    ANSWER_SCORES_FIELD_NUMBER: _builtins.int
+    answer_scores: Global___AnswerScores.ValueType
+    """Which scores the answer carries (default: all)."""
     @_builtins.property
     def ticks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tick]: ...
     def __init__(
         self,
         *,
         ticks: _abc.Iterable[Global___Tick] | None = ...,
+        answer_scores: Global___AnswerScores.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ticks", b"ticks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_scores", b"answer_scores", "ticks", b"ticks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,7 +471,9 @@ class SubmitTicksResponse(_message.Message):
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]: ...
     @_builtins.property
-    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]: ...
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedScore]:
+        """The stored records' scores that the request's answer_scores asks for (default: all)."""
+
     def __init__(
         self,
         *,

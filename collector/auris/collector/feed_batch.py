@@ -1,0 +1,192 @@
+"""A batch of feed records as columns.
+
+Validation and the scorers read a batch's fields from these arrays and lists, filled in one pass
+over the protobuf messages, rather than each walking the messages (and a transaction's feature
+map) on its own: per-record attribute access is most of what a batch costs in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from auris.collector.feed_features import TX_ULB
+from auris.v1 import feed_service_pb2
+
+__all__ = ["TickColumns", "TransactionColumns"]
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+Rows = npt.NDArray[np.intp]
+Mask = npt.NDArray[np.bool_]
+
+_V_COLUMNS = TX_ULB.columns[:-1]
+_GET_V = operator.itemgetter(*_V_COLUMNS)
+
+
+@dataclasses.dataclass
+class TransactionColumns:
+    """A batch of transactions as columns, read from the messages in one pass: what validation
+    and the scorer look at, so that neither walks the messages (and their feature maps) again."""
+
+    transaction_ids: list[str]
+    feed_ids: list[str]
+    customers: list[str]
+    terminals: list[str]
+    seconds: I64
+    nanos: I64
+    # 0.0 where the field is missing (validation tells the two apart on the message).
+    amounts: F64
+    # Records whose features hold V1..V28, and those values in that order.
+    ulb_rows: Rows
+    ulb_values: F64
+    # Records with features other than exactly V1..V28 (not all of them are in ulb_values).
+    other_features: Rows
+
+    @classmethod
+    def of(
+        cls, transactions: Sequence[feed_service_pb2.Transaction], blobs: Sequence[bytes] | None = None
+    ) -> TransactionColumns:
+        """The columns of ``transactions``. With ``blobs`` (each record serialised), V1..V28 are
+        read by indexing, which inserts a missing key: a record found changed that way is
+        restored from its blob. Without, each value is looked up (slower), the records untouched."""
+        n = len(transactions)
+        stamps = [tx.time for tx in transactions]
+        width = len(_V_COLUMNS)
+        ulb_rows: list[int] = []
+        ulb_values: list[float] = []
+        other: list[int] = []
+        for i, tx in enumerate(transactions):
+            features = tx.features
+            size = len(features)
+            if size >= width:
+                if blobs is not None:
+                    values = _GET_V(features)
+                    if len(features) != size:  # keys were missing (and are now inserted)
+                        tx.ParseFromString(blobs[i])
+                        other.append(i)
+                        continue
+                else:
+                    got = list(map(features.get, _V_COLUMNS))
+                    if None in got:
+                        other.append(i)
+                        continue
+                    values = got
+                ulb_rows.append(i)
+                ulb_values += values
+                if size != width:
+                    other.append(i)
+            elif size:
+                other.append(i)
+        return cls(
+            [tx.transaction_id for tx in transactions],
+            [tx.feed_id for tx in transactions],
+            [tx.customer_id for tx in transactions],
+            [tx.terminal_id for tx in transactions],
+            np.fromiter((s.seconds for s in stamps), np.int64, n),
+            np.fromiter((s.nanos for s in stamps), np.int64, n),
+            np.fromiter((tx.amount for tx in transactions), np.float64, n),
+            np.asarray(ulb_rows, dtype=np.intp),
+            np.asarray(ulb_values, dtype=np.float64).reshape(len(ulb_rows), width),
+            np.asarray(other, dtype=np.intp),
+        )
+
+    def __len__(self) -> int:
+        return len(self.transaction_ids)
+
+    @property
+    def times_s(self) -> F64:
+        # As seconds + nanos * 1e-9 in Python floats: the same double for every record.
+        return self.seconds.astype(np.float64) + self.nanos * 1e-9
+
+    @property
+    def time_ns(self) -> I64:
+        """Nanoseconds since the epoch (meaningful for records whose time is in range)."""
+        return self.seconds * 1_000_000_000 + self.nanos
+
+    def take(self, rows: Rows) -> TransactionColumns:
+        """The records at ``rows`` (increasing), as columns of their own."""
+        pick = rows.tolist()
+        keep = np.zeros(len(self), dtype=np.intp) - 1
+        keep[rows] = np.arange(len(rows))
+        ulb_kept = keep[self.ulb_rows] >= 0
+        other = keep[self.other_features]
+        return TransactionColumns(
+            [self.transaction_ids[i] for i in pick],
+            [self.feed_ids[i] for i in pick],
+            [self.customers[i] for i in pick],
+            [self.terminals[i] for i in pick],
+            self.seconds[rows],
+            self.nanos[rows],
+            self.amounts[rows],
+            keep[self.ulb_rows[ulb_kept]],
+            self.ulb_values[ulb_kept],
+            other[other >= 0],
+        )
+
+
+@dataclasses.dataclass
+class TickColumns:
+    """A batch of ticks as columns, read from the messages in one pass (missing optional fields
+    read 0.0; validation tells them apart on the message)."""
+
+    feed_ids: list[str]
+    symbols: list[str]
+    seconds: I64
+    nanos: I64
+    is_bar: Mask
+    open: F64
+    high: F64
+    low: F64
+    close: F64
+    volume: F64
+    price: F64
+    size: F64
+
+    @classmethod
+    def of(cls, ticks: Sequence[feed_service_pb2.Tick]) -> TickColumns:
+        n = len(ticks)
+        stamps = [t.time for t in ticks]
+        bars = np.fromiter((t.is_bar for t in ticks), np.bool_, n)
+        # Bars and trades read different fields: each only those of its kind (zeros elsewhere).
+        bar_ticks = [ticks[i] for i in np.flatnonzero(bars).tolist()] if bars.any() else []
+        trade_ticks = [ticks[i] for i in np.flatnonzero(~bars).tolist()] if not bars.all() else []
+
+        def column(records: list[feed_service_pb2.Tick], mask: Mask, name: str) -> F64:
+            out = np.zeros(n)
+            if records:
+                out[mask] = np.fromiter(map(operator.attrgetter(name), records), np.float64, len(records))
+            return out
+
+        return cls(
+            [t.feed_id for t in ticks],
+            [t.symbol for t in ticks],
+            np.fromiter((s.seconds for s in stamps), np.int64, n),
+            np.fromiter((s.nanos for s in stamps), np.int64, n),
+            bars,
+            *(column(bar_ticks, bars, name) for name in ("open", "high", "low", "close", "volume")),
+            *(column(trade_ticks, ~bars, name) for name in ("price", "size")),
+        )
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def times_s(self) -> F64:
+        return self.seconds.astype(np.float64) + self.nanos * 1e-9
+
+    @property
+    def time_ns(self) -> I64:
+        return self.seconds * 1_000_000_000 + self.nanos
+
+    def take(self, rows: Rows) -> TickColumns:
+        pick = rows.tolist()
+        return TickColumns(
+            [self.feed_ids[i] for i in pick],
+            [self.symbols[i] for i in pick],
+            *(getattr(self, f.name)[rows] for f in dataclasses.fields(self)[2:]),
+        )
