@@ -1536,16 +1536,22 @@ def _talker_selection(flt: query_service_pb2.VerdictFilter) -> talkers.Selection
     if len(dimensions) > 1:
         return None
     slices = tuple(prefix + value for prefix, values in dimensions for value in values) or ("",)
-    raw = query_service_pb2.VerdictFilter()
-    raw.CopyFrom(flt)
-    raw.ClearField("time_range")
-    where, params = filter_sql(raw)
-    return talkers.Selection(
-        slices=slices,
-        anomalous=flt.anomalous if flt.HasField("anomalous") else None,
-        raw_where=tuple(where),
-        raw_params=tuple(params),
-    )
+    # The raw rows it reads are those of a minute or two at the range's ends: the unary + keeps
+    # SQLite on the scored-time index, off the agent and anomaly indexes (all of an agent's rows).
+    where: list[str] = []
+    params: list[Any] = []
+    for column, values in (("agent_id", flt.agent_ids), ("label", flt.labels)):
+        if values:
+            where.append(f"+{column} IN ({', '.join('?' for _ in values)})")
+            params += list(values)
+    if flt.model_id:
+        where.append("+model_id = ?")
+        params.append(flt.model_id)
+    anomalous = flt.anomalous if flt.HasField("anomalous") else None
+    if anomalous is not None:
+        where.append("+anomalous = ?")
+        params.append(int(anomalous))
+    return talkers.Selection(slices, anomalous, tuple(where), tuple(params))
 
 
 def _time_bounds(flt: query_service_pb2.VerdictFilter) -> tuple[int | None, int | None]:
