@@ -192,7 +192,7 @@ def test_closed_minutes_are_bounded_and_keep_the_heavy_hitters(
     for _, minute, *_ in rows:
         per_minute[minute] = per_minute.get(minute, 0) + 1
     assert sorted(per_minute) == [BASE_MS * 1_000_000 + m * talkers.MINUTE_NS for m in range(n)]
-    assert all(k <= 4 * talkers.KEEP for k in per_minute.values())
+    assert all(k <= 2 * (talkers.KEEP + talkers.KEEP_ANOMALOUS) for k in per_minute.values())
     # Each of them had far more addresses than it kept.
     assert all(
         len(truth(verdicts, BASE_MS + m * MINUTE_MS, BASE_MS + (m + 1) * MINUTE_MS)) > 400 for m in range(n)
@@ -257,7 +257,9 @@ def test_late_verdicts_of_closed_minutes_keep_the_bounds(
     for minute in (2, 3):
         start = (BASE_MS + minute * MINUTE_MS) * 1_000_000
         for slice_ in ("", "a:agent-2", "l:benign"):
-            assert sum(1 for row in rows if row[:2] == (slice_, start)) <= 4 * talkers.KEEP  # closed again
+            assert sum(1 for row in rows if row[:2] == (slice_, start)) <= 2 * (
+                talkers.KEEP + talkers.KEEP_ANOMALOUS
+            )  # closed again
     everything = [*verdicts, *late]
     filters: list[dict[str, Any]] = [
         {},
