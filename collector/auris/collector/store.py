@@ -1535,7 +1535,10 @@ def _talker_selection(flt: query_service_pb2.VerdictFilter) -> talkers.Selection
     ]
     if len(dimensions) > 1:
         return None
-    slices = tuple(prefix + value for prefix, values in dimensions for value in values) or ("",)
+    anomalous = flt.anomalous if flt.HasField("anomalous") else None
+    # Anomalous verdicts alone: their own slice (more addresses kept, fewer rows to read).
+    everything = (talkers.ANOMALOUS,) if anomalous else ("",)
+    slices = tuple(prefix + value for prefix, values in dimensions for value in values) or everything
     # The raw rows it reads are those of a minute or two at the range's ends: the unary + keeps
     # SQLite on the scored-time index, off the agent and anomaly indexes (all of an agent's rows).
     where: list[str] = []
@@ -1547,7 +1550,6 @@ def _talker_selection(flt: query_service_pb2.VerdictFilter) -> talkers.Selection
     if flt.model_id:
         where.append("+model_id = ?")
         params.append(flt.model_id)
-    anomalous = flt.anomalous if flt.HasField("anomalous") else None
     if anomalous is not None:
         where.append("+anomalous = ?")
         params.append(int(anomalous))

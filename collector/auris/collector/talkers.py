@@ -3,11 +3,11 @@
 A minute closes once the newest scored time (never past the collector's clock; the clock itself
 once no verdict has arrived for a while) is LATENESS_NS beyond its end. Closing reads the
 minute's raw verdicts once and counts, per address, in each of its slices: every verdict (slice
-``''``), each agent's (``a:AGENT``), each label's (``l:LABEL``) and each deciding model's
-(``m:MODEL``). Each slice keeps, in ``talkers``, the top addresses by each of four counts
-(KEEP by flows and bytes, KEEP_ANOMALOUS by the anomalous ones), exactly: flows (each verdict
-counts for both of its ends, as the raw query counts them), bytes, anomalies (flows flagged
-anomalous) and anomalous bytes. ``talker_minutes`` notes for each
+``''``), each agent's (``a:AGENT``), each label's (``l:LABEL``), each deciding model's
+(``m:MODEL``) and every anomalous one (``x:``). Each slice keeps, in ``talkers``, the top
+addresses by each of four counts (KEEP or KEEP_ANOMALOUS, see _keeps), exactly: flows (each
+verdict counts for both of its ends, as the raw query counts them), bytes, anomalies (flows
+flagged anomalous) and anomalous bytes. ``talker_minutes`` notes for each
 slice and count the most that any address it dropped had: its ``rest`` (no row: nothing
 dropped). An address without a row in a closed minute's slice had at most ``rest`` there.
 
@@ -16,7 +16,8 @@ rests of the closed minutes where it has no row to its error: the true count lie
 [count, count + error]. It is exact top-K per minute with a bound on the remainder, in the
 manner of Misra-Gries and Space-Saving, but exact where it keeps an address and mergeable over
 any set of minutes, and over disjoint slices (several agents, several labels). A filter of
-``anomalous`` reads the anomalous counts (true) or the others (false) of the same rows. The
+``anomalous`` reads the anomalous counts (true) or the others (false) of the same rows, or,
+alone, the anomalous slice. The
 answer reports the bound (``Talker.*_error``, ``ListTopTalkersResponse.approximate`` and
 ``omitted_max``). Minutes not closed yet (the newest one or two) are read from the raw rows,
 exactly, with the same filter.
@@ -51,6 +52,7 @@ from typing import Any
 from auris.v1 import query_service_pb2
 
 __all__ = [
+    "ANOMALOUS",
     "KEEP",
     "KEEP_ANOMALOUS",
     "LATENESS_NS",
@@ -70,11 +72,23 @@ MINUTE_NS = 60_000_000_000
 # (417k in the last hour, 7.4k addresses a minute) 64 left the last hour's top-10 exact by every
 # count.
 KEEP = 64
-# ... and by anomalies and anomalous bytes: flagged flows are few and spread over many addresses
-# (the benchmark's 2 %: ~280 address-ends a minute), so a top 64 left every hour's top 10 of
-# anomalous-only queries approximate; 256 keeps them exact there, at ~6 % more rows.
+# ... but in the anomalous slice (``x:``), and by anomalies and anomalous bytes in the slices of
+# agents, labels and models: flagged flows are few and spread over many addresses (the
+# benchmark's 2 %: ~280 address-ends a minute), and a top 64 left every hour's top 10 of
+# anomalous-only, attack-label and one-model queries approximate. The every-verdict slice keeps
+# 64 by each: unfiltered queries read it, and each row costs them (256 there: +45 % time).
 KEEP_ANOMALOUS = 256
-_KEEPS = (KEEP, KEEP, KEEP_ANOMALOUS, KEEP_ANOMALOUS)
+
+
+def _keeps(slice_: str) -> tuple[int, int, int, int]:
+    """How many addresses ``slice_`` keeps by each count."""
+    if slice_ == "":
+        return KEEP, KEEP, KEEP, KEEP
+    if slice_ == ANOMALOUS:
+        return KEEP_ANOMALOUS, KEEP_ANOMALOUS, KEEP_ANOMALOUS, KEEP_ANOMALOUS
+    return KEEP, KEEP, KEEP_ANOMALOUS, KEEP_ANOMALOUS
+
+
 # Addresses past the limit whose bounds a query works out before it bounds the rest at once by
 # the first one not read (each costs a lookup of the minutes it was kept in).
 _CANDIDATES = 200
@@ -91,16 +105,20 @@ _MINUTES_PER_ROUND = 5
 # have every slice and the anomalous bytes.
 CLOSED_BEFORE = "talkers_closed_before_ns"
 SLICED_FROM = "talkers_sliced_from_ns"
+# The slice of every anomalous verdict: its flows are anomalous flows, its bytes theirs.
+ANOMALOUS = "x:"
 _COUNTS = ("flows", "bytes", "anomalies", "anomalous_bytes")
 _RESTS = tuple(f"rest_{c}" for c in _COUNTS)
 _FAR = 2**62 // MINUTE_NS * MINUTE_NS
 
-# Every verdict's two ends, and the four slices each falls in.
+# Every verdict's two ends, and the slices each falls in (the fifth: anomalous verdicts only).
 _SIDES = "(SELECT 0 AS side UNION ALL SELECT 1)"
-_KINDS = "(SELECT 0 AS kind UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3)"
+_KINDS = "(SELECT 0 AS kind UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4)"
 _SLICE = (
-    "CASE kind WHEN 0 THEN '' WHEN 1 THEN 'a:' || agent_id WHEN 2 THEN 'l:' || label ELSE 'm:' || model END"
+    "CASE kind WHEN 0 THEN '' WHEN 1 THEN 'a:' || agent_id WHEN 2 THEN 'l:' || label"
+    f" WHEN 3 THEN 'm:' || model ELSE '{ANOMALOUS}' END"
 )
+_IN_SLICE = "(kind < 4 OR anomalies > 0)"
 # Counts per minute, agent, label, model and address of the verdicts matching {where}.
 _FINE = (
     f"SELECT scored_ns / {MINUTE_NS} * {MINUTE_NS} AS minute, agent_id, COALESCE(label, '') AS label,"
@@ -112,8 +130,10 @@ _FINE = (
 # ... added to the summary; a new row in a minute before the first parameter is partial.
 _UPSERT = (
     "INSERT INTO talkers (slice, minute_ns, ip, flows, bytes, anomalies, anomalous_bytes, partial)"
-    f" SELECT {_SLICE}, minute, ip, SUM(flows), SUM(bytes), SUM(anomalies), SUM(anomalous_bytes), minute < ?"
-    f" FROM ({_FINE}) CROSS JOIN {_KINDS} WHERE true GROUP BY 1, 2, 3 ON CONFLICT (slice, minute_ns, ip)"
+    f" SELECT {_SLICE}, minute, ip, SUM(IIF(kind = 4, anomalies, flows)),"
+    " SUM(IIF(kind = 4, anomalous_bytes, bytes)), SUM(anomalies), SUM(anomalous_bytes), minute < ?"
+    f" FROM ({_FINE}) CROSS JOIN {_KINDS} WHERE {_IN_SLICE} GROUP BY 1, 2, 3"
+    " ON CONFLICT (slice, minute_ns, ip)"
     " DO UPDATE SET flows = flows + excluded.flows, bytes = bytes + excluded.bytes,"
     " anomalies = anomalies + excluded.anomalies,"
     " anomalous_bytes = anomalous_bytes + excluded.anomalous_bytes"
@@ -122,13 +142,17 @@ _UPSERT = (
 # _summarise: ranking in SQL, four window sorts over every slice's rows, took ~8x as long).
 _IN_MINUTE = f"scored_ns >= :minute AND scored_ns < :minute + {MINUTE_NS}"
 _MINUTE_COUNTS = _FINE.format(where=_IN_MINUTE)
-# The addresses a closed minute's slice keeps when it is closed again.
-_KEPT = " UNION ".join(
-    f"SELECT ip FROM (SELECT ip FROM talkers WHERE slice = :slice AND minute_ns = :minute AND {c} > 0"
-    f" ORDER BY {c} DESC, ip LIMIT {keep})"
-    for c, keep in zip(_COUNTS, _KEEPS, strict=True)
-)
-_DROPPED = f"slice = :slice AND minute_ns = :minute AND ip NOT IN ({_KEPT})"
+
+
+def _dropped(slice_: str) -> str:
+    """The rows of a closed minute's slice it no longer keeps after late verdicts."""
+    kept = " UNION ".join(
+        f"SELECT ip FROM (SELECT ip FROM talkers WHERE slice = :slice AND minute_ns = :minute AND {c} > 0"
+        f" ORDER BY {c} DESC, ip LIMIT {keep})"
+        for c, keep in zip(_COUNTS, _keeps(slice_), strict=True)
+    )
+    return f"slice = :slice AND minute_ns = :minute AND ip NOT IN ({kept})"
+
 
 Row = tuple[str, str, int, int, int, int]  # slice, ip, the four counts
 Rest = tuple[str, int, int, int, int]  # slice, the four rests
@@ -270,7 +294,8 @@ def _add(conn: sqlite3.Connection, after_id: int, low: int, high: int) -> None:
     # The unary + keeps SQLite off the scored-time index: the new rows are the few to read.
     where = "id > ? AND +scored_ns >= ? AND +scored_ns < ?"
     touched = conn.execute(
-        f"SELECT DISTINCT {_SLICE}, minute FROM ({_FINE.format(where=where)}) CROSS JOIN {_KINDS}",
+        f"SELECT DISTINCT {_SLICE}, minute FROM ({_FINE.format(where=where)}) CROSS JOIN {_KINDS}"
+        f" WHERE {_IN_SLICE}",
         (after_id, low, high),
     ).fetchall()
     if touched:
@@ -325,15 +350,25 @@ def _summarise(conn: sqlite3.Connection, minute: int) -> Summary:
                 sums[1] += b
                 sums[2] += a
                 sums[3] += ab
+        if a:
+            sums = (table := slices.setdefault(ANOMALOUS, {})).get(ip)
+            if sums is None:
+                table[ip] = [a, ab, a, ab]
+            else:
+                sums[0] += a
+                sums[1] += ab
+                sums[2] += a
+                sums[3] += ab
     kept: list[Row] = []
     rests: list[Rest] = []
     for key, table in slices.items():
         keep = set(table)
-        if len(table) > KEEP:  # the smallest of _KEEPS
+        keeps = _keeps(key)
+        if len(table) > min(keeps):
             keep = set()
             for i in range(len(_COUNTS)):
                 eligible = [item for item in table.items() if item[1][i] > 0]
-                top = heapq.nsmallest(_KEEPS[i], eligible, key=lambda item: (-item[1][i], item[0]))
+                top = heapq.nsmallest(keeps[i], eligible, key=lambda item: (-item[1][i], item[0]))
                 keep.update(ip for ip, _ in top)
             if len(keep) < len(table):
                 dropped = [sums for ip, sums in table.items() if ip not in keep]
@@ -379,10 +414,11 @@ def _close_again(conn: sqlite3.Connection, slice_: str, minute: int) -> None:
     params.update({f"r{i}": r for i, r in enumerate(rest)})
     # A partial row's address may have had up to the old rest besides what the row counts.
     most = ", ".join(f"MAX({c} + partial * :r{i})" for i, c in enumerate(_COUNTS))
-    dropped = conn.execute(f"SELECT COUNT(*), {most} FROM talkers WHERE {_DROPPED}", params).fetchone()
+    dropped_rows = _dropped(slice_)
+    dropped = conn.execute(f"SELECT COUNT(*), {most} FROM talkers WHERE {dropped_rows}", params).fetchone()
     if not dropped[0]:
         return
-    conn.execute(f"DELETE FROM talkers WHERE {_DROPPED}", params)
+    conn.execute(f"DELETE FROM talkers WHERE {dropped_rows}", params)
     rest = [max(r, d) for r, d in zip(rest, dropped[1:], strict=True)]
     conn.execute(
         f"INSERT OR REPLACE INTO talker_minutes (slice, minute_ns, {', '.join(_RESTS)})"
