@@ -1027,12 +1027,30 @@ PAGE = 100  # the collector's default page size
 HOUR_NS = 3_600_000_000_000
 
 
-def query_db_path(args: argparse.Namespace) -> Path:
+def query_db_path(args: argparse.Namespace, schema: int = SCHEMA_VERSION) -> Path:
     name = (
-        f"verdicts-v{GEN_VERSION}-schema{SCHEMA_VERSION}-r{args.query_rows}-a{args.query_agents}"
+        f"verdicts-v{GEN_VERSION}-schema{schema}-r{args.query_rows}-a{args.query_agents}"
         f"-h{args.query_span_hours:g}-x{args.anomalous_fraction:g}-s{args.seed}.db"
     )
     return Path(args.cache_dir) / name
+
+
+def migrate_cached_query_db(args: argparse.Namespace, path: Path) -> tuple[int, float] | None:
+    """A copy of the newest older-schema database of the same verdicts in the cache, migrated by
+    VerdictStore to ``path`` (far quicker than building it again): (its schema, seconds the
+    migration took), or None when the cache holds none."""
+    for schema in range(SCHEMA_VERSION - 1, 0, -1):
+        older = query_db_path(args, schema)
+        if older.is_file():
+            tmp = path.with_name(path.name + ".part")
+            _say(f"copying {older} to migrate it to schema {SCHEMA_VERSION}")
+            shutil.copyfile(older, tmp)
+            started = time.perf_counter()
+            VerdictStore(tmp).close()
+            seconds = time.perf_counter() - started
+            tmp.replace(path)
+            return schema, seconds
+    return None
 
 
 def build_query_db(path: Path, rows: int, agents: int, span_hours: float, fraction: float, seed: int) -> None:
@@ -1105,6 +1123,7 @@ class QueryCall:
     rpc: str  # "query", "aggregate", "rollups", "talkers" or "talkers_exact"
     filter: query_service_pb2.VerdictFilter
     page2: bool = False
+    metric: query_service_pb2.TalkerMetric.ValueType = query_service_pb2.TALKER_METRIC_BYTES
 
 
 @dataclasses.dataclass
@@ -1116,19 +1135,22 @@ class QueryResult:
     items: list[int]
     plan: str
     note: str = ""
+    # ListTopTalkers: how many timed answers said approximate.
+    approximate: int = 0
 
 
-def _grpc_call(client: CollectorClient, call: QueryCall, token: str) -> int:
+def _grpc_call(client: CollectorClient, call: QueryCall, token: str) -> tuple[int, bool]:
+    """(items returned, whether the answer said approximate)."""
     if call.rpc == "query":
-        return len(client.query_page(call.filter, PAGE, token).verdicts)
+        return len(client.query_page(call.filter, PAGE, token).verdicts), False
     if call.rpc in ("aggregate", "rollups"):
-        return len(
-            client.aggregate(call.filter, [query_service_pb2.GROUP_BY_LABEL], rollups=call.rpc == "rollups")
+        rows = client.aggregate(
+            call.filter, [query_service_pb2.GROUP_BY_LABEL], rollups=call.rpc == "rollups"
         )
+        return len(rows), False
     exact = call.rpc == "talkers_exact"
-    return len(
-        client.list_top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10, exact=exact).talkers
-    )
+    answer = client.list_top_talkers(call.filter, call.metric, 10, exact=exact)
+    return len(answer.talkers), answer.approximate
 
 
 def _store_call(store: VerdictStore, call: QueryCall, token: str) -> int:
@@ -1139,7 +1161,7 @@ def _store_call(store: VerdictStore, call: QueryCall, token: str) -> int:
     if call.rpc == "rollups":
         return len(store.aggregate_rollups(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
     exact = call.rpc == "talkers_exact"
-    return len(store.top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10, exact=exact).talkers)
+    return len(store.top_talkers(call.filter, call.metric, 10, exact=exact).talkers)
 
 
 def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCall]]]:
@@ -1163,6 +1185,7 @@ def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCal
         return flt
 
     vf = query_service_pb2.VerdictFilter
+    anomalies = query_service_pb2.TALKER_METRIC_ANOMALIES
     return [
         ("QueryVerdicts newest page, no filter", lambda i: QueryCall("query", vf())),
         ("QueryVerdicts by agent", lambda i: QueryCall("query", vf(agent_ids=[agents[i % len(agents)]]))),
@@ -1187,6 +1210,35 @@ def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCal
         (
             "ListTopTalkers by bytes, last hour, top 10, exact=true (raw rows, as before the summary)",
             lambda i: QueryCall("talkers_exact", last_hour()),
+        ),
+        # Filtered: answered from the summary's slices since schema 11, from the raw rows before.
+        (
+            "ListTopTalkers by bytes, last hour, one agent, top 10",
+            lambda i: QueryCall("talkers", last_hour(agent_ids=[agents[i % len(agents)]])),
+        ),
+        (
+            "ListTopTalkers by bytes, last hour, one agent, top 10, exact=true (raw rows)",
+            lambda i: QueryCall("talkers_exact", last_hour(agent_ids=[agents[i % len(agents)]])),
+        ),
+        (
+            "ListTopTalkers by anomalies, last hour, anomalous only, top 10",
+            lambda i: QueryCall("talkers", last_hour(anomalous=True), metric=anomalies),
+        ),
+        (
+            "ListTopTalkers by anomalies, last hour, anomalous only, top 10, exact=true (raw rows)",
+            lambda i: QueryCall("talkers_exact", last_hour(anomalous=True), metric=anomalies),
+        ),
+        (
+            "ListTopTalkers by bytes, last hour, label (attack, anomaly), top 10",
+            lambda i: QueryCall("talkers", last_hour(labels=[("attack", "anomaly")[i % 2]])),
+        ),
+        (
+            "ListTopTalkers by bytes, last hour, model (nfstream-rf, nfstream-ae), top 10",
+            lambda i: QueryCall("talkers", last_hour(model_id=(_RF[0], _AE[0])[i % 2])),
+        ),
+        (
+            "ListTopTalkers by bytes, last hour, one agent, anomalous only, top 10",
+            lambda i: QueryCall("talkers", last_hour(agent_ids=[agents[i % len(agents)]], anomalous=True)),
         ),
     ]
 
@@ -1221,7 +1273,7 @@ def measure_queries(
                     call = make(i)
                     token = client.query_page(call.filter, PAGE).next_page_token if call.page2 else ""
                     t0 = time.perf_counter()
-                    items = _grpc_call(client, call, token)
+                    items, approximate = _grpc_call(client, call, token)
                     t1 = time.perf_counter()
                     captured.clear()
                     _store_call(store, call, token)
@@ -1241,19 +1293,22 @@ def measure_queries(
                         result.store_s.append(t2 - t1)
                         result.sql_s.append(t3 - t2)
                         result.items.append(items)
+                        result.approximate += approximate
                     spent = time.perf_counter() - kind_started
                     if len(result.grpc_s) >= 3 and spent > kind_budget:
                         result.note = f"stopped after {len(result.grpc_s)} repetitions ({spent:.0f} s budget)"
                         break
                 if call.rpc == "talkers":
-                    answer = client.list_top_talkers(call.filter, query_service_pb2.TALKER_METRIC_BYTES, 10)
-                    largest = max((t.bytes_error for t in answer.talkers), default=0)
+                    answer = client.list_top_talkers(call.filter, call.metric, 10)
+                    metric = "bytes" if call.metric == query_service_pb2.TALKER_METRIC_BYTES else "anomalies"
+                    largest = max((getattr(t, f"{metric}_error") for t in answer.talkers), default=0)
                     summary = (
-                        f"approximate, bytes errors up to {largest:,}, omitted_max {answer.omitted_max:,}"
+                        f"approximate, {metric} errors up to {largest:,}, omitted_max {answer.omitted_max:,}"
                         if answer.approximate
                         else "exact (approximate=false: every count exact, nothing left out ranks higher)"
                     )
-                    result.note = "; ".join(filter(None, [result.note, f"the last answer: {summary}"]))
+                    share = f"{result.approximate} of {len(result.grpc_s)} timed answers approximate"
+                    result.note = "; ".join(filter(None, [result.note, share, f"the last answer: {summary}"]))
                 results.append(result)
                 _say(
                     f"{name}: gRPC p50 {_ms(_percentile(result.grpc_s, 50))}, "
@@ -1297,6 +1352,7 @@ class Report:
     query_db: Path
     query_db_bytes: int
     query_db_built_s: float | None
+    query_db_migrated: tuple[int, float] | None
     query_warm_s: float
     queries: list[QueryResult]
     load_before: str
@@ -1557,6 +1613,9 @@ def render(r: Report) -> str:
         + (
             f"built by raw executemany in {r.query_db_built_s:.0f} s"
             if r.query_db_built_s is not None
+            else f"a copy of the cached schema-{r.query_db_migrated[0]} database, migrated by the "
+            f"collector's VerdictStore in {r.query_db_migrated[1]:.0f} s"
+            if r.query_db_migrated is not None
             else "reused from the cache"
         )
         + f"; read once before the queries ({r.query_warm_s:.1f} s) so that the page cache holds it. "
@@ -1812,6 +1871,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         db = query_db_path(args)
         built_s = None
+        migrated = None if db.is_file() else migrate_cached_query_db(args, db)
+        if migrated is not None:
+            _say(f"migrated from schema {migrated[0]} in {migrated[1]:.0f} s")
         if not db.is_file():
             _say(f"building the query database {db} ({args.query_rows:,} rows); cached for later runs")
             t0 = time.perf_counter()
@@ -1845,6 +1907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_db=db,
         query_db_bytes=db.stat().st_size,
         query_db_built_s=built_s,
+        query_db_migrated=migrated,
         query_warm_s=warm_s,
         queries=queries,
         load_before=load_before,

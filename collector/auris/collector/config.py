@@ -78,6 +78,10 @@ class CollectorConfig:
     # until it fits (0: no limit). The file does not shrink (free pages are reused); see
     # `aurisctl db vacuum`.
     retention_max_mib: float = 0.0
+    # The top-talker summary of a minute goes with the raw verdicts (once none of that minute or
+    # an earlier one is left), or this many days later (by scored time); a retention_max_mib the
+    # raw rows cannot meet alone takes it with them.
+    talker_retention_days: float = 0.0
     retention_interval_s: float = 60.0
     # An agent is offline when its last heartbeat is older than this (3 agent heartbeats).
     agent_offline_after_s: float = 90.0
@@ -138,6 +142,9 @@ def load_collector_config(
             raise ConfigError(f"{rate} must not be negative (0: no limit), got {getattr(config, rate)}")
         if getattr(config, rate) > 0 and getattr(config, burst) < 1:
             raise ConfigError(f"{burst} must be at least 1 when {rate} is set, got {getattr(config, burst)}")
+    for key in ("retention_days", "retention_max_rows", "retention_max_mib", "talker_retention_days"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must not be negative (0: keep), got {getattr(config, key)}")
     if not 1 <= config.default_page_size <= config.max_page_size:
         raise ConfigError("default_page_size must be between 1 and max_page_size")
     for what, names in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -323,13 +324,23 @@ class Collector:
     async def _retain_forever(self) -> None:
         loop = asyncio.get_running_loop()
         max_age_ns = int(self.config.retention_days * 86_400e9)
+        talker_keep_ns = int(self.config.talker_retention_days * 86_400e9)
         while True:
             deleted = await loop.run_in_executor(
-                self._writer, self.store.retain, max_age_ns, self.config.retention_max_rows
+                self._writer,
+                functools.partial(
+                    self.store.retain,
+                    max_age_ns,
+                    self.config.retention_max_rows,
+                    talker_keep_ns=talker_keep_ns,
+                ),
             )
             if self.config.retention_max_mib > 0:
                 deleted += await loop.run_in_executor(
-                    self._writer, self.store.retain_size, int(self.config.retention_max_mib * 1024 * 1024)
+                    self._writer,
+                    self.store.retain_size,
+                    int(self.config.retention_max_mib * 1024 * 1024),
+                    talker_keep_ns,
                 )
             if deleted:
                 logger.info("retention: deleted %d raw verdicts (rollups kept)", deleted)
