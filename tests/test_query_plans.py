@@ -211,3 +211,21 @@ def test_top_talkers_count_both_ends_of_each_flow(store: VerdictStore) -> None:
         assert t.flows <= truth[0] <= t.flows + t.flows_error
         assert t.bytes <= truth[1] <= t.bytes + t.bytes_error
         assert t.anomalies <= truth[2] <= t.anomalies + t.anomalies_error
+
+
+def test_top_anomalies_seek_each_models_best_on_one_index(store: VerdictStore) -> None:
+    """Every statement ListTopAnomalies runs searches the (model, version, score) index of anomalous
+    verdicts: no scan of the anomalous rows, no sort of them (10M verdicts hold ~200k)."""
+    conn = store._reader()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        top = store.top_anomalies(q.VerdictFilter(), 5)
+    finally:
+        conn.set_trace_callback(None)
+    assert len(top) == 5
+    assert statements
+    for statement in statements:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
+        assert "USING INDEX verdicts_anomaly_model_score" in plan, (statement, plan)
+        assert "TEMP B-TREE" not in plan, (statement, plan)

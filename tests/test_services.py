@@ -348,6 +348,34 @@ def test_the_collector_applies_retention_and_rollups_keep_the_counts(tmp_path: P
         assert out.getvalue().splitlines()[1].split() == ["all", "agent-1", "20", "0", "100", "10000"]
 
 
+def test_top_anomalies_rank_each_model_against_its_own_threshold(
+    agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient
+) -> None:
+    """A classifier's probabilities (threshold 0.5) and an autoencoder's error ratios (threshold 8)
+    are on different scales: ranked by raw score, every autoencoder verdict would come first."""
+
+    def autoencoder_verdict(sequence: int, score: float) -> verdict_pb2.Verdict:
+        v = make_verdict(sequence, anomalous=True, score=score, label="anomaly")
+        v.model.CopyFrom(model_pb2.ModelRef(model_id="ae", version="2"))
+        del v.scores[:]
+        v.scores.add(
+            model=v.model, kind=model_pb2.MODEL_KIND_AUTOENCODER, score=score, threshold=8.0, anomalous=True
+        )
+        return v
+
+    verdicts = [
+        autoencoder_verdict(1, 9.0),  # 1.125 x its threshold
+        make_verdict(2, anomalous=True, score=0.99, label="attack"),  # 1.98 x
+        autoencoder_verdict(3, 40.0),  # 5 x
+        make_verdict(4, anomalous=True, score=0.6, label="attack"),  # 1.2 x
+    ]
+    list(agent_stub.StreamVerdicts(iter([_request(*verdicts)])))
+    assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(), 10)] == [3, 2, 4, 1]
+    assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(), 2)] == [3, 2]
+    # One model's own ranking, as before.
+    assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(model_id="ae"), 10)] == [3, 1]
+
+
 def test_top_anomalies_rank_anomalous_verdicts_by_score(
     agent_stub: agent_service_pb2_grpc.AgentServiceStub, client: CollectorClient, collector: CollectorThread
 ) -> None:

@@ -230,7 +230,7 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
     # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
-    # query indexes (7), model refusals (8), feeds (9), top talkers (10).
+    # query indexes (7), model refusals (8), feeds (9), top talkers (10, 11), top anomalies' index (12).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
                   "enrollment_tokens", "audit", "feed_records", "feed_rejects", "talkers",
@@ -239,6 +239,7 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     for column in ("revoked_ns", "revoked_reason", "cert_serial", "refusals_pb"):
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
     db.execute("DROP INDEX verdicts_anomaly_score")
+    db.execute("DROP INDEX verdicts_anomaly_model_score")  # 12
     for index in ("verdicts_agent_id", "verdicts_last_seen_minute", "verdicts_src_ip_block",
                   "verdicts_dst_ip_block"):  # fmt: skip
         db.execute(f"DROP INDEX {index}")

@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["query", "tail", "top", "label", "explain", "export"],
         default="query",
         help="query (default): stored verdicts, newest first; tail: new verdicts as they arrive; "
-        "top: the anomalous verdicts with the highest scores; "
+        "top: the anomalous verdicts furthest above their model's threshold; "
         "label ID...: attach an analyst label (--as); explain ID: which features made a tree "
         "classifier's score (--model); export: write them to --out",
     )

@@ -32,7 +32,7 @@ __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "Verdict
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -425,6 +425,16 @@ def _migration_11(db: sqlite_utils.Database) -> None:
     talkers.upgrade_10(db.conn, time.time_ns())
 
 
+def _migration_12(db: sqlite_utils.Database) -> None:
+    """Anomalous verdicts by deciding model and score: top anomalies rank each model's verdicts
+    against its own threshold (an autoencoder's scores and a classifier's probabilities are on
+    different scales), reading each model's best from this index."""
+    db.execute(
+        "CREATE INDEX verdicts_anomaly_model_score ON verdicts (model_id, model_version, score)"
+        " WHERE anomalous = 1"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -437,6 +447,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_9,
     _migration_10,
     _migration_11,
+    _migration_12,
 ]
 
 
@@ -1277,13 +1288,56 @@ class VerdictStore:
     def top_anomalies(
         self, flt: query_service_pb2.VerdictFilter, limit: int
     ) -> list[verdict_pb2.StoredVerdict]:
-        """The verdicts flagged anomalous with the highest scores (ties: newest first)."""
+        """The verdicts flagged anomalous that are furthest above their deciding model's threshold
+        (score / threshold, highest first; ties: newest first).
+
+        Models score on their own scales (a classifier's probability, an autoencoder's error
+        ratio), so each deciding model's best are read apart (an index per model and score) and
+        ranked together by how far over its threshold each verdict is.
+        """
         if flt.HasField("anomalous") and not flt.anomalous:
             raise ValueError("top anomalies are anomalous verdicts: drop anomalous=false from the filter")
         where, params = filter_sql(flt)
-        where += ["anomalous = 1", "score IS NOT NULL"]
-        sql = f"{_SELECT_STORED} WHERE {' AND '.join(where)} ORDER BY score DESC, id DESC LIMIT ?"
-        return [stored_verdict(*row) for row in self._reader().execute(sql, [*params, limit])]
+        where += ["anomalous = 1", "score IS NOT NULL", "model_id = ?", "model_version = ?"]
+        select = _SELECT_STORED.replace("SELECT ", "SELECT score, ", 1)
+        sql = f"{select} WHERE {' AND '.join(where)} ORDER BY score DESC, id DESC LIMIT ?"
+        conn = self._reader()
+        ranked: list[tuple[float, int, tuple[Any, ...]]] = []
+        for model_id, version in self._anomalous_models(conn):
+            threshold = self._decider_threshold(conn, model_id, version)
+            for score, *row in conn.execute(sql, [*params, model_id, version, limit]):
+                ranked.append((score / threshold, row[0], tuple(row)))
+        ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        return [stored_verdict(*row) for _, _, row in ranked[:limit]]
+
+    @staticmethod
+    def _anomalous_models(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        """Every (model, version) that decided an anomalous verdict: one index seek each."""
+        sql = (
+            "SELECT model_id, model_version FROM verdicts INDEXED BY verdicts_anomaly_model_score"
+            " WHERE anomalous = 1{} ORDER BY model_id, model_version LIMIT 1"
+        )
+        found: list[tuple[str, str]] = []
+        row = conn.execute(sql.format("")).fetchone()
+        while row is not None:
+            found.append((row[0], row[1]))
+            row = conn.execute(sql.format(" AND (model_id, model_version) > (?, ?)"), row).fetchone()
+        return found
+
+    @staticmethod
+    def _decider_threshold(conn: sqlite3.Connection, model_id: str, version: str) -> float:
+        """The threshold a model's anomalous verdicts carry (1.0 when it has none above 0)."""
+        row = conn.execute(
+            "SELECT verdict_pb FROM verdicts INDEXED BY verdicts_anomaly_model_score"
+            " WHERE anomalous = 1 AND model_id = ? AND model_version = ? LIMIT 1",
+            (model_id, version),
+        ).fetchone()
+        if row is not None:
+            verdict = verdict_pb2.Verdict.FromString(row[0])
+            for s in verdict.scores:
+                if (s.model.model_id, s.model.version) == (model_id, version) and s.threshold > 0:
+                    return float(s.threshold)
+        return 1.0
 
     def size_bytes(self) -> int:
         """Bytes the database's pages hold (free pages, reused before the file grows, excluded)."""

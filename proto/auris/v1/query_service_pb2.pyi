@@ -521,7 +521,7 @@ class ListTopAnomaliesResponse(_message.Message):
     VERDICTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[_verdict_pb2.StoredVerdict]:
-        """Highest score first; ties newest first."""
+        """Furthest above the deciding model's threshold first; ties newest first."""
 
     def __init__(
         self,

@@ -100,7 +100,9 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTopAnomalies(self, request, context):
-        """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score.
+        """ListTopAnomalies ranks the verdicts flagged anomalous by how far the deciding model's score
+        is above that model's threshold (score / threshold), so that models scoring on different
+        scales (a classifier's probability, an autoencoder's error ratio) rank together.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,10 @@ class QueryServiceStub:
     ListTopTalkers: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListTopTalkersRequest, _query_service_pb2.ListTopTalkersResponse]
     """ListTopTalkers ranks endpoints by volume or verdict count."""
     ListTopAnomalies: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListTopAnomaliesRequest, _query_service_pb2.ListTopAnomaliesResponse]
-    """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score."""
+    """ListTopAnomalies ranks the verdicts flagged anomalous by how far the deciding model's score
+    is above that model's threshold (score / threshold), so that models scoring on different
+    scales (a classifier's probability, an autoencoder's error ratio) rank together.
+    """
     LabelVerdicts: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.LabelVerdictsRequest, _query_service_pb2.LabelVerdictsResponse]
     """LabelVerdicts attaches an analyst label to verdicts, for retraining."""
 
@@ -60,7 +63,10 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListTopTalkers: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListTopTalkersRequest, _query_service_pb2.ListTopTalkersResponse]  # type: ignore[assignment]
     """ListTopTalkers ranks endpoints by volume or verdict count."""
     ListTopAnomalies: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListTopAnomaliesRequest, _query_service_pb2.ListTopAnomaliesResponse]  # type: ignore[assignment]
-    """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score."""
+    """ListTopAnomalies ranks the verdicts flagged anomalous by how far the deciding model's score
+    is above that model's threshold (score / threshold), so that models scoring on different
+    scales (a classifier's probability, an autoencoder's error ratio) rank together.
+    """
     LabelVerdicts: _aio.UnaryUnaryMultiCallable[_query_service_pb2.LabelVerdictsRequest, _query_service_pb2.LabelVerdictsResponse]  # type: ignore[assignment]
     """LabelVerdicts attaches an analyst label to verdicts, for retraining."""
 
@@ -105,7 +111,10 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.ListTopAnomaliesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListTopAnomaliesResponse, _abc.Awaitable[_query_service_pb2.ListTopAnomaliesResponse]]:
-        """ListTopAnomalies ranks the verdicts flagged anomalous by the deciding model's score."""
+        """ListTopAnomalies ranks the verdicts flagged anomalous by how far the deciding model's score
+        is above that model's threshold (score / threshold), so that models scoring on different
+        scales (a classifier's probability, an autoencoder's error ratio) rank together.
+        """
 
     @_abc_1.abstractmethod
     def LabelVerdicts(
