@@ -368,9 +368,11 @@ def test_top_anomalies_rank_each_model_against_its_own_threshold(
         make_verdict(2, anomalous=True, score=0.99, label="attack"),  # 1.98 x
         autoencoder_verdict(3, 40.0),  # 5 x
         make_verdict(4, anomalous=True, score=0.6, label="attack"),  # 1.2 x
+        make_verdict(5, anomalous=True, score=0.7, label="attack"),  # 1.4 x, by another version
     ]
+    verdicts[-1].model.version = verdicts[-1].scores[0].model.version = "2"
     list(agent_stub.StreamVerdicts(iter([_request(*verdicts)])))
-    assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(), 10)] == [3, 2, 4, 1]
+    assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(), 10)] == [3, 2, 5, 4, 1]
     assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(), 2)] == [3, 2]
     # One model's own ranking, as before.
     assert [v.verdict.sequence for v in client.top_anomalies(verdict_filter(model_id="ae"), 10)] == [3, 1]

@@ -1312,16 +1312,19 @@ class VerdictStore:
 
     @staticmethod
     def _anomalous_models(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-        """Every (model, version) that decided an anomalous verdict: one index seek each."""
-        sql = (
+        """Every (model, version) that decided an anomalous verdict, two index seeks each (a
+        row-value comparison walked every anomalous verdict of the model before: 10-20 ms)."""
+        select = (
             "SELECT model_id, model_version FROM verdicts INDEXED BY verdicts_anomaly_model_score"
-            " WHERE anomalous = 1{} ORDER BY model_id, model_version LIMIT 1"
+            " WHERE anomalous = 1"
         )
+        later_version = f"{select} AND model_id = ? AND model_version > ? ORDER BY model_version LIMIT 1"
+        next_model = f"{select} AND model_id > ? ORDER BY model_id, model_version LIMIT 1"
         found: list[tuple[str, str]] = []
-        row = conn.execute(sql.format("")).fetchone()
+        row = conn.execute(f"{select} ORDER BY model_id, model_version LIMIT 1").fetchone()
         while row is not None:
             found.append((row[0], row[1]))
-            row = conn.execute(sql.format(" AND (model_id, model_version) > (?, ?)"), row).fetchone()
+            row = conn.execute(later_version, row).fetchone() or conn.execute(next_model, row[:1]).fetchone()
         return found
 
     @staticmethod
