@@ -28,8 +28,25 @@ _V_COLUMNS = TX_ULB.columns[:-1]
 _GET_V = operator.itemgetter(*_V_COLUMNS)
 
 
+class _Times:
+    """Record times of a batch of columns (seconds and nanos since the epoch)."""
+
+    seconds: I64
+    nanos: I64
+
+    @property
+    def times_s(self) -> F64:
+        # As seconds + nanos * 1e-9 in Python floats: the same double for every record.
+        return self.seconds.astype(np.float64) + self.nanos * 1e-9
+
+    @property
+    def time_ns(self) -> I64:
+        """Nanoseconds since the epoch (meaningful for records whose time is in range)."""
+        return self.seconds * 1_000_000_000 + self.nanos
+
+
 @dataclasses.dataclass
-class TransactionColumns:
+class TransactionColumns(_Times):
     """A batch of transactions as columns, read from the messages in one pass: what validation
     and the scorer look at, so that neither walks the messages (and their feature maps) again."""
 
@@ -98,16 +115,6 @@ class TransactionColumns:
     def __len__(self) -> int:
         return len(self.transaction_ids)
 
-    @property
-    def times_s(self) -> F64:
-        # As seconds + nanos * 1e-9 in Python floats: the same double for every record.
-        return self.seconds.astype(np.float64) + self.nanos * 1e-9
-
-    @property
-    def time_ns(self) -> I64:
-        """Nanoseconds since the epoch (meaningful for records whose time is in range)."""
-        return self.seconds * 1_000_000_000 + self.nanos
-
     def take(self, rows: Rows) -> TransactionColumns:
         """The records at ``rows`` (increasing), as columns of their own."""
         pick = rows.tolist()
@@ -130,7 +137,7 @@ class TransactionColumns:
 
 
 @dataclasses.dataclass
-class TickColumns:
+class TickColumns(_Times):
     """A batch of ticks as columns, read from the messages in one pass (missing optional fields
     read 0.0; validation tells them apart on the message)."""
 
@@ -174,14 +181,6 @@ class TickColumns:
 
     def __len__(self) -> int:
         return len(self.symbols)
-
-    @property
-    def times_s(self) -> F64:
-        return self.seconds.astype(np.float64) + self.nanos * 1e-9
-
-    @property
-    def time_ns(self) -> I64:
-        return self.seconds * 1_000_000_000 + self.nanos
 
     def take(self, rows: Rows) -> TickColumns:
         pick = rows.tolist()
