@@ -5,7 +5,6 @@ Every verdict of a real capture must be stored exactly once at the end.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -14,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
 from tests.conftest import MODELS, PCAPS, CollectorThread, free_port, wait_for
+from tests.netns import veth_namespace
 from tests.test_end_to_end import nfstream_reference, stored_facts
 
 CAPTURE = PCAPS / "masscan_tcp_0_1000_20190821.pcap"
@@ -195,31 +194,6 @@ def test_a_full_disk_under_the_agents_spool_loses_only_what_it_counts(tmp_path: 
         assert not stored_facts(stored, p.name) - expected, p.name  # nothing twice, nothing made up
 
 
-@contextlib.contextmanager
-def _namespace(tag: str, host_ip: str, peer_ip: str) -> Iterator[tuple[str, str]]:
-    """A network namespace joined to this one by a veth pair: (namespace, this side's interface)."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("a partition test needs root and iproute2 to make a network namespace")
-    ns, here, there = f"aurisp{tag}", f"aup{tag}h", f"aup{tag}p"
-    if subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False).returncode != 0:
-        pytest.skip("this machine forbids network namespaces")
-    try:
-        for command in (
-            ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
-            ["ip", "link", "set", there, "netns", ns],
-            ["ip", "addr", "add", f"{host_ip}/24", "dev", here],
-            ["ip", "link", "set", here, "up"],
-            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{peer_ip}/24", "dev", there],
-            ["ip", "netns", "exec", ns, "ip", "link", "set", there, "up"],
-            ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-        ):
-            subprocess.run(command, check=True, capture_output=True)
-        yield ns, here
-    finally:
-        subprocess.run(["ip", "link", "del", here], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-
-
 @pytest.mark.timeout(240)
 def test_a_network_partition_longer_than_the_backoff_loses_nothing(tmp_path: Path) -> None:
     """The agent in its own network namespace streams to the collector over a veth pair and mTLS;
@@ -236,7 +210,7 @@ def test_a_network_partition_longer_than_the_backoff_loses_nothing(tmp_path: Pat
     issue(pki, "ca", "agent-p", "DNS:agent-p")
     pcaps = _copies(tmp_path, 6)
     log = tmp_path / "agent.log"
-    with _namespace(str(os.getpid() % 100000), host_ip, peer_ip) as (ns, here):
+    with veth_namespace("pt", host_ip, peer_ip, "a partition test") as (ns, here, _):
         collector = CollectorThread(
             CollectorConfig(
                 listen=f"{host_ip}:0", api_listen="127.0.0.1:0", db=str(tmp_path / "collector.db"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -24,48 +23,27 @@ import pytest
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.v1 import flow_pb2, verdict_pb2
 from tests.conftest import MODELS, CollectorThread, wait_for
+from tests.netns import veth_namespace
 
 HOST_IP, PEER_IP = "10.231.77.1", "10.231.77.2"
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 @pytest.fixture
 def veth() -> Iterator[tuple[str, str]]:
     """A veth pair: one end here, the other in a fresh namespace with a TCP and a UDP echo server."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("live capture needs root and iproute2 to make a network namespace")
-    tag = f"{os.getpid() % 100000}"
-    ns, host_if, peer_if = f"aurisns{tag}", f"aur{tag}h", f"aur{tag}p"
-    try:
-        _ip("netns", "add", ns)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"this machine forbids network namespaces: {exc.stderr.decode().strip()}")
-    servers = None
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _ip("link", "set", peer_if, "netns", ns)
-        _ip("addr", "add", f"{HOST_IP}/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("netns", "exec", ns, "ip", "addr", "add", f"{PEER_IP}/24", "dev", peer_if)
-        _ip("netns", "exec", ns, "ip", "link", "set", peer_if, "up")
-        _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+    with veth_namespace("lv", HOST_IP, PEER_IP, "live capture") as (ns, host_if, _):
         servers = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-c", _ECHO_SERVERS, PEER_IP],
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert servers.stdout is not None
-        assert servers.stdout.readline().strip() == "ready"
-        yield host_if, ns
-    finally:
-        if servers is not None:
+        try:
+            assert servers.stdout is not None
+            assert servers.stdout.readline().strip() == "ready"
+            yield host_if, ns
+        finally:
             servers.kill()
             servers.wait()
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
 _ECHO_SERVERS = """
