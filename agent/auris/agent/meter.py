@@ -21,6 +21,7 @@ from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstrea
 from nfstream import NFStreamer
 from nfstream.utils import InternalError, NFEvent
 
+from auris.agent.channel import FlowChannel
 from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
 
@@ -103,7 +104,7 @@ class MeterStats:
 _FORKSERVER = multiprocessing.get_context("forkserver")
 # lean first: the forkserver imports nfstream as this process did (multiprocessing would swallow
 # the ImportError of a venv without pandas, and every meter process would die of it).
-_PRELOAD_FIRST, _PRELOAD_LAST = ["auris.agent.lean"], ["nfstream.meter"]
+_PRELOAD_FIRST, _PRELOAD_LAST = ["auris.agent.lean"], ["nfstream.meter", "auris.agent.channel"]
 _FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *_PRELOAD_LAST])
 
 
@@ -161,7 +162,7 @@ _WATCH_S = 1.0
 @dataclasses.dataclass(eq=False)
 class _Meter:
     process: Any
-    channel: Any  # nfstream's multiprocessing.Queue
+    channel: FlowChannel
     exit_code: int | None = None  # set once the meter is found dead
     ended: bool = False  # its channel holds the end (or the rest of a broken message)
     done: bool = False  # the source is no longer read
@@ -172,20 +173,20 @@ class _CountingContext:
 
     def __init__(self, context: Any) -> None:
         self._context = context
-        self._channel: Any = None
+        self._channel: FlowChannel | None = None
         self.meters: list[_Meter] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
-    def Queue(self, *args: Any, **kwargs: Any) -> Any:
-        self._channel = self._context.Queue(*args, **kwargs)
+    def Queue(self, maxsize: int = 0) -> FlowChannel:
+        self._channel = FlowChannel(maxsize, ctx=self._context)
         return self._channel
 
     def Process(self, *args: Any, **kwargs: Any) -> Any:
         process = self._context.Process(*args, **kwargs)
         meter_args = kwargs.get("args", ())
-        if len(meter_args) > _TRACKER_ARG:
+        if len(meter_args) > _TRACKER_ARG and self._channel is not None:
             _TRACKERS.append(meter_args[_TRACKER_ARG])
             meter = _Meter(process, self._channel)
             with _METERS_LOCK:
