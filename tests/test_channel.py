@@ -5,10 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import time
+from typing import Any
 
 from nfstream.flow import NFlow
 
-from auris.agent.channel import BATCH, LINGER_S, FlowChannel
+from auris.agent.channel import BATCH, LINGER_S, FlowBatch, FlowChannel
 
 
 def _flow(number: int) -> NFlow:
@@ -17,22 +18,33 @@ def _flow(number: int) -> NFlow:
     return flow
 
 
-def _channel() -> FlowChannel:
-    return FlowChannel(32767, ctx=multiprocessing.get_context("forkserver"))
+def _channel(shape: Any = None) -> FlowChannel:
+    return FlowChannel(32767, ctx=multiprocessing.get_context("forkserver"), shape=shape)
 
 
-def test_flows_arrive_in_order_and_whole_batches_are_one_message() -> None:
+def _read_flows(channel: FlowChannel, count: int) -> list[Any]:
+    flows: list[Any] = []
+    while len(flows) < count:
+        batch = channel.get(timeout=5)
+        assert type(batch) is FlowBatch
+        assert 0 < len(batch) <= BATCH
+        flows += batch
+    return flows
+
+
+def test_flows_arrive_in_order_in_batches_and_the_end_by_itself() -> None:
     channel = _channel()
     try:
         count = 3 * BATCH + 5
         for number in range(count):
             channel.put(_flow(number))
-        channel.put(None)  # nfstream's end marker: sent at once with the partial batch
-        got = [channel.get(timeout=5) for _ in range(count + 1)]
-        assert [f.id for f in got[:-1]] == list(range(count))
-        assert got[-1] is None
+        channel.put(None)  # nfstream's end marker: sends the partial batch before it, at once
+        started = time.monotonic()
+        got = _read_flows(channel, count)
+        assert [f.id for f in got] == list(range(count))
+        assert channel.get(timeout=5) is None
+        assert time.monotonic() - started < LINGER_S  # the last partial batch did not linger
         assert channel.qsize() == 0  # every put's semaphore count given back
-        assert channel.empty()
     finally:
         channel.close()
         channel.join_thread()
@@ -43,9 +55,27 @@ def test_a_lone_flow_is_sent_after_the_linger() -> None:
     try:
         started = time.monotonic()
         channel.put(_flow(7))
-        assert channel.get(timeout=5).id == 7
+        assert [f.id for f in _read_flows(channel, 1)] == [7]
         waited = time.monotonic() - started
         assert LINGER_S * 0.9 <= waited < 1.0, waited  # held for the rest of its batch, not longer
+    finally:
+        channel.close()
+        channel.join_thread()
+
+
+def _ident(flow: NFlow) -> tuple[str, int]:
+    return ("shaped", flow.id)
+
+
+def test_shape_makes_what_the_reader_gets() -> None:
+    """(In the agent it runs in the meter process: every metering test goes through it.)"""
+    channel = _channel(_ident)
+    try:
+        for number in range(3):
+            channel.put(_flow(number))
+        channel.put(None)
+        assert _read_flows(channel, 3) == [("shaped", 0), ("shaped", 1), ("shaped", 2)]
+        assert channel.get(timeout=5) is None
     finally:
         channel.close()
         channel.join_thread()
@@ -57,7 +87,7 @@ def test_a_batch_pickles_smaller_than_its_flows_one_by_one() -> None:
     for flow in flows:
         flow.src_ip, flow.bidirectional_packets = "10.0.0.1", 3
     alone = sum(len(pickle.dumps(f)) for f in flows)
-    together = len(pickle.dumps(flows))
+    together = len(pickle.dumps(FlowBatch(flows)))
     assert together < alone / 2
 
 
@@ -67,10 +97,10 @@ def test_messages_that_are_not_batches_are_read_as_before() -> None:
     try:
         channel.put(_flow(1))
         channel.put(None)
-        assert channel.get(timeout=5).id == 1
+        assert [f.id for f in _read_flows(channel, 1)] == [1]
         assert channel._sem.acquire(False)
         channel._writer.send_bytes(pickle.dumps("an error"))
-        assert channel.get(timeout=5) is None  # the rest of the batch comes first
+        assert channel.get(timeout=5) is None
         assert channel.get(timeout=5) == "an error"
         assert channel.qsize() == 0
     finally:

@@ -21,8 +21,8 @@ from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstrea
 from nfstream import NFStreamer
 from nfstream.utils import InternalError, NFEvent
 
-from auris.agent.channel import FlowChannel
-from auris.agent.features import FeatureSet
+from auris.agent.channel import FlowBatch, FlowChannel
+from auris.agent.features import FeatureSet, feature_set
 from auris.v1 import flow_pb2
 
 __all__ = [
@@ -104,7 +104,7 @@ class MeterStats:
 _FORKSERVER = multiprocessing.get_context("forkserver")
 # lean first: the forkserver imports nfstream as this process did (multiprocessing would swallow
 # the ImportError of a venv without pandas, and every meter process would die of it).
-_PRELOAD_FIRST, _PRELOAD_LAST = ["auris.agent.lean"], ["nfstream.meter", "auris.agent.channel"]
+_PRELOAD_FIRST, _PRELOAD_LAST = ["auris.agent.lean"], ["nfstream.meter", "auris.agent.meter"]
 _FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *_PRELOAD_LAST])
 
 
@@ -119,6 +119,40 @@ def preload_in_meter_processes(*modules: str) -> None:
     multiprocessing start method other than fork.
     """
     _FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *modules, *_PRELOAD_LAST])
+
+
+class _Shape:
+    """Makes a FlowRecord of an NFlow in the meter process, as the meter sends it (see
+    auris.agent.channel); travels there pickled, as its capture label and feature set names."""
+
+    def __init__(self, label: str, feature_sets: Sequence[tuple[str, str]]) -> None:
+        self._label = label
+        self._sets = tuple(feature_sets)
+        self._extract = [(name, feature_set(name, version).extract) for name, version in self._sets]
+
+    def __reduce__(self) -> tuple[type[_Shape], tuple[str, tuple[tuple[str, str], ...]]]:
+        return _Shape, (self._label, self._sets)
+
+    def __call__(self, flow: Any) -> FlowRecord:
+        return FlowRecord(
+            flow.src_ip,
+            flow.dst_ip,
+            flow.src_port,
+            flow.dst_port,
+            flow.protocol,
+            flow.ip_version,
+            flow.vlan_id,
+            flow.bidirectional_first_seen_ms,
+            flow.bidirectional_last_seen_ms,
+            flow.src2dst_packets,
+            flow.dst2src_packets,
+            flow.src2dst_bytes,
+            flow.dst2src_bytes,
+            flow.application_name or "",
+            _END_REASONS.get(flow.expiration_id, flow_pb2.FLOW_END_REASON_UNSPECIFIED),
+            self._label,
+            {name: extract(flow) for name, extract in self._extract},
+        )
 
 
 def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[FeatureSet]) -> Any:
@@ -140,7 +174,8 @@ def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[Feature
     # threads are running by then, and forking a process that holds gRPC's locks is unsafe.
     # A forkserver child starts from a clean, single-threaded process instead (nfstream 6.6
     # keeps the context in this attribute; tests cover it through every metering run).
-    streamer._mp_context = _CountingContext(_FORKSERVER)
+    shape = _Shape(source_label(source), [(fs.name, fs.version) for fs in feature_sets])
+    streamer._mp_context = _CountingContext(_FORKSERVER, shape)
     return streamer
 
 
@@ -171,8 +206,9 @@ class _Meter:
 class _CountingContext:
     """A multiprocessing context that keeps each meter's counters, process and channel."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: Any, shape: _Shape) -> None:
         self._context = context
+        self._shape = shape
         self._channel: FlowChannel | None = None
         self.meters: list[_Meter] = []
 
@@ -180,7 +216,7 @@ class _CountingContext:
         return getattr(self._context, name)
 
     def Queue(self, maxsize: int = 0) -> FlowChannel:
-        self._channel = FlowChannel(maxsize, ctx=self._context)
+        self._channel = FlowChannel(maxsize, ctx=self._context, shape=self._shape)
         return self._channel
 
     def Process(self, *args: Any, **kwargs: Any) -> Any:
@@ -294,31 +330,14 @@ def meter_source(
 
     Raises ValueError (from nfstream) when the source cannot be opened.
     """
-    label = source_label(source)
     _start_watchdog()
     streamer = _streamer(source, options or MeterOptions(), feature_sets)
     context: _CountingContext = streamer._mp_context
     try:
-        for flow in _read(streamer, context):
-            yield FlowRecord(
-                src_ip=flow.src_ip,
-                dst_ip=flow.dst_ip,
-                src_port=flow.src_port,
-                dst_port=flow.dst_port,
-                protocol=flow.protocol,
-                ip_version=flow.ip_version,
-                vlan_id=flow.vlan_id,
-                first_seen_ms=flow.bidirectional_first_seen_ms,
-                last_seen_ms=flow.bidirectional_last_seen_ms,
-                src2dst_packets=flow.src2dst_packets,
-                dst2src_packets=flow.dst2src_packets,
-                src2dst_bytes=flow.src2dst_bytes,
-                dst2src_bytes=flow.dst2src_bytes,
-                application_name=flow.application_name or "",
-                end_reason=_END_REASONS.get(flow.expiration_id, flow_pb2.FLOW_END_REASON_UNSPECIFIED),
-                capture_source=label,
-                features={fs.name: fs.extract(flow) for fs in feature_sets},
-            )
+        for batch in _read(streamer, context):
+            if type(batch) is not FlowBatch:
+                raise TypeError(f"the meter sent a {type(batch).__name__}, not flows")
+            yield from batch
     finally:
         for meter in context.meters:
             meter.done = True
