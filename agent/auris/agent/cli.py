@@ -32,7 +32,7 @@ from auris.agent.daemon import Agent
 from auris.agent.enroll import enrolled_files, model_key_file
 from auris.agent.health import Heartbeat, health_metrics
 from auris.agent.logs import configure_logging
-from auris.agent.meter import preload_in_meter_processes
+from auris.agent.meter import preload_in_meter_processes, start_meter_server
 from auris.agent.metrics import MetricsServer
 from auris.agent.model_updates import ModelCatalog, ModelWatcher
 from auris.agent.renewal import CertificateRenewer, ReopenableChannel, finish_interrupted_renewal
@@ -393,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     preload_in_meter_processes(__name__)
     live.install(config.max_live_flows)
+    start_meter_server()  # its imports overlap with the rest of the start-up
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,14 +37,19 @@ def _nfstream_columns() -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSet:
-    """A named, versioned extractor producing ``columns`` from one metered flow."""
+    """A named, versioned extractor producing ``columns`` from one metered flow.
+
+    Vectors are ``array("d")``: they cross from nfstream's meter process to the agent as one
+    block of bytes each, and ``auris.agent.scoring.to_matrix`` stacks them without a float
+    object per value.
+    """
 
     name: str
     version: str
     columns: tuple[str, ...]
     # nfstream options the extractor needs (statistical_analysis, splt_analysis...).
     meter_options: dict[str, Any]
-    extract: Callable[[Any], list[float]]
+    extract: Callable[[Any], array[float]]
 
     def check_columns(self, wanted: Sequence[str]) -> None:
         """Raise ValueError naming the first column this set cannot produce, or a reordering."""
@@ -52,11 +58,9 @@ class FeatureSet:
             raise ValueError(f"feature set {self.name} v{self.version} has no column {missing[0]!r}")
 
 
-def _extract_nfstream(flow: Any) -> list[float]:
-    # NFlow exposes every statistic as an attribute; missing ones are a programming error. The
-    # values stay as nfstream computed them (int or float): every consumer makes float arrays of
-    # them anyway, and converting 59 values one by one here cost more than reading them.
-    return list(_NFSTREAM_GET(flow))
+def _extract_nfstream(flow: Any) -> array[float]:
+    # NFlow exposes every statistic as an attribute; missing ones are a programming error.
+    return array("d", _NFSTREAM_GET(flow))
 
 
 NFSTREAM_COLUMNS = _nfstream_columns()

@@ -32,7 +32,7 @@ class FlowTable:
     """Feature rows with their label, first-seen time and capture of origin."""
 
     columns: tuple[str, ...]
-    rows: list[list[float]] = dataclasses.field(default_factory=list)
+    rows: list[Sequence[float]] = dataclasses.field(default_factory=list)
     labels: list[str] = dataclasses.field(default_factory=list)
     first_seen_ms: list[int] = dataclasses.field(default_factory=list)
     captures: list[str] = dataclasses.field(default_factory=list)
