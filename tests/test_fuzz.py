@@ -785,7 +785,7 @@ def test_pcaps_through_metering_scoring_and_the_collectors_checks(
     sets = agent_models.feature_sets
     verdicts = [
         build_verdict(agent_id=AGENT_ID, sequence=i + 1, flow=flow, scores=s, hostname="h", scored_time=now,
-                      features=[(fs.name, fs.version, flow.features[fs.name]) for fs in sets])
+                      feature_sets=[(fs.name, fs.version) for fs in sets])
         for i, (flow, s) in enumerate(zip(flows, scores, strict=True))
     ]  # fmt: skip
     top, rows = validate_batch(

@@ -15,7 +15,7 @@ from auris.agent.manifest import ManifestError, dump_manifest, find_manifests, r
 from auris.agent.meter import meter_flows
 from auris.agent.scoring import load_model, load_models, to_matrix
 from auris.agent.signing import ModelTrust, sign_manifest
-from auris.v1 import model_pb2
+from auris.v1 import model_pb2, verdict_pb2
 from tests.conftest import MODELS, PCAPS, TEST_SIGNING_KEY, TEST_TRUST, resign
 
 
@@ -262,3 +262,36 @@ def test_every_shipped_model_carries_a_release_signature() -> None:
     assert len(manifests) >= 2
     for path in manifests:
         trust.verify(read_manifest(path), str(path))
+
+
+def test_a_batch_of_verdicts_is_what_each_flow_would_get_alone(tmp_path: Path) -> None:
+    """VerdictBuilder puts the batch's models in its template; the bytes must not change for it,
+    with a shadow model, classifiers and detectors firing, features attached, and a batch that
+    one model failed."""
+    from google.protobuf import timestamp_pb2
+
+    from auris.agent.verdicts import VerdictBuilder, build_verdict
+
+    models, _ = load_models(MODELS)
+    flows = list(meter_flows([str(PCAPS / "KakaoTalk_chat.pcap")], models.feature_sets))
+    models.models[1].shadow = True
+    per_flow = models.score([f.features for f in flows])
+    for i, model in enumerate(models.models):  # so that each fires on some flows, not on all
+        values = [scores[i].score for scores in per_flow]
+        model.manifest.threshold.value = (min(values) + max(values)) / 2
+    per_flow = models.score([f.features for f in flows])
+    fired = {(s.model_id, s.anomalous) for scores in per_flow for s in scores}
+    assert {(m.manifest.model_id, a) for m in models.models for a in (True, False)} <= fired
+    now = timestamp_pb2.Timestamp(seconds=1_700_000_000)
+    sets = [(fs.name, fs.version) for fs in models.feature_sets]
+    for scores in (per_flow, [s[:1] if i % 3 == 0 else s for i, s in enumerate(per_flow)]):
+        build = VerdictBuilder(agent_id="a", hostname="h", scored_time=now, flows=flows, scores=scores,
+                               feature_sets=sets, features_when="anomalous")  # fmt: skip
+        together = [build(i, 100 + i).SerializeToString(deterministic=True) for i in range(len(flows))]
+        alone = [
+            build_verdict(agent_id="a", sequence=100 + i, flow=f, scores=s, hostname="h", scored_time=now,
+                          feature_sets=sets, features_when="anomalous").SerializeToString(deterministic=True)
+            for i, (f, s) in enumerate(zip(flows, scores, strict=True))
+        ]  # fmt: skip
+        assert together == alone
+    assert any(v.features for v in (verdict_pb2.Verdict.FromString(b) for b in together))

@@ -32,7 +32,7 @@ from auris.agent.model_updates import Refusal
 from auris.agent.scoring import ModelSet
 from auris.agent.spool import Spool
 from auris.agent.uplink import Uplink
-from auris.agent.verdicts import build_verdict
+from auris.agent.verdicts import VerdictBuilder
 from auris.v1 import agent_service_pb2, flow_pb2, model_pb2
 
 __all__ = ["Agent", "RunReport", "replay_key"]
@@ -328,21 +328,16 @@ class Agent:
         scored_time = timestamp_pb2.Timestamp()
         scored_time.GetCurrentTime()
         scores = self.models.score([f.features for f in flows])
-        feature_sets = self.models.feature_sets
-        verdicts = self.spool.append(
-            lambda index, sequence: build_verdict(
-                agent_id=self.agent_id,
-                sequence=sequence,
-                flow=flows[index],
-                scores=scores[index],
-                hostname=self.hostname,
-                scored_time=scored_time,
-                features=[(fs.name, fs.version, flows[index].features[fs.name]) for fs in feature_sets],
-                features_when=self.config.send_features,
-            ),
-            len(flows),
-            replay=(key, len(flows)) if key else None,
+        build = VerdictBuilder(
+            agent_id=self.agent_id,
+            hostname=self.hostname,
+            scored_time=scored_time,
+            flows=flows,
+            scores=scores,
+            feature_sets=[(fs.name, fs.version) for fs in self.models.feature_sets],
+            features_when=self.config.send_features,
         )
+        verdicts = self.spool.append(build, len(flows), replay=(key, len(flows)) if key else None)
         self.report.flows += len(flows)
         self.report.packets += sum(f.packets for f in flows)
         self.report.evicted += sum(f.end_reason == flow_pb2.FLOW_END_REASON_EVICTED for f in flows)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 from array import array
 from collections.abc import Mapping, Sequence
@@ -105,8 +107,9 @@ class LoadedModel:
         out = np.asarray(outputs[0])
         threshold = m.threshold.value
         n = len(inputs)
-        probabilities: list[dict[str, float]] = [{} for _ in range(n)]
-        top_features: list[tuple[tuple[str, float], ...]] = [() for _ in range(n)]
+        probabilities: list[Mapping[str, float]] | itertools.repeat[Mapping[str, float]]
+        probabilities = itertools.repeat(_NO_PROBABILITIES)
+        top_features: list[tuple[tuple[str, float], ...]] | itertools.repeat[tuple[()]] = itertools.repeat(())
         if m.kind == model_pb2.MODEL_KIND_CLASSIFIER:
             probs = out.reshape(n, -1)
             scores = 1.0 - probs[:, self.normal_index]
@@ -115,29 +118,33 @@ class LoadedModel:
             others = probs.copy()
             others[:, self.normal_index] = -1.0
             best = np.where(scores >= threshold, others.argmax(axis=1), probs.argmax(axis=1))
-            labels = [m.labels[i] for i in best]
-            probabilities = [dict(zip(m.labels, row, strict=True)) for row in probs.tolist()]
+            class_labels = m.labels
+            labels: list[str] | itertools.repeat[str] = [class_labels[i] for i in best.tolist()]
+            probabilities = [dict(zip(class_labels, row, strict=True)) for row in probs.tolist()]
         else:
             scores = out.reshape(n, -1)[:, 0]
-            labels = ["" for _ in range(n)]
+            labels = itertools.repeat("")
         if len(outputs) > 1:
             contributions = np.asarray(outputs[1]).reshape(n, -1)
             k = min(TOP_FEATURES, contributions.shape[1])
             top = np.argsort(-contributions, axis=1)[:, :k]
             values = np.take_along_axis(contributions, top, axis=1).astype(np.float64).tolist()
-            columns = m.feature_set.columns
-            top_features = [
-                tuple(zip([columns[j] for j in idx], row, strict=True))
-                for idx, row in zip(top.tolist(), values, strict=True)
-            ]
+            names = self._column_names[top].tolist()
+            top_features = [tuple(zip(n, v, strict=True)) for n, v in zip(names, values, strict=True)]
         if self.drift is not None:
             self.drift.observe(inputs, scores)
+        # Built as plain tuples: Score's own __new__ is a Python function, a third of this loop.
+        fields = (m.model_id, m.version, m.kind)
+        shadow = self.shadow
+        new = tuple.__new__
         return [
-            Score(
-                m.model_id, m.version, m.kind, float(s), threshold, s >= threshold, label, p, t, self.shadow
-            )
-            for s, label, p, t in zip(scores.tolist(), labels, probabilities, top_features, strict=True)
+            new(Score, (*fields, s, threshold, s >= threshold, label, p, t, shadow))
+            for s, label, p, t in zip(scores.tolist(), labels, probabilities, top_features, strict=False)
         ]
+
+    @functools.cached_property
+    def _column_names(self) -> npt.NDArray[np.object_]:
+        return np.array(self.manifest.feature_set.columns, dtype=object)
 
 
 def load_model(manifest_path: Path, threads: int = 1, trust: ModelTrust | None = None) -> LoadedModel:
