@@ -199,23 +199,22 @@ class ModelSet:
 
     def score(self, features: Sequence[Mapping[str, Sequence[float]]]) -> list[list[Score]]:
         """Score a batch of flows (feature set name -> vector) with every model."""
-        per_flow: list[list[Score]] = [[] for _ in features]
         if not features:
-            return per_flow
+            return []
         matrices = {
             fs.name: to_matrix([f[fs.name] for f in features], len(fs.columns)) for fs in self.feature_sets
         }
+        columns: list[list[Score]] = []
         for model in self.models:
             try:
-                scores = model.score_matrix(matrices[model.feature_set.name])
+                columns.append(model.score_matrix(matrices[model.feature_set.name]))
             # onnxruntime's errors are untyped; one bad batch must not stop the agent.
             except Exception as exc:
                 self.errors += 1
                 logger.error("model %s failed on a batch of %d flows: %s", model.ref, len(features), exc)
-                continue
-            for i, score in enumerate(scores):
-                per_flow[i].append(score)
-        return per_flow
+        if not columns:
+            return [[] for _ in features]
+        return [list(row) for row in zip(*columns, strict=True)]
 
 
 def load_models(
