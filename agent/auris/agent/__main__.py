@@ -1,3 +1,3 @@
-from auris.agent.cli import main
+from auris.agent.launch import main
 
 raise SystemExit(main())

@@ -28,6 +28,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstream without pandas)
+
+# isort: split
 from nfstream.flow import NFlow
 from nfstream.utils import NFEvent
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import functools
 import multiprocessing
 import os
 import signal
@@ -38,19 +40,19 @@ import nfstream.meter
 import nfstream.streamer
 from nfstream.utils import NFMode
 
-__all__ = ["TICK_S", "install", "meter_workflow", "request_flush"]
+from auris.agent import meterserver
+
+__all__ = ["TICK_S", "MeterSettings", "install", "meter_workflow", "request_flush"]
 
 # How long a read may stay blocked before the meter's clock is advanced by hand.
 TICK_S = 1.0
 # After a stop request, packets the kernel already holds (libpcap hands them over in
 # blocks, up to its timeout later) are still read for this long before the flush.
 STOP_GRACE_S = 1.5
-_STOP_SIGNAL = signal.SIGUSR1
+_STOP_SIGNAL = meterserver.FLUSH_SIGNAL
 _END_OF_CAPTURE = -2
 _TIME_TICK = 2
 _original_workflow = nfstream.meter.meter_workflow
-_AGENT_PID_ENV = "AURIS_AGENT_PID"
-_MAX_FLOWS_ENV = "AURIS_MAX_LIVE_FLOWS"
 # nfstream's expiration id for flows a plugin ended early; the agent reports them as evicted.
 EVICTED = -1
 
@@ -107,11 +109,16 @@ class _TickingEngine:
                     self._breakloop(self._handle)
 
 
-def _exit_with_the_agent() -> None:
+@dataclasses.dataclass(frozen=True)
+class MeterSettings:
+    """What the agent tells each meter process it starts (with nfstream's own arguments)."""
+
+    agent_pid: int  # the meter exits once this process is gone
+    max_flows: int = 0  # flows a meter holds at most (0: no cap)
+
+
+def _exit_with_the_agent(agent: int) -> None:
     """End this meter process as soon as the agent that started it is gone."""
-    agent = int(os.environ.get(_AGENT_PID_ENV, "0"))
-    if not agent:
-        return
 
     def watch() -> None:
         while True:
@@ -143,10 +150,10 @@ def _capped(scan: Any, cap: int) -> Any:
     return capped_scan
 
 
-def meter_workflow(*args: Any) -> None:
+def meter_workflow(settings: MeterSettings, *args: Any) -> None:
     """nfstream's meter workflow, with a ticking engine for live interfaces and a flow cap."""
-    _exit_with_the_agent()
-    cap = int(os.environ.get(_MAX_FLOWS_ENV, "0"))
+    _exit_with_the_agent(settings.agent_pid)
+    cap = settings.max_flows
     if cap > 0:  # nfstream looks its helpers up at call time: patch this meter process only
         nfstream.meter.meter_scan = _capped(nfstream.meter.meter_scan, cap)
     mode = args[7]  # (source, snaplen, decode_tunnels, bpf_filter, promisc, n_roots, root_idx, mode, ...)
@@ -174,15 +181,15 @@ def install(max_flows: int = 0) -> None:
     """Make nfstream start its meters through :func:`meter_workflow` (once, in the agent).
 
     ``max_flows`` caps the flows a meter holds (0: no cap); past it the least recently
-    seen flows are expired early and reported as evicted. Meters read both settings
-    from the environment, so call this before the first capture starts.
+    seen flows are expired early and reported as evicted. The settings travel with each
+    meter nfstream starts from then on (a reload that changes them reaches the next capture).
     """
-    os.environ[_AGENT_PID_ENV] = str(os.getpid())
-    os.environ[_MAX_FLOWS_ENV] = str(max_flows)
     # Ignored signals survive fork and exec: a meter that gets its flush request before it has
-    # installed its handler ignores it (the agent repeats it) instead of dying of it.
+    # installed its handler ignores it (the agent repeats it) instead of dying of it. (The
+    # forkserver the meters come from may have started before this: meterserver.start does it too.)
     signal.signal(_STOP_SIGNAL, signal.SIG_IGN)
-    nfstream.streamer.meter_workflow = meter_workflow
+    settings = MeterSettings(agent_pid=os.getpid(), max_flows=max_flows)
+    nfstream.streamer.meter_workflow = functools.partial(meter_workflow, settings)
 
 
 def request_flush() -> int:

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
-import multiprocessing.forkserver as forkserver
 import os
 import pickle
 import threading
@@ -23,6 +22,7 @@ from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstrea
 from nfstream import NFStreamer
 from nfstream.utils import InternalError, NFEvent
 
+from auris.agent import meterserver
 from auris.agent.channel import FlowBatch, FlowChannel
 from auris.agent.features import FeatureSet, feature_set
 from auris.v1 import flow_pb2
@@ -110,10 +110,6 @@ class MeterStats:
 
 
 _FORKSERVER = multiprocessing.get_context("forkserver")
-# lean first: the forkserver imports nfstream as this process did (multiprocessing would swallow
-# the ImportError of a venv without pandas, and every meter process would die of it).
-_PRELOAD_FIRST, _PRELOAD_LAST = ["auris.agent.lean"], ["nfstream.meter", "auris.agent.meter"]
-_FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *_PRELOAD_LAST])
 
 
 def preload_in_meter_processes(*modules: str) -> None:
@@ -126,7 +122,13 @@ def preload_in_meter_processes(*modules: str) -> None:
     a plain script need the usual ``if __name__ == "__main__":`` guard, as with any
     multiprocessing start method other than fork.
     """
-    _FORKSERVER.set_forkserver_preload([*_PRELOAD_FIRST, *modules, *_PRELOAD_LAST])
+    meterserver.preload(*modules)
+
+
+def start_meter_server() -> None:
+    """Start the forkserver now, so that it imports what it preloads while the caller goes on
+    setting up; it would start with the first capture (see auris.agent.meterserver)."""
+    meterserver.start()
 
 
 class _Shape:
@@ -161,14 +163,6 @@ class _Shape:
             self._label,
             {name: extract(flow) for name, extract in self._extract},
         )
-
-
-def start_meter_server() -> None:
-    """Start the forkserver now, so that it imports what it preloads while the caller goes on
-    setting up (the agent: ~0.3 s of its start-up); it would start with the first capture.
-    Call it after ``preload_in_meter_processes`` and after anything meters read from the
-    environment is set: the forkserver's children inherit its environment."""
-    forkserver.ensure_running()
 
 
 def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[FeatureSet]) -> Any:
