@@ -1120,7 +1120,7 @@ def build_query_db(path: Path, rows: int, agents: int, span_hours: float, fracti
 
 @dataclasses.dataclass
 class QueryCall:
-    rpc: str  # "query", "aggregate", "rollups", "talkers" or "talkers_exact"
+    rpc: str  # "query", "aggregate", "rollups", "talkers", "talkers_exact" or "anomalies"
     filter: query_service_pb2.VerdictFilter
     page2: bool = False
     metric: query_service_pb2.TalkerMetric.ValueType = query_service_pb2.TALKER_METRIC_BYTES
@@ -1148,6 +1148,8 @@ def _grpc_call(client: CollectorClient, call: QueryCall, token: str) -> tuple[in
             call.filter, [query_service_pb2.GROUP_BY_LABEL], rollups=call.rpc == "rollups"
         )
         return len(rows), False
+    if call.rpc == "anomalies":
+        return len(client.top_anomalies(call.filter, 10)), False
     exact = call.rpc == "talkers_exact"
     answer = client.list_top_talkers(call.filter, call.metric, 10, exact=exact)
     return len(answer.talkers), answer.approximate
@@ -1160,6 +1162,8 @@ def _store_call(store: VerdictStore, call: QueryCall, token: str) -> int:
         return len(store.aggregate(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
     if call.rpc == "rollups":
         return len(store.aggregate_rollups(call.filter, [query_service_pb2.GROUP_BY_LABEL], 0))
+    if call.rpc == "anomalies":
+        return len(store.top_anomalies(call.filter, 10))
     exact = call.rpc == "talkers_exact"
     return len(store.top_talkers(call.filter, call.metric, 10, exact=exact).talkers)
 
@@ -1206,6 +1210,12 @@ def query_kinds(db: Path, seed: int) -> list[tuple[str, Callable[[int], QueryCal
         ),
         ("AggregateVerdicts by label, last hour (raw rows)", lambda i: QueryCall("aggregate", last_hour())),
         ("AggregateVerdicts by label, last hour (rollups)", lambda i: QueryCall("rollups", last_hour())),
+        ("ListTopAnomalies, all time, top 10", lambda i: QueryCall("anomalies", vf())),
+        ("ListTopAnomalies, last hour, top 10", lambda i: QueryCall("anomalies", last_hour())),
+        (
+            "ListTopAnomalies, last hour, one agent, top 10",
+            lambda i: QueryCall("anomalies", last_hour(agent_ids=[agents[i % len(agents)]])),
+        ),
         ("ListTopTalkers by bytes, last hour, top 10", lambda i: QueryCall("talkers", last_hour())),
         (
             "ListTopTalkers by bytes, last hour, top 10, exact=true (raw rows, as before the summary)",
