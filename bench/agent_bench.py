@@ -557,7 +557,7 @@ def measure_agent(
 ) -> AgentRun:
     state = workdir / "state"
     cmd = [
-        *_command("auris-agent", "auris.agent.cli"),
+        *_command("auris-agent", "auris.agent"),
         "--pcap",
         str(pcap),
         "--insecure",

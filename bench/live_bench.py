@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             config = work / "agent.toml"
             config.write_text(f'interface = "{here}"\nidle_timeout_s = {IDLE_TIMEOUT_S}\n', encoding="utf-8")
-            cmd = [*command("auris-agent", "auris.agent.cli"), "--config", str(config), "--insecure",
+            cmd = [*command("auris-agent", "auris.agent"), "--config", str(config), "--insecure",
                    "--collector", collector.address, "--models-dir", str(REPO / "models"),
                    "--state-dir", str(work / "state")]  # fmt: skip
             say("agent")

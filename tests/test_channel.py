@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from nfstream.flow import NFlow
+from nfstream.utils import NFEvent
 
 import auris.agent.channel as channel_module
 from auris.agent.channel import BATCH, LINGER_S, FlowBatch, FlowChannel
@@ -104,6 +105,49 @@ def test_messages_that_are_not_batches_are_read_as_before() -> None:
         channel._writer.send_bytes(pickle.dumps("an error"))
         assert channel.get(timeout=5) == "an error"
         assert channel.qsize() == 0
+    finally:
+        channel.close()
+        channel.join_thread()
+
+
+def _broken_shape(flow: NFlow) -> Any:
+    if flow.id == 2:
+        raise KeyError("no such column")
+    return flow.id
+
+
+def test_a_flow_that_cannot_be_shaped_ends_the_source_with_the_reason() -> None:
+    """(A bug in a feature extractor: nfstream's reader gets an error message, so the agent
+    reports the source as failed with it, rather than a meter that died with exit code 1.)"""
+    channel = _channel(_broken_shape)
+    try:
+        for number in range(3):
+            channel.put(_flow(number))
+        assert _read_flows(channel, 2) == [0, 1]
+        error = channel.get(timeout=5)
+        assert error.id == NFEvent.ERROR
+        assert error.message == "cannot make a flow record: KeyError('no such column')"
+        assert channel.qsize() == 0
+    finally:
+        channel.close()
+        channel.join_thread()
+
+
+def _unpicklable(flow: NFlow) -> Any:
+    return lambda: flow.id
+
+
+def test_a_batch_that_cannot_be_pickled_is_reported_and_gives_its_counts_back(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    channel = _channel(_unpicklable)
+    try:
+        for number in range(5):
+            channel.put(_flow(number))
+        channel.put(None)
+        assert channel.get(timeout=5) is None  # the batch before it is lost, not the channel
+        assert channel.qsize() == 0
+        assert "auris meter: 5 flow(s) lost, cannot send them" in capfd.readouterr().err
     finally:
         channel.close()
         channel.join_thread()

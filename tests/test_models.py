@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -264,10 +266,61 @@ def test_every_shipped_model_carries_a_release_signature() -> None:
         trust.verify(read_manifest(path), str(path))
 
 
-def test_a_batch_of_verdicts_is_what_each_flow_would_get_alone(tmp_path: Path) -> None:
-    """VerdictBuilder puts the batch's models in its template; the bytes must not change for it,
-    with a shadow model, classifiers and detectors firing, features attached, and a batch that
-    one model failed."""
+def _reference_verdict(flow: Any, scores: Sequence[Any], sequence: int, now: Any, sets: Any) -> bytes:
+    """The verdict as written out field by field, the way build_verdict did before the batch
+    template (decide() included): an independent statement of what a verdict must hold."""
+    from auris.agent.verdicts import _set_time_ms
+
+    live = [s for s in scores if not s.shadow]
+    fired = [s for s in live if s.anomalous]
+    classifiers = [s for s in live if s.kind == model_pb2.MODEL_KIND_CLASSIFIER]
+
+    def why(s: Any) -> str:
+        text = f"{s.model_id} {s.score:.3g} >= {s.threshold:.3g}"
+        if s.top_features:
+            return text + " (" + ", ".join(name for name, _ in s.top_features) + ")"
+        return text + (f" ({s.label} p={s.probabilities.get(s.label, s.score):.2f})" if s.label else "")
+
+    if not live:
+        decider, label, anomalous, explanation = None, "benign", False, "no model scored this flow"
+    elif fired:
+        fired_classifier = next((s for s in fired if s.kind == model_pb2.MODEL_KIND_CLASSIFIER), None)
+        decider, anomalous = fired_classifier or fired[0], True
+        label = fired_classifier.label if fired_classifier else "anomaly"
+        explanation = "; ".join(why(s) for s in fired)
+    else:
+        decider, label, anomalous = (classifiers or live)[0], "benign", False
+        explanation = f"{decider.model_id} {decider.score:.3g} < {decider.threshold:.3g}"
+    v = verdict_pb2.Verdict(agent_id="a", sequence=sequence, label=label, anomalous=anomalous,
+                            explanation=explanation[:200], application_name=flow.application_name,
+                            end_reason=flow.end_reason, hostname="h",
+                            capture_source=flow.capture_source)  # fmt: skip
+    v.flow.src_ip, v.flow.dst_ip, v.flow.src_port, v.flow.dst_port = flow[0], flow[1], flow[2], flow[3]
+    v.flow.ip_protocol, v.flow.ip_version, v.flow.vlan_id = flow.protocol, flow.ip_version, flow.vlan_id
+    _set_time_ms(v.first_seen_time, flow.first_seen_ms)
+    _set_time_ms(v.last_seen_time, flow.last_seen_ms)
+    v.counters.src_to_dst_packets, v.counters.dst_to_src_packets = flow.src2dst_packets, flow.dst2src_packets
+    v.counters.src_to_dst_bytes, v.counters.dst_to_src_bytes = flow.src2dst_bytes, flow.dst2src_bytes
+    v.scored_time.CopyFrom(now)
+    if decider is not None:
+        v.model.model_id, v.model.version = decider.model_id, decider.model_version
+    for s in scores:
+        entry = v.scores.add(kind=s.kind, score=s.score, threshold=s.threshold, anomalous=s.anomalous,
+                             label=s.label, shadow=s.shadow)  # fmt: skip
+        entry.model.model_id, entry.model.version = s.model_id, s.model_version
+        entry.class_probabilities.update(s.probabilities)
+        for name, value in s.top_features:
+            entry.top_features.add(feature=name, value=value)
+    if anomalous:
+        for name, version in sets:
+            v.features.add(feature_set=name, version=version, values=flow.features[name])
+    return v.SerializeToString(deterministic=True)
+
+
+def test_a_batch_of_verdicts_holds_what_each_flow_gets_written_out_by_hand(tmp_path: Path) -> None:
+    """VerdictBuilder puts the batch's models in a template: the verdicts must not change for it,
+    with a shadow model, classifiers and detectors firing, features attached to anomalous flows,
+    flows whose models differ from the first flow's, and build_verdict's one-flow path."""
     from google.protobuf import timestamp_pb2
 
     from auris.agent.verdicts import VerdictBuilder, build_verdict
@@ -282,16 +335,23 @@ def test_a_batch_of_verdicts_is_what_each_flow_would_get_alone(tmp_path: Path) -
     per_flow = models.score([f.features for f in flows])
     fired = {(s.model_id, s.anomalous) for scores in per_flow for s in scores}
     assert {(m.manifest.model_id, a) for m in models.models for a in (True, False)} <= fired
-    now = timestamp_pb2.Timestamp(seconds=1_700_000_000)
+    now = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=5)
     sets = [(fs.name, fs.version) for fs in models.feature_sets]
-    for scores in (per_flow, [s[:1] if i % 3 == 0 else s for i, s in enumerate(per_flow)]):
+    mixed = [s[::-1] if i % 3 == 1 else s[:1] if i % 3 == 2 else s for i, s in enumerate(per_flow)]
+    for scores in (per_flow, mixed):
         build = VerdictBuilder(agent_id="a", hostname="h", scored_time=now, flows=flows, scores=scores,
                                feature_sets=sets, features_when="anomalous")  # fmt: skip
-        together = [build(i, 100 + i).SerializeToString(deterministic=True) for i in range(len(flows))]
+        expected = [
+            _reference_verdict(f, s, 100 + i, now, sets)
+            for i, (f, s) in enumerate(zip(flows, scores, strict=True))
+        ]
+        assert [
+            build(i, 100 + i).SerializeToString(deterministic=True) for i in range(len(flows))
+        ] == expected
         alone = [
             build_verdict(agent_id="a", sequence=100 + i, flow=f, scores=s, hostname="h", scored_time=now,
                           feature_sets=sets, features_when="anomalous").SerializeToString(deterministic=True)
             for i, (f, s) in enumerate(zip(flows, scores, strict=True))
         ]  # fmt: skip
-        assert together == alone
-    assert any(v.features for v in (verdict_pb2.Verdict.FromString(b) for b in together))
+        assert alone == expected
+    assert any(verdict_pb2.Verdict.FromString(b).features for b in expected)

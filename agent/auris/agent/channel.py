@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import multiprocessing.queues
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from auris.agent import lean  # noqa: F401  (before nfstream: it imports nfstrea
 
 # isort: split
 from nfstream.flow import NFlow
-from nfstream.utils import NFEvent
+from nfstream.utils import InternalError, NFEvent
 
 __all__ = ["BATCH", "LINGER_S", "FlowBatch", "FlowChannel"]
 
@@ -97,7 +98,10 @@ class FlowChannel(multiprocessing.queues.Queue):  # type: ignore[type-arg]
             raise queue.Full
         flow = type(obj) is NFlow
         if flow and self._shape is not None:
-            obj = self._shape(obj)
+            try:
+                obj = self._shape(obj)
+            except Exception as exc:  # a bug, not bad input: end the source with it, in the agent
+                obj, flow = InternalError(NFEvent.ERROR, f"cannot make a flow record: {exc!r}"), False
         with self._notempty:
             if self._thread is None:
                 self._start_thread()
@@ -124,6 +128,15 @@ class FlowChannel(multiprocessing.queues.Queue):  # type: ignore[type-arg]
         self._buffer.append(self._batch)
         self._batch = FlowBatch()
         self._notempty.notify()
+
+    def _on_queue_feeder_error(self, e: Exception, obj: Any) -> None:
+        """A message the feeder could not pickle is lost: say so, and give back the semaphore
+        counts of its flows (the feeder gave back one)."""
+        if type(obj) is FlowBatch:
+            for _ in range(len(obj) - 1):
+                self._sem.release()
+        count = len(obj) if type(obj) is FlowBatch else 1
+        print(f"auris meter: {count} flow(s) lost, cannot send them: {e!r}", file=sys.stderr, flush=True)
 
     def _flush_lingering(self) -> None:
         while not self._closed:

@@ -12,13 +12,19 @@ from auris.agent import meterserver
 
 __all__ = ["main"]
 
-# Arguments that never meter anything: no server for them.
-_NO_METERING = {"--check-config", "-h", "--help", "--version"}
+# Options that never meter anything: no server for them (argparse takes any unambiguous prefix).
+_NO_METERING = ("--check-config", "--help", "--version")
+
+
+def _meters(args: list[str]) -> bool:
+    """Whether these arguments may meter a capture (a wrong guess costs only a wasted start)."""
+    if args[:1] == ["enroll"] or "-h" in args:
+        return False
+    return not any(len(a) > 2 and option.startswith(a) for a in args for option in _NO_METERING)
 
 
 def main() -> int:
-    args = sys.argv[1:]
-    if args[:1] != ["enroll"] and not _NO_METERING.intersection(args):
+    if _meters(sys.argv[1:]):
         meterserver.start()
     from auris.agent.cli import main as run_agent
 

@@ -181,8 +181,9 @@ def install(max_flows: int = 0) -> None:
     """Make nfstream start its meters through :func:`meter_workflow` (once, in the agent).
 
     ``max_flows`` caps the flows a meter holds (0: no cap); past it the least recently
-    seen flows are expired early and reported as evicted. The settings travel with each
-    meter nfstream starts from then on (a reload that changes them reaches the next capture).
+    seen flows are expired early and reported as evicted. The settings travel with the
+    arguments of each meter nfstream starts from then on (not through the environment: the
+    forkserver meters come from may have started before the configuration was read).
     """
     # Ignored signals survive fork and exec: a meter that gets its flush request before it has
     # installed its handler ignores it (the agent repeats it) instead of dying of it. (The

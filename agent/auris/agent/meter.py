@@ -11,7 +11,7 @@ import pickle
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +24,7 @@ from nfstream.utils import InternalError, NFEvent
 
 from auris.agent import meterserver
 from auris.agent.channel import FlowBatch, FlowChannel
-from auris.agent.features import FeatureSet, feature_set
+from auris.agent.features import FeatureSet
 from auris.v1 import flow_pb2
 
 __all__ = [
@@ -133,15 +133,12 @@ def start_meter_server() -> None:
 
 class _Shape:
     """Makes a FlowRecord of an NFlow in the meter process, as the meter sends it (see
-    auris.agent.channel); travels there pickled, as its capture label and feature set names."""
+    auris.agent.channel). It travels there pickled: its capture label and each feature set's
+    name and extractor (a module-level function, pickled by name)."""
 
-    def __init__(self, label: str, feature_sets: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, label: str, extractors: Sequence[tuple[str, Callable[[Any], array[float]]]]) -> None:
         self._label = label
-        self._sets = tuple(feature_sets)
-        self._extract = [(name, feature_set(name, version).extract) for name, version in self._sets]
-
-    def __reduce__(self) -> tuple[type[_Shape], tuple[str, tuple[tuple[str, str], ...]]]:
-        return _Shape, (self._label, self._sets)
+        self._extract = tuple(extractors)
 
     def __call__(self, flow: Any) -> FlowRecord:
         return FlowRecord(
@@ -184,7 +181,7 @@ def _streamer(source: str, options: MeterOptions, feature_sets: Sequence[Feature
     # threads are running by then, and forking a process that holds gRPC's locks is unsafe.
     # A forkserver child starts from a clean, single-threaded process instead (nfstream 6.6
     # keeps the context in this attribute; tests cover it through every metering run).
-    shape = _Shape(source_label(source), [(fs.name, fs.version) for fs in feature_sets])
+    shape = _Shape(source_label(source), [(fs.name, fs.extract) for fs in feature_sets])
     streamer._mp_context = _CountingContext(_FORKSERVER, shape)
     return streamer
 

@@ -31,11 +31,13 @@ def preload(*modules: str) -> None:
 
 
 def start(*modules: str) -> None:
-    """Start the server now (a no-op once it runs), with ``modules`` preloaded too."""
+    """Start the server now (a no-op once it runs); ``modules``: preload these too (none given:
+    what ``preload`` last set)."""
     # Ignored signals survive fork and exec: a meter that gets its flush request before it has
     # installed its handler ignores it (the agent repeats it) instead of dying of it.
     signal.signal(FLUSH_SIGNAL, signal.SIG_IGN)
-    preload(*modules)
+    if modules:
+        preload(*modules)
     forkserver.ensure_running()
 
 

@@ -56,6 +56,7 @@ def to_matrix(rows: Sequence[Sequence[float]], width: int) -> npt.NDArray[np.flo
     return matrix.astype(np.float32)
 
 
+# Shared by every detector Score (read-only: a Score is a value, never filled in later).
 _NO_PROBABILITIES: Mapping[str, float] = MappingProxyType({})
 
 

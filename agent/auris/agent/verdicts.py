@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
@@ -21,6 +22,8 @@ _MAX_TIME_MS = MAX_TIME_SECONDS * 1000
 NORMAL_LABEL = "benign"
 ANOMALY_LABEL = "anomaly"
 _CLASSIFIER = model_pb2.MODEL_KIND_CLASSIFIER
+# A score's model: what the batch template's score entries are checked against.
+_MODEL = operator.attrgetter("model_id", "model_version")
 
 
 def _set_time_ms(ts: timestamp_pb2.Timestamp, ms: int) -> None:
@@ -81,7 +84,7 @@ class VerdictBuilder:
     Called with (index in the batch, sequence number), as ``Spool.append`` builds a batch; then
     ``scores`` is one ``ModelSet.score`` result: every flow's list names the same models in the
     same order (each model scores the whole batch, or none of it), so their constant parts are
-    in the template too.
+    in the template too (a flow whose models differ from the first flow's is built entry by entry).
     """
 
     def __init__(
@@ -104,17 +107,19 @@ class VerdictBuilder:
         self._scored = verdict_pb2.Verdict()
         self._scored.CopyFrom(template)
         layout = scores[0] if scores else ()
+        self._models = tuple(map(_MODEL, layout))
         for s in layout:
             entry = self._scored.scores.add(kind=s.kind, threshold=s.threshold, shadow=s.shadow)
             entry.model.model_id = s.model_id
             entry.model.version = s.model_version
-        self._models = len(layout)
+        if features_when not in ("all", "anomalous", "none"):
+            raise ValueError(f"features_when: expected all, anomalous or none, got {features_when!r}")
         self._feature_sets = tuple(feature_sets) if features_when != "none" else ()
         self._anomalous_only = features_when == "anomalous"
 
     def __call__(self, index: int, sequence: int) -> verdict_pb2.Verdict:
         scores = self._scores[index]
-        return self.build(sequence, self._flows[index], scores, len(scores) == self._models)
+        return self.build(sequence, self._flows[index], scores, tuple(map(_MODEL, scores)) == self._models)
 
     def build(
         self, sequence: int, flow: FlowRecord, scores: Sequence[Score], batch_models: bool = False
