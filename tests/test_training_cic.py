@@ -304,6 +304,7 @@ def test_network_cic_pipeline_writes_models_and_reports(tmp_path: Path) -> None:
         assert 0 < extra[f"tii_only_{split}_binary_f1_flag_everything"] < 1
         assert 0 < extra[f"tii_only_{split}_8class_weighted_f1_majority"] < 1
     assert extra["upstream_tii8_weighted_f1"] == pytest.approx(0.9335)
+    assert 0 <= extra["tii_only_time_binary_f1_at_upstream_benign_share"] <= 1
     rf_report = (out / "reports" / "cic-rf.md").read_text()
     assert "time, latest 25% of each traffic type" in rf_report
     assert "baseline: always" in rf_report
