@@ -294,6 +294,20 @@ def test_network_cic_pipeline_writes_models_and_reports(tmp_path: Path) -> None:
         for image in ("confusion", "curves", "importance"):
             assert f"({manifest.model_id}-{image}.png)" in report
             assert (out / "reports" / f"{manifest.model_id}-{image}.png").stat().st_size > 1000
+    # The comparison with the earlier student project: both heads, their baselines, all three splits.
+    extra = read_manifest(written[0]).evaluation.extra
+    for split in ("time", "time_subtype", "random"):
+        for figure in ("8class_weighted_f1", "8class_macro_f1", "binary_f1"):
+            assert 0 <= extra[f"tii_only_{split}_{figure}"] <= 1
+            assert f"tii_only_previous_{split}_{figure}" in extra
+        assert 0.05 <= extra[f"tii_only_{split}_threshold"] <= 0.95
+        assert 0 < extra[f"tii_only_{split}_binary_f1_flag_everything"] < 1
+        assert 0 < extra[f"tii_only_{split}_8class_weighted_f1_majority"] < 1
+    assert extra["upstream_tii8_weighted_f1"] == pytest.approx(0.9335)
+    assert 0 <= extra["tii_only_time_binary_f1_at_upstream_benign_share"] <= 1
+    rf_report = (out / "reports" / "cic-rf.md").read_text()
+    assert "time, latest 25% of each traffic type" in rf_report
+    assert "baseline: always" in rf_report
     detector = read_manifest(out / "candidates" / "cic-iforest.manifest.json")
     assert "benign calibration split" in detector.threshold.method
     assert detector.kind == model_pb2.MODEL_KIND_ISOLATION_FOREST
@@ -311,3 +325,32 @@ def test_natural_balance_weights_give_the_stated_benign_share() -> None:
     assert w[cic][benign[:10]].sum() / w[cic].sum() == pytest.approx(0.75)
     assert (w[10:] == 1).all()  # a table without a stated share keeps its rows as sampled
     assert (w[~benign] == 1).all()
+
+
+def test_tii_heads_read_several_benign_classes_as_the_normal_side() -> None:
+    """P(attack) sums the attack classes; flagged rows get the likeliest attack class, others a benign one."""
+    from auris.training.network_cic import tii_heads
+
+    classes = ["Audio", "DoS", "Mirai", "Video"]
+    probs = np.array(
+        [
+            [0.5, 0.2, 0.25, 0.05],  # P(attack) 0.45: benign side, Audio
+            [0.3, 0.1, 0.45, 0.15],  # 0.55: attack side, Mirai though Audio is likelier than DoS
+            [0.05, 0.4, 0.0, 0.55],  # 0.40: benign side, Video though DoS is the second likeliest
+        ]
+    )
+    p_attack, labels = tii_heads(probs, classes, ("DoS", "Mirai"), 0.5)
+    np.testing.assert_allclose(p_attack, [0.45, 0.55, 0.40])
+    assert labels == ["Audio", "Mirai", "Video"]
+    _, lower = tii_heads(probs, classes, ("DoS", "Mirai"), 0.4)
+    assert lower == ["Mirai", "Mirai", "DoS"]
+
+
+def test_best_threshold_takes_the_middle_of_the_best_range() -> None:
+    from auris.training.network_cic import best_threshold
+
+    is_attack = np.array([True, True, False, False])
+    # Every threshold in (0.3, 0.7] separates the rows: 0.35 .. 0.70, middle 0.55 (upper of two).
+    assert best_threshold(is_attack, np.array([0.8, 0.7, 0.3, 0.1])) == pytest.approx(0.55)
+    # Scores upside down: flagging everything (0.05 and 0.10) is the best F1 left.
+    assert best_threshold(is_attack, np.array([0.1, 0.1, 0.9, 0.9])) == pytest.approx(0.10)

@@ -13,8 +13,10 @@ Three models, all on ``HARMONISED_COLUMNS`` of CIC-IDS2017 + TII-SSRC-23:
 The headline split is by time inside each class of each table (the tables' clocks are unrelated:
 CIC-IDS2017 is July 2017, TII-SSRC-23 mostly starts at the epoch). Precision and F1 are weighted to
 CIC-IDS2017's natural benign share (about 75 %; 16 % in the sample); false-positive rates do not
-depend on the balance. The same recipe on a random row split is reported beside, as are the TII-only
-8-class and binary figures that the earlier student project reported on a random split.
+depend on the balance. The same recipe on a random row split is reported beside. A forest on
+TII-SSRC-23 alone (``_tii_only``) is judged against the 8-class and binary figures that the earlier
+student project reported on a random split, on splits by time inside each traffic type (the headline)
+and inside each subtype, and on random rows.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from auris.training.zoo import SCORE as ZOO_SCORE
 from auris.training.zoo import LogScaling, nearest_point_graph
 from auris.v1 import model_pb2
 
-__all__ = ["HARMONISED", "Options", "agent_labels", "train_network_cic"]
+__all__ = ["HARMONISED", "Options", "agent_labels", "best_threshold", "tii_heads", "train_network_cic"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,8 @@ _COLUMN_INDEX = np.array([CICFLOWMETER_COLUMNS.index(c) for c in HARMONISED_COLU
 NATURAL_BENIGN_SHARE = {"cicids2017": 0.75}
 ATTACK = "attack"
 TII_MALICIOUS = ("DoS", "Bruteforce", "Mirai", "Information Gathering")
-UPSTREAM = {"binary_f1": 0.967, "tii8_weighted_f1": 0.9335}
+# Upstream's random-forest figures; its 8-class test held 258 benign rows of 1053 (upstream_*.csv).
+UPSTREAM = {"binary_f1": 0.967, "tii8_weighted_f1": 0.9335, "test_benign_share": 258 / 1053}
 _SPLIT = (
     "by time inside each class of each table (CIC-IDS2017 Label, TII-SSRC-23 Traffic Type): the latest "
     "25% of each held out; precision and F1 weighted to CIC-IDS2017's natural 75% benign share"
@@ -292,7 +295,7 @@ def _classifier(
         + "![PR and ROC](cic-rf-curves.png)\n",
         "## The same recipe on a random row split\n\nRandom splits put near-duplicate flows on both "
         "sides; the gap to the time split is how much they flatter a model.\n\n" + random_text,
-        "## Against the earlier student project (TII-SSRC-23, random split)\n\n" + upstream_rows,
+        "## Against the earlier student project (TII-SSRC-23)\n\n" + upstream_rows,
         "## Feature importance\n\nPermutation importance through the exported ONNX graph on "
         f"{len(sub)} test rows (drop in weighted PR-AUC).\n\n![importance](cic-rf-importance.png)\n",
     ]
@@ -316,51 +319,234 @@ def _classifier(
     )
 
 
+def tii_heads(
+    probs: npt.NDArray[np.float64], classes: Sequence[str], attack_classes: Sequence[str], threshold: float
+) -> tuple[npt.NDArray[np.float64], list[str]]:
+    """(P(attack), per-class labels) of a classifier whose normal side is several classes.
+
+    P(attack) is the summed probability of ``attack_classes`` (the agent's 1 - P(normal)); a row at
+    or above the threshold gets its likeliest attack class, any other row its likeliest normal one.
+    """
+    attack = np.isin(np.asarray(classes), list(attack_classes))
+    p_attack = probs[:, attack].sum(axis=1)
+    flagged = p_attack >= threshold
+    masked = np.where(flagged[:, None] == attack[None, :], probs, -1.0)
+    return p_attack, [classes[i] for i in masked.argmax(axis=1)]
+
+
+def best_threshold(is_attack: npt.NDArray[np.bool_], p_attack: npt.NDArray[np.float64]) -> float:
+    """The threshold (0.05 to 0.95 in steps of 0.05) with the best binary F1; the middle of a tie."""
+    grid = np.round(np.arange(1, 20) * 0.05, 2)
+    f1 = np.array([f1_score(is_attack, p_attack >= t, zero_division=0) for t in grid])
+    best = grid[f1 >= f1.max() - 1e-12]
+    return float(best[len(best) // 2])
+
+
+def _tii_forest(opts: Options) -> RandomForestClassifier:
+    # No class weights, no depth cap: chosen on the training part only (a time-carved calibration split
+    # and subtypes held out of it; docs/ROADMAP.md, issue 5). "balanced" weighs each of the 18 training
+    # rows of TII's Background type 86 times a DoS row, which can pull unfamiliar flows to rare benign types.
+    return RandomForestClassifier(n_estimators=opts.trees, min_samples_leaf=1, n_jobs=2, random_state=0)
+
+
+# (train rows) -> (fit rows, calibration rows), carved from the training part the way its split is made.
+_Carve = Callable[[npt.NDArray[np.intp]], tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]
+
+
 def _tii_only(opts: Options, tii: FlowFrame) -> tuple[str, dict[str, float]]:
-    """The recipe on TII-SSRC-23 alone, its 8 traffic types and all 76 columns it has, as upstream."""
-    columns = np.array(
+    """TII-SSRC-23 alone, its 8 traffic types, against the earlier student project's random-split figures.
+
+    The recipe reads the agent's own columns (``HARMONISED_COLUMNS``); its binary head is the agent's
+    reading, 1 - P(the four benign types), against a threshold chosen on a calibration split carved
+    from the training part only. The previous recipe (the 76 columns TII-SSRC-23 has, some defined
+    unlike the agent's; 8-class argmax) is kept beside it.
+    """
+    y, times, subtype = tii.source_class, tii.time_ns, tii.subtype
+    by_type = split_by_time(y.tolist(), times.tolist())
+    by_subtype = split_by_time(subtype.tolist(), times.tolist())
+    by_rows = tuple(train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y))
+
+    def carve_time(labels: npt.NDArray[np.str_]) -> _Carve:
+        def carve(train: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+            fit, cal = split_by_time(labels[train].tolist(), times[train].tolist())
+            return train[fit], train[cal]
+
+        return carve
+
+    def carve_rows(train: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        fit, cal = train_test_split(train, test_size=0.25, random_state=0, stratify=y[train])
+        return np.sort(fit), np.sort(cal)
+
+    splits: list[tuple[str, str, tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]], _Carve]] = [
+        ("time", "time, latest 25% of each traffic type", by_type, carve_time(y)),
+        ("time_subtype", "time, latest 25% of each traffic subtype", by_subtype, carve_time(subtype)),
+        ("random", "random 75/25 rows", (by_rows[0], by_rows[1]), carve_rows),
+    ]
+    x = tii.x[:, _COLUMN_INDEX]
+    old_columns = np.array(
         [i for i, c in enumerate(CICFLOWMETER_COLUMNS) if c not in ("Fwd RST Flags", "Bwd RST Flags")],
         dtype=np.intp,
     )
-    x, y = tii.x[:, columns], tii.source_class
-    splits = {
-        "time, latest 25% of each traffic type": split_by_time(y.tolist(), tii.time_ns.tolist()),
-        "time, latest 25% of each traffic subtype": split_by_time(tii.subtype.tolist(), tii.time_ns.tolist()),
-        "random 75/25 rows": tuple(
-            train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
-        ),
-    }
+    x_old = tii.x[:, old_columns]
+    classes = sorted(set(y.tolist()))
     rows: list[tuple[object, ...]] = []
-    extra: dict[str, float] = {}
-    for (name, (train, test)), key in zip(splits.items(), ("time", "time_subtype", "random"), strict=True):
-        model = _forest(opts).fit(x[train], y[train])
-        pred = model.predict(x[test])
-        majority = [max(set(y[train].tolist()), key=y[train].tolist().count)] * len(test)
-        wf1 = float(f1_score(y[test], pred, average="weighted", zero_division=0))
-        base_wf1 = float(f1_score(y[test], majority, average="weighted", zero_division=0))
-        truth, guess = np.isin(y[test], TII_MALICIOUS), np.isin(pred, TII_MALICIOUS)
-        bf1 = float(f1_score(truth, guess, zero_division=0))
-        base_bf1 = float(f1_score(truth, np.ones_like(truth), zero_division=0))
-        unseen = sorted(set(tii.subtype[test]) - set(tii.subtype[train]))
-        rows.append((name, len(test), wf1, base_wf1, bf1, base_bf1, ", ".join(unseen) or "-"))
-        extra[f"tii_only_{key}_8class_weighted_f1"] = wf1
-        extra[f"tii_only_{key}_binary_f1"] = bf1
+    per_class: dict[str, list[float]] = {c: [] for c in classes}
+    extra: dict[str, float] = {
+        "upstream_binary_f1": UPSTREAM["binary_f1"],
+        "upstream_tii8_weighted_f1": UPSTREAM["tii8_weighted_f1"],
+    }
+    headline: dict[str, float] = {}
+    onnx_note = ""
+    for key, name, (train, test), carve in splits:
+        truth = y[test]
+        is_attack = np.isin(truth, TII_MALICIOUS)
+        train_labels = y[train].tolist()
+        majority = max(sorted(set(train_labels)), key=train_labels.count)
+        always = [majority] * len(test)
+        base_w = float(f1_score(truth, always, labels=classes, average="weighted", zero_division=0))
+        base_m = float(f1_score(truth, always, labels=classes, average="macro", zero_division=0))
+        base_b = float(f1_score(is_attack, np.ones_like(is_attack), zero_division=0))
+        unseen = sorted(set(subtype[test]) - set(subtype[train]))
+
+        fit, cal = carve(train)
+        calibrating = _tii_forest(opts).fit(x[fit], y[fit])
+        cal_p, _ = tii_heads(
+            calibrating.predict_proba(x[cal]), [str(c) for c in calibrating.classes_], TII_MALICIOUS, 0.5
+        )
+        threshold = best_threshold(np.isin(y[cal], TII_MALICIOUS), cal_p)
+        model = _tii_forest(opts).fit(x[train], y[train])
+        model_classes = [str(c) for c in model.classes_]
+        p_attack, pred = tii_heads(model.predict_proba(x[test]), model_classes, TII_MALICIOUS, threshold)
+        old = _forest(opts).fit(x_old[train], y[train]).predict(x_old[test])
+
+        for recipe, guess, flagged in (
+            ("agent columns, 1 - P(benign) >= threshold", pred, p_attack >= threshold),
+            ("previous: 76 TII columns, argmax type", list(old), np.isin(old, TII_MALICIOUS)),
+        ):
+            wf1 = float(f1_score(truth, guess, labels=classes, average="weighted", zero_division=0))
+            mf1 = float(f1_score(truth, guess, labels=classes, average="macro", zero_division=0))
+            bp, br, bf1, _ = precision_recall_fscore_support(
+                is_attack, flagged, average="binary", zero_division=0
+            )
+            shown_threshold: object = threshold if recipe.startswith("agent") else "-"
+            rows.append(
+                (name, recipe, len(test), shown_threshold, wf1, mf1, bf1, bp, br, ", ".join(unseen) or "-")
+            )
+            prefix = f"tii_only_{key}" if recipe.startswith("agent") else f"tii_only_previous_{key}"
+            extra[f"{prefix}_8class_weighted_f1"] = wf1
+            extra[f"{prefix}_8class_macro_f1"] = mf1
+            extra[f"{prefix}_binary_f1"] = float(bf1)
+        extra[f"tii_only_{key}_threshold"] = threshold
+        extra[f"tii_only_{key}_8class_weighted_f1_majority"] = base_w
+        extra[f"tii_only_{key}_8class_macro_f1_majority"] = base_m
+        extra[f"tii_only_{key}_binary_f1_flag_everything"] = base_b
+        rows.append(
+            (
+                name,
+                f"baseline: always {majority!r} / flag everything",
+                len(test),
+                "-",
+                base_w,
+                base_m,
+                base_b,
+                "-",
+                "-",
+                "-",
+            )
+        )
+        _, _, f1s, _ = precision_recall_fscore_support(truth, pred, labels=classes, zero_division=0)
+        for c, f in zip(classes, f1s, strict=True):
+            per_class[c].append(float(f))
+        if key == "time":
+            support = {c: int((truth == c).sum()) for c in classes}
+            seen = ~np.isin(subtype[test], unseen)
+            # Every row of a subtype seen in training right, the others as the model labels them.
+            ceiling = np.where(seen, truth, np.asarray(pred))
+            headline = {
+                "weighted": extra["tii_only_time_8class_weighted_f1"],
+                "binary": extra["tii_only_time_binary_f1"],
+                "ceiling": float(
+                    f1_score(truth, ceiling, labels=classes, average="weighted", zero_division=0)
+                ),
+                "unseen_rows": float((~seen).sum()),
+            }
+            extra["tii_only_time_8class_weighted_f1_if_seen_subtypes_right"] = headline["ceiling"]
+            # Binary F1 depends on the attack share: also at upstream's benign share.
+            share = UPSTREAM["test_benign_share"]
+            n_attack, n_benign = int(is_attack.sum()), int((~is_attack).sum())
+            w = np.where(is_attack, 1.0, share / (1.0 - share) * n_attack / max(n_benign, 1))
+            headline["binary_at_share"] = float(f1_score(is_attack, p_attack >= threshold, sample_weight=w))
+            headline["everything_at_share"] = float(
+                f1_score(is_attack, np.ones_like(is_attack), sample_weight=w)
+            )
+            extra["tii_only_time_binary_f1_at_upstream_benign_share"] = headline["binary_at_share"]
+            headline["benign_share"] = n_benign / len(test)
+            onnx_bytes = export_classifier(model, x.shape[1])
+            diff = parity(onnx_bytes, model, x[test])
+            if diff > PARITY_TOLERANCE:
+                raise RuntimeError(f"TII-only forest: ONNX parity {diff:.2e} exceeds {PARITY_TOLERANCE:.0e}")
+            extra["tii_only_onnx_bytes"] = float(len(onnx_bytes))
+            onnx_note = (
+                "The headline forest exports to ONNX through the project's exporter "
+                f"({len(onnx_bytes) / 1e6:.2f} MB, largest difference to scikit-learn {diff:.1e}).\n\n"
+            )
+    beaten = [
+        f"{label} {ours:.4f} {'>' if ours > theirs else '<='} upstream {theirs:.4f} "
+        f"({'beaten' if ours > theirs else 'NOT beaten'})"
+        for label, ours, theirs in (
+            ("binary F1", headline["binary"], UPSTREAM["binary_f1"]),
+            ("8-class weighted F1", headline["weighted"], UPSTREAM["tii8_weighted_f1"]),
+        )
+    ]
     text = (
-        "Upstream (random forest, random split): binary F1 0.967, 8-class weighted F1 0.9335. Below, the "
-        "same forest recipe trained on TII-SSRC-23 alone (its 8 traffic types, the 76 columns it has); "
-        "binary = the four attack types against the four benign ones.\n\n"
+        f"Upstream (random forest, random row split): binary F1 {UPSTREAM['binary_f1']}, 8-class weighted F1 "
+        f"{UPSTREAM['tii8_weighted_f1']}. Below, forests trained on TII-SSRC-23 alone (its 8 traffic types). "
+        f"The recipe reads the agent's {len(HARMONISED_COLUMNS)} `cicflowmeter` columns that TII-SSRC-23 "
+        f"defines as the agent does; {opts.trees} trees, no depth cap, no class weights. Its binary head is "
+        "1 - P(the four benign types) against a threshold chosen (best binary F1) on a calibration split "
+        "carved from the training part the way the split itself is made (latest 25% of each class of the "
+        "training part; for the random split, random training rows); the 8-class head is the likeliest "
+        "attack type above the threshold, the likeliest benign type below. The previous recipe (the 76 "
+        "columns TII-SSRC-23 has, 19 of them defined unlike the agent's; balanced class weights, depth 16; "
+        "binary = argmax type is an attack type) is kept beside it.\n\n"
+        f"Headline (time split inside each traffic type): {'; '.join(beaten)}. With benign rows weighted to "
+        f"upstream's test share ({UPSTREAM['test_benign_share']:.1%}; {headline['benign_share']:.1%} "
+        f"here), binary F1 {headline['binary_at_share']:.4f} (flag everything "
+        f"{headline['everything_at_share']:.4f}).\n\n"
         + reports.markdown_table(
             (
                 "split",
+                "model",
                 "test rows",
+                "threshold",
                 "8-class weighted F1",
-                "baseline (majority)",
+                "8-class macro F1",
                 "binary F1",
-                "baseline (flag everything)",
+                "binary precision",
+                "binary recall",
                 "test subtypes never seen in training",
             ),
             rows,
         )
+        + "\nPer-class F1 of the recipe (support: test rows of the type split):\n\n"
+        + reports.markdown_table(
+            ("traffic type", "time, each type", "time, each subtype", "random rows", "support"),
+            [(c, *per_class[c], support[c]) for c in classes],
+        )
+        + f"\n{onnx_note}"
+        "Why the type split stays the headline, and what bounds it. The issue asks for a split by time "
+        "inside each class, and the 8-class head's classes are the traffic types: the latest quarter of "
+        "each type is the reading that matches, and the stricter one. DoS HTTP and DoS MAC come from short "
+        "windows late in the DoS rows, so the latest quarter of DoS is mostly subtypes that never occur "
+        "earlier: what a deployed sensor meets (variants it was not trained on), and the binary head still "
+        "flags them. The 8-class head cannot name them: whether an unseen HTTP flood is 'DoS' or 'Mirai' "
+        "is a naming convention the flows do not carry. With every test row of a subtype seen in training "
+        f"right and the {int(headline['unseen_rows'])} others labelled as this forest labels them, weighted "
+        f"F1 would be {headline['ceiling']:.4f}. For the split inside each subtype: every test subtype is "
+        "also in training, and TII-SSRC-23's clocks (1970 dates but for Mirai) look capture-relative, so "
+        "the order of different subtypes inside a type may reflect capture files more than time. It "
+        "measures later flows of known variants, not new ones, and is reported beside the headline, not "
+        "as it. The random split puts neighbouring flows of one capture on both sides.\n"
     )
     return text, extra
 
