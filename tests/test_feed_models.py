@@ -207,13 +207,17 @@ def test_bar_local_columns_are_return_range_and_run_against_the_previous_60_bars
     gap = np.diff(t) > 4 * 3600  # hourly bars: a longer gap opens a session (return from the open)
     ret = np.where(np.concatenate([[True], gap]), np.log(c / o), np.log(c / np.concatenate([[o[0]], c[:-1]])))
     rng = np.log(h / lo)
-    for i in (100, 250, 399):
+    capped = 0
+    for i in range(60, 400):
         sd = np.std(ret[i - 60 : i])
+        mean_range = rng[i - 60 : i].mean()
+        recent = np.minimum(rng[i - 9 : i + 1], 2.5 * mean_range)  # each bar's range capped
+        run = np.clip(ret[i - 3 : i + 1], -2 * sd, 2 * sd)  # each return capped
+        capped += int((recent < rng[i - 9 : i + 1]).any() or (run != ret[i - 3 : i + 1]).any())
         assert local[i, 0] == pytest.approx(ret[i] / sd, rel=1e-5)
-        assert local[i, 1] == pytest.approx(
-            np.log(rng[i - 9 : i + 1].mean() / rng[i - 60 : i].mean()), rel=1e-5
-        )
-        assert local[i, 2] == pytest.approx(ret[i - 3 : i + 1].sum() / (2 * sd), rel=1e-5)
+        assert local[i, 1] == pytest.approx(np.log(recent.mean() / mean_range), rel=1e-5, abs=1e-6)
+        assert local[i, 2] == pytest.approx(run.sum() / (2 * sd), rel=1e-5, abs=1e-6)
+    assert capped > 20  # the caps do bite on these bars
 
 
 def test_a_bar_local_detector_scores_bars_as_its_graph_does(tmp_path: Path) -> None:

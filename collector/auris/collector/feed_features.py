@@ -23,7 +23,10 @@ sequences the transformer autoencoder reads, and the ``bar-local`` columns: the 
 standard deviations of the previous ``window`` returns (not a MAD: a MAD collapses on series where
 most bars do not move, and real returns' fat tails then make every ordinary move look huge), the
 mean range of the last 10 bars against the window's mean range (a volatility burst), and the sum of
-the last 4 returns in the same standard deviations (a run in one direction).
+the last 4 returns in the same standard deviations (a run in one direction). Inside the 10- and
+4-bar statistics each bar's range is capped at 2.5 window mean ranges and each return at 2
+standard deviations, so that one jump (the first column's business) does not keep the next bars
+flagged.
 
 State lives in memory, grows with the number of entities and symbols, and is lost on restart.
 """
@@ -106,7 +109,8 @@ BAR_Z = FeedFeatureSet(
 BAR_SEQ = FeedFeatureSet("bar-seq", "1", ("ret", "range", "logvol", "body"))
 # Per bar, against the previous ``window`` bars of the symbol (see ``BarWindows``): the log return
 # over the standard deviation of their returns, log(mean range of the last 10 bars / their mean
-# range), the sum of the last 4 returns over 2 x that standard deviation.
+# range), the sum of the last 4 returns over 2 x that standard deviation (ranges and returns capped
+# inside the 10- and 4-bar statistics, see the module docstring).
 BAR_LOCAL = FeedFeatureSet("bar-local", "1", ("ret_sd", "range_ratio10", "ret_sum4_sd"))
 FEATURE_SETS = {fs.name: fs for fs in (TX_ULB, TX_WINDOWS, BAR_Z, BAR_SEQ, BAR_LOCAL)}
 
@@ -290,6 +294,10 @@ _MEAN_AD_TO_SIGMA = 1.2533
 _LOCAL_FLOORS = (1e-5, 1e-5)
 _LOCAL_RANGE_BARS = 10
 _LOCAL_SUM_BARS = 4
+# Caps inside the 10-bar range mean (x the window's mean range) and the 4-bar return sum (x the
+# window's return standard deviation); chosen on the tick harness's calibration part.
+_LOCAL_RANGE_CAP = 2.5
+_LOCAL_SUM_CAP = 2.0
 
 
 def _median_last(x: F64) -> F64:
@@ -325,6 +333,14 @@ def _window_sums(series: F64, positions: npt.NDArray[np.intp], k: int) -> F64:
     (not from a running total), so the result does not depend on how much history precedes it."""
     padded = np.concatenate([np.zeros(k - 1), series])
     sums: F64 = np.lib.stride_tricks.sliding_window_view(padded, k)[positions].sum(axis=1)
+    return sums
+
+
+def _capped_sums(series: F64, positions: npt.NDArray[np.intp], k: int, cap: F64) -> F64:
+    """``_window_sums`` with every term clipped to [-cap, cap] (one cap per position)."""
+    padded = np.concatenate([np.zeros(k - 1), series])
+    terms = np.lib.stride_tricks.sliding_window_view(padded, k)[positions]
+    sums: F64 = np.clip(terms, -cap[:, None], cap[:, None]).sum(axis=1)
     return sums
 
 
@@ -499,10 +515,10 @@ class BarWindows:
         mean_range = np.maximum(mean_range, _LOCAL_FLOORS[1])
         rows = np.empty((len(idx), len(BAR_LOCAL.columns)))
         rows[:, 0] = ret[positions] / sd
-        recent = _window_sums(rng, positions, _LOCAL_RANGE_BARS) / _LOCAL_RANGE_BARS
-        rows[:, 1] = np.log(np.maximum(recent, 1e-12) / mean_range)
+        recent = _capped_sums(rng, positions, _LOCAL_RANGE_BARS, _LOCAL_RANGE_CAP * mean_range)
+        rows[:, 1] = np.log(np.maximum(recent / _LOCAL_RANGE_BARS, 1e-12) / mean_range)
         k = _LOCAL_SUM_BARS
-        rows[:, 2] = _window_sums(ret, positions, k) / (math.sqrt(k) * sd)
+        rows[:, 2] = _capped_sums(ret, positions, k, _LOCAL_SUM_CAP * sd) / (math.sqrt(k) * sd)
         out[idx[ready]] = np.clip(rows[ready], -Z_CLIP, Z_CLIP)
 
     def _sequences(self, full: F64, p0: int, idx: npt.NDArray[np.intp], seq: F32) -> None:
