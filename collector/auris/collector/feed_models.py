@@ -462,7 +462,9 @@ class TickScorer:
             bars = self._bars(TickColumns.of(ticks))
             if bars is not None:
                 _, symbols, v, _ = bars
-                self.bars.update(symbols, v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5])
+                self.bars.update(
+                    symbols, v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5], z_scores=False
+                )
 
     def _bars(self, ticks: TickColumns) -> tuple[I64, list[str], F64, list[int]] | None:
         """The bars a batch brings (its bar records, and the trade bars its trades close), in input
