@@ -171,11 +171,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latency-records", type=int, default=5000)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--models", type=Path, default=MODELS)
+    p.add_argument(
+        "--model-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="also trust models signed with this public key (PEM; repeatable): candidates not yet "
+        "release-signed",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feeds.md")
     add_figures_argument(p)
     args = p.parse_args(argv)
     data = args.data if args.data.is_dir() else None
-    trust = ModelTrust.load([])
+    trust = ModelTrust.load(args.model_key)
 
     def tx_scorer(explain: str = "flagged") -> Callable[[], TransactionScorer]:
         return lambda: TransactionScorer.load(args.models, trust, explain=explain)

@@ -18,6 +18,7 @@ from google.protobuf import timestamp_pb2
 from auris.agent.manifest import ManifestError, dump_manifest, find_manifests, read_manifest
 from auris.agent.signing import ModelTrust
 from auris.collector.feed_features import (
+    BAR_LOCAL,
     BAR_SEQ,
     BAR_Z,
     TX_ULB,
@@ -29,7 +30,7 @@ from auris.collector.feed_features import (
 )
 from auris.collector.feed_models import FeedResult, TickScorer, TransactionScorer
 from auris.v1 import feed_service_pb2, model_pb2
-from tests.conftest import DATA, MODELS, resign
+from tests.conftest import DATA, MODELS, TEST_SIGNING_KEY, TEST_TRUST, resign
 
 FEEDS_DATA = DATA / "feeds"
 FEED_MODELS = MODELS / "feeds"
@@ -149,17 +150,22 @@ def test_bar_windows_fed_in_any_batches_equal_one_pass() -> None:
     # Interleave the two symbols as a live feed would, keeping each symbol in time order.
     frame = frame.iloc[np.argsort(np.tile(np.arange(400), 2), kind="stable")].reset_index(drop=True)
     symbols, t, o, h, lo, c, v = _bar_arrays(frame)
-    whole = BarWindows().update(symbols, t, o, h, lo, c, v, sequences=True)
+    whole = BarWindows().update(symbols, t, o, h, lo, c, v, sequences=True, local=True)
     assert whole.sequences is not None
+    assert whole.local is not None
+    assert whole.local.shape == (800, len(BAR_LOCAL.columns))
     assert whole.z.shape == (800, len(BAR_Z.columns))
     assert whole.sequences.shape == (800, 60, len(BAR_SEQ.columns))
     for batch in (1, 13, 256):
         windows = BarWindows()
         parts = [
             windows.update(symbols[i : i + batch], t[i : i + batch], o[i : i + batch], h[i : i + batch],
-                           lo[i : i + batch], c[i : i + batch], v[i : i + batch], sequences=True)
+                           lo[i : i + batch], c[i : i + batch], v[i : i + batch], sequences=True, local=True)
             for i in range(0, len(t), batch)
         ]  # fmt: skip
+        np.testing.assert_array_equal(
+            np.concatenate([p.local for p in parts if p.local is not None]), whole.local
+        )
         np.testing.assert_array_equal(np.concatenate([p.z for p in parts]), whole.z)
         np.testing.assert_array_equal(np.concatenate([p.history for p in parts]), whole.history)
         np.testing.assert_array_equal(
@@ -170,6 +176,8 @@ def test_bar_windows_fed_in_any_batches_equal_one_pass() -> None:
     assert whole.history[spy[:3]].tolist() == [0, 1, 2]
     assert not whole.z[spy[:20]].any()
     assert whole.z[spy[20]].any()
+    assert not whole.local[spy[:20]].any()
+    assert whole.local[spy[20]].all()
     assert (whole.history[spy[60:]] == 60).all()
     assert not whole.sequences[spy[:59]].any()
 
@@ -187,6 +195,66 @@ def test_bar_window_return_z_is_the_robust_z_against_the_previous_60_bars() -> N
     med = np.median(past)
     scale = 1.4826 * np.median(np.abs(past - med))
     assert z[i, 0] == pytest.approx((ret[i] - med) / scale, rel=1e-5)
+
+
+def test_bar_local_columns_are_return_range_and_run_against_the_previous_60_bars() -> None:
+    """An independent recomputation of the three bar-local columns for bars of the SPY hourly series."""
+    frame = _bars()
+    spy = frame[frame["symbol"] == "SPY"].reset_index(drop=True)
+    symbols, t, o, h, lo, c, v = _bar_arrays(spy)
+    local = BarWindows().update(symbols, t, o, h, lo, c, v, local=True, z_scores=False).local
+    assert local is not None
+    gap = np.diff(t) > 4 * 3600  # hourly bars: a longer gap opens a session (return from the open)
+    ret = np.where(np.concatenate([[True], gap]), np.log(c / o), np.log(c / np.concatenate([[o[0]], c[:-1]])))
+    rng = np.log(h / lo)
+    capped = 0
+    for i in range(60, 400):
+        sd = np.std(ret[i - 60 : i])
+        mean_range = rng[i - 60 : i].mean()
+        recent = np.minimum(rng[i - 9 : i + 1], 2.5 * mean_range)  # each bar's range capped
+        run = np.clip(ret[i - 3 : i + 1], -2 * sd, 2 * sd)  # each return capped
+        capped += int((recent < rng[i - 9 : i + 1]).any() or (run != ret[i - 3 : i + 1]).any())
+        assert local[i, 0] == pytest.approx(ret[i] / sd, rel=1e-5)
+        assert local[i, 1] == pytest.approx(np.log(recent.mean() / mean_range), rel=1e-5, abs=1e-6)
+        assert local[i, 2] == pytest.approx(run.sum() / (2 * sd), rel=1e-5, abs=1e-6)
+    assert capped > 20  # the caps do bite on these bars
+
+
+def test_a_bar_local_detector_scores_bars_as_its_graph_does(tmp_path: Path) -> None:
+    """A ``tick-local-z`` model (written and signed as training ships one) scores the fixture bars
+    through ``TickScorer`` exactly as the numpy formula, and explains flags with its own columns."""
+    from auris.training.feeds_export import write_feed_model
+    from auris.training.feeds_tick import (
+        LOCAL_INPUT,
+        LOCAL_SIGNED_COLUMNS,
+        local_z_onnx,
+        robust_z_reference,
+    )
+
+    frame = _bars()
+    symbols, t, o, h, lo, c, v = _bar_arrays(frame)
+    local = BarWindows().update(symbols, t, o, h, lo, c, v, local=True).local
+    assert local is not None
+    inverse = np.array([1 / 4.0, 1 / 1.5, 1 / 4.0], dtype=np.float32)
+    expected = robust_z_reference(local, inverse, LOCAL_SIGNED_COLUMNS)
+    write_feed_model(
+        tmp_path, local_z_onnx(inverse), model_id="tick-local-z", version="test",
+        kind=model_pb2.MODEL_KIND_ANOMALY_SCORER, domain=model_pb2.MODEL_DOMAIN_TICK,
+        feature_set=BAR_LOCAL, input_name=LOCAL_INPUT, score_output="score", threshold=1.0,
+        threshold_method="test", evaluation=model_pb2.Evaluation(), training_data=[],
+        description="test", preprocessing="BarWindows window=60 min_history=20", libraries=(),
+        signing_key=TEST_SIGNING_KEY,
+    )  # fmt: skip
+    scorer = TickScorer.load(tmp_path, TEST_TRUST)
+    ticks = _ticks()[:800]
+    results = scorer.score(ticks[:300]) + scorer.score(ticks[300:])
+    scores = np.array([r.score for r in results])
+    ready = BarWindows().update(symbols, t, o, h, lo, c, v).history >= 20
+    np.testing.assert_allclose(scores[ready], expected[ready], rtol=1e-6)
+    assert not scores[~ready].any()
+    flagged = [r for r in results if r.anomalous]
+    assert flagged  # the fixture has moves beyond these scales
+    assert all(r.explanation.split(" ")[0] in BAR_LOCAL.columns for r in flagged)
 
 
 def test_trades_become_bars_like_a_resample() -> None:
@@ -291,18 +359,31 @@ def test_tick_graphs_match_their_training_libraries() -> None:
     from sklearn.ensemble import IsolationForest
 
     from auris.training import tick_transformer
-    from auris.training.feeds_tick import robust_z_onnx, robust_z_reference, tail_scales
+    from auris.training.feeds_tick import (
+        LOCAL_SIGNED_COLUMNS,
+        local_z_onnx,
+        robust_z_onnx,
+        robust_z_reference,
+        tail_scales,
+    )
     from auris.training.isolation_forest import isolation_forest_to_onnx
 
     frame = _bars()
     symbols, t, o, h, lo, c, v = _bar_arrays(frame)
-    feats = BarWindows().update(symbols, t, o, h, lo, c, v, sequences=True)
+    feats = BarWindows().update(symbols, t, o, h, lo, c, v, sequences=True, local=True)
     ready = feats.history >= 60
-    z, seq = feats.z[ready], feats.sequences[ready]  # type: ignore[index]
+    z, seq, local = feats.z[ready], feats.sequences[ready], feats.local[ready]  # type: ignore[index]
     inverse = (1.0 / tail_scales(z)).astype(np.float32)
     session = ort.InferenceSession(robust_z_onnx(inverse), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(
         session.run(["score"], {"features": z})[0], robust_z_reference(z, inverse), rtol=1e-6
+    )
+    inverse = (1.0 / tail_scales(local, signed=LOCAL_SIGNED_COLUMNS)).astype(np.float32)
+    session = ort.InferenceSession(local_z_onnx(inverse), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        session.run(["score"], {"local": local})[0],
+        robust_z_reference(local, inverse, LOCAL_SIGNED_COLUMNS),
+        rtol=1e-6,
     )
     forest = IsolationForest(n_estimators=10, max_samples=64, random_state=0).fit(z)
     session = ort.InferenceSession(

@@ -19,7 +19,14 @@ and sqrt range (the square roots tame the skew of sizes), and of the sums of ret
 A bar that comes more than GAP_FACTOR times the symbol's shortest interval after the previous one
 opens a session: its return is taken from its own open, so an overnight gap is not scored as a
 move. Trades become bars in ``TradeBars``. ``BarWindows`` also cuts the normalised OHLCV
-sequences the transformer autoencoder reads.
+sequences the transformer autoencoder reads, and the ``bar-local`` columns: the bar's return in
+standard deviations of the previous ``window`` returns (not a MAD: a MAD collapses on series where
+most bars do not move, and real returns' fat tails then make every ordinary move look huge), the
+mean range of the last 10 bars against the window's mean range (a volatility burst), and the sum of
+the last 4 returns in the same standard deviations (a run in one direction). Inside the 10- and
+4-bar statistics each bar's range is capped at 2.5 window mean ranges and each return at 2
+standard deviations, so that one jump (the first column's business) does not keep the next bars
+flagged.
 
 State lives in memory, grows with the number of entities and symbols, and is lost on restart.
 """
@@ -34,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "BAR_LOCAL",
     "BAR_SEQ",
     "BAR_Z",
     "FEATURE_SETS",
@@ -99,7 +107,12 @@ BAR_Z = FeedFeatureSet(
 )
 # Per bar of a sequence: log return, log(high/low), log(1 + volume), log(close/open).
 BAR_SEQ = FeedFeatureSet("bar-seq", "1", ("ret", "range", "logvol", "body"))
-FEATURE_SETS = {fs.name: fs for fs in (TX_ULB, TX_WINDOWS, BAR_Z, BAR_SEQ)}
+# Per bar, against the previous ``window`` bars of the symbol (see ``BarWindows``): the log return
+# over the standard deviation of their returns, log(mean range of the last 10 bars / their mean
+# range), the sum of the last 4 returns over 2 x that standard deviation (ranges and returns capped
+# inside the 10- and 4-bar statistics, see the module docstring).
+BAR_LOCAL = FeedFeatureSet("bar-local", "1", ("ret_sd", "range_ratio10", "ret_sum4_sd"))
+FEATURE_SETS = {fs.name: fs for fs in (TX_ULB, TX_WINDOWS, BAR_Z, BAR_SEQ, BAR_LOCAL)}
 
 
 class EntityWindows:
@@ -277,6 +290,14 @@ Z_CLIP = 50.0
 SEQ_CLIP = 20.0
 _MAD_TO_SIGMA = 1.4826
 _MEAN_AD_TO_SIGMA = 1.2533
+# Floors of the bar-local scales: the return standard deviation and the mean log range.
+_LOCAL_FLOORS = (1e-5, 1e-5)
+_LOCAL_RANGE_BARS = 10
+_LOCAL_SUM_BARS = 4
+# Caps inside the 10-bar range mean (x the window's mean range) and the 4-bar return sum (x the
+# window's return standard deviation); chosen on the tick harness's calibration part.
+_LOCAL_RANGE_CAP = 2.5
+_LOCAL_SUM_CAP = 2.0
 
 
 def _median_last(x: F64) -> F64:
@@ -315,6 +336,14 @@ def _window_sums(series: F64, positions: npt.NDArray[np.intp], k: int) -> F64:
     return sums
 
 
+def _capped_sums(series: F64, positions: npt.NDArray[np.intp], k: int, cap: F64) -> F64:
+    """``_window_sums`` with every term clipped to [-cap, cap] (one cap per position)."""
+    padded = np.concatenate([np.zeros(k - 1), series])
+    terms = np.lib.stride_tricks.sliding_window_view(padded, k)[positions]
+    sums: F64 = np.clip(terms, -cap[:, None], cap[:, None]).sum(axis=1)
+    return sums
+
+
 def _z_from_stats(stats: F64, positions: npt.NDArray[np.intp], med: F64, scale: F64) -> F64:
     """BAR_Z rows for ``positions`` given (rows, 5) window medians and scales of the stat series.
 
@@ -343,6 +372,8 @@ class BarFeatures:
     history: I64
     # (bars, sequence_length, 4) normalised BAR_SEQ channels; zero while history is too short.
     sequences: F32 | None = None
+    # BAR_LOCAL columns (zero while a symbol has fewer than min_history bars).
+    local: F32 | None = None
 
 
 @dataclasses.dataclass
@@ -387,14 +418,18 @@ class BarWindows:
         volume: F64,
         *,
         sequences: bool = False,
+        z_scores: bool = True,
+        local: bool = False,
     ) -> BarFeatures:
-        """Feed bars (time order within each symbol); return their features."""
+        """Feed bars (time order within each symbol); return their features: the BAR_Z rows
+        unless ``z_scores`` is False (then zeros), the sequences and the BAR_LOCAL rows if asked."""
         n = len(symbols)
         z = np.zeros((n, len(BAR_Z.columns)), dtype=np.float32)
         history = np.zeros(n, dtype=np.int64)
         seq = np.zeros((n, self.sequence_length, 4), dtype=np.float32) if sequences else None
+        loc = np.zeros((n, len(BAR_LOCAL.columns)), dtype=np.float32) if local else None
         if n == 0:
-            return BarFeatures(z, history, seq)
+            return BarFeatures(z, history, seq, loc)
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(symbols):
             groups.setdefault(s, []).append(i)
@@ -425,9 +460,15 @@ class BarWindows:
             bars_before = state.bars if state is not None else 0
             full = np.concatenate([past, new])
             p0 = len(past)
-            self._z_rows(_stat_series(full), p0, bars_before, idx, z, history)
+            # Position p in ``full`` has min(p, w) previous bars when the symbol's log starts at 0;
+            # after truncation p0 == keep >= w, so the count is the true one, capped at w.
+            history[idx] = np.minimum(np.arange(len(idx)) + bars_before, self.window)
+            if z_scores:
+                self._z_rows(_stat_series(full), p0, idx, z)
             if seq is not None:
                 self._sequences(full, p0, idx, seq)
+            if loc is not None:
+                self._local_rows(full, p0, idx, loc)
             self._symbols[symbol] = _Symbol(
                 full[-self._keep :],
                 float(c[idx[-1]]),
@@ -435,17 +476,11 @@ class BarWindows:
                 float(min(shortest[-1], steps[-1])),
                 bars_before + len(idx),
             )
-        return BarFeatures(z, history, seq)
+        return BarFeatures(z, history, seq, loc)
 
-    def _z_rows(
-        self, stats: F64, p0: int, bars_before: int, idx: npt.NDArray[np.intp], z: F32, history: I64
-    ) -> None:
+    def _z_rows(self, stats: F64, p0: int, idx: npt.NDArray[np.intp], z: F32) -> None:
         w = self.window
         m = len(idx)
-        # Position p in ``derived`` has min(p, w) previous bars when the symbol's log starts at 0;
-        # after truncation p0 == keep >= w, so the count is the true one, capped at w.
-        before = np.minimum(np.arange(p0, p0 + m) - p0 + bars_before, w)
-        history[idx] = before
         full_rows = np.flatnonzero(np.arange(p0, p0 + m) >= w)
         if len(full_rows):
             positions = p0 + full_rows
@@ -457,6 +492,34 @@ class BarWindows:
             if p >= self.min_history:
                 med, scale = _robust_scale(stats[:p].T, _Z_FLOORS[:, None])
                 z[idx[r]] = _z_from_stats(stats, np.array([p]), med[:, 0][None, :], scale[:, 0][None, :])[0]
+
+    def _local_rows(self, full: F64, p0: int, idx: npt.NDArray[np.intp], out: F32) -> None:
+        """BAR_LOCAL rows of the bars at positions p0.. of ``full`` (ret, logvol, range, body)."""
+        w = self.window
+        positions = np.arange(p0, p0 + len(idx))
+        ret, rng = full[:, 0], full[:, 2]
+        sd = np.zeros(len(idx))
+        mean_range = np.zeros(len(idx))
+        full_rows = np.flatnonzero(positions >= w)
+        if len(full_rows):
+            at = positions[full_rows] - w
+            sd[full_rows] = np.lib.stride_tricks.sliding_window_view(ret, w)[at].std(axis=1)
+            mean_range[full_rows] = np.lib.stride_tricks.sliding_window_view(rng, w)[at].mean(axis=1)
+        for r in np.flatnonzero(positions < w).tolist():
+            p = int(positions[r])
+            if p >= self.min_history:
+                sd[r] = ret[:p].std()
+                mean_range[r] = rng[:p].mean()
+        ready = positions >= self.min_history
+        sd = np.maximum(sd, _LOCAL_FLOORS[0])
+        mean_range = np.maximum(mean_range, _LOCAL_FLOORS[1])
+        rows = np.empty((len(idx), len(BAR_LOCAL.columns)))
+        rows[:, 0] = ret[positions] / sd
+        recent = _capped_sums(rng, positions, _LOCAL_RANGE_BARS, _LOCAL_RANGE_CAP * mean_range)
+        rows[:, 1] = np.log(np.maximum(recent / _LOCAL_RANGE_BARS, 1e-12) / mean_range)
+        k = _LOCAL_SUM_BARS
+        rows[:, 2] = _capped_sums(ret, positions, k, _LOCAL_SUM_CAP * sd) / (math.sqrt(k) * sd)
+        out[idx[ready]] = np.clip(rows[ready], -Z_CLIP, Z_CLIP)
 
     def _sequences(self, full: F64, p0: int, idx: npt.NDArray[np.intp], seq: F32) -> None:
         length = self.sequence_length

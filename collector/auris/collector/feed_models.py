@@ -36,8 +36,8 @@ from auris.agent.runtime import open_session
 from auris.agent.signing import ModelTrust
 from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.feed_features import (
+    BAR_LOCAL,
     BAR_SEQ,
-    BAR_Z,
     FEATURE_SETS,
     TX_ULB,
     TX_WINDOWS,
@@ -462,7 +462,9 @@ class TickScorer:
             bars = self._bars(TickColumns.of(ticks))
             if bars is not None:
                 _, symbols, v, _ = bars
-                self.bars.update(symbols, v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5])
+                self.bars.update(
+                    symbols, v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5], z_scores=False
+                )
 
     def _bars(self, ticks: TickColumns) -> tuple[I64, list[str], F64, list[int]] | None:
         """The bars a batch brings (its bar records, and the trade bars its trades close), in input
@@ -538,16 +540,23 @@ class TickScorer:
         when the model failed."""
         model = self.model
         sequences = model.sequence_length > 0
+        local = model.feature_set is BAR_LOCAL
         feats = self.bars.update(
             symbols, values[:, 0], values[:, 1], values[:, 2], values[:, 3], values[:, 4], values[:, 5],
-            sequences=sequences,
+            sequences=sequences, z_scores=not (sequences or local), local=local,
         )  # fmt: skip
         need = model.sequence_length - 1 if sequences else model.min_history
         ready = feats.history >= need
         n = len(symbols)
         scores = np.zeros(n)
         texts = [""] * n
-        x = feats.sequences if feats.sequences is not None else feats.z
+        x = (
+            feats.sequences
+            if feats.sequences is not None
+            else feats.local
+            if feats.local is not None
+            else feats.z
+        )
         rows = np.flatnonzero(ready)
         if len(rows):
             try:
@@ -568,8 +577,8 @@ class TickScorer:
                     for j, text in zip(flagged_rows.tolist(), shown, strict=True):
                         texts[j] = "reconstruction " + text
                 else:
-                    z = feats.z[flagged_rows]
-                    shown = _explanations(BAR_Z.columns, np.abs(z), "", signed=z)
+                    z = x[flagged_rows]
+                    shown = _explanations(model.feature_set.columns, np.abs(z), "", signed=z)
                     for j, text in zip(flagged_rows.tolist(), shown, strict=True):
                         texts[j] = text
         for j in np.flatnonzero(~ready).tolist():

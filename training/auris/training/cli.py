@@ -141,7 +141,10 @@ def _parser() -> argparse.ArgumentParser:
             "transactions",
             "card-fraud models: gradient boosting alone vs the autoencoder hybrid (ULB, handbook-sim)",
         ),
-        ("ticks", "tick detectors (robust z, isolation forest, transformer) judged on injected anomalies"),
+        (
+            "ticks",
+            "tick detectors (robust z, local z, isolation forest, transformer) judged on injected anomalies",
+        ),
     ):
         feed = sub.add_parser(name, help=text)
         feed.add_argument(
