@@ -237,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Through gRPC into a real collector (validation, scoring with the shipped feed models, SQLite "
         "commit, one score per record in the answer unless the row says the anomalous scores only), "
         "against the scorer alone on the same records in the same run.\n\n",
-        f"Records: ULB fixture rows with V1..V28 (`tx-ulb-gb`); bars: {bar_source} (`tick-robust-z`). "
+        f"Records: ULB fixture rows with V1..V28 (`tx-ulb-gb`); bars: {bar_source} "
+        "(the default tick detector in models/feeds). "
         f"{args.latency_calls} single calls after {warm} warm-up calls; {len(batched):,} transactions "
         f"and {len(bars):,} bars in requests of {args.batch}.\n\n",
         "| what | scorer alone | end to end | ratio | target | |\n|---|---|---|---|---|---|\n",
