@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import auris.collector.store as store_module
 from auris.collector.store import _GROUP_COLUMNS, ID_BLOCK, VerdictStore, filter_sql, stored_verdict
 from auris.v1 import query_service_pb2 as q
 from tests.conftest import make_verdict
@@ -229,3 +230,34 @@ def test_top_anomalies_seek_each_models_best_on_one_index(store: VerdictStore) -
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
         assert "USING INDEX verdicts_anomaly_model_score" in plan, (statement, plan)
         assert "TEMP B-TREE" not in plan, (statement, plan)
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        _window(30, 60, agent_ids=["agent-a"]),
+        _window(0, 90, agent_ids=["agent-b", "agent-c"]),
+        _window(None, 45, agent_ids=["agent-c"], labels=["attack"]),
+    ],
+)
+def test_top_anomalies_of_agents_over_a_time_range_read_their_flagged_verdicts(
+    store: VerdictStore, flt: q.VerdictFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents and a scored-time range: the agent / time index of anomalous verdicts, then a sort
+    (walking each model's best by score until enough match cost 117 ms at p50 on 10M verdicts);
+    the same answer as that walk."""
+    conn = store._reader()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        top = [v.id for v in store.top_anomalies(flt, 7)]
+    finally:
+        conn.set_trace_callback(None)
+    ranked = [s for s in statements if "ORDER BY score DESC" in s]
+    assert ranked
+    for statement in ranked:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
+        assert "USING INDEX verdicts_anomaly_agent_time (agent_id=? AND scored_ns" in plan, plan
+    monkeypatch.setattr(store_module, "_AGENT_ANOMALIES_READ", 0)  # too many: each model's best by score
+    assert [v.id for v in store.top_anomalies(flt, 7)] == top
+    assert len(top) == 7

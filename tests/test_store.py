@@ -230,7 +230,8 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store.ingest("agent-1", [make_verdict(s) for s in range(1, 4)])
     store.close()
     # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
-    # query indexes (7), model refusals (8), feeds (9), top talkers (10, 11), top anomalies' index (12).
+    # query indexes (7), model refusals (8), feeds (9), top talkers (10, 11), top anomalies' indexes
+    # (12, 13).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
                   "enrollment_tokens", "audit", "feed_records", "feed_rejects", "talkers",
@@ -240,6 +241,7 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
     db.execute("DROP INDEX verdicts_anomaly_score")
     db.execute("DROP INDEX verdicts_anomaly_model_score")  # 12
+    db.execute("DROP INDEX verdicts_anomaly_agent_time")  # 13
     for index in ("verdicts_agent_id", "verdicts_last_seen_minute", "verdicts_src_ip_block",
                   "verdicts_dst_ip_block"):  # fmt: skip
         db.execute(f"DROP INDEX {index}")

@@ -291,11 +291,12 @@ def test_migrations_10_and_11_build_the_summary_of_a_schema_9_database(
     db.execute("DROP TABLE talker_minutes")
     db.execute("DELETE FROM meta WHERE key IN (?, ?)", [talkers.CLOSED_BEFORE, talkers.SLICED_FROM])
     db.execute("DROP INDEX verdicts_anomaly_model_score")  # 12
+    db.execute("DROP INDEX verdicts_anomaly_agent_time")  # 13
     db.execute("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
     db.conn.commit()
     db.close()
     migrated = VerdictStore(path)
-    assert migrated.schema_version() == SCHEMA_VERSION == 12
+    assert migrated.schema_version() == SCHEMA_VERSION == 13
     for one in (store, migrated):  # the newest minute too, in both (see _due)
         one.close_talker_minutes(now_ns=time.time_ns() + 10 * talkers.LATENESS_NS)
     # The same summary, every slice, as the one kept while the verdicts streamed in.
@@ -357,7 +358,7 @@ def test_migration_11_slices_a_schema_10_database_and_keeps_what_retention_left(
     old.close()
 
     migrated = VerdictStore(path)
-    assert migrated.schema_version() == SCHEMA_VERSION == 12
+    assert migrated.schema_version() == SCHEMA_VERSION == 13
     migrated.close_talker_minutes(now_ns=time.time_ns() + 10 * talkers.LATENESS_NS)
     sliced_from = (BASE_MS + 4 * MINUTE_MS) * 1_000_000  # minute 3 lost raw rows
     (value,) = migrated.db.execute("SELECT value FROM meta WHERE key = ?", [talkers.SLICED_FROM]).fetchone()

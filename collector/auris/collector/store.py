@@ -32,7 +32,7 @@ __all__ = ["SCHEMA_VERSION", "IngestHook", "IngestResult", "QueryPage", "Verdict
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 # Column order of the raw insert; verdict_row() produces tuples in this order.
 _INSERT_COLUMNS = (
@@ -59,6 +59,11 @@ _INSERT_COLUMNS = (
     "application_name",
     "verdict_pb",
 )
+_ANOMALY_AGENT_INDEX = "verdicts_anomaly_agent_time"
+# Top anomalies of given agents over a scored-time range read those agents' flagged verdicts in the
+# range when there are at most this many (one index range, then a sort), else each model's best by
+# score (an index walk that stops at the first ``limit`` that match).
+_AGENT_ANOMALIES_READ = 20_000
 _SELECT_STORED = (
     "SELECT id, received_ns, verdict_pb, analyst_label, analyst_note, analyst_author, analyst_labeled_ns"
     " FROM verdicts"
@@ -435,6 +440,13 @@ def _migration_12(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_13(db: sqlite_utils.Database) -> None:
+    """Anomalous verdicts by agent and scored time: top anomalies of one agent over a time range
+    read that agent's flagged verdicts in the range (walking a model's best by score until enough
+    of them are that agent's and in range took 117 ms at p50 on the benchmark's 10M verdicts)."""
+    db.execute(f"CREATE INDEX {_ANOMALY_AGENT_INDEX} ON verdicts (agent_id, scored_ns) WHERE anomalous = 1")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -448,6 +460,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_10,
     _migration_11,
     _migration_12,
+    _migration_13,
 ]
 
 
@@ -1299,9 +1312,11 @@ class VerdictStore:
             raise ValueError("top anomalies are anomalous verdicts: drop anomalous=false from the filter")
         where, params = filter_sql(flt)
         where += ["anomalous = 1", "score IS NOT NULL", "model_id = ?", "model_version = ?"]
-        select = _SELECT_STORED.replace("SELECT ", "SELECT score, ", 1)
-        sql = f"{select} WHERE {' AND '.join(where)} ORDER BY score DESC, id DESC LIMIT ?"
         conn = self._reader()
+        select = _SELECT_STORED.replace("SELECT ", "SELECT score, ", 1)
+        if self._few_agent_anomalies(conn, flt):
+            select += f" INDEXED BY {_ANOMALY_AGENT_INDEX}"
+        sql = f"{select} WHERE {' AND '.join(where)} ORDER BY score DESC, id DESC LIMIT ?"
         ranked: list[tuple[float, int, tuple[Any, ...]]] = []
         for model_id, version in self._anomalous_models(conn):
             threshold = self._decider_threshold(conn, model_id, version)
@@ -1309,6 +1324,23 @@ class VerdictStore:
                 ranked.append((score / threshold, row[0], tuple(row)))
         ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
         return [stored_verdict(*row) for _, _, row in ranked[:limit]]
+
+    @staticmethod
+    def _few_agent_anomalies(conn: sqlite3.Connection, flt: query_service_pb2.VerdictFilter) -> bool:
+        """Whether ``flt`` names agents and a scored-time range that hold few flagged verdicts
+        (counted on the agent / time index of anomalous verdicts, stopping past the bound)."""
+        start, end = _time_bounds(flt)
+        if not flt.agent_ids or flt.time_field not in _SCORED_TIME or (start is None and end is None):
+            return False
+        agents = list(flt.agent_ids)
+        (count,) = conn.execute(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM verdicts INDEXED BY {_ANOMALY_AGENT_INDEX}"
+            f" WHERE anomalous = 1 AND agent_id IN ({', '.join('?' for _ in agents)})"
+            " AND scored_ns >= ? AND scored_ns < ? LIMIT ?)",
+            [*agents, start if start is not None else 0, end if end is not None else 2**63 - 1,
+             _AGENT_ANOMALIES_READ + 1],
+        ).fetchone()  # fmt: skip
+        return bool(count <= _AGENT_ANOMALIES_READ)
 
     @staticmethod
     def _anomalous_models(conn: sqlite3.Connection) -> list[tuple[str, str]]:
