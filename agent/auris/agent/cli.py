@@ -26,13 +26,13 @@ from pathlib import Path
 import grpc
 
 # lean first: nfstream imports pandas, which the agent never uses and its venv may not hold (lean.py).
-from auris.agent import __version__, lean, live, sd_notify  # noqa: F401
+from auris.agent import __version__, lean, live, meterserver, sd_notify  # noqa: F401
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
 from auris.agent.daemon import Agent
 from auris.agent.enroll import enrolled_files, model_key_file
 from auris.agent.health import Heartbeat, health_metrics
 from auris.agent.logs import configure_logging
-from auris.agent.meter import preload_in_meter_processes, start_meter_server
+from auris.agent.meter import preload_in_meter_processes
 from auris.agent.metrics import MetricsServer
 from auris.agent.model_updates import ModelCatalog, ModelWatcher
 from auris.agent.renewal import CertificateRenewer, ReopenableChannel, finish_interrupted_renewal
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     preload_in_meter_processes(__name__)
     live.install(config.max_live_flows)
-    start_meter_server()  # its imports overlap with the rest of the start-up
+    meterserver.start()  # (auris-agent started it already; other entry points: its imports overlap the rest)
     return run(config, reprocess=args.reprocess, load=lambda: load_agent_config(args.config, overrides))
 
 

@@ -38,7 +38,6 @@ __all__ = [
     "preload_in_meter_processes",
     "report_dead_meters",
     "source_label",
-    "start_meter_server",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,12 +122,6 @@ def preload_in_meter_processes(*modules: str) -> None:
     multiprocessing start method other than fork.
     """
     meterserver.preload(*modules)
-
-
-def start_meter_server() -> None:
-    """Start the forkserver now, so that it imports what it preloads while the caller goes on
-    setting up; it would start with the first capture (see auris.agent.meterserver)."""
-    meterserver.start()
 
 
 class _Shape:
