@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-import operator
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 
 from google.protobuf import timestamp_pb2
 
@@ -22,8 +21,7 @@ _MAX_TIME_MS = MAX_TIME_SECONDS * 1000
 NORMAL_LABEL = "benign"
 ANOMALY_LABEL = "anomaly"
 _CLASSIFIER = model_pb2.MODEL_KIND_CLASSIFIER
-# A score's model: what the batch template's score entries are checked against.
-_MODEL = operator.attrgetter("model_id", "model_version")
+_DOUBLE = struct.Struct("<d").pack
 
 
 def _set_time_ms(ts: timestamp_pb2.Timestamp, ms: int) -> None:
@@ -36,6 +34,87 @@ def _set_time_ms(ts: timestamp_pb2.Timestamp, ms: int) -> None:
     ms = min(max(ms, 0), _MAX_TIME_MS)
     ts.seconds, millis = divmod(ms, 1000)
     ts.nanos = millis * 1_000_000
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# The varint of every length a score entry can have (beyond it: _varint).
+_LENGTHS = [_varint(n) for n in range(1 << 14)]
+
+
+def _length_delimited(tag: bytes, body: bytes) -> bytes:
+    n = len(body)
+    return tag + (_LENGTHS[n] if n < 1 << 14 else _varint(n)) + body
+
+
+def _string_field(tag: bytes, text: str) -> bytes:
+    return _length_delimited(tag, text.encode())
+
+
+class _Encoded(dict[tuple[object, ...], bytes]):
+    """Encoded protobuf pieces by what they encode: built on first use, then looked up (the
+    names and models come from manifests: a few dozen per model)."""
+
+    def __init__(self, encode: Callable[..., bytes], limit: int = 4096) -> None:
+        super().__init__()
+        self._encode = encode
+        self._limit = limit
+
+    def __missing__(self, key: tuple[object, ...]) -> bytes:
+        value = self._encode(*key)
+        if len(self) < self._limit:
+            self[key] = value
+        return value
+
+
+def _named_double_prefix(tag: bytes, name: str) -> bytes:
+    """A (string 1, double 2) message in field ``tag`` (a map<string, double> entry, a
+    FeatureContribution), all but the double's 8 bytes."""
+    key = _string_field(b"\x0a", name)
+    return tag + _LENGTHS[len(key) + 9] + key + b"\x11"
+
+
+def _score_prefix(model_id: str, version: str, kind: int, threshold: float, shadow: bool) -> bytes:
+    """A ModelScore's fields that are the model's, not the flow's: model, kind, threshold, shadow."""
+    entry = verdict_pb2.ModelScore(kind=kind, threshold=threshold, shadow=shadow)  # type: ignore[arg-type]
+    entry.model.model_id = model_id
+    entry.model.version = version
+    return entry.SerializeToString()
+
+
+def _model_field(model_id: str, version: str) -> bytes:
+    """Verdict.model (field 7) naming this model."""
+    return _length_delimited(b"\x3a", _string_field(b"\x0a", model_id) + _string_field(b"\x12", version))
+
+
+_SCORE_PREFIX = _Encoded(_score_prefix)
+_MODEL_FIELD = _Encoded(_model_field)
+_LABEL = _Encoded(lambda label: _string_field(b"\x32", label))
+_PROBABILITY = _Encoded(lambda name: _named_double_prefix(b"\x3a", name))
+_TOP_FEATURE = _Encoded(lambda name: _named_double_prefix(b"\x42", name))
+
+
+def _score_field(s: Score) -> bytes:
+    """One Verdict.scores entry (field 8), encoded: a ModelScore is a handful of fields, and
+    joining their bytes costs less than setting them one by one on the message."""
+    model_id, version, kind, score, threshold, anomalous, label, probabilities, top_features, shadow = s
+    parts = [_SCORE_PREFIX[model_id, version, kind, threshold, shadow], b"\x19", _DOUBLE(score)]
+    if anomalous:
+        parts.append(b"\x28\x01")
+    if label:
+        parts.append(_LABEL[(label,)])
+    for name, p in probabilities.items():
+        parts += (_PROBABILITY[(name,)], _DOUBLE(p))
+    for name, value in top_features:
+        parts += (_TOP_FEATURE[(name,)], _DOUBLE(value))
+    return _length_delimited(b"\x42", b"".join(parts))
 
 
 def _explain(s: Score) -> str:
@@ -77,14 +156,14 @@ def decide(scores: Sequence[Score]) -> tuple[Score | None, str, bool, str]:
 
 
 class VerdictBuilder:
-    """Builds the verdicts of one batch of flows; what they all share is set once, in a template.
+    """Builds the verdicts of one batch of flows.
 
     Each verdict carries ``features`` ((set name, version) pairs: the flow's vector of each) for
     every flow (``features_when`` "all"), for anomalous ones ("anomalous"), or never ("none").
     Called with (index in the batch, sequence number), as ``Spool.append`` builds a batch; then
-    ``scores`` is one ``ModelSet.score`` result: every flow's list names the same models in the
-    same order (each model scores the whole batch, or none of it), so their constant parts are
-    in the template too (a flow whose models differ from the first flow's is built entry by entry).
+    ``scores`` is one ``ModelSet.score`` result. What the batch's verdicts share (agent, host,
+    scoring time) is encoded once; the scores are encoded, each with its model's fields cached,
+    and parsed into the verdict with it in one call.
     """
 
     def __init__(
@@ -100,35 +179,27 @@ class VerdictBuilder:
     ) -> None:
         template = verdict_pb2.Verdict(agent_id=agent_id, hostname=hostname)
         template.scored_time.CopyFrom(scored_time)
-        self._template = template
+        self._head = template.SerializeToString()
         self._flows = flows
         self._scores = scores
-        # The template with one score entry per model of the batch, but for the flow's own values.
-        self._scored = verdict_pb2.Verdict()
-        self._scored.CopyFrom(template)
-        layout = scores[0] if scores else ()
-        self._models = tuple(map(_MODEL, layout))
-        for s in layout:
-            entry = self._scored.scores.add(kind=s.kind, threshold=s.threshold, shadow=s.shadow)
-            entry.model.model_id = s.model_id
-            entry.model.version = s.model_version
         if features_when not in ("all", "anomalous", "none"):
             raise ValueError(f"features_when: expected all, anomalous or none, got {features_when!r}")
         self._feature_sets = tuple(feature_sets) if features_when != "none" else ()
         self._anomalous_only = features_when == "anomalous"
 
     def __call__(self, index: int, sequence: int) -> verdict_pb2.Verdict:
-        scores = self._scores[index]
-        return self.build(sequence, self._flows[index], scores, tuple(map(_MODEL, scores)) == self._models)
+        return self.build(sequence, self._flows[index], self._scores[index])
 
-    def build(
-        self, sequence: int, flow: FlowRecord, scores: Sequence[Score], batch_models: bool = False
-    ) -> verdict_pb2.Verdict:
-        """The verdict on one flow (``batch_models``: its scores name the batch's models, in order)."""
+    def build(self, sequence: int, flow: FlowRecord, scores: Sequence[Score]) -> verdict_pb2.Verdict:
+        """The verdict on one flow."""
         decider, label, anomalous, explanation = decide(scores)
-        # Sub-messages are filled in place: building them apart and copying them in costs half again.
-        verdict = verdict_pb2.Verdict()
-        verdict.CopyFrom(self._scored if batch_models else self._template)
+        encoded = [self._head]
+        if decider is not None:
+            encoded.append(_MODEL_FIELD[decider.model_id, decider.model_version])
+        encoded += map(_score_field, scores)
+        verdict = verdict_pb2.Verdict.FromString(b"".join(encoded))
+        # The flow's own fields, set in place (building sub-messages apart and copying them in
+        # costs half again; encoding its integers in Python, as much as setting them).
         verdict.sequence = sequence
         verdict.label = label
         verdict.anomalous = anomalous
@@ -160,29 +231,6 @@ class VerdictBuilder:
         counters.dst_to_src_packets = flow.dst2src_packets
         counters.src_to_dst_bytes = flow.src2dst_bytes
         counters.dst_to_src_bytes = flow.dst2src_bytes
-        if decider is not None:
-            model = verdict.model
-            model.model_id = decider.model_id
-            model.version = decider.model_version
-        entries = verdict.scores if batch_models else ()
-        add_score = verdict.scores.add
-        for s, score in itertools.zip_longest(scores, entries):
-            if score is None:
-                score = add_score(kind=s.kind, threshold=s.threshold, shadow=s.shadow)
-                model = score.model
-                model.model_id = s.model_id
-                model.version = s.model_version
-            score.score = s.score
-            score.anomalous = s.anomalous
-            score.label = s.label
-            if s.probabilities:
-                probabilities = score.class_probabilities  # (its update() is Python code: slower)
-                for name, p in s.probabilities.items():
-                    probabilities[name] = p
-            if s.top_features:
-                add_feature = score.top_features.add
-                for name, value in s.top_features:
-                    add_feature(feature=name, value=value)
         if self._feature_sets and (anomalous or not self._anomalous_only):
             vectors = flow.features
             for name, version in self._feature_sets:
