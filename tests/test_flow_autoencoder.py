@@ -79,6 +79,8 @@ def test_the_graph_matches_its_source_and_the_agent_reads_it(
         for name, value in score.top_features:
             assert value == pytest.approx(errors[columns.index(name)], rel=1e-3, abs=1e-5)
         assert score.top_features[0][1] == pytest.approx(errors.max(), rel=1e-3, abs=1e-5)
+        largest = sorted(errors.tolist(), reverse=True)[:3]
+        assert [value for _, value in score.top_features] == pytest.approx(largest, rel=1e-3, abs=1e-5)
 
 
 def test_the_shipped_autoencoder_runs_without_training_libraries(
