@@ -268,7 +268,7 @@ def test_every_shipped_model_carries_a_release_signature() -> None:
 
 def _reference_verdict(flow: Any, scores: Sequence[Any], sequence: int, now: Any, sets: Any) -> bytes:
     """The verdict as written out field by field, the way build_verdict did before the batch
-    template (decide() included): an independent statement of what a verdict must hold."""
+    encoding (decide() included): an independent statement of what a verdict must hold."""
     from auris.agent.verdicts import _set_time_ms
 
     live = [s for s in scores if not s.shadow]
@@ -318,9 +318,10 @@ def _reference_verdict(flow: Any, scores: Sequence[Any], sequence: int, now: Any
 
 
 def test_a_batch_of_verdicts_holds_what_each_flow_gets_written_out_by_hand(tmp_path: Path) -> None:
-    """VerdictBuilder puts the batch's models in a template: the verdicts must not change for it,
-    with a shadow model, classifiers and detectors firing, features attached to anomalous flows,
-    flows whose models differ from the first flow's, and build_verdict's one-flow path."""
+    """VerdictBuilder encodes the batch's shared fields and each score as bytes: the verdicts must
+    equal the field-by-field ones, with a shadow model, classifiers and detectors firing, features
+    attached to anomalous flows, flows whose models differ from the first flow's, and
+    build_verdict's one-flow path."""
     from google.protobuf import timestamp_pb2
 
     from auris.agent.verdicts import VerdictBuilder, build_verdict
