@@ -463,20 +463,25 @@ def _add_scores(
         rows.nanos, rows.model_ids, rows.model_versions, rows.scores, rows.anomalous, rows.explanations,
         strict=True,
     )  # fmt: skip
+    # Field by field: keyword arguments with dicts for the sub-messages cost 1.4x as much.
     for row_id, record_id, entity, sec, nanos, model_id, version, score, anomalous, text in (
         fields if only is None else itertools.compress(fields, only)
     ):
-        add(
-            id=row_id,
-            feed_id=feed_id,
-            record_id=record_id,
-            entity=entity,
-            time={"seconds": sec, "nanos": nanos},
-            model={"model_id": model_id, "version": version} if model_id else None,
-            score=nan if score is None else score,
-            anomalous=anomalous,
-            explanation=text,
-        )
+        entry = add()
+        entry.id = row_id
+        entry.feed_id = feed_id
+        entry.record_id = record_id
+        entry.entity = entity
+        stamp = entry.time
+        stamp.seconds = sec
+        stamp.nanos = nanos
+        if model_id:
+            model = entry.model
+            model.model_id = model_id
+            model.version = version
+        entry.score = nan if score is None else score
+        entry.anomalous = anomalous
+        entry.explanation = text
 
 
 class FeedStore:
