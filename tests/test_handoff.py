@@ -5,15 +5,22 @@ from __future__ import annotations
 import threading
 import time
 
-from auris.agent.daemon import _End, _Flow, _Handoff, _SourceDone
+from auris.agent.daemon import _End, _Flows, _Handoff, _Item, _SourceDone
 from auris.agent.meter import FlowRecord
 from auris.v1 import flow_pb2
 
 
-def _flow(i: int) -> _Flow:
+def _record(i: int) -> FlowRecord:
     end = flow_pb2.FLOW_END_REASON_IDLE_TIMEOUT
-    record = FlowRecord("10.0.0.1", "10.0.0.2", i, 80, 6, 4, 0, 1, 2, 1, 1, 60, 60, "", end, "t", {})
-    return _Flow("capture", record)
+    return FlowRecord("10.0.0.1", "10.0.0.2", i, 80, 6, 4, 0, 1, 2, 1, 1, 60, 60, "", end, "t", {})
+
+
+def _flow(i: int) -> _Flows:
+    return _Flows("capture", [_record(i)])
+
+
+def _ports(items: list[_Item]) -> list[int]:
+    return [flow.src_port for item in items if isinstance(item, _Flows) for flow in item.flows]
 
 
 def test_nothing_waiting_returns_empty_after_the_timeout() -> None:
@@ -30,13 +37,13 @@ def test_a_partial_batch_waits_at_most_max_delay() -> None:
     started = time.monotonic()
     items = handoff.take(max_delay_s=0.2, timeout_s=10.0)
     waited = time.monotonic() - started
-    assert [item.flow.src_port for item in items if isinstance(item, _Flow)] == [0, 1, 2]
+    assert _ports(items) == [0, 1, 2]
     assert 0.15 <= waited < 5.0  # held for the batch to fill, but not for the 10 s timeout
 
 
 def test_a_full_batch_wakes_the_consumer_and_whole_batches_are_taken() -> None:
     handoff = _Handoff(limit=100, batch=8)
-    taken: list[list[object]] = []
+    taken: list[list[_Item]] = []
 
     def consumer() -> None:
         taken.append(list(handoff.take(max_delay_s=30.0, timeout_s=30.0)))
@@ -53,10 +60,9 @@ def test_a_full_batch_wakes_the_consumer_and_whole_batches_are_taken() -> None:
     thread.join(10)
     assert not thread.is_alive(), "a full batch did not wake the consumer"
     # Woken by the 8th; by the time it ran, up to 19 were there: whole batches only.
-    assert len(taken[0]) in (8, 16)
+    assert len(_ports(taken[0])) in (8, 16)
     rest = handoff.take(max_delay_s=0.0, timeout_s=0.0)
-    ports = [item.flow.src_port for item in [*taken[0], *rest] if isinstance(item, _Flow)]
-    assert ports == list(range(19))  # in order, none lost
+    assert _ports([*taken[0], *rest]) == list(range(19))  # in order, none lost
 
 
 def test_end_markers_are_handed_over_at_once() -> None:
@@ -67,7 +73,7 @@ def test_end_markers_are_handed_over_at_once() -> None:
     started = time.monotonic()
     items = handoff.take(max_delay_s=30.0, timeout_s=30.0)
     assert time.monotonic() - started < 5.0
-    assert [type(item) for item in items] == [_Flow, _SourceDone, _End]
+    assert [type(item) for item in items] == [_Flows, _SourceDone, _End]
 
 
 def test_a_full_list_holds_the_producer_back_until_taken() -> None:
@@ -83,6 +89,38 @@ def test_a_full_list_holds_the_producer_back_until_taken() -> None:
     thread = threading.Thread(target=producer)
     thread.start()
     assert not done.wait(0.1)  # backpressure
-    assert len(handoff.take(max_delay_s=30.0, timeout_s=30.0)) == 4
+    assert len(_ports(handoff.take(max_delay_s=30.0, timeout_s=30.0))) == 4
+    assert done.wait(10)
+    thread.join(10)
+
+
+def test_batches_of_flows_are_counted_by_flow_and_split_where_a_batch_ends() -> None:
+    """The meter hands over its messages' batches whole; the scoring loop still gets whole score
+    batches, the item that straddles one split, in order."""
+    handoff = _Handoff(limit=100, batch=8)
+    handoff.put(_Flows("capture", [_record(i) for i in range(5)]))
+    handoff.put(_Flows("capture", [_record(i) for i in range(5, 10)]))
+    handoff.put(_Flows("capture", [_record(i) for i in range(10, 17)]))
+    first = handoff.take(max_delay_s=30.0, timeout_s=30.0)
+    assert _ports(first) == list(range(16))  # two whole batches of 8
+    assert [len(item.flows) for item in first if isinstance(item, _Flows)] == [5, 5, 6]
+    started = time.monotonic()
+    assert _ports(handoff.take(max_delay_s=0.1, timeout_s=30.0)) == [16]  # the rest, after max_delay
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_full_list_counts_flows_not_items() -> None:
+    handoff = _Handoff(limit=10, batch=64)
+    handoff.put(_Flows("capture", [_record(i) for i in range(10)]))  # one item, the limit's flows
+    done = threading.Event()
+
+    def producer() -> None:
+        handoff.put(_flow(10))
+        done.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    assert not done.wait(0.1)  # held back by ten flows in one item
+    assert len(_ports(handoff.take(max_delay_s=30.0, timeout_s=30.0))) == 10
     assert done.wait(10)
     thread.join(10)

@@ -98,7 +98,9 @@ def test_sigterm_stops_cleanly_and_the_next_start_resumes(collector: CollectorTh
     first = _agent(collector.address, state, pcaps, config)
     store = collector.collector.store if collector.collector else None
     assert store is not None
-    assert wait_for(lambda: store.count() > 2000, 60)  # running, signal handlers in place
+    # The first stored verdict: handlers are in place (installed before metering starts), and the
+    # agent is still metering (it spools far ahead of what the collector has stored).
+    assert wait_for(lambda: store.count() > 0, 60)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=30)
     assert first.returncode == 0, err

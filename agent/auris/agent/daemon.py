@@ -25,7 +25,7 @@ from auris.agent.meter import (
     FlowRecord,
     MeterOptions,
     capture_counters,
-    meter_source,
+    meter_batches,
     source_label,
 )
 from auris.agent.model_updates import Refusal
@@ -71,9 +71,11 @@ class RunReport:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Flow:
+class _Flows:
+    """Flows of one capture, as the meter sent them (one item per batch, not per flow)."""
+
     key: str | None
-    flow: FlowRecord
+    flows: list[FlowRecord]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +89,22 @@ class _End:
     """The meter thread is done with every source."""
 
 
-_Item = _Flow | _SourceDone | _End
+_Item = _Flows | _SourceDone | _End
 
 
 class _Handoff:
-    """Items from the meter thread to the scoring loop.
+    """Items from the meter thread to the scoring loop, counted in flows.
 
     A bounded list rather than a ``queue.Queue``, and the consumer is woken only when a whole
-    batch is waiting (or an end-of-source marker, or when the oldest item has waited
+    batch of flows is waiting (or an end-of-source marker, or when the oldest item has waited
     ``max_delay_s``): on a 2-core host every wake-up can preempt a thread that holds the GIL,
     so a busy pipeline costs one wake-up per batch instead of one or two per flow.
     """
 
     def __init__(self, limit: int, batch: int) -> None:
         self._items: list[_Item] = []
+        # Flows in _items.
+        self._flows = 0
         self._limit = limit
         self.batch = batch
         self._urgent = False
@@ -114,45 +118,66 @@ class _Handoff:
 
     def put(self, item: _Item) -> None:
         with self._cond:
-            while len(self._items) >= self._limit:  # backpressure on the meter thread
+            while self._flows >= self._limit:  # backpressure on the meter thread
                 self._cond.wait()
             if not self._items:
                 self._first_at = time.monotonic()
             self._items.append(item)
-            if not isinstance(item, _Flow):
+            if type(item) is _Flows:
+                self._flows += len(item.flows)
+                if self._flows >= self._wanted:
+                    self._cond.notify_all()
+            else:
                 self._urgent = True
-                self._cond.notify_all()
-            elif len(self._items) >= self._wanted:
                 self._cond.notify_all()
 
     def take(self, max_delay_s: float, timeout_s: float) -> list[_Item]:
-        """What is waiting, once a batch (or more) is, an end marker came, or the oldest item has
-        waited ``max_delay_s``; [] if nothing came within ``timeout_s``.
+        """What is waiting, once a batch of flows (or more) is, an end marker came, or the oldest
+        item has waited ``max_delay_s``; [] if nothing came within ``timeout_s``.
 
-        When woken by a full batch, whole batches are taken and the rest waits for its own."""
+        When woken by a full batch, whole batches of flows are taken (an item split where they
+        end) and the rest waits for its own."""
         with self._cond:
             now = time.monotonic()
             deadline = now + timeout_s
             while True:
-                waiting = len(self._items)
+                waiting = self._flows
                 if waiting >= self._wanted or self._urgent:
                     break
-                if waiting and now - self._first_at >= max_delay_s:
+                if self._items and now - self._first_at >= max_delay_s:
                     break
-                if not waiting and now >= deadline:
+                if not self._items and now >= deadline:
                     return []
-                self._cond.wait((self._first_at + max_delay_s if waiting else deadline) - now)
+                self._cond.wait((self._first_at + max_delay_s if self._items else deadline) - now)
                 now = time.monotonic()
+            full = waiting >= self._limit
             if self._urgent or waiting < self._wanted:
                 items, self._items = self._items, []
+                self._flows = 0
                 self._urgent = False
             else:
-                whole = waiting - waiting % self._wanted
-                items, self._items = self._items[:whole], self._items[whole:]
+                items = self._whole_batches(waiting - waiting % self._wanted)
                 self._first_at = now  # the rest came after the batch that woke us: a close bound
-            if waiting >= self._limit:
+            if full:
                 self._cond.notify_all()  # the producer may wait for room
             return items
+
+    def _whole_batches(self, count: int) -> list[_Item]:
+        """Take the first ``count`` flows (only _Flows are waiting: no marker came)."""
+        taken: list[_Item] = []
+        left = count
+        while left:
+            item = self._items[0]
+            assert type(item) is _Flows
+            if len(item.flows) <= left:
+                taken.append(self._items.pop(0))
+                left -= len(item.flows)
+            else:
+                taken.append(_Flows(item.key, item.flows[:left]))
+                self._items[0] = _Flows(item.key, item.flows[left:])
+                left = 0
+        self._flows -= count
+        return taken
 
 
 class Agent:
@@ -252,7 +277,8 @@ class Agent:
         """Stop metering, spool what was metered, drain briefly, exit (SIGTERM).
 
         A live meter is asked to expire and hand over every flow it still caches, so
-        stopping loses none; a replay stops after the current flow and resumes there.
+        stopping loses none; a replay stops after the batch of flows in hand (at most 64) and
+        resumes after it.
         """
         if self.config.interface:
             live.request_flush()
@@ -302,16 +328,19 @@ class Agent:
                 if skip:
                     logger.info("resuming %s after the %d flows spooled by an earlier run", source, skip)
                 try:
-                    for index, flow in enumerate(meter_source(source, self.models.feature_sets, options)):
-                        if index < skip:
-                            self.report.flows_skipped += 1
-                            continue
-                        self._queue.put(_Flow(key, flow))
+                    seen = 0
+                    for flows in meter_batches(source, self.models.feature_sets, options):
+                        seen += len(flows)
+                        if skip:
+                            skipped = min(skip, len(flows))
+                            self.report.flows_skipped += skipped
+                            skip -= skipped
+                            flows = flows[skipped:]
+                        if flows:
+                            self._queue.put(_Flows(key, flows))
                         # A live meter ends by itself once flushed; its last flows are still coming.
                         if self._stop.is_set() and key is not None:
-                            logger.info(
-                                "stop requested: metering of %s stopped after flow %d", source, index + 1
-                            )
+                            logger.info("stop requested: metering of %s stopped after flow %d", source, seen)
                             break
                     else:
                         self._queue.put(_SourceDone(key))
@@ -389,15 +418,16 @@ class Agent:
             # A flow waits at most flush_interval_s for its batch to fill (a quiet link).
             items = self._queue.take(self._flush_interval_s, self._flush_interval_s)
             for item in items:
-                if isinstance(item, _Flow):
+                if isinstance(item, _Flows):
                     if item.key != pending_key:
                         self._spool_batch(pending_key, pending)
                         pending = []
                         pending_key = item.key
-                    pending.append(item.flow)
-                    if len(pending) >= self.config.score_batch:
-                        self._spool_batch(pending_key, pending)
-                        pending = []
+                    pending += item.flows
+                    batch = self.config.score_batch
+                    while len(pending) >= batch:
+                        self._spool_batch(pending_key, pending[:batch])
+                        pending = pending[batch:]
                 elif isinstance(item, _SourceDone):
                     self._spool_batch(pending_key, pending)
                     pending = []
