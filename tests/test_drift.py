@@ -105,3 +105,32 @@ def test_a_drift_rule_takes_no_verdict_condition() -> None:
         AlertRule(name="bad", max_psi=0.2, anomalous=True)
     with pytest.raises(ValueError, match="positive"):
         AlertRule(name="bad", max_psi=0.0)
+
+
+def test_column_bins_equal_a_searchsorted_per_column_at_and_around_every_edge() -> None:
+    """The drift window bins all columns at once, float32 rows against float32 floors of the
+    edges: the counts must be searchsorted's, per column, for values on, just below and just
+    above each edge (edges float32 cannot hold included), NaN, infinities and float64 rows."""
+    from auris.agent.drift import _ColumnBins, _count
+
+    edges = [
+        np.array([0.1, 0.2, 1e-3 / 3, 7.0]),  # not float32 numbers
+        np.array([-5.0, 0.0, 5.0]),
+        np.array([], dtype=np.float64),  # a constant training column: one bin
+        np.array([1e39]),  # beyond float32
+    ]
+    edges = [np.sort(e) for e in edges]
+    rng = np.random.default_rng(7)
+    columns = []
+    for e in edges:
+        with np.errstate(over="ignore"):  # 1e39 is inf in float32
+            on = e.astype(np.float32)
+        near = [np.nextafter(v, np.float32(d)) for v in on for d in (-np.inf, np.inf)]  # float32 neighbours
+        values = [*on, *near, np.nan, np.inf, -np.inf, *rng.normal(0, 3, 40)]
+        columns.append(np.resize(np.array(values, dtype=np.float32), 64))
+    rows = np.stack(columns, axis=1)
+    bins = _ColumnBins(edges)
+    for matrix in (rows, rows.astype(np.float64)):
+        expected = np.concatenate([_count(matrix[:, j].astype(np.float64), e) for j, e in enumerate(edges)])
+        assert bins.count(matrix).tolist() == expected.tolist()
+    assert [len(part) for part in bins.split(bins.count(rows))] == [5, 4, 1, 2]

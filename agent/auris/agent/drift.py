@@ -18,6 +18,7 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -88,6 +89,58 @@ def ks_distance(reference: Sequence[int], current: Sequence[int]) -> float:
     return float(np.max(np.abs(r - c)))
 
 
+def _float32_floor(edges: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """Each edge as the largest float32 not above it: for a float32 x, ``x > edge`` exactly
+    when ``x > floor``, so float32 rows compare without being widened."""
+    with np.errstate(over="ignore"):  # beyond float32: inf, then the largest float32
+        low = edges.astype(np.float32)
+    over = low.astype(np.float64) > edges
+    low[over] = np.nextafter(low[over], np.float32(-np.inf))
+    return low
+
+
+class _ColumnBins:
+    """Histograms of every column of a matrix over the column's own edges, in one pass per edge
+    position (a column has up to ~10 edges): a searchsorted per column costs 2.3x as much.
+
+    A column's bin is the number of its edges below the value (searchsorted's side="left", as
+    ``_count``), NaN in the last. Counts of all columns come end to end, ``split`` parts them."""
+
+    def __init__(self, edges: Sequence[npt.NDArray[np.float64]]) -> None:
+        self.lengths = np.array([len(e) for e in edges], dtype=np.int64)
+        width = int(self.lengths.max()) if len(edges) else 0
+        padded = np.full((width, len(edges)), np.inf)  # an edge position per row
+        for j, e in enumerate(edges):
+            padded[: len(e), j] = e
+        self._edges64 = padded
+        self._edges32 = _float32_floor(padded)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]]).astype(np.int64)
+        self.total = int((self.lengths + 1).sum())
+        # Bin numbers in 16 bits while they fit: adding the comparisons costs half as much.
+        self._index_type = np.int16 if self.total < 2**15 else np.int64
+        self._offsets = self.offsets.astype(self._index_type)
+
+    def count(self, rows: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.int64]:
+        if not self.total or not len(rows):
+            return np.zeros(self.total, dtype=np.int64)
+        edges = self._edges32 if rows.dtype == np.float32 else self._edges64
+        if edges is self._edges64:
+            rows = rows.astype(np.float64, copy=False)
+        above = np.empty(rows.shape, dtype=np.bool_)
+        index = np.zeros(rows.shape, dtype=self._index_type)
+        for position in edges:
+            np.greater(rows, position, out=above)
+            index += above
+        nan = np.isnan(rows)
+        if nan.any():
+            index[nan] = np.broadcast_to(self.lengths, rows.shape)[nan]
+        index += self._offsets
+        return np.bincount(index.ravel(), minlength=self.total).astype(np.int64, copy=False)
+
+    def split(self, counts: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+        return np.split(counts, self.offsets[1:])
+
+
 # Rows binned at once (see DriftWindow._pending).
 _BIN_ROWS = 1024
 
@@ -100,10 +153,9 @@ class DriftWindow:
         self.window_s = window_s
         self._feature_edges = [np.asarray(f.histogram.edges, dtype=np.float64) for f in reference.features]
         self._score_edges = np.asarray(reference.score.edges, dtype=np.float64)
-        # minute -> (feature counts, one row per column; score counts; flows)
-        self._buckets: collections.OrderedDict[
-            int, tuple[list[npt.NDArray[np.int64]], npt.NDArray[np.int64], int]
-        ]
+        self._bins = _ColumnBins(self._feature_edges)
+        # minute -> (every column's feature counts, end to end (_ColumnBins.split); score counts; flows)
+        self._buckets: collections.OrderedDict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]]
         self._buckets = collections.OrderedDict()
         # Batches not binned yet: binning costs a searchsorted per column, so rows are binned
         # _BIN_ROWS at a time (and before a report), not batch by batch (at batch 1: 60 calls a flow).
@@ -138,16 +190,14 @@ class DriftWindow:
     def _bin(self, minute: int, inputs: npt.NDArray[np.float32], scores: npt.NDArray[np.float64]) -> None:
         if minute not in self._buckets:
             self._buckets[minute] = (
-                [np.zeros(len(e) + 1, dtype=np.int64) for e in self._feature_edges],
+                np.zeros(self._bins.total, dtype=np.int64),
                 np.zeros(len(self._score_edges) + 1, dtype=np.int64),
                 0,
             )
             while self._buckets and next(iter(self._buckets)) < minute - self.window_s / 60:
                 self._buckets.popitem(last=False)
         features, score_counts, flows = self._buckets[minute]
-        values = inputs.astype(np.float64, copy=False)
-        for j, edges in enumerate(self._feature_edges):
-            features[j] += _count(values[:, j], edges)
+        features += self._bins.count(inputs)
         score_counts += _count(np.asarray(scores, dtype=np.float64), self._score_edges)
         self._buckets[minute] = (features, score_counts, flows + len(inputs))
 
@@ -164,9 +214,8 @@ class DriftWindow:
         drift.score.CopyFrom(model_pb2.Histogram(edges=self.reference.score.edges, counts=score.tolist()))
         drift.score_psi = psi(self.reference.score.counts, score.tolist())
         drift.score_ks = ks_distance(self.reference.score.counts, score.tolist())
-        for j, ref in enumerate(self.reference.features):
-            empty = np.zeros(len(self._feature_edges[j]) + 1, dtype=np.int64)
-            counts = np.sum([b[0][j] for b in live], axis=0) if live else empty
+        features = np.sum([b[0] for b in live], axis=0) if live else np.zeros(self._bins.total, np.int64)
+        for ref, counts in zip(self.reference.features, self._bins.split(features), strict=True):
             drift.features.add(
                 feature=ref.feature,
                 histogram=model_pb2.Histogram(edges=ref.histogram.edges, counts=counts.tolist()),
