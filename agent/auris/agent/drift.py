@@ -101,7 +101,9 @@ def _float32_floor(edges: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
 
 class _ColumnBins:
     """Histograms of every column of a matrix over the column's own edges, in one pass per edge
-    position (a column has up to ~10 edges): a searchsorted per column costs 2.3x as much.
+    position (a column has up to ~10 edges), at a cost that does not depend on the values: a
+    searchsorted per column cost about the same on the test captures' flows (most values the
+    same few), 1.8x as much on the benchmark capture's (spread values).
 
     A column's bin is the number of its edges below the value (searchsorted's side="left", as
     ``_count``), NaN in the last. Counts of all columns come end to end, ``split`` parts them."""
@@ -126,15 +128,16 @@ class _ColumnBins:
         edges = self._edges32 if rows.dtype == np.float32 else self._edges64
         if edges is self._edges64:
             rows = rows.astype(np.float64, copy=False)
-        above = np.empty(rows.shape, dtype=np.bool_)
-        index = np.zeros(rows.shape, dtype=self._index_type)
+        # In the rows' own memory order (model inputs are often column-major): mixed orders cost 6x.
+        above = np.empty_like(rows, dtype=np.bool_)
+        index: npt.NDArray[np.signedinteger[Any]] = np.zeros_like(rows, dtype=self._index_type)
         for position in edges:
             np.greater(rows, position, out=above)
-            index += above
+            np.add(index, above, out=index)
         nan = np.isnan(rows)
         if nan.any():
             index[nan] = np.broadcast_to(self.lengths, rows.shape)[nan]
-        index += self._offsets
+        np.add(index, self._offsets, out=index)
         return np.bincount(index.ravel(), minlength=self.total).astype(np.int64, copy=False)
 
     def split(self, counts: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
