@@ -356,3 +356,21 @@ def test_a_batch_of_verdicts_holds_what_each_flow_gets_written_out_by_hand(tmp_p
         ]  # fmt: skip
         assert alone == expected
     assert any(verdict_pb2.Verdict.FromString(b).features for b in expected)
+
+
+def test_encoded_scores_hold_long_names_and_labels() -> None:
+    """Score entries are encoded by hand: names and labels past one-byte (and two-byte) lengths
+    must come out as protobuf's own encoding of them."""
+    from auris.agent.scoring import Score
+    from auris.agent.verdicts import _score_field
+
+    for size in (5, 130, 1100, 20_000):
+        name = "f" * size
+        score = Score("m" * size, "1", model_pb2.MODEL_KIND_CLASSIFIER, 0.75, 0.5, True, "x" * size,
+                      {name: 0.75, "benign": 0.25}, ((name, 2.5), ("b", 0.0)))  # fmt: skip
+        parsed = verdict_pb2.Verdict.FromString(_score_field(score)).scores[0]
+        assert parsed.model.model_id == "m" * size
+        assert parsed.label == "x" * size
+        assert dict(parsed.class_probabilities) == {name: 0.75, "benign": 0.25}
+        assert [(f.feature, f.value) for f in parsed.top_features] == [(name, 2.5), ("b", 0.0)]
+        assert (parsed.score, parsed.threshold, parsed.anomalous) == (0.75, 0.5, True)

@@ -45,13 +45,16 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-# The varint of every length a score entry can have (beyond it: _varint).
-_LENGTHS = [_varint(n) for n in range(1 << 14)]
+# The varints of the lengths score entries and their parts have (longer ones: _varint).
+_LENGTHS = [_varint(n) for n in range(1 << 10)]
+
+
+def _length(n: int) -> bytes:
+    return _LENGTHS[n] if n < 1 << 10 else _varint(n)
 
 
 def _length_delimited(tag: bytes, body: bytes) -> bytes:
-    n = len(body)
-    return tag + (_LENGTHS[n] if n < 1 << 14 else _varint(n)) + body
+    return tag + _length(len(body)) + body
 
 
 def _string_field(tag: bytes, text: str) -> bytes:
@@ -78,7 +81,7 @@ def _named_double_prefix(tag: bytes, name: str) -> bytes:
     """A (string 1, double 2) message in field ``tag`` (a map<string, double> entry, a
     FeatureContribution), all but the double's 8 bytes."""
     key = _string_field(b"\x0a", name)
-    return tag + _LENGTHS[len(key) + 9] + key + b"\x11"
+    return tag + _length(len(key) + 9) + key + b"\x11"
 
 
 def _score_prefix(model_id: str, version: str, kind: int, threshold: float, shadow: bool) -> bytes:
