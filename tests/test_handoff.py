@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from auris.agent.daemon import _End, _Flows, _Handoff, _Item, _SourceDone
 from auris.agent.meter import FlowRecord
 from auris.v1 import flow_pb2
@@ -76,10 +78,16 @@ def test_end_markers_are_handed_over_at_once() -> None:
     assert [type(item) for item in items] == [_Flows, _SourceDone, _End]
 
 
-def test_a_full_list_holds_the_producer_back_until_taken() -> None:
+@pytest.mark.parametrize("one_item", [False, True], ids=["flow-by-flow", "in-one-item"])
+def test_a_full_list_holds_the_producer_back_until_taken(one_item: bool) -> None:
+    """The limit counts flows, not items: four flows hold the producer back whether they came one
+    by one or in one item."""
     handoff = _Handoff(limit=4, batch=64)  # a batch larger than the list: the list's size wakes
-    for i in range(4):
-        handoff.put(_flow(i))
+    if one_item:
+        handoff.put(_Flows("capture", [_record(i) for i in range(4)]))
+    else:
+        for i in range(4):
+            handoff.put(_flow(i))
     done = threading.Event()
 
     def producer() -> None:
@@ -107,20 +115,3 @@ def test_batches_of_flows_are_counted_by_flow_and_split_where_a_batch_ends() -> 
     started = time.monotonic()
     assert _ports(handoff.take(max_delay_s=0.1, timeout_s=30.0)) == [16]  # the rest, after max_delay
     assert time.monotonic() - started < 5.0
-
-
-def test_a_full_list_counts_flows_not_items() -> None:
-    handoff = _Handoff(limit=10, batch=64)
-    handoff.put(_Flows("capture", [_record(i) for i in range(10)]))  # one item, the limit's flows
-    done = threading.Event()
-
-    def producer() -> None:
-        handoff.put(_flow(10))
-        done.set()
-
-    thread = threading.Thread(target=producer)
-    thread.start()
-    assert not done.wait(0.1)  # held back by ten flows in one item
-    assert len(_ports(handoff.take(max_delay_s=30.0, timeout_s=30.0))) == 10
-    assert done.wait(10)
-    thread.join(10)

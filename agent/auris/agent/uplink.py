@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from auris.agent.spool import Spool
+from auris.agent.wire import length_prefix
 from auris.v1 import agent_service_pb2
 
 __all__ = ["Uplink", "UplinkStats", "encode_batch", "is_loopback_target", "open_channel"]
@@ -49,15 +50,6 @@ def _cancel(call: grpc.RpcContext | None) -> None:
         call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 # Tags of StreamVerdictsRequest's fields 1 (agent_id) and 2 (verdicts), both length-delimited.
 _AGENT_ID_TAG = bytes([(1 << 3) | 2])
 _VERDICT_TAG = bytes([(2 << 3) | 2])
@@ -69,9 +61,9 @@ def encode_batch(agent_id: str, verdicts: Iterable[bytes]) -> bytes:
     Sending the spool's bytes as they are saves parsing and re-serialising every verdict.
     """
     name = agent_id.encode()
-    parts = [_AGENT_ID_TAG, _varint(len(name)), name]
+    parts = [_AGENT_ID_TAG, length_prefix(len(name)), name]
     for blob in verdicts:
-        parts += [_VERDICT_TAG, _varint(len(blob)), blob]
+        parts += [_VERDICT_TAG, length_prefix(len(blob)), blob]
     return b"".join(parts)
 
 

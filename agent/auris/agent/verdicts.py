@@ -9,6 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from auris.agent.meter import FlowRecord
 from auris.agent.scoring import Score
+from auris.agent.wire import length_delimited, length_prefix
 from auris.v1 import model_pb2, verdict_pb2
 
 __all__ = ["MAX_TIME_SECONDS", "VerdictBuilder", "build_verdict", "decide"]
@@ -36,29 +37,8 @@ def _set_time_ms(ts: timestamp_pb2.Timestamp, ms: int) -> None:
     ts.nanos = millis * 1_000_000
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# The varints of the lengths score entries and their parts have (longer ones: _varint).
-_LENGTHS = [_varint(n) for n in range(1 << 10)]
-
-
-def _length(n: int) -> bytes:
-    return _LENGTHS[n] if n < 1 << 10 else _varint(n)
-
-
-def _length_delimited(tag: bytes, body: bytes) -> bytes:
-    return tag + _length(len(body)) + body
-
-
 def _string_field(tag: bytes, text: str) -> bytes:
-    return _length_delimited(tag, text.encode())
+    return length_delimited(tag, text.encode())
 
 
 class _Encoded(dict[tuple[object, ...], bytes]):
@@ -81,7 +61,7 @@ def _named_double_prefix(tag: bytes, name: str) -> bytes:
     """A (string 1, double 2) message in field ``tag`` (a map<string, double> entry, a
     FeatureContribution), all but the double's 8 bytes."""
     key = _string_field(b"\x0a", name)
-    return tag + _length(len(key) + 9) + key + b"\x11"
+    return tag + length_prefix(len(key) + 9) + key + b"\x11"
 
 
 def _score_prefix(model_id: str, version: str, kind: int, threshold: float, shadow: bool) -> bytes:
@@ -94,7 +74,7 @@ def _score_prefix(model_id: str, version: str, kind: int, threshold: float, shad
 
 def _model_field(model_id: str, version: str) -> bytes:
     """Verdict.model (field 7) naming this model."""
-    return _length_delimited(b"\x3a", _string_field(b"\x0a", model_id) + _string_field(b"\x12", version))
+    return length_delimited(b"\x3a", _string_field(b"\x0a", model_id) + _string_field(b"\x12", version))
 
 
 _SCORE_PREFIX = _Encoded(_score_prefix)
@@ -117,7 +97,7 @@ def _score_field(s: Score) -> bytes:
         parts += (_PROBABILITY[(name,)], _DOUBLE(p))
     for name, value in top_features:
         parts += (_TOP_FEATURE[(name,)], _DOUBLE(value))
-    return _length_delimited(b"\x42", b"".join(parts))
+    return length_delimited(b"\x42", b"".join(parts))
 
 
 def _explain(s: Score) -> str:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
+from auris.agent.wire import varint
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
 from auris.collector.broker import Broker, NewVerdict, check_filter, compile_filter, follow
@@ -812,16 +813,7 @@ def _tag(message: Any, name: str) -> bytes:
     """The wire tag of a field: its number and wire type (varint, or length-delimited)."""
     field = message.DESCRIPTOR.fields_by_name[name]
     delimited = field.type in (field.TYPE_MESSAGE, field.TYPE_BYTES, field.TYPE_STRING)
-    return _varint(field.number << 3 | (2 if delimited else 0))
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return varint(field.number << 3 | (2 if delimited else 0))
 
 
 _ID = _tag(verdict_pb2.StoredVerdict, "id")
@@ -840,16 +832,16 @@ def _encode_stored(row_id: int, row: Row) -> bytes:
     serialised from the stored row: its verdict is the row's bytes, not parsed or copied again."""
     blob = row[_ROW_BLOB]
     seconds, nanos = divmod(row[_ROW_RECEIVED], 1_000_000_000)
-    received = _SECONDS + _varint(seconds) + (_NANOS + _varint(nanos) if nanos else b"")
+    received = _SECONDS + varint(seconds) + (_NANOS + varint(nanos) if nanos else b"")
     return b"".join(
         (
             _ID,
-            _varint(row_id),
+            varint(row_id),
             _VERDICT,
-            _varint(len(blob)),
+            varint(len(blob)),
             blob,
             _RECEIVED,
-            _varint(len(received)),
+            varint(len(received)),
             received,
         )
     )
@@ -862,7 +854,7 @@ def subscription_message(
     parts: list[bytes] = []
     for row_id, row in items:
         stored = _encode_stored(row_id, row)
-        parts += (_MANY if batched else _ONE, _varint(len(stored)), stored)
+        parts += (_MANY if batched else _ONE, varint(len(stored)), stored)
     return query_service_pb2.SubscribeVerdictsResponse.FromString(b"".join(parts))
 
 
