@@ -22,25 +22,24 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-
+# Only what reading the configuration and starting the first capture need, at import: gRPC,
+# onnxruntime, numpy and cryptography (a quarter of a second) are imported once a capture is
+# under way (early.py).
 # lean first: nfstream imports pandas, which the agent never uses and its venv may not hold (lean.py).
 from auris.agent import __version__, lean, live, meterserver, sd_notify  # noqa: F401
 from auris.agent.config import AgentConfig, ConfigError, build_config, load_agent_config
-from auris.agent.daemon import Agent
-from auris.agent.enroll import enrolled_files, model_key_file
-from auris.agent.health import Heartbeat, health_metrics
+from auris.agent.early import EarlyMeter
 from auris.agent.logs import configure_logging
 from auris.agent.meter import preload_in_meter_processes
-from auris.agent.metrics import MetricsServer
-from auris.agent.model_updates import ModelCatalog, ModelWatcher
-from auris.agent.renewal import CertificateRenewer, ReopenableChannel, finish_interrupted_renewal
-from auris.agent.scoring import ModelSet
-from auris.agent.signing import ModelTrust
-from auris.agent.spool import Spool
 from auris.agent.state import agent_identity, lock_state_dir
-from auris.agent.uplink import Uplink, open_channel
+
+if TYPE_CHECKING:
+    import grpc
+
+    from auris.agent.model_updates import ModelCatalog
+    from auris.agent.scoring import ModelSet
 
 __all__ = ["main"]
 
@@ -83,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _catalog(config: AgentConfig) -> ModelCatalog:
     """Where models come from, and the keys they must be signed with; ValueError for a bad key file."""
+    from auris.agent.enroll import model_key_file
+    from auris.agent.model_updates import ModelCatalog
+    from auris.agent.signing import ModelTrust
+
     state_dir = Path(config.state_dir)
     keys = [Path(k) for k in config.model_keys]
     if model_key_file(state_dir).is_file():
@@ -160,6 +163,31 @@ def _reloader(
 def run(
     config: AgentConfig, *, reprocess: bool = False, load: Callable[[], AgentConfig] | None = None
 ) -> int:
+    # The first capture starts now; the agent claims it once its models are loaded (early.py).
+    early = EarlyMeter.start(config)
+    try:
+        return _run(config, reprocess=reprocess, load=load, early=early)
+    finally:
+        if early is not None:
+            early.cancel()  # unless the agent claimed it
+
+
+def _run(
+    config: AgentConfig,
+    *,
+    reprocess: bool,
+    load: Callable[[], AgentConfig] | None,
+    early: EarlyMeter | None,
+) -> int:
+    from auris.agent.daemon import Agent
+    from auris.agent.enroll import enrolled_files
+    from auris.agent.health import Heartbeat, health_metrics
+    from auris.agent.metrics import MetricsServer
+    from auris.agent.model_updates import ModelWatcher
+    from auris.agent.renewal import CertificateRenewer, ReopenableChannel, finish_interrupted_renewal
+    from auris.agent.spool import Spool
+    from auris.agent.uplink import Uplink, open_channel
+
     models, reason = _open_models(config)
     if models is None:
         logger.error("no usable model: %s", reason)
@@ -221,6 +249,7 @@ def run(
         socket.gethostname(),
         reprocess=reprocess,
         reload=_reloader(config, {fs.name for fs in models.feature_sets}, load) if load else None,
+        early=early,
     )
 
     def stop(signum: int, frame: object) -> None:

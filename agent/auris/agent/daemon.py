@@ -14,13 +14,14 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
 from auris.agent import __version__, live, sd_notify
 from auris.agent.config import AgentConfig
+from auris.agent.early import EarlyMeter, meter_options, metering_sources
 from auris.agent.meter import (
     FlowRecord,
     MeterOptions,
@@ -195,6 +196,7 @@ class Agent:
         reprocess: bool = False,
         flush_interval_s: float = 1.0,
         reload: Callable[[], tuple[AgentConfig, ModelSet] | None] | None = None,
+        early: EarlyMeter | None = None,
     ) -> None:
         self.config = config
         self.models = models
@@ -217,6 +219,8 @@ class Agent:
         self.on_models_swapped: Callable[[], None] | None = None
         self._watchdog_s = sd_notify.watchdog_interval_s()
         self._watchdog_due = 0.0
+        # The first source's metering, when it started before the models were loaded.
+        self._early = early
 
     def heartbeat(self) -> agent_service_pb2.HeartbeatRequest:
         """The agent's identity and health counters, as a heartbeat carries them."""
@@ -291,9 +295,21 @@ class Agent:
     @property
     def sources(self) -> list[str]:
         """The capture files (each once, however often it is named) or the interface."""
-        if self.config.pcaps:
-            return list(dict.fromkeys(str(Path(p).resolve()) for p in self.config.pcaps))
-        return [self.config.interface] if self.config.interface else []
+        return metering_sources(self.config)
+
+    def _batches(self, source: str, options: MeterOptions) -> Iterator[list[FlowRecord]]:
+        """The source's flows: from the metering started early when it is this one, else anew."""
+        early, self._early = self._early, None
+        if early is not None:
+            if early.claim(source, self.models.feature_sets, options):
+                logger.info("metering of %s started before the models were loaded", source_label(source))
+                return early.batches()
+            logger.info(
+                "metering %s anew: what started before the models were loaded has other feature sets",
+                source_label(source),
+            )
+            early.cancel()
+        return meter_batches(source, self.models.feature_sets, options)
 
     def _metering(self) -> str:
         """A digest of everything that decides how a capture splits into flows, and their order."""
@@ -303,13 +319,7 @@ class Agent:
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def _meter(self) -> None:
-        options = MeterOptions(
-            bpf_filter=self.config.bpf_filter,
-            snapshot_length=self.config.snapshot_length,
-            promiscuous=self.config.promiscuous,
-            idle_timeout_s=self.config.idle_timeout_s,
-            active_timeout_s=self.config.active_timeout_s,
-        )
+        options = meter_options(self.config)
         try:
             for source in self.sources:
                 if self._stop.is_set():
@@ -329,7 +339,7 @@ class Agent:
                     logger.info("resuming %s after the %d flows spooled by an earlier run", source, skip)
                 try:
                     seen = 0
-                    for flows in meter_batches(source, self.models.feature_sets, options):
+                    for flows in self._batches(source, options):
                         seen += len(flows)
                         if skip:
                             skipped = min(skip, len(flows))
@@ -349,6 +359,9 @@ class Agent:
                     self.report.errors.append(f"{source_label(source)}: {exc}")
                     logger.error("cannot meter %s: %s", source_label(source), exc)
         finally:
+            if self._early is not None:  # the first source was skipped, or a stop came first
+                self._early.cancel()
+                self._early = None
             self._queue.put(_End())
 
     def _spool_batch(self, key: str | None, flows: list[FlowRecord]) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "preload_in_meter_processes",
     "report_dead_meters",
     "source_label",
+    "stop_meters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -336,13 +337,20 @@ def meter_source(
 
 
 def meter_batches(
-    source: str, feature_sets: Sequence[FeatureSet], options: MeterOptions | None = None
+    source: str,
+    feature_sets: Sequence[FeatureSet],
+    options: MeterOptions | None = None,
+    meters: list[Any] | None = None,
 ) -> Iterator[list[FlowRecord]]:
     """meter_source's flows, in the batches the meter sent them (at most ``channel.BATCH``
-    flows each, never empty): for consumers that hand flows on, a step per batch, not per flow."""
+    flows each, never empty): for consumers that hand flows on, a step per batch, not per flow.
+
+    ``meters``, when given, gets the meter processes once they run (``stop_meters`` ends them)."""
     _start_watchdog()
     streamer = _streamer(source, options or MeterOptions(), feature_sets)
     context: _CountingContext = streamer._mp_context
+    if meters is not None:
+        context.meters = meters
     try:
         for batch in _read(streamer, context):
             if type(batch) is not FlowBatch:
@@ -354,6 +362,14 @@ def meter_batches(
             meter.done = True
         with _METERS_LOCK:
             _METERS[:] = [m for m in _METERS if not m.done]
+
+
+def stop_meters(meters: Sequence[Any]) -> None:
+    """End meter processes (``meter_batches``' ``meters``) whose flows nobody will read: the
+    dead-meter watchdog then ends the read of their source with an error."""
+    for meter in meters:
+        with contextlib.suppress(OSError, ValueError):  # gone already, or not started
+            meter.process.terminate()
 
 
 def _read(streamer: Any, context: _CountingContext) -> Iterator[Any]:

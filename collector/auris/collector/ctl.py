@@ -1096,7 +1096,15 @@ def _drift(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> in
     for _, d in reports:
         fleet.setdefault((d.model.model_id, d.model.version), []).append(d)
     for (model_id, version), group in sorted(fleet.items()):
-        reference = client.model(model_id, version).manifest.reference
+        try:
+            reference = client.model(model_id, version).manifest.reference
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # An agent's own model (shipped with it, never registered): its reference is not here.
+            rows.append(("(fleet)", f"{model_id}@{version}", str(sum(d.flows for d in group)), "-", "-",
+                         "not in the registry"))  # fmt: skip
+            continue
         score = _summed([d.score for d in group])
         worst = max(
             (
