@@ -31,6 +31,15 @@ def test_the_first_capture_is_metered_from_start_up_and_every_flow_arrives(
     assert f"metering of {PCAP.name} started before the models were loaded" in run.stderr
     expected = sum(1 for _ in meter_flows([str(PCAP), str(PCAPS / "trickbot.pcap")], [NFSTREAM]))
     assert _stored(collector) == expected
+    # Replayed completely before: what started at start-up is dropped, nothing is metered anew.
+    again = run_agent(
+        collector.address, [PCAP, PCAPS / "trickbot.pcap"], tmp_path / "agent", "--log-level", "info"
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("was replayed completely before") == 2
+    assert "started before the models" not in again.stderr
+    assert " anew" not in again.stderr
+    assert _stored(collector) == expected
 
 
 def test_a_start_up_metering_with_other_feature_sets_is_dropped(

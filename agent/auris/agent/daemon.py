@@ -304,12 +304,18 @@ class Agent:
             if early.claim(source, self.models.feature_sets, options):
                 logger.info("metering of %s started before the models were loaded", source_label(source))
                 return early.batches()
-            logger.info(
-                "metering %s anew: what started before the models were loaded has other feature sets",
-                source_label(source),
-            )
+            if early.source == source:
+                logger.info(
+                    "metering %s anew: what started before the models were loaded has other feature sets",
+                    source_label(source),
+                )
             early.cancel()
         return meter_batches(source, self.models.feature_sets, options)
+
+    def _drop_early(self) -> None:
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
 
     def _metering(self) -> str:
         """A digest of everything that decides how a capture splits into flows, and their order."""
@@ -334,6 +340,7 @@ class Agent:
                     logger.info(
                         "%s was replayed completely before; pass --reprocess to replay it again", source
                     )
+                    self._drop_early()  # it may be metering this one
                     continue
                 if skip:
                     logger.info("resuming %s after the %d flows spooled by an earlier run", source, skip)
@@ -359,9 +366,7 @@ class Agent:
                     self.report.errors.append(f"{source_label(source)}: {exc}")
                     logger.error("cannot meter %s: %s", source_label(source), exc)
         finally:
-            if self._early is not None:  # the first source was skipped, or a stop came first
-                self._early.cancel()
-                self._early = None
+            self._drop_early()  # a stop came first, or no source was metered
             self._queue.put(_End())
 
     def _spool_batch(self, key: str | None, flows: list[FlowRecord]) -> None:
