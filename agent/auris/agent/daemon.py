@@ -420,7 +420,8 @@ class Agent:
             live.request_flush()  # a meter that started after the stop request gets it too
 
     def run(self) -> RunReport:
-        started = time.monotonic()
+        # Counted from the first capture's start (before this call when it started early).
+        started = self._early.started_at if self._early is not None else time.monotonic()
         meter = threading.Thread(target=self._meter, name="auris-meter", daemon=True)
         meter.start()
         pending: list[FlowRecord] = []

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class EarlyMeter:
         self._meters: list[Any] = []
         self._cancelled = threading.Event()
         self._claimed = False
+        # time.monotonic() when it started.
+        self.started_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="auris-early-meter", daemon=True)
         self._thread.start()
 
