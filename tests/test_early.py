@@ -10,7 +10,7 @@ from pathlib import Path
 
 from auris.agent.early import EarlyMeter
 from auris.agent.features import NFSTREAM
-from auris.agent.meter import MeterOptions, meter_flows
+from auris.agent.meter import _TRACKERS, MeterOptions, meter_flows
 from tests.conftest import MODELS, PCAPS, CollectorThread, run_agent
 
 PCAP = PCAPS / "KakaoTalk_chat.pcap"
@@ -79,6 +79,7 @@ def test_claimed_only_by_the_same_metering_and_cancelled_otherwise() -> None:
     deadline = time.monotonic() + 30
     while not dropped._meters and time.monotonic() < deadline:  # its meter process has started
         time.sleep(0.01)
+    assert dropped._meters
     dropped.cancel()
     assert not dropped.claim(str(PCAP.resolve()), [NFSTREAM], options)
     dropped._thread.join(30)
@@ -86,3 +87,5 @@ def test_claimed_only_by_the_same_metering_and_cancelled_otherwise() -> None:
     for meter in dropped._meters:
         meter.process.join(30)
         assert meter.process.exitcode is not None
+        # What it metered is not used: its packets leave the heartbeat's capture counters.
+        assert not any(tracker is meter.tracker for tracker in _TRACKERS)

@@ -200,6 +200,8 @@ _WATCH_S = 1.0
 class _Meter:
     process: Any
     channel: FlowChannel
+    # Its packet counters (in _TRACKERS), as nfstream passed them.
+    tracker: Any = None
     exit_code: int | None = None  # set once the meter is found dead
     ended: bool = False  # its channel holds the end (or the rest of a broken message)
     done: bool = False  # the source is no longer read
@@ -226,7 +228,7 @@ class _CountingContext:
         meter_args = kwargs.get("args", ())
         if len(meter_args) > _TRACKER_ARG and self._channel is not None:
             _TRACKERS.append(meter_args[_TRACKER_ARG])
-            meter = _Meter(process, self._channel)
+            meter = _Meter(process, self._channel, meter_args[_TRACKER_ARG])
             with _METERS_LOCK:
                 _METERS.append(meter)
             self.meters.append(meter)
@@ -366,10 +368,13 @@ def meter_batches(
 
 def stop_meters(meters: Sequence[Any]) -> None:
     """End meter processes (``meter_batches``' ``meters``) whose flows nobody will read: the
-    dead-meter watchdog then ends the read of their source with an error."""
+    dead-meter watchdog then ends the read of their source with an error. Their packets leave
+    the capture counters: nothing they metered is used."""
     for meter in meters:
         with contextlib.suppress(OSError, ValueError):  # gone already, or not started
             meter.process.terminate()
+        if any(t is meter.tracker for t in _TRACKERS):
+            _TRACKERS[:] = [t for t in _TRACKERS if t is not meter.tracker]
 
 
 def _read(streamer: Any, context: _CountingContext) -> Iterator[Any]:
