@@ -148,6 +148,20 @@ def run_cli(module: str, args: Sequence[str], timeout: float = 120, cwd: Path = 
     return Completed(proc.returncode, proc.stdout, proc.stderr)
 
 
+def bare_nfstream(pcap: Path, **options: Any) -> Any:
+    """nfstream alone on a capture (no Auris code), its meter forked from a clean server process:
+    this process runs gRPC threads, and nfstream's own fork beside them can leave a meter that
+    never answers (gRPC warns "Other threads are currently calling into gRPC, skipping fork()
+    handlers"; a test hung on it once)."""
+    import multiprocessing
+
+    from nfstream import NFStreamer
+
+    streamer = NFStreamer(source=str(pcap), **options)
+    streamer._mp_context = multiprocessing.get_context("forkserver")
+    return streamer
+
+
 def run_agent(address: str, pcaps: Sequence[Path], state_dir: Path, *extra: str) -> Completed:
     args = ["--collector", address, "--insecure", "--models-dir", str(MODELS), "--state-dir", str(state_dir)]
     for pcap in pcaps:

@@ -10,12 +10,11 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from nfstream import NFStreamer
 
 from auris.agent import __version__
 from auris.agent.lean import PANDAS_MISSING
 from auris.collector.client import CollectorClient, verdict_filter
-from tests.conftest import MODELS, PCAPS, REPO, CollectorThread, run_cli
+from tests.conftest import MODELS, PCAPS, REPO, CollectorThread, bare_nfstream, run_cli
 
 # (module, console script, arguments that make it load its configuration)
 COMMANDS = [
@@ -333,7 +332,7 @@ def test_the_agent_runs_without_pandas(
     )  # fmt: skip
     assert agent.returncode == 0, agent.stderr
     stored = list(client.query(verdict_filter()))
-    assert len(stored) == sum(1 for _ in NFStreamer(source=str(pcap))) > 0
+    assert len(stored) == sum(1 for _ in bare_nfstream(pcap)) > 0
     assert all(s.verdict.capture_source == pcap.name for s in stored)
     assert all(  # both default models
         sorted(m.model.model_id for m in s.verdict.scores) == ["nfstream-ae", "nfstream-rf"] for s in stored

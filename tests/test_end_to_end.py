@@ -13,13 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from nfstream import NFStreamer
 
 from auris.collector import ctl
 from auris.collector.client import CollectorClient, verdict_filter
 from auris.collector.config import CollectorConfig
 from auris.v1 import admin_service_pb2, query_service_pb2, verdict_pb2
-from tests.conftest import PCAPS, CollectorThread, free_port, run_agent
+from tests.conftest import PCAPS, CollectorThread, bare_nfstream, free_port, run_agent
 
 FlowFacts = tuple[str, int, str, int, int, int, int, int, int, int, int]
 
@@ -43,7 +42,7 @@ def nfstream_reference(pcap: Path) -> collections.Counter[FlowFacts]:
             f.src2dst_bytes,
             f.dst2src_bytes,
         )
-        for f in NFStreamer(source=str(pcap), n_dissections=20, n_meters=1)
+        for f in bare_nfstream(pcap, n_dissections=20, n_meters=1)
     )
 
 

@@ -146,6 +146,9 @@ class EarlyMeter:
         if self._claimed or self._cancelled.is_set():
             return
         self._cancelled.set()
+        deadline = time.monotonic() + 1.0
+        while not self._meters and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)  # nfstream is about to start the meter: end it, not just its reading
         stop_meters(self._meters)
         while True:  # room for the thread to see the cancellation, if it waits to hand a batch on
             try:

@@ -371,7 +371,10 @@ def stop_meters(meters: Sequence[Any]) -> None:
     dead-meter watchdog then ends the read of their source with an error. Their packets leave
     the capture counters: nothing they metered is used."""
     for meter in meters:
-        with contextlib.suppress(OSError, ValueError):  # gone already, or not started
+        deadline = time.monotonic() + 5.0
+        while meter.process.pid is None and time.monotonic() < deadline:  # made, not started yet
+            time.sleep(0.01)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # gone, or never started
             meter.process.terminate()
         if any(t is meter.tracker for t in _TRACKERS):
             _TRACKERS[:] = [t for t in _TRACKERS if t is not meter.tracker]
