@@ -700,6 +700,17 @@ class Report:
     notes: list[str]
 
 
+def paired_ratios(bare_s: Sequence[float], agent_s: Sequence[float]) -> list[float]:
+    """Per agent run: the bare runs beside it (run i of each alternate, bare first), averaged,
+    over the agent's seconds."""
+    ratios = []
+    for i, agent in enumerate(agent_s):
+        beside = bare_s[i : i + 2]
+        if beside and agent > 0:
+            ratios.append(statistics.fmean(beside) / agent)
+    return ratios
+
+
 def build_table(r: Report) -> list[list[str]]:
     packets = r.args.packets
     nf_s = statistics.median(run.seconds for run in r.nfstream)
@@ -738,6 +749,18 @@ def build_table(r: Report) -> list[list[str]]:
             "(information)",
         ]
     )
+    paired = paired_ratios([run.seconds for run in r.nfstream], [run.proc.wall_s for run in r.agent])
+    if paired:
+        rows.append(
+            [
+                "  same, paired: median over the agent runs of (the bare runs just before and after it,"
+                " averaged) / agent wall (a host whose speed drifts moves both sides of a pair alike)",
+                "",
+                ", ".join(f"{x:.2f}x" for x in paired),
+                f"{statistics.median(paired):.2f}x",
+                "(information)",
+            ]
+        )
     nf_wall = statistics.median(run.proc.wall_s for run in r.nfstream)
     rows.append(
         [
