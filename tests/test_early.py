@@ -4,13 +4,16 @@ and used only when it is the metering the agent settles on."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from auris.agent.early import EarlyMeter
 from auris.agent.features import NFSTREAM
-from auris.agent.meter import _TRACKERS, MeterOptions, meter_flows
+from auris.agent.meter import _TRACKERS, MeterOptions, meter_flows, report_dead_meters
 from tests.conftest import MODELS, PCAPS, CollectorThread, run_agent
 
 PCAP = PCAPS / "KakaoTalk_chat.pcap"
@@ -66,7 +69,8 @@ def test_a_start_up_metering_with_other_feature_sets_is_dropped(
     assert _stored(collector) == sum(1 for _ in meter_flows([str(PCAP)], [NFSTREAM]))
 
 
-def test_claimed_only_by_the_same_metering_and_cancelled_otherwise() -> None:
+def test_claimed_only_by_the_same_metering_and_cancelled_otherwise(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="auris.agent.meter")
     options = MeterOptions()
     early = EarlyMeter(str(PCAP.resolve()), [NFSTREAM], options)
     assert not early.claim(str(PCAP.resolve()), [NFSTREAM], MeterOptions(bpf_filter="tcp"))
@@ -89,3 +93,7 @@ def test_claimed_only_by_the_same_metering_and_cancelled_otherwise() -> None:
         assert meter.process.exitcode is not None
         # What it metered is not used: its packets leave the heartbeat's capture counters.
         assert not any(tracker is meter.tracker for tracker in _TRACKERS)
+    # Ended on purpose: not a meter that died (the watchdog, every second, logs those as errors).
+    report_dead_meters()
+    time.sleep(1.5)
+    assert "meter process died" not in caplog.text

@@ -205,6 +205,7 @@ class _Meter:
     exit_code: int | None = None  # set once the meter is found dead
     ended: bool = False  # its channel holds the end (or the rest of a broken message)
     done: bool = False  # the source is no longer read
+    stopped: bool = False  # ended by stop_meters: its death is no error
 
 
 class _CountingContext:
@@ -270,7 +271,8 @@ def report_dead_meters() -> int:
 
     nfstream would wait for such a meter's flows forever; an end put on its channel ends the
     iteration. Call it regularly while sources are read: a meter killed in the middle of writing
-    a flow may need more than one call. Returns how many dead meters were newly found.
+    a flow may need more than one call. Returns how many dead meters were newly found (not
+    counting those ``stop_meters`` ended on purpose).
     """
     found = 0
     with _METERS_LOCK:
@@ -283,7 +285,7 @@ def report_dead_meters() -> int:
             if code in (None, 0):
                 continue
             meter.exit_code = code
-            found += 1
+            found += not meter.stopped
         meter.ended = _end_channel(meter)
     return found
 
@@ -371,6 +373,7 @@ def stop_meters(meters: Sequence[Any]) -> None:
     dead-meter watchdog then ends the read of their source with an error. Their packets leave
     the capture counters: nothing they metered is used."""
     for meter in meters:
+        meter.stopped = True
         deadline = time.monotonic() + 5.0
         while meter.process.pid is None and time.monotonic() < deadline:  # made, not started yet
             time.sleep(0.01)
