@@ -138,8 +138,11 @@ def _bars() -> pd.DataFrame:
 Arrays = np.ndarray
 
 
-def _bar_arrays(frame: pd.DataFrame) -> tuple[list[str], Arrays, Arrays, Arrays, Arrays, Arrays, Arrays]:
-    """symbols, times (s), open, high, low, close, volume."""
+def _bar_arrays(
+    frame: pd.DataFrame | None = None,
+) -> tuple[list[str], Arrays, Arrays, Arrays, Arrays, Arrays, Arrays]:
+    """symbols, times (s), open, high, low, close, volume (of the fixture bars by default)."""
+    frame = _bars() if frame is None else frame
     t = frame["ts"].to_numpy("datetime64[s]").astype(np.int64).astype(float)
     o, h, lo, c, v = (frame[k].to_numpy(float) for k in ("open", "high", "low", "close", "volume"))
     return frame["symbol"].tolist(), t, o, h, lo, c, v
@@ -231,8 +234,7 @@ def test_a_bar_local_detector_scores_bars_as_its_graph_does(tmp_path: Path) -> N
         robust_z_reference,
     )
 
-    frame = _bars()
-    symbols, t, o, h, lo, c, v = _bar_arrays(frame)
+    symbols, t, o, h, lo, c, v = _bar_arrays()
     local = BarWindows().update(symbols, t, o, h, lo, c, v, local=True).local
     assert local is not None
     inverse = np.array([1 / 4.0, 1 / 1.5, 1 / 4.0], dtype=np.float32)
@@ -368,8 +370,7 @@ def test_tick_graphs_match_their_training_libraries() -> None:
     )
     from auris.training.isolation_forest import isolation_forest_to_onnx
 
-    frame = _bars()
-    symbols, t, o, h, lo, c, v = _bar_arrays(frame)
+    symbols, t, o, h, lo, c, v = _bar_arrays()
     feats = BarWindows().update(symbols, t, o, h, lo, c, v, sequences=True, local=True)
     ready = feats.history >= 60
     z, seq, local = feats.z[ready], feats.sequences[ready], feats.local[ready]  # type: ignore[index]

@@ -27,6 +27,7 @@ from auris.agent.config import AgentConfig
 from auris.agent.features import FeatureSet, feature_set
 from auris.agent.manifest import ManifestError, find_manifests, read_manifest
 from auris.agent.meter import FlowRecord, MeterOptions, meter_batches, stop_meters
+from auris.agent.state import desired_models_file
 
 __all__ = ["EarlyMeter", "meter_options", "metering_sources", "planned_feature_sets"]
 
@@ -56,7 +57,7 @@ def meter_options(config: AgentConfig) -> MeterOptions:
 def planned_feature_sets(config: AgentConfig) -> list[FeatureSet] | None:
     """The feature sets of the manifests in ``models_dir``, in the order the agent loads them;
     None when the agent would run others (models the collector sent) or none is readable."""
-    if not config.models_dir or (Path(config.state_dir) / "models" / "desired.json").exists():
+    if not config.models_dir or desired_models_file(Path(config.state_dir)).exists():
         return None
     sets: dict[str, FeatureSet] = {}
     for path in find_manifests(Path(config.models_dir)):

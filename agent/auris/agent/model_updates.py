@@ -29,6 +29,7 @@ import grpc
 from auris.agent.manifest import MANIFEST_SUFFIX, ManifestError, dump_manifest, file_sha256, read_manifest
 from auris.agent.scoring import LoadedModel, ModelSet, load_model, load_models
 from auris.agent.signing import ModelTrust
+from auris.agent.state import desired_models_file, models_folder
 from auris.v1 import agent_service_pb2, agent_service_pb2_grpc, model_pb2
 
 __all__ = ["ModelCatalog", "ModelWatcher", "Refusal", "ref_name"]
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 # A model id or version becomes a folder name: keep it to a safe alphabet.
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_DESIRED = "desired.json"
 _MANIFEST = f"model{MANIFEST_SUFFIX}"
 
 
@@ -64,14 +64,15 @@ class ModelCatalog:
 
     def __init__(self, models_dir: Path, state_dir: Path, trust: ModelTrust, threads: int = 1) -> None:
         self.models_dir = models_dir
-        self.folder = state_dir / "models"
+        self.folder = models_folder(state_dir)
+        self._desired = desired_models_file(state_dir)
         self.trust = trust
         self.threads = threads
 
     def wanted(self) -> tuple[list[model_pb2.ModelRef], list[model_pb2.ModelRef]]:
         """The (production, shadow) sets the collector last asked for; empty when it never asked."""
         try:
-            data = json.loads((self.folder / _DESIRED).read_text(encoding="utf-8"))
+            data = json.loads((self._desired).read_text(encoding="utf-8"))
             refs = [
                 [model_pb2.ModelRef(model_id=d["model_id"], version=d["version"]) for d in data[key]]
                 for key in ("models", "shadow")
@@ -80,7 +81,7 @@ class ModelCatalog:
         except FileNotFoundError:
             return [], []
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.error("ignoring %s: %s", self.folder / _DESIRED, exc)
+            logger.error("ignoring %s: %s", self._desired, exc)
             return [], []
 
     def desired(self) -> list[model_pb2.ModelRef]:
@@ -94,7 +95,7 @@ class ModelCatalog:
             key: [{"model_id": r.model_id, "version": r.version} for r in group]
             for key, group in (("models", refs), ("shadow", shadow))
         }
-        _write_atomically(self.folder / _DESIRED, json.dumps(data, indent=1).encode())
+        _write_atomically(self._desired, json.dumps(data, indent=1).encode())
 
     def find(self, ref: model_pb2.ModelRef) -> Path | None:
         """The manifest of ``ref`` on disk: downloaded, or shipped in models_dir."""

@@ -8,7 +8,17 @@ import socket
 import uuid
 from pathlib import Path
 
-__all__ = ["agent_identity", "certificate_identity", "lock_state_dir"]
+__all__ = ["agent_identity", "certificate_identity", "desired_models_file", "lock_state_dir", "models_folder"]
+
+
+def models_folder(state_dir: Path) -> Path:
+    """Where the models the collector sent are kept (model_updates.py)."""
+    return state_dir / "models"
+
+
+def desired_models_file(state_dir: Path) -> Path:
+    """The model set the collector last asked for: while it exists, the agent runs that set."""
+    return models_folder(state_dir) / "desired.json"
 
 
 def _write_atomic(path: Path, text: str) -> None:
