@@ -122,7 +122,7 @@ def test_sigterm_stops_cleanly_and_the_next_start_resumes(collector: CollectorTh
     log = _Stderr(first)
     # The agent took over the first capture's metering: its signal handlers are in place (installed
     # before the agent starts), and 23 captures are still to come. Waiting for the collector's first
-    # verdict instead lost the race on a fast host: the agent had metered all 24 by then.
+    # verdict instead lost the race in CI (most likely the agent had metered all 24 by then).
     assert log.seen("started before the models were loaded", 60), "".join(log.lines)
     first.send_signal(signal.SIGTERM)
     first.wait(30)
