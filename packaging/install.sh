@@ -8,8 +8,9 @@
 # What it does, idempotently (run it again to upgrade):
 #   - the system user and group "auris" (not with --root: a staged install creates no user);
 #   - a virtual environment at PREFIX/venv with auris[agent], auris[collector] or both, made by
-#     make-venv.sh: without pandas (nfstream's to_pandas() needs it, the agent does not) and
-#     without pip and setuptools, unless --with-pandas / --keep-pip;
+#     make-venv.sh: without pandas (nfstream's to_pandas() needs it, the agent does not),
+#     without pip and setuptools, and without the files of numpy and onnxruntime that Auris never
+#     runs (prune-venv.py), unless --with-pandas / --keep-pip / --no-prune;
 #   - the shipped models in PREFIX/models (agent; replaced on every run: keep your own elsewhere);
 #   - /etc/auris (root:auris 0750) with agent.toml / collector.toml / aurisctl.toml copied from
 #     packaging/ only when absent: an operator's configuration is never overwritten;
@@ -33,6 +34,8 @@ usage: packaging/install.sh (--agent | --collector)... [options]
                      does not need it, and without this flag an update removes it
   --keep-pip         leave pip and setuptools in the venv (about 20 MB; removed by default,
                      an update brings pip back with ensurepip while it runs)
+  --no-prune         keep the files of numpy and onnxruntime that Auris never runs (about 50
+                     MB: onnxruntime's C API library and model tooling, numpy's test suite)
   --root DIR         staged install under DIR: no user, no chown, no systemctl; needs
                      --skip-venv (a venv only works at the path it was made at)
   --skip-venv        lay out users, folders, configuration, models and units only
@@ -66,7 +69,7 @@ while (($#)); do
         --wheel-dir) wheel_dir=${2:?--wheel-dir needs a folder}; shift 2 ;;
         --offline) offline=1; shift ;;
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
-        --with-pandas | --keep-pip) venv_options+=("$1"); shift ;;
+        --with-pandas | --keep-pip | --no-prune) venv_options+=("$1"); shift ;;
         --root) root=${2:?--root needs a folder}; shift 2 ;;
         --skip-venv) skip_venv=1; shift ;;
         --no-systemctl) systemctl=0; shift ;;

@@ -11,7 +11,11 @@
 #     auris.agent.lean lets nfstream import without it. `pip check` must report nothing else.
 #   - pip and setuptools (20 MB) only install things: they are removed at the end, and brought
 #     back with `python -m ensurepip` (no index needed) when this script updates the venv again.
-# --with-pandas and --keep-pip keep them: then it is a plain `pip install 'auris[EXTRAS]'`.
+#   - files of numpy and onnxruntime that nothing in Auris runs (50 MB: onnxruntime's C API library,
+#     its offline model tooling, numpy's test suite): prune-venv.py lists each with its reason, and
+#     deletes them only once numpy and onnxruntime still run a model without them.
+# --with-pandas, --keep-pip and --no-prune keep them: all three make it a plain
+# `pip install 'auris[EXTRAS]'`.
 set -euo pipefail
 
 usage() {
@@ -26,6 +30,7 @@ usage: packaging/make-venv.sh --venv DIR --wheel WHEEL --extras EXTRAS [options]
   --python PYTHON    interpreter for a new venv (default: python3, 3.11 or newer)
   --with-pandas      install pandas too (nfstream's to_pandas() needs it; about 90 MB)
   --keep-pip         leave pip and setuptools in the venv (about 20 MB)
+  --no-prune         keep the files of numpy and onnxruntime that Auris never runs (about 50 MB)
 EOF
 }
 
@@ -44,6 +49,7 @@ offline=0
 python=python3
 with_pandas=0
 keep_pip=0
+prune=1
 while (($#)); do
     case $1 in
         --venv) venv=${2:?--venv needs a folder}; shift 2 ;;
@@ -54,6 +60,7 @@ while (($#)); do
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
         --with-pandas) with_pandas=1; shift ;;
         --keep-pip) keep_pip=1; shift ;;
+        --no-prune) prune=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument $1" ;;
     esac
@@ -114,6 +121,11 @@ if ! broken=$("$py" -m pip check 2>&1); then
         broken=$(grep -vx 'nfstream [^ ]* requires pandas, which is not installed\.' <<<"$broken" || true)
     fi
     [[ -z $broken ]] || die "unmet requirements in $venv: $(tr '\n' ' ' <<<"$broken")"
+fi
+if ((prune)); then
+    # Also after an update: an upgraded numpy or onnxruntime brings its files back.
+    "$py" -I "$here/prune-venv.py" ||
+        die "pruning failed (nothing was removed); --no-prune skips it"
 fi
 version=$("$py" -c 'import importlib.metadata as m; print(m.version("auris"))')
 if ((with_pandas)); then

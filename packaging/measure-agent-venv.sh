@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installed size of an agent-only virtual environment, made exactly as install.sh makes it
-# (make-venv.sh --extras agent: no pandas, no pip or setuptools), from the wheel
+# (make-venv.sh --extras agent: no pandas, no pip or setuptools, pruned), from the wheel
 # packaging/build-wheels.sh builds; beside it, for comparison, a plain
-# `pip install 'auris[agent]'` into a fresh venv (make-venv.sh --with-pandas --keep-pip). Prints
-# each total (du -sm), every installed distribution of the first and the largest of the second,
-# and whether the first fits the target (150 MB).
+# `pip install 'auris[agent]'` into a fresh venv (make-venv.sh --with-pandas --keep-pip
+# --no-prune). Prints each total (du -sm), every installed distribution of the first and the
+# largest of the second, and whether the first fits the target (150 MB).
 #
 #   packaging/measure-agent-venv.sh [--python python3] [--wheel-dir DIR] [--dir DIR] [--no-plain]
 #
@@ -115,7 +115,7 @@ agent_mb=$(du -sm "$dir/install-sh" | cut -f1)
 echo "install.sh's agent venv (make-venv.sh --extras agent): $agent_mb MB (du -sm)"
 report "$dir/install-sh" 100
 if ((plain)); then
-    "$here/make-venv.sh" --venv "$dir/pip-install" "${options[@]}" --with-pandas --keep-pip >&2
+    "$here/make-venv.sh" --venv "$dir/pip-install" "${options[@]}" --with-pandas --keep-pip --no-prune >&2
     echo "plain pip install 'auris[agent]' into a fresh venv: $(du -sm "$dir/pip-install" | cut -f1) MB (du -sm)"
     report "$dir/pip-install" 10
 fi

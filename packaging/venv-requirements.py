@@ -25,7 +25,7 @@ try:
     from packaging.requirements import Requirement
 except ImportError:
     try:  # a fresh venv: pip's copy
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
     except ImportError:  # neither: only ``needing`` works
         Requirement = None  # type: ignore[assignment,misc]
 

@@ -7,11 +7,14 @@ else under --root with --skip-venv, twice (idempotent), and uninstall.sh takes i
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from collections.abc import Sequence
@@ -150,6 +153,7 @@ def test_install_with_a_prefix_moves_venv_paths_and_models(tmp_path: Path) -> No
         "/srv/auris",
         "--with-pandas",
         "--keep-pip",
+        "--no-prune",
     )
     unit = (root / "etc" / "systemd" / "system" / "auris-agent.service").read_text()
     assert "ExecStart=/srv/auris/venv/bin/auris-agent --config /etc/auris/agent.toml" in unit
@@ -324,12 +328,14 @@ def test_make_venv_leaves_out_pandas_and_pip_and_updates_in_place(tmp_path: Path
     # An update without --with-pandas makes the venv anew without it (no stale dependency of
     # it left behind; no pip needed to decide).
     out = make()
+    assert "prune-venv: 0.0 MB removed" in out  # no numpy, no onnxruntime here: nothing to prune
     assert "making it anew without" in out
     assert "without pandas" in out
     assert _installed(venv) == slim
 
     # A plain update: pip comes back for the run (--keep-pip: and stays).
-    out = make("--keep-pip")
+    out = make("--keep-pip", "--no-prune")
+    assert "prune-venv" not in out
     assert "brought pip back with ensurepip" in out
     assert "removed pip" not in out
     assert _installed(venv) - {"pip", "setuptools"} == slim
@@ -348,3 +354,126 @@ def test_make_venv_refuses_bad_arguments(tmp_path: Path) -> None:
         assert result.returncode == 2, args
         assert message in result.stderr, result.stderr
     assert not (tmp_path / "v").exists()
+
+
+# Meters a capture and scores its flows with the shipped models; says which numpy and onnxruntime did it.
+_SCORE = """
+import json, sys
+from pathlib import Path
+
+import numpy
+import onnxruntime
+
+from auris.agent.meter import meter_source
+from auris.agent.scoring import load_models
+
+if __name__ == "__main__":
+    models, refused = load_models(Path(sys.argv[2]))
+    assert not refused, refused
+    flows = list(meter_source(sys.argv[1], models.feature_sets))
+    rows = models.score([f.features for f in flows])
+    scores = [[(s.model_id, s.score, s.anomalous, s.label) for s in row] for row in rows]
+    print(json.dumps({"numpy": numpy.__file__, "onnxruntime": onnxruntime.__file__, "scores": scores}))
+"""
+
+
+def _score_with(site: Path | None, tmp_path: Path) -> dict[str, object]:
+    script = tmp_path / "score.py"
+    script.write_text(_SCORE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)  # ahead of this venv's site-packages
+    pcap = REPO / "tests" / "data" / "pcaps" / "nmap_nmap_80_w_service_detection.pcap"
+    done = subprocess.run(
+        [sys.executable, str(script), str(pcap), str(REPO / "models")],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def _prune(site: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PACKAGING / "prune-venv.py"), "--site", str(site), *options],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_prune_venv_removes_what_the_agent_never_runs_and_it_scores_the_same(tmp_path: Path) -> None:
+    """Copies of this venv's numpy and onnxruntime, pruned as make-venv.sh prunes an install: a real
+    capture's flows get exactly the scores the complete packages give them."""
+    here = Path(sysconfig.get_paths()["purelib"])
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for dist in ("numpy", "onnxruntime"):
+        info = importlib.metadata.distribution(dist)
+        folder = Path(str(info.locate_file(""))) / f"{dist}-{info.version}.dist-info"
+        for entry in [here / dist, folder, *here.glob(f"{dist}.libs")]:
+            shutil.copytree(entry, site / entry.name, symlinks=True)
+    library = next(site.glob("onnxruntime/capi/libonnxruntime.so.*"))
+    records = {
+        d: (site / f"{d}-{importlib.metadata.version(d)}.dist-info" / "RECORD")
+        for d in ("numpy", "onnxruntime")
+    }
+    before = {d: r.read_text() for d, r in records.items()}
+
+    dry = _prune(site, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would be removed (dry run)" in dry.stdout
+    assert library.exists()
+    assert {d: r.read_text() for d, r in records.items()} == before
+
+    done = _prune(site)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].endswith("MB removed; numpy and onnxruntime still run a model")
+    assert float(lines[-1].split()[1]) > 40  # the C API library alone is 28 MB in onnxruntime 1.31
+    assert not library.exists()
+    assert not list(site.glob("numpy/**/tests"))
+    assert not (site / "onnxruntime" / "transformers").exists()
+    assert not list(site.glob(".pruning-*"))  # the files moved aside are gone too
+    for dist, record in records.items():
+        listed = [line.split(",")[0] for line in record.read_text().splitlines()]
+        assert all((site / path).exists() or path.startswith("../") for path in listed), dist
+        assert len(listed) < len(before[dist].splitlines())
+
+    pruned = _score_with(site, tmp_path)
+    assert str(pruned["numpy"]).startswith(str(site))
+    assert str(pruned["onnxruntime"]).startswith(str(site))
+    complete = _score_with(None, tmp_path)
+    assert not str(complete["onnxruntime"]).startswith(str(site))
+    assert pruned["scores"] == complete["scores"]
+    assert isinstance(complete["scores"], list)
+    assert len(complete["scores"]) > 0
+
+    again = _prune(site)
+    assert again.returncode == 0
+    assert again.stdout.splitlines() == ["prune-venv: 0.0 MB removed"]
+
+
+def test_prune_venv_puts_everything_back_when_the_check_fails(tmp_path: Path) -> None:
+    """Stand-ins named numpy and onnxruntime cannot run a model: nothing is removed."""
+    site = tmp_path / "site-packages"
+    files = {
+        "numpy": ["numpy/__init__.py", "numpy/_core/tests/test_a.py", "numpy/tests/__init__.py"],
+        "onnxruntime": ["onnxruntime/__init__.py", "onnxruntime/capi/libonnxruntime.so.1.0.0"],
+    }
+    for dist, paths in files.items():
+        info = site / f"{dist}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        for path in paths:
+            (site / path).parent.mkdir(parents=True, exist_ok=True)
+            (site / path).write_text("# stand-in\n")
+        listed = [*paths, f"{info.name}/METADATA", f"{info.name}/RECORD"]
+        (info / "RECORD").write_text("".join(f"{p},,\n" for p in listed))
+    before = {p: p.read_text() for p in site.rglob("*") if p.is_file()}
+
+    done = _prune(site)
+    assert done.returncode == 1
+    assert "prune-venv: nothing removed: numpy and onnxruntime no longer run a model without those files" in (
+        done.stderr
+    )
+    assert {p: p.read_text() for p in site.rglob("*") if p.is_file()} == before
+    assert not list(site.glob(".pruning-*"))
