@@ -5,8 +5,10 @@
 Each rule names a distribution, the installed files it removes (patterns over the paths its
 RECORD lists, relative to site-packages) and why Auris runs without them. Pruned files leave the
 distribution's RECORD too, so `pip show --files`, `pip uninstall` and a later upgrade see the venv
-as it is. The files are first moved aside; only when numpy and onnxruntime still import and an
-ONNX model still runs are they deleted, otherwise they are put back and the run fails.
+as it is. The files are first moved aside (into site-packages/.pruning-*); only when numpy, and
+onnxruntime where it is installed, still import and run an ONNX model are RECORD rewritten and the
+files deleted; otherwise they are put back and the run fails. A run killed half-way leaves its
+.pruning-* folder behind: the next run puts those files back first, then prunes.
 
 Standard library only: it runs in the venv's own interpreter, which has nothing else.
 """
@@ -19,6 +21,7 @@ import importlib.metadata as md
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -56,97 +59,157 @@ RULES = (
 _MODEL = (
     "CAg6QwoOCgF4CgF4EgF5IgNBZGQSC3BydW5lLWNoZWNrWhEKAXgSDAoKCAESBgoACgIIAmIRCgF5EgwKCggBEgYKAAoCCAJCBAoAEA0="
 )
+# Run with the site-packages folder as argv[1] and the model as argv[2]; the modules must come from it.
 _CHECK = """
-import base64, sys
+import base64, importlib.util, sys
 import numpy as np
-import onnxruntime as ort
-session = ort.InferenceSession(base64.b64decode(sys.argv[1]), providers=["CPUExecutionProvider"])
-x = np.array([[1.5, -2.0]], dtype=np.float32)
-(y,) = session.run(None, {"x": x})
-assert (y == x + x).all(), y
+assert np.__file__.startswith(sys.argv[1]), np.__file__
+assert int(np.arange(4, dtype=np.float64).sum()) == 6
+if importlib.util.find_spec("onnxruntime") is not None:
+    import onnxruntime as ort
+    assert ort.__file__.startswith(sys.argv[1]), ort.__file__
+    session = ort.InferenceSession(base64.b64decode(sys.argv[2]), providers=["CPUExecutionProvider"])
+    x = np.array([[1.5, -2.0]], dtype=np.float32)
+    (y,) = session.run(None, {"x": x})
+    assert (y == x + x).all(), y
 """
+_ASIDE = ".pruning-"
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP arrived (an install cut off): put the files back before exiting."""
 
 
 @dataclass
 class Pruned:
     rule: Rule
-    paths: list[str]  # as in RECORD
+    paths: list[str]  # as in RECORD, files that exist
     size: int
 
 
-def _record_rows(dist: md.Distribution) -> list[list[str]]:
-    text = dist.read_text("RECORD") or ""
-    return [row for row in csv.reader(io.StringIO(text)) if row]
+@dataclass
+class Installed:
+    dist: md.Distribution
+    record: Path  # its RECORD file
+    rows: list[list[str]]
 
 
-def _record_path(site: Path, dist: md.Distribution) -> Path:
-    """RECORD lists itself: ``NAME-VERSION.dist-info/RECORD,,``."""
-    (path,) = [row[0] for row in _record_rows(dist) if row[0].endswith(".dist-info/RECORD")]
-    return site / path
+def _installed(site: Path) -> dict[str, Installed]:
+    """The distributions in ``site`` that a rule names, with their RECORD files and rows."""
+    named = {rule.distribution for rule in RULES}
+    found: dict[str, Installed] = {}
+    for dist in md.distributions(path=[str(site)]):
+        name = (dist.metadata["Name"] or "").lower()
+        if name not in named:
+            continue
+        if name in found:
+            raise RuntimeError(f"{name} is installed twice in {site}: clean up the venv first")
+        text = dist.read_text("RECORD")
+        # RECORD lists itself; found by its METADATA's folder too, in case it does not.
+        folders = {
+            str(f.parent)
+            for f in dist.files or []
+            if f.name == "METADATA" and f.parent.suffix == ".dist-info"
+        }
+        if text is None or len(folders) != 1:
+            raise RuntimeError(f"{name} in {site} has no usable RECORD: reinstall it, or pass --no-prune")
+        rows = [row for row in csv.reader(io.StringIO(text)) if row]
+        found[name] = Installed(dist, site / folders.pop() / "RECORD", rows)
+    return found
 
 
-def plan(site: Path) -> tuple[list[Pruned], dict[str, md.Distribution]]:
-    """What the rules remove from the distributions installed in ``site``."""
-    installed = {d.metadata["Name"].lower(): d for d in md.distributions(path=[str(site)])}
-    pruned = []
+def plan(site: Path, installed: dict[str, Installed]) -> tuple[list[Pruned], dict[str, set[str]]]:
+    """What the rules remove (existing files) and, per distribution, every RECORD path they match
+    (files already gone too: a run killed after deleting them, before RECORD was rewritten)."""
+    pruned: list[Pruned] = []
+    listed: dict[str, set[str]] = {}
     for rule in RULES:
-        dist = installed.get(rule.distribution)
-        if dist is None:
+        found = installed.get(rule.distribution)
+        if found is None:
             continue
         paths, size = [], 0
-        for row in _record_rows(dist):
+        for row in found.rows:
             path = row[0]
-            if any(fnmatchcase(path, p) for p in rule.patterns):
-                full = site / path
-                if full.is_file():
-                    paths.append(path)
-                    size += full.stat().st_size
+            if path.startswith("../") or not any(fnmatchcase(path, p) for p in rule.patterns):
+                continue
+            listed.setdefault(rule.distribution, set()).add(path)
+            full = site / path
+            if full.is_file() or full.is_symlink():
+                paths.append(path)
+                size += full.lstat().st_size
         if paths:
             pruned.append(Pruned(rule, paths, size))
-    return pruned, installed
+    return pruned, listed
+
+
+def _restore_interrupted(site: Path) -> int:
+    """Put back the files an interrupted run left moved aside; how many."""
+    restored = 0
+    for aside in sorted(site.glob(_ASIDE + "*")):
+        for path in sorted(p for p in aside.rglob("*") if p.is_file() or p.is_symlink()):
+            target = site / path.relative_to(aside)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                restored += 1
+        shutil.rmtree(aside)
+    return restored
 
 
 def _check(site: Path, python: str) -> str | None:
-    """None when numpy and onnxruntime import and run a model from ``site``; else what failed."""
+    """None when numpy (and onnxruntime, if installed) import from ``site`` and run a model."""
     env = dict(os.environ, PYTHONPATH=str(site))
-    done = subprocess.run(
-        [python, "-c", _CHECK, _MODEL], capture_output=True, text=True, env=env, timeout=120, check=False
-    )
+    try:
+        done = subprocess.run(
+            [python, "-P", "-c", _CHECK, str(site), _MODEL],
+            capture_output=True, text=True, env=env, timeout=300, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "the check took longer than 300 s"
     if done.returncode == 0:
         return None
     return (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
 
 
-def _rewrite_record(site: Path, dist: md.Distribution, gone: set[str]) -> None:
-    record = _record_path(site, dist)
-    rows = [row for row in _record_rows(dist) if row[0] not in gone]
+def _rewrite_record(found: Installed, gone: set[str]) -> None:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    tmp = record.with_name("RECORD.pruning")
-    tmp.write_text(out.getvalue())
-    os.replace(tmp, record)
+    csv.writer(out, lineterminator="\n").writerows(row for row in found.rows if row[0] not in gone)
+    tmp = found.record.with_name("RECORD.pruning")
+    tmp.write_text(out.getvalue(), encoding="utf-8")
+    os.replace(tmp, found.record)
 
 
 def _remove_empty_folders(site: Path, paths: list[str]) -> None:
     folders = {(site / p).parent for p in paths}
     for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
-        while folder != site and folder.is_dir() and not any(folder.iterdir()):
+        while folder != site and site in folder.parents and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(f"stopped by signal {signum}")
+
+
 def prune(site: Path, python: str, dry_run: bool = False) -> int:
-    pruned, installed = plan(site)
+    restored = 0 if dry_run else _restore_interrupted(site)
+    if restored:
+        print(f"prune-venv: put back {restored} files that an interrupted run had moved aside")
+    installed = _installed(site)
+    pruned, listed = plan(site, installed)
     total = sum(p.size for p in pruned)
     for p in pruned:
-        print(
-            f"prune-venv: {p.rule.distribution}: {len(p.paths)} files, {p.size / 2**20:.1f} MB: {p.rule.why}"
-        )
-    if dry_run or not pruned:
-        print(f"prune-venv: {total / 2**20:.1f} MB {'would be removed (dry run)' if dry_run else 'removed'}")
+        mb = p.size / 2**20
+        print(f"prune-venv: {p.rule.distribution}: {len(p.paths)} files, {mb:.1f} MB: {p.rule.why}")
+    if dry_run:
+        print(f"prune-venv: {total / 2**20:.1f} MB would be removed (dry run)")
         return 0
-    aside = Path(tempfile.mkdtemp(prefix=".pruning-", dir=site))
+    if not listed:
+        print("prune-venv: 0.0 MB removed")
+        return 0
+    aside = Path(tempfile.mkdtemp(prefix=_ASIDE, dir=site))
     moved: list[str] = []
+    rewritten: list[Installed] = []
     try:
         for p in pruned:
             for path in p.paths:
@@ -154,10 +217,17 @@ def prune(site: Path, python: str, dry_run: bool = False) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(site / path, target)
                 moved.append(path)
-        failure = _check(site, python)
+        failure = _check(site, python) if moved else None
         if failure is not None:
-            raise RuntimeError(f"numpy and onnxruntime no longer run a model without those files ({failure})")
+            names = " and ".join(sorted({p.rule.distribution for p in pruned}))
+            raise RuntimeError(f"{names} no longer run without those files ({failure})")
+        # RECORD first: once it is rewritten, the moved files are only leftovers.
+        for name, gone in listed.items():
+            rewritten.append(installed[name])
+            _rewrite_record(installed[name], gone)
     except BaseException:
+        for found in rewritten:
+            _rewrite_record(found, set())
         for path in moved:
             (site / path).parent.mkdir(parents=True, exist_ok=True)
             os.replace(aside / path, site / path)
@@ -165,10 +235,14 @@ def prune(site: Path, python: str, dry_run: bool = False) -> int:
         raise
     shutil.rmtree(aside)
     _remove_empty_folders(site, moved)
-    for name in {p.rule.distribution for p in pruned}:
-        gone = {path for p in pruned if p.rule.distribution == name for path in p.paths}
-        _rewrite_record(site, installed[name], gone)
-    print(f"prune-venv: {total / 2**20:.1f} MB removed; numpy and onnxruntime still run a model")
+    if moved:
+        checked = sorted({p.rule.distribution for p in pruned})
+        verb = "run" if len(checked) > 1 else "runs"
+        print(f"prune-venv: {total / 2**20:.1f} MB removed; {' and '.join(checked)} still {verb} a model")
+    else:
+        print(
+            f"prune-venv: 0.0 MB removed; RECORD no longer lists {sum(map(len, listed.values()))} files gone"
+        )
     return 0
 
 
@@ -177,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, help="site-packages to prune (default: this interpreter's)")
     parser.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     args = parser.parse_args(argv)
-    site = args.site or Path(sysconfig.get_paths()["purelib"])
+    site = args.site or Path(sysconfig.get_paths()["platlib"])
     if not site.is_dir():
         print(f"prune-venv: no folder at {site}", file=sys.stderr)
         return 2
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         return prune(site.resolve(), sys.executable, args.dry_run)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, Interrupted) as exc:
         print(f"prune-venv: nothing removed: {exc}", file=sys.stderr)
         return 1
 

@@ -11,10 +11,12 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
 import zipfile
 from collections.abc import Sequence
@@ -400,22 +402,39 @@ def _prune(site: Path, *options: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_prune_venv_removes_what_the_agent_never_runs_and_it_scores_the_same(tmp_path: Path) -> None:
-    """Copies of this venv's numpy and onnxruntime, pruned as make-venv.sh prunes an install: a real
-    capture's flows get exactly the scores the complete packages give them."""
-    here = Path(sysconfig.get_paths()["purelib"])
-    site = tmp_path / "site-packages"
+def _copy_numpy_and_onnxruntime(site: Path) -> None:
+    """Copies of this venv's numpy and onnxruntime (with numpy.libs and both dist-info folders)."""
+    here = Path(sysconfig.get_paths()["platlib"])
     site.mkdir()
     for dist in ("numpy", "onnxruntime"):
         info = importlib.metadata.distribution(dist)
         folder = Path(str(info.locate_file(""))) / f"{dist}-{info.version}.dist-info"
         for entry in [here / dist, folder, *here.glob(f"{dist}.libs")]:
             shutil.copytree(entry, site / entry.name, symlinks=True)
-    library = next(site.glob("onnxruntime/capi/libonnxruntime.so.*"))
-    records = {
-        d: (site / f"{d}-{importlib.metadata.version(d)}.dist-info" / "RECORD")
+
+
+def _records(site: Path) -> dict[str, Path]:
+    return {
+        d: site / f"{d}-{importlib.metadata.version(d)}.dist-info" / "RECORD"
         for d in ("numpy", "onnxruntime")
     }
+
+
+def _consistent(site: Path) -> None:
+    """Every file RECORD lists exists, and no moved-aside folder is left."""
+    for dist, record in _records(site).items():
+        listed = [line.split(",")[0] for line in record.read_text(encoding="utf-8").splitlines()]
+        assert all((site / path).exists() or path.startswith("../") for path in listed), dist
+    assert not list(site.glob(".pruning-*"))
+
+
+def test_prune_venv_removes_what_the_agent_never_runs_and_it_scores_the_same(tmp_path: Path) -> None:
+    """Copies of this venv's numpy and onnxruntime, pruned as make-venv.sh prunes an install: a real
+    capture's flows get exactly the scores the complete packages give them."""
+    site = tmp_path / "site-packages"
+    _copy_numpy_and_onnxruntime(site)
+    library = next(site.glob("onnxruntime/capi/libonnxruntime.so.*"))
+    records = _records(site)
     before = {d: r.read_text() for d, r in records.items()}
 
     dry = _prune(site, "--dry-run")
@@ -424,19 +443,24 @@ def test_prune_venv_removes_what_the_agent_never_runs_and_it_scores_the_same(tmp
     assert library.exists()
     assert {d: r.read_text() for d, r in records.items()} == before
 
+    # As a run killed after moving files aside would have left it: the next run puts them back first.
+    left = site / ".pruning-killed" / "numpy" / "tests" / "__init__.py"
+    left.parent.mkdir(parents=True)
+    os.replace(site / "numpy" / "tests" / "__init__.py", left)
+
     done = _prune(site)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
+    assert lines[0] == "prune-venv: put back 1 files that an interrupted run had moved aside"
     assert lines[-1].endswith("MB removed; numpy and onnxruntime still run a model")
     assert float(lines[-1].split()[1]) > 40  # the C API library alone is 28 MB in onnxruntime 1.31
     assert not library.exists()
     assert not list(site.glob("numpy/**/tests"))
-    assert not (site / "onnxruntime" / "transformers").exists()
-    assert not list(site.glob(".pruning-*"))  # the files moved aside are gone too
+    for tooling in ("transformers", "quantization", "tools"):
+        assert not (site / "onnxruntime" / tooling).exists()
+    _consistent(site)
     for dist, record in records.items():
-        listed = [line.split(",")[0] for line in record.read_text().splitlines()]
-        assert all((site / path).exists() or path.startswith("../") for path in listed), dist
-        assert len(listed) < len(before[dist].splitlines())
+        assert len(record.read_text().splitlines()) < len(before[dist].splitlines()), dist
 
     pruned = _score_with(site, tmp_path)
     assert str(pruned["numpy"]).startswith(str(site))
@@ -450,6 +474,35 @@ def test_prune_venv_removes_what_the_agent_never_runs_and_it_scores_the_same(tmp
     again = _prune(site)
     assert again.returncode == 0
     assert again.stdout.splitlines() == ["prune-venv: 0.0 MB removed"]
+
+
+def test_prune_venv_stopped_by_sigterm_leaves_a_venv_the_next_run_completes(tmp_path: Path) -> None:
+    """SIGTERM while the pruned packages are being checked (an install cut off): the files go back;
+    wherever it lands, the next run ends with a pruned venv whose RECORDs match its files."""
+    site = tmp_path / "site-packages"
+    _copy_numpy_and_onnxruntime(site)
+    library = next(site.glob("onnxruntime/capi/libonnxruntime.so.*"))
+    run = subprocess.Popen(
+        [sys.executable, str(PACKAGING / "prune-venv.py"), "--site", str(site)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(site.glob(".pruning-*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    if run.returncode == 1:  # stopped: everything is back
+        assert "prune-venv: nothing removed: stopped by signal 15" in err
+        assert library.exists()
+        _consistent(site)
+    else:
+        assert run.returncode in (0, -signal.SIGTERM), out + err
+
+    done = _prune(site)
+    assert done.returncode == 0, done.stderr
+    assert not library.exists()
+    assert not list(site.glob("numpy/**/tests"))
+    _consistent(site)
 
 
 def test_prune_venv_puts_everything_back_when_the_check_fails(tmp_path: Path) -> None:
@@ -472,8 +525,8 @@ def test_prune_venv_puts_everything_back_when_the_check_fails(tmp_path: Path) ->
 
     done = _prune(site)
     assert done.returncode == 1
-    assert "prune-venv: nothing removed: numpy and onnxruntime no longer run a model without those files" in (
-        done.stderr
+    assert (
+        "prune-venv: nothing removed: numpy and onnxruntime no longer run without those files" in done.stderr
     )
     assert {p: p.read_text() for p in site.rglob("*") if p.is_file()} == before
     assert not list(site.glob(".pruning-*"))
