@@ -303,6 +303,52 @@ def _scores_by_record(
     return out
 
 
+def test_transactions_sent_as_feature_values_score_and_store_as_their_maps(tmp_path: Path) -> None:
+    """The ULB fixture rows sent with V1..V28 as feature_values (named once per request, or by
+    each record) score exactly as the same rows sent with maps; stored records carry the names of
+    their values; a record whose values do not fit its names is rejected, the rest stored."""
+    from tests.conftest import MODELS
+
+    fmt = FileFormat(
+        "transactions", "x", {"Time": "time", "Amount": "amount"}, ["Class"], rest_as_features=True
+    )
+    txs = [
+        tx for tx in _fixture_records("ulb-sample.csv", fmt) if isinstance(tx, feed_service_pb2.Transaction)
+    ]
+    v = list(TX_ULB.columns[:-1])
+    half = len(txs) // 2
+    maps = _scores_by_record(tmp_path / "maps.db", [txs[:half], txs[half:]])  # type: ignore[list-item]
+    db = tmp_path / "values.db"
+    bad = _as_values(txs[0], v)
+    bad.transaction_id = "short"
+    del bad.feature_values[-1]
+    with (
+        running_collector(db, feed_models_dir=str(MODELS / "feeds")) as collector,
+        CollectorClient(collector.address, insecure=True) as client,
+    ):
+        first = client.submit_transactions([_as_values(tx, v) for tx in txs[:half]], feature_names=v)
+        second = client.submit_transactions(
+            [_as_values(tx, None) for tx in txs[half:]] + [bad], feature_names=v
+        )
+    assert first.accepted == half
+    assert second.accepted == len(txs) - half
+    (reject,) = second.rejected
+    assert reject.record_id == "short"
+    assert reject.reason == "feature_values has 27 values for the 28 names of the request's feature_names"
+    values = {f"{s.feed_id}/{s.record_id}": (s.score, s.explanation) for s in [*first.scores, *second.scores]}
+    assert values == maps
+    assert len(values) == len(txs)
+    with sqlite3.connect(db) as conn:
+        stored = [
+            feed_service_pb2.Transaction.FromString(b)
+            for (b,) in conn.execute("SELECT record_pb FROM feed_records ORDER BY id")
+        ]
+    assert len(stored) == len(txs)
+    for tx, kept in zip(txs, stored, strict=True):
+        assert list(kept.feature_names) == v
+        assert dict(zip(kept.feature_names, kept.feature_values, strict=True)) == dict(tx.features)
+
+
 def test_window_state_is_rebuilt_from_the_store_after_a_restart(tmp_path: Path) -> None:
     """Entity windows (transactions with customer and terminal ids), bar windows and the open trade
     bar (ticks) are replayed from the stored records when a restarted collector meets a feed
@@ -473,6 +519,80 @@ def test_column_checks_find_every_transaction_that_validation_rejects(
     suspects = set(transaction_suspects(indexed))
     rejected = {i for i, tx in enumerate(batch) if validate_transaction(tx) is not None}
     assert rejected <= suspects
+
+
+def _as_values(tx: feed_service_pb2.Transaction, names: list[str] | None) -> feed_service_pb2.Transaction:
+    """``tx`` with its map's V1..V28 (whatever of them it has) as feature_values: named by the
+    record itself when ``names`` is None, else left to the request's names. Other keys stay."""
+    out = feed_service_pb2.Transaction()
+    out.CopyFrom(tx)
+    v = list(TX_ULB.columns[:-1])
+    present = [name for name in v if name in tx.features]
+    for name in present:
+        del out.features[name]
+    out.feature_values.extend(tx.features[name] for name in present)
+    if names is None:
+        out.feature_names.extend(present)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.lists(st.tuples(_transactions(), st.booleans()), max_size=12),
+    names=st.sampled_from([list(TX_ULB.columns[:-1]), ["V1", "y"], []]),
+)
+def test_feature_values_read_as_their_maps_and_column_checks_cover_validation(
+    batch: list[tuple[feed_service_pb2.Transaction, bool]], names: list[str]
+) -> None:
+    """Records with feature_values (named by the request or by themselves) give the columns the
+    same records with maps give, read from the blobs' packed tails or value by value alike, and
+    every record ``validate_transaction`` rejects is a suspect."""
+    records = [_as_values(tx, None if own else names) for tx, own in batch]
+    blobs = [tx.SerializeToString() for tx in records]
+    from_blobs = TransactionColumns.of(records, blobs, names)
+    looked_up = TransactionColumns.of(records, None, names)
+    assert [tx.SerializeToString() for tx in records] == blobs  # the records stay as sent
+    assert from_blobs.ulb_rows.tolist() == looked_up.ulb_rows.tolist()
+    assert from_blobs.other_features.tolist() == looked_up.other_features.tolist()
+    np.testing.assert_array_equal(from_blobs.ulb_values, looked_up.ulb_values)
+    maps = TransactionColumns.of([tx for tx, _ in batch])
+    # Where the request's names are V1..V28 or the record names its own, a whole V1..V28 row is
+    # the map's row; any other record is one validation looks at.
+    for i, (row, values) in enumerate(zip(from_blobs.ulb_rows, from_blobs.ulb_values, strict=True)):
+        assert row in maps.ulb_rows.tolist(), i
+        np.testing.assert_array_equal(values, maps.ulb_values[maps.ulb_rows.tolist().index(row)])
+    suspects = set(transaction_suspects(from_blobs))
+    rejected = {i for i, tx in enumerate(records) if validate_transaction(tx, names) is not None}
+    assert rejected <= suspects
+
+
+def test_feature_values_are_checked_record_by_record() -> None:
+    v = list(TX_ULB.columns[:-1])
+
+    def values(
+        tx: feed_service_pb2.Transaction, vals: list[float], own: list[str] | None = None
+    ) -> str | None:
+        tx.feature_values.extend(vals)
+        if own is not None:
+            tx.feature_names.extend(own)
+        return validate_transaction(tx, v)
+
+    assert values(_tx(), [1.0] * 28) is None
+    assert values(_tx(), [1.0, 2.0], ["a", "b"]) is None
+    assert (
+        values(_tx(), [1.0] * 27)
+        == "feature_values has 27 values for the 28 names of the request's feature_names"
+    )
+    assert (
+        values(_tx(), [1.0], ["a", "b"]) == "feature_values has 1 values for the 2 names of its feature_names"
+    )
+    assert values(_tx(), [1.0, 2.0], ["a", "a"]) == "feature 'a' is named twice"
+    assert values(_tx(), [1.0, 2.0], ["a", ""]) == "a feature name is empty"
+    assert values(_tx(), [1.0, math.nan], ["a", "b"]) == "feature 'b' is not a finite number"
+    both = _tx()
+    both.features["a"] = 1.0
+    assert values(both, [1.0], ["a"]) == "feature 'a' is given twice (in features and feature_values)"
+    assert validate_transaction(_as_values(_tx(), None), []) is None  # no values, no names
 
 
 @settings(max_examples=300, deadline=None)

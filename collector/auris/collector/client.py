@@ -265,11 +265,15 @@ class CollectorClient:
         return _follow_pages(page, limit)
 
     def submit_transactions(
-        self, transactions: Sequence[feed_service_pb2.Transaction]
+        self, transactions: Sequence[feed_service_pb2.Transaction], feature_names: Sequence[str] = ()
     ) -> feed_service_pb2.SubmitTransactionsResponse:
-        """Send one batch; the answer counts what was accepted and says why the rest was rejected."""
+        """Send one batch; the answer counts what was accepted and says why the rest was rejected.
+        ``feature_names`` name the feature_values of the records that do not name their own."""
+        request = feed_service_pb2.SubmitTransactionsRequest(
+            transactions=transactions, feature_names=feature_names
+        )
         response: feed_service_pb2.SubmitTransactionsResponse = self._feeds.SubmitTransactions(
-            feed_service_pb2.SubmitTransactionsRequest(transactions=transactions), timeout=self._timeout
+            request, timeout=self._timeout
         )
         return response
 

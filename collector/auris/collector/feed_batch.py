@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.unknown_fields import UnknownFieldSet
 
+from auris.agent.wire import varint
 from auris.collector.feed_features import TX_ULB
 from auris.v1 import feed_service_pb2
 
@@ -26,6 +28,10 @@ Mask = npt.NDArray[np.bool_]
 
 _V_COLUMNS = TX_ULB.columns[:-1]
 _GET_V = operator.itemgetter(*_V_COLUMNS)
+# How a record's 28 packed feature_values end its serialisation when no field after them is set:
+# field 8, wire type 2 (length-delimited), the byte length, then little-endian doubles.
+_PACKED_V_HEADER = bytes([8 << 3 | 2]) + varint(8 * len(_V_COLUMNS))
+_PACKED_V_SIZE = len(_PACKED_V_HEADER) + 8 * len(_V_COLUMNS)
 
 
 class _Times:
@@ -66,39 +72,80 @@ class TransactionColumns(_Times):
 
     @classmethod
     def of(
-        cls, transactions: Sequence[feed_service_pb2.Transaction], blobs: Sequence[bytes] | None = None
+        cls,
+        transactions: Sequence[feed_service_pb2.Transaction],
+        blobs: Sequence[bytes] | None = None,
+        names: Sequence[str] = (),
     ) -> TransactionColumns:
-        """The columns of ``transactions``. With ``blobs`` (each record serialised), V1..V28 are
-        read by indexing, which inserts a missing key: a record found changed that way is
-        restored from its blob. Without, each value is looked up (slower), the records untouched."""
+        """The columns of ``transactions``; ``names`` name the feature_values of records that do
+        not name their own (the request's feature_names).
+
+        With ``blobs`` (each record serialised), V1..V28 given as a map are read by indexing,
+        which inserts a missing key: a record found changed that way is restored from its blob;
+        given as feature_values, they are read from the end of the blob, where a record's packed
+        values are serialised last (checked on each blob's bytes; any other record is read value
+        by value). Without blobs, each value is looked up (slower), the records untouched."""
         n = len(transactions)
         stamps = [tx.time for tx in transactions]
         width = len(_V_COLUMNS)
+        request_ulb = tuple(names) == _V_COLUMNS
         ulb_rows: list[int] = []
         ulb_values: list[float] = []
+        packed_rows: list[int] = []  # V1..V28 as feature_values, from the blobs' tails
+        packed_tails: list[bytes] = []
         other: list[int] = []
         for i, tx in enumerate(transactions):
+            if tx.feature_values:
+                own = tx.feature_names
+                if not (own and tuple(own) == _V_COLUMNS) and (own or not request_ulb):
+                    other.append(i)  # other names (checked on the record), or a count that does not fit
+                    continue
+                values = tx.feature_values
+                if len(values) != width:
+                    other.append(i)
+                    continue
+                if tx.features:
+                    other.append(i)  # more features in the map: their names are checked on the record
+                # Known fields serialise in field-number order, unknown ones after them: with
+                # neither feature_names nor unknown fields set, the packed values come last.
+                tail = blobs[i][-_PACKED_V_SIZE:] if blobs is not None and not own else b""
+                if tail[: len(_PACKED_V_HEADER)] == _PACKED_V_HEADER and not len(UnknownFieldSet(tx)):
+                    packed_rows.append(i)
+                    packed_tails.append(tail[len(_PACKED_V_HEADER) :])
+                else:
+                    ulb_rows.append(i)
+                    ulb_values += values
+                continue
             features = tx.features
             size = len(features)
             if size >= width:
                 if blobs is not None:
-                    values = _GET_V(features)
+                    got = _GET_V(features)
                     if len(features) != size:  # keys were missing (and are now inserted)
                         tx.ParseFromString(blobs[i])
                         other.append(i)
                         continue
                 else:
-                    got = list(map(features.get, _V_COLUMNS))
-                    if None in got:
+                    looked = list(map(features.get, _V_COLUMNS))
+                    if None in looked:
                         other.append(i)
                         continue
-                    values = got
+                    got = looked
                 ulb_rows.append(i)
-                ulb_values += values
+                ulb_values += got
                 if size != width:
                     other.append(i)
             elif size:
                 other.append(i)
+        values_array = np.asarray(ulb_values, dtype=np.float64).reshape(len(ulb_rows), width)
+        rows = np.asarray(ulb_rows, dtype=np.intp)
+        if packed_rows:
+            packed = np.frombuffer(b"".join(packed_tails), dtype="<f8").reshape(len(packed_rows), width)
+            rows = np.concatenate([rows, np.asarray(packed_rows, dtype=np.intp)])
+            values_array = np.concatenate([values_array, packed.astype(np.float64)])
+            order = np.argsort(rows, kind="stable")
+            rows, values_array = rows[order], values_array[order]
+        other.sort()
         return cls(
             [tx.transaction_id for tx in transactions],
             [tx.feed_id for tx in transactions],
@@ -107,8 +154,8 @@ class TransactionColumns(_Times):
             np.fromiter((s.seconds for s in stamps), np.int64, n),
             np.fromiter((s.nanos for s in stamps), np.int64, n),
             np.fromiter((tx.amount for tx in transactions), np.float64, n),
-            np.asarray(ulb_rows, dtype=np.intp),
-            np.asarray(ulb_values, dtype=np.float64).reshape(len(ulb_rows), width),
+            rows,
+            values_array,
             np.asarray(other, dtype=np.intp),
         )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import hmac
 import itertools
@@ -29,7 +30,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -40,6 +41,7 @@ import numpy.typing as npt
 
 from auris.agent.manifest import ManifestError
 from auris.agent.signing import ModelTrust
+from auris.agent.wire import length_delimited
 from auris.collector.broker import Broker, follow
 from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
@@ -107,8 +109,9 @@ def _finite(message: Any, fields: Sequence[str]) -> str | None:
     return None
 
 
-def validate_transaction(tx: feed_service_pb2.Transaction) -> str | None:
-    """Why a transaction cannot be accepted, or None."""
+def validate_transaction(tx: feed_service_pb2.Transaction, names: Sequence[str] = ()) -> str | None:
+    """Why a transaction cannot be accepted, or None; ``names`` name its feature_values when it
+    does not name them itself (its request's feature_names)."""
     if not tx.transaction_id:
         return "transaction_id is empty"
     if not tx.HasField("time"):
@@ -118,12 +121,46 @@ def validate_transaction(tx: feed_service_pb2.Transaction) -> str | None:
         return reason
     if tx.amount < 0:
         return f"amount is negative ({tx.amount:g})"
-    features = tx.features
+    return _features_problem(tx.features) or _values_problem(tx, names)
+
+
+def _features_problem(features: Mapping[str, float]) -> str | None:
     # The sum of finite values is finite unless it overflows: look one by one only then.
     if not features or math.isfinite(sum(map(features.__getitem__, features))):
         return None
     bad = next((name for name, value in features.items() if not math.isfinite(value)), None)
     return f"feature {bad!r} is not a finite number" if bad is not None else None
+
+
+def _values_problem(tx: feed_service_pb2.Transaction, names: Sequence[str]) -> str | None:
+    values, own = tx.feature_values, tx.feature_names
+    if not values and not own:
+        return None
+    named = own or names
+    if len(values) != len(named):
+        whose = "its feature_names" if own else "the request's feature_names"
+        return f"feature_values has {len(values)} values for the {len(named)} names of {whose}"
+    seen: set[str] = set()
+    for name, value in zip(named, values, strict=True):
+        if not name:
+            return "a feature name is empty"
+        if name in seen:
+            return f"feature {name!r} is named twice"
+        if name in tx.features:
+            return f"feature {name!r} is given twice (in features and feature_values)"
+        if not math.isfinite(value):
+            return f"feature {name!r} is not a finite number"
+        seen.add(name)
+    return None
+
+
+_NAMES_TAG = bytes([9 << 3 | 2])  # Transaction.feature_names: field 9, length-delimited
+
+
+def _names_field(names: Sequence[str]) -> bytes:
+    """``names`` as Transaction.feature_names (field 9) entries: appended to a serialised record,
+    they parse as its feature_names."""
+    return b"".join(length_delimited(_NAMES_TAG, name.encode()) for name in names)
 
 
 def tick_record_id(tick: feed_service_pb2.Tick) -> str:
@@ -887,14 +924,16 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             out.append(tx)
         return out
 
-    def _prepare_transactions(self, batch: Sequence[feed_service_pb2.Transaction]) -> _Prepared:
+    def _prepare_transactions(
+        self, batch: Sequence[feed_service_pb2.Transaction], names: Sequence[str] = ()
+    ) -> _Prepared:
         records = self._hashed(batch) if self._hash_key is not None else batch
         blobs = [tx.SerializeToString() for tx in records]
-        columns = TransactionColumns.of(records, blobs)
+        columns = TransactionColumns.of(records, blobs, names)
         rejects: list[feed_service_pb2.RejectedRecord] = []
         for index in transaction_suspects(columns):
             tx = records[index]
-            reason = validate_transaction(tx)
+            reason = validate_transaction(tx, names)
             if reason is not None:
                 rejects.append(
                     feed_service_pb2.RejectedRecord(index=index, reason=reason, record_id=tx.transaction_id)
@@ -903,6 +942,14 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             keep = _kept(len(records), rejects)
             columns = columns.take(np.asarray(keep, dtype=np.intp))
             blobs = [blobs[i] for i in keep]
+            records = [records[i] for i in keep]
+        if names:
+            # A stored record is whole: the request's names go with the values they name.
+            suffix = _names_field(names)
+            blobs = [
+                blob + suffix if tx.feature_values and not tx.feature_names else blob
+                for tx, blob in zip(records, blobs, strict=True)
+            ]
         return _Prepared(TRANSACTIONS, batch, columns, blobs, rejects)
 
     def _prepare_ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> _Prepared:
@@ -1032,7 +1079,11 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         records = request.transactions if kind == TRANSACTIONS else request.ticks
         wanted = request.answer_scores
         loop = asyncio.get_running_loop()
-        prepare = self._prepare_transactions if kind == TRANSACTIONS else self._prepare_ticks
+        prepare: Callable[[Sequence[Any]], _Prepared] = (
+            functools.partial(self._prepare_transactions, names=list(request.feature_names))
+            if kind == TRANSACTIONS
+            else self._prepare_ticks
+        )
         try:
             if len(records) > MAX_BATCH:
                 await context.abort(
