@@ -538,16 +538,28 @@ def _as_values(tx: feed_service_pb2.Transaction, names: list[str] | None) -> fee
 
 @settings(max_examples=300, deadline=None)
 @given(
-    batch=st.lists(st.tuples(_transactions(), st.booleans()), max_size=12),
+    batch=st.lists(
+        st.tuples(_transactions(), st.sampled_from(["request", "own", "reversed", "names only"])), max_size=12
+    ),
     names=st.sampled_from([list(TX_ULB.columns[:-1]), ["V1", "y"], []]),
 )
 def test_feature_values_read_as_their_maps_and_column_checks_cover_validation(
-    batch: list[tuple[feed_service_pb2.Transaction, bool]], names: list[str]
+    batch: list[tuple[feed_service_pb2.Transaction, str]], names: list[str]
 ) -> None:
-    """Records with feature_values (named by the request or by themselves) give the columns the
-    same records with maps give, read from the blobs' packed tails or value by value alike, and
-    every record ``validate_transaction`` rejects is a suspect."""
-    records = [_as_values(tx, None if own else names) for tx, own in batch]
+    """Records with feature_values (named by the request, or by themselves in any order) give the
+    columns the same records with maps give, read from the blobs' packed tails or value by value
+    alike; every record ``validate_transaction`` rejects is a suspect (names without values too)."""
+    records = []
+    for tx, form in batch:
+        record = _as_values(tx, None if form != "request" else names)
+        if form == "reversed":
+            pairs = list(zip(record.feature_names, record.feature_values, strict=True))[::-1]
+            del record.feature_names[:], record.feature_values[:]
+            record.feature_names.extend(n for n, _ in pairs)
+            record.feature_values.extend(v for _, v in pairs)
+        elif form == "names only":
+            del record.feature_values[:]
+        records.append(record)
     blobs = [tx.SerializeToString() for tx in records]
     from_blobs = TransactionColumns.of(records, blobs, names)
     looked_up = TransactionColumns.of(records, None, names)
@@ -555,12 +567,17 @@ def test_feature_values_read_as_their_maps_and_column_checks_cover_validation(
     assert from_blobs.ulb_rows.tolist() == looked_up.ulb_rows.tolist()
     assert from_blobs.other_features.tolist() == looked_up.other_features.tolist()
     np.testing.assert_array_equal(from_blobs.ulb_values, looked_up.ulb_values)
+    # Wherever the values carry their true names, V1..V28 rows are the map form's rows.
     maps = TransactionColumns.of([tx for tx, _ in batch])
-    # Where the request's names are V1..V28 or the record names its own, a whole V1..V28 row is
-    # the map's row; any other record is one validation looks at.
-    for i, (row, values) in enumerate(zip(from_blobs.ulb_rows, from_blobs.ulb_values, strict=True)):
-        assert row in maps.ulb_rows.tolist(), i
-        np.testing.assert_array_equal(values, maps.ulb_values[maps.ulb_rows.tolist().index(row)])
+    true_names = [i for i, (_, form) in enumerate(batch) if form in ("own", "reversed")]
+    if names == list(TX_ULB.columns[:-1]):
+        true_names = [i for i, (_, form) in enumerate(batch) if form != "names only"]
+    map_rows = dict(zip(maps.ulb_rows.tolist(), maps.ulb_values, strict=True))
+    value_rows = dict(zip(from_blobs.ulb_rows.tolist(), from_blobs.ulb_values, strict=True))
+    for i in true_names:
+        assert (i in map_rows) == (i in value_rows), i
+        if i in map_rows:
+            np.testing.assert_array_equal(map_rows[i], value_rows[i])
     suspects = set(transaction_suspects(from_blobs))
     rejected = {i for i, tx in enumerate(records) if validate_transaction(tx, names) is not None}
     assert rejected <= suspects

@@ -95,26 +95,30 @@ class TransactionColumns(_Times):
         packed_tails: list[bytes] = []
         other: list[int] = []
         for i, tx in enumerate(transactions):
-            if tx.feature_values:
-                own = tx.feature_names
-                if not (own and tuple(own) == _V_COLUMNS) and (own or not request_ulb):
-                    other.append(i)  # other names (checked on the record), or a count that does not fit
+            values, own = tx.feature_values, tx.feature_names
+            if values or own:
+                named = own or names
+                exact = (own and tuple(own) == _V_COLUMNS) or (not own and request_ulb)
+                if exact and len(values) == width and not tx.features:
+                    # Known fields serialise in field-number order, unknown ones after them: with
+                    # neither feature_names nor unknown fields set, the packed values come last.
+                    tail = blobs[i][-_PACKED_V_SIZE:] if blobs is not None and not own else b""
+                    if tail[: len(_PACKED_V_HEADER)] == _PACKED_V_HEADER and not len(UnknownFieldSet(tx)):
+                        packed_rows.append(i)
+                        packed_tails.append(tail[len(_PACKED_V_HEADER) :])
+                    else:
+                        ulb_rows.append(i)
+                        ulb_values += values
                     continue
-                values = tx.feature_values
-                if len(values) != width:
-                    other.append(i)
-                    continue
-                if tx.features:
-                    other.append(i)  # more features in the map: their names are checked on the record
-                # Known fields serialise in field-number order, unknown ones after them: with
-                # neither feature_names nor unknown fields set, the packed values come last.
-                tail = blobs[i][-_PACKED_V_SIZE:] if blobs is not None and not own else b""
-                if tail[: len(_PACKED_V_HEADER)] == _PACKED_V_HEADER and not len(UnknownFieldSet(tx)):
-                    packed_rows.append(i)
-                    packed_tails.append(tail[len(_PACKED_V_HEADER) :])
-                else:
-                    ulb_rows.append(i)
-                    ulb_values += values
+                # Anything else is checked on the record; V1..V28 found by name among its values
+                # and its map (as a map holding them all would be) still go to their model.
+                other.append(i)
+                if len(named) == len(values):
+                    found = dict(tx.features)
+                    found.update(zip(named, values, strict=True))
+                    if all(name in found for name in _V_COLUMNS):
+                        ulb_rows.append(i)
+                        ulb_values += _GET_V(found)
                 continue
             features = tx.features
             size = len(features)
@@ -145,7 +149,6 @@ class TransactionColumns(_Times):
             values_array = np.concatenate([values_array, packed.astype(np.float64)])
             order = np.argsort(rows, kind="stable")
             rows, values_array = rows[order], values_array[order]
-        other.sort()
         return cls(
             [tx.transaction_id for tx in transactions],
             [tx.feed_id for tx in transactions],
