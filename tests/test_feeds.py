@@ -335,6 +335,13 @@ def test_transactions_sent_as_feature_values_score_and_store_as_their_maps(tmp_p
     (reject,) = second.rejected
     assert reject.record_id == "short"
     assert reject.reason == "feature_values has 27 values for the 28 names of the request's feature_names"
+    # In-process scoring names the values the same way.
+    from auris.agent.signing import ModelTrust
+    from auris.collector.feed_models import TransactionScorer
+
+    scorer = TransactionScorer.load(MODELS / "feeds", ModelTrust.load([]))
+    in_process = scorer.score([_as_values(tx, v) for tx in txs[:half]], feature_names=v)
+    assert [(r.record_id, r.score) for r in in_process] == [(s.record_id, s.score) for s in first.scores]
     values = {f"{s.feed_id}/{s.record_id}": (s.score, s.explanation) for s in [*first.scores, *second.scores]}
     assert values == maps
     assert len(values) == len(txs)

@@ -307,13 +307,18 @@ class TransactionScorer:
                 times, [t.customer_id for t in transactions], [t.terminal_id for t in transactions], amounts
             )
 
-    def score(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult]:
-        """Score a batch in time order; one result per scored record, in input order."""
-        return [r for r in self.score_aligned(transactions) if r is not None]
+    def score(
+        self, transactions: Sequence[feed_service_pb2.Transaction], feature_names: Sequence[str] = ()
+    ) -> list[FeedResult]:
+        """Score a batch in time order; one result per scored record, in input order.
+        ``feature_names`` name the feature_values of records that do not name their own."""
+        return [r for r in self.score_aligned(transactions, feature_names) if r is not None]
 
-    def score_aligned(self, transactions: Sequence[feed_service_pb2.Transaction]) -> list[FeedResult | None]:
+    def score_aligned(
+        self, transactions: Sequence[feed_service_pb2.Transaction], feature_names: Sequence[str] = ()
+    ) -> list[FeedResult | None]:
         """``score`` laid out one slot per input record (None where no model scored it)."""
-        columns = TransactionColumns.of(transactions)
+        columns = TransactionColumns.of(transactions, names=feature_names)
         scored = self.score_columns(columns)
         time_ns = columns.time_ns.tolist()
         out: list[FeedResult | None] = [None] * len(columns)
