@@ -7,8 +7,9 @@ RECORD lists, relative to site-packages) and why Auris runs without them. Pruned
 distribution's RECORD too, so `pip show --files`, `pip uninstall` and a later upgrade see the venv
 as it is. The files are first moved aside (into site-packages/.pruning-*); only when numpy, and
 onnxruntime where it is installed, still import and run an ONNX model are RECORD rewritten and the
-files deleted; otherwise they are put back and the run fails. A run killed half-way leaves its
-.pruning-* folder behind: the next run puts those files back first, then prunes.
+files deleted; otherwise they are put back and the run fails. SIGTERM and SIGHUP stop it at the
+next file or after the check, with everything put back. A run killed harder leaves its .pruning-*
+folder: the next run first puts back what a RECORD still lists (the rest was pruned for good).
 
 Standard library only: it runs in the venv's own interpreter, which has nothing else.
 """
@@ -142,18 +143,32 @@ def plan(site: Path, installed: dict[str, Installed]) -> tuple[list[Pruned], dic
     return pruned, listed
 
 
-def _restore_interrupted(site: Path) -> int:
-    """Put back the files an interrupted run left moved aside; how many."""
+def _put_back(aside: Path, site: Path, listed: set[str] | None = None) -> int:
+    """Move the files under ``aside`` back to their places in ``site`` (where nothing is there
+    now; only those a RECORD still lists when ``listed`` is given: the others' pruning was
+    complete), then remove ``aside``; how many were moved."""
     restored = 0
-    for aside in sorted(site.glob(_ASIDE + "*")):
-        for path in sorted(p for p in aside.rglob("*") if p.is_file() or p.is_symlink()):
-            target = site / path.relative_to(aside)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-                restored += 1
-        shutil.rmtree(aside)
+    for path in sorted(p for p in aside.rglob("*") if p.is_file() or p.is_symlink()):
+        relative = path.relative_to(aside)
+        target = site / relative
+        if listed is not None and relative.as_posix() not in listed:
+            continue
+        if not target.exists() and not target.is_symlink():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            restored += 1
+    shutil.rmtree(aside)
     return restored
+
+
+def _restore_interrupted(site: Path) -> int:
+    """Put back the files a run killed half-way left moved aside (those its RECORDs still list);
+    how many."""
+    asides = sorted(site.glob(_ASIDE + "*"))
+    if not asides:
+        return 0
+    listed = {row[0] for found in _installed(site).values() for row in found.rows}
+    return sum(_put_back(aside, site, listed) for aside in asides)
 
 
 def _check(site: Path, python: str) -> str | None:
@@ -187,8 +202,19 @@ def _remove_empty_folders(site: Path, paths: list[str]) -> None:
             folder = folder.parent
 
 
+# Signals that asked to stop. The handler only notes them; the work stops at the next checkpoint
+# (after a file is moved, after the check): an exception raised from the handler could land
+# between moving a file and noting that it moved.
+_STOP: list[int] = []
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(f"stopped by signal {signum}")
+    _STOP.append(signum)
+
+
+def _checkpoint() -> None:
+    if _STOP:
+        raise Interrupted(f"stopped by signal {_STOP[0]}")
 
 
 def prune(site: Path, python: str, dry_run: bool = False) -> int:
@@ -217,7 +243,9 @@ def prune(site: Path, python: str, dry_run: bool = False) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(site / path, target)
                 moved.append(path)
+                _checkpoint()
         failure = _check(site, python) if moved else None
+        _checkpoint()
         if failure is not None:
             names = " and ".join(sorted({p.rule.distribution for p in pruned}))
             raise RuntimeError(f"{names} no longer run without those files ({failure})")
@@ -228,10 +256,7 @@ def prune(site: Path, python: str, dry_run: bool = False) -> int:
     except BaseException:
         for found in rewritten:
             _rewrite_record(found, set())
-        for path in moved:
-            (site / path).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(aside / path, site / path)
-        shutil.rmtree(aside, ignore_errors=True)
+        _put_back(aside, site)  # whatever is there, not only what ``moved`` lists
         raise
     shutil.rmtree(aside)
     _remove_empty_folders(site, moved)

@@ -471,9 +471,15 @@ def test_prune_venv_removes_what_the_agent_never_runs_and_it_scores_the_same(tmp
     assert isinstance(complete["scores"], list)
     assert len(complete["scores"]) > 0
 
+    # A run killed after rewriting RECORD, before deleting what it moved aside: those files stay gone.
+    done_aside = site / ".pruning-late" / "numpy" / "tests" / "test_gone.py"
+    done_aside.parent.mkdir(parents=True)
+    done_aside.write_text("# pruned\n")
     again = _prune(site)
     assert again.returncode == 0
     assert again.stdout.splitlines() == ["prune-venv: 0.0 MB removed"]
+    assert not (site / "numpy" / "tests").exists()
+    _consistent(site)
 
 
 def test_prune_venv_stopped_by_sigterm_leaves_a_venv_the_next_run_completes(tmp_path: Path) -> None:
