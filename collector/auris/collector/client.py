@@ -277,6 +277,20 @@ class CollectorClient:
         )
         return response
 
+    def stream_transactions(
+        self, requests: Iterator[feed_service_pb2.StreamTransactionsRequest]
+    ) -> Iterator[feed_service_pb2.StreamTransactionsResponse]:
+        """One answer per request, in order, while the next requests are already on their way
+        (``requests`` is read on gRPC's own thread). No deadline: a stream lasts as long as its
+        requests come."""
+        yield from self._feeds.StreamTransactions(requests)
+
+    def stream_ticks(
+        self, requests: Iterator[feed_service_pb2.StreamTicksRequest]
+    ) -> Iterator[feed_service_pb2.StreamTicksResponse]:
+        """``stream_transactions`` for ticks."""
+        yield from self._feeds.StreamTicks(requests)
+
     def submit_ticks(self, ticks: Sequence[feed_service_pb2.Tick]) -> feed_service_pb2.SubmitTicksResponse:
         response: feed_service_pb2.SubmitTicksResponse = self._feeds.SubmitTicks(
             feed_service_pb2.SubmitTicksRequest(ticks=ticks), timeout=self._timeout

@@ -7,6 +7,7 @@ configuration, 3 the collector is unreachable.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import datetime as dt
@@ -15,7 +16,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -26,7 +27,7 @@ from google.protobuf.message import Message
 from auris.agent import __version__
 from auris.agent.config import ConfigError, build_config
 from auris.collector.client import EXPORT_COLUMNS, CollectorClient, flat_verdict, verdict_filter
-from auris.v1 import admin_service_pb2, model_pb2, query_service_pb2, verdict_pb2
+from auris.v1 import admin_service_pb2, feed_service_pb2, model_pb2, query_service_pb2, verdict_pb2
 
 if TYPE_CHECKING:
     from auris.collector.feed_files import FileFormat
@@ -1402,42 +1403,59 @@ def _score_feed_file(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
-    """feed import|replay: batches in file order; every rejected row reported with its row number."""
+    """feed import|replay: batches in file order on one stream (the next batches are read and sent
+    while the collector stores the ones before); every rejected row reported with its row number."""
     from auris.collector.feed_files import FeedFileError, read_records
 
     fmt = _file_format(args)
     rate = getattr(args, "rate", None)
     batch_size = max(1, min(args.batch, int(rate) if rate else args.batch))
-    send = client.submit_transactions if args.kind == "transactions" else client.submit_ticks
+    transactions = args.kind == "transactions"
     accepted = rows = 0
     rejected: list[tuple[int, str]] = []
+    # The file's row numbers of each batch sent and not answered yet (appended on gRPC's thread).
+    in_flight: collections.deque[list[int]] = collections.deque()
+    unreadable: list[FeedFileError] = []
     started = time.monotonic()
 
-    def flush(batch: list[tuple[int, Any]]) -> None:
-        nonlocal accepted
-        if not batch:
-            return
-        response = send([record for _, record in batch])
-        accepted += response.accepted
-        rejected.extend((batch[r.index][0], r.reason) for r in response.rejected)
-        if rate:  # pace to the rate: the batch's records are due at rows / rate seconds
-            time.sleep(max(0.0, rows / rate - (time.monotonic() - started)))
-        print(f"\r{rows:,} rows: {accepted:,} accepted, {len(rejected):,} rejected", end="", file=sys.stderr)
+    def request(records: list[Any]) -> Any:
+        if transactions:
+            return feed_service_pb2.StreamTransactionsRequest(transactions=records)
+        return feed_service_pb2.StreamTicksRequest(ticks=records)
 
-    batch: list[tuple[int, Any]] = []
-    try:
-        for number, record in read_records(args.file, fmt):
-            rows += 1
-            if isinstance(record, str):
-                rejected.append((number, record))
-                continue
-            batch.append((number, record))
-            if len(batch) >= batch_size:
-                flush(batch)
-                batch = []
-        flush(batch)
-    except FeedFileError as exc:
-        raise ConfigError(str(exc)) from None
+    def requests() -> Iterator[Any]:
+        """The file's batches; runs on gRPC's request thread."""
+        nonlocal rows
+        numbers: list[int] = []
+        records: list[Any] = []
+        try:
+            for number, record in read_records(args.file, fmt):
+                rows += 1
+                if isinstance(record, str):
+                    rejected.append((number, record))
+                    continue
+                numbers.append(number)
+                records.append(record)
+                if len(records) >= batch_size:
+                    if rate:  # pace to the rate: the batch's records are due at rows / rate seconds
+                        time.sleep(max(0.0, rows / rate - (time.monotonic() - started)))
+                    in_flight.append(numbers)
+                    yield request(records)
+                    numbers, records = [], []
+            if records:
+                in_flight.append(numbers)
+                yield request(records)
+        except FeedFileError as exc:  # ends the stream; said once the answers so far are in
+            unreadable.append(exc)
+
+    stream = client.stream_transactions if transactions else client.stream_ticks
+    for answer in stream(requests()):
+        numbers = in_flight.popleft()
+        accepted += answer.accepted
+        rejected.extend((numbers[r.index], r.reason) for r in answer.rejected)
+        print(f"\r{rows:,} rows: {accepted:,} accepted, {len(rejected):,} rejected", end="", file=sys.stderr)
+    if unreadable:
+        raise ConfigError(str(unreadable[0])) from None
     print(file=sys.stderr)
     elapsed = time.monotonic() - started
     print(f"{args.file}: {rows:,} rows, {accepted:,} accepted, {len(rejected):,} rejected in {elapsed:.1f}s "
