@@ -196,6 +196,45 @@ def test_feeds_on_a_real_collector(tmp_path: Path) -> None:
         assert "30 rows, 0 accepted, 30 rejected" in out.getvalue()
 
 
+def test_feed_import_reads_the_file_before_it_opens_a_stream(tmp_path: Path) -> None:
+    """A file that cannot be read as asked fails with its own error, and one without a valid row
+    sends nothing: neither needs the collector (here: nothing listens)."""
+    base = ["--collector", "127.0.0.1:1", "--insecure", "feed", "import", "transactions"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = ctl.main([*base, str(FILES / "ulb-40.csv"), "--feed", "cards"], io.StringIO())
+    assert code == ctl.EXIT_USAGE
+    assert "unknown column" in err.getvalue()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Time,Amount\nnoon,1\n1,lots\n")
+    out = io.StringIO()
+    code = ctl.main([*base, str(bad), "--feed", "cards", "--map", "Time=time", "--map", "Amount=amount"], out)
+    assert code == ctl.EXIT_OK, out.getvalue()
+    assert "2 rows, 0 accepted, 2 rejected" in out.getvalue()
+
+
+def test_a_feed_import_whose_stream_breaks_says_what_was_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collector refuses a request (a batch over its limit, lowered here): aurisctl sums up
+    what it knows before the error, including the rows it sent without an answer."""
+    from auris.collector import feeds
+
+    monkeypatch.setattr(feeds, "MAX_BATCH", 10)
+    with running_collector(tmp_path / "auris.db") as collector:
+        out, err = io.StringIO(), io.StringIO()
+        args = ["--collector", collector.address, "--insecure", "feed", "import", "transactions",
+                str(FILES / "ulb-40.csv"), "--feed", "cards", "--map", "Time=time", "--map", "Amount=amount",
+                "--ignore", "Class", "--rest-as-features", "--batch", "16"]  # fmt: skip
+        with contextlib.redirect_stderr(err):
+            code = ctl.main(args, out)
+    assert code != ctl.EXIT_OK
+    assert "the stream broke after" in out.getvalue()
+    assert "0 accepted" in out.getvalue()
+    assert "no batch was answered" in out.getvalue()
+    assert "more than 10 records in one request" in err.getvalue()
+
+
 def test_feed_alert_rules_group_anomalous_scores_by_entity(tmp_path: Path) -> None:
     from auris.collector.alerts import AlertRule, Alerts
     from auris.collector.feeds import FeedStore, Scored

@@ -1404,7 +1404,11 @@ def _score_feed_file(args: argparse.Namespace, out: TextIO) -> int:
 
 def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     """feed import|replay: batches in file order on one stream (the next batches are read and sent
-    while the collector stores the ones before); every rejected row reported with its row number."""
+    while the collector stores the ones before); every rejected row reported with its row number.
+
+    The file is read up to its first valid row before the stream opens: a file that cannot be read
+    as asked fails with its own error, and one without a valid row sends nothing. If the stream
+    breaks, what was answered is summed up (and where to resume) before the error."""
     from auris.collector.feed_files import FeedFileError, read_records
 
     fmt = _file_format(args)
@@ -1412,51 +1416,85 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
     batch_size = max(1, min(args.batch, int(rate) if rate else args.batch))
     transactions = args.kind == "transactions"
     accepted = rows = 0
+    last_answered = 0  # the file row number of the last row of the last answered batch
     rejected: list[tuple[int, str]] = []
     # The file's row numbers of each batch sent and not answered yet (appended on gRPC's thread).
     in_flight: collections.deque[list[int]] = collections.deque()
-    unreadable: list[FeedFileError] = []
+    failed: list[BaseException] = []  # what stopped the file's reading (raised here afterwards)
     started = time.monotonic()
 
-    def request(records: list[Any]) -> Any:
-        if transactions:
-            return feed_service_pb2.StreamTransactionsRequest(transactions=records)
-        return feed_service_pb2.StreamTicksRequest(ticks=records)
+    try:
+        records = read_records(args.file, fmt)
+        first: tuple[int, Any] | None = None
+        for number, record in records:
+            rows += 1
+            if isinstance(record, str):
+                rejected.append((number, record))
+                continue
+            first = (number, record)
+            break
+    except FeedFileError as exc:
+        raise ConfigError(str(exc)) from None
 
-    def requests() -> Iterator[Any]:
+    def request(batch: list[Any]) -> Any:
+        if transactions:
+            return feed_service_pb2.StreamTransactionsRequest(transactions=batch)
+        return feed_service_pb2.StreamTicksRequest(ticks=batch)
+
+    def pace() -> None:  # the batch's records are due at rows / rate seconds
+        if rate:
+            time.sleep(max(0.0, rows / rate - (time.monotonic() - started)))
+
+    def requests(first: tuple[int, Any]) -> Iterator[Any]:
         """The file's batches; runs on gRPC's request thread."""
         nonlocal rows
-        numbers: list[int] = []
-        records: list[Any] = []
+        numbers, batch = [first[0]], [first[1]]
         try:
-            for number, record in read_records(args.file, fmt):
+            for number, record in records:
                 rows += 1
                 if isinstance(record, str):
                     rejected.append((number, record))
                     continue
                 numbers.append(number)
-                records.append(record)
-                if len(records) >= batch_size:
-                    if rate:  # pace to the rate: the batch's records are due at rows / rate seconds
-                        time.sleep(max(0.0, rows / rate - (time.monotonic() - started)))
+                batch.append(record)
+                if len(batch) >= batch_size:
+                    pace()
                     in_flight.append(numbers)
-                    yield request(records)
-                    numbers, records = [], []
-            if records:
+                    yield request(batch)
+                    numbers, batch = [], []
+            if batch:
+                pace()
                 in_flight.append(numbers)
-                yield request(records)
-        except FeedFileError as exc:  # ends the stream; said once the answers so far are in
-            unreadable.append(exc)
+                yield request(batch)
+        except Exception as exc:  # ends the stream; raised once the answers so far are in
+            failed.append(exc)
 
     stream = client.stream_transactions if transactions else client.stream_ticks
-    for answer in stream(requests()):
-        numbers = in_flight.popleft()
-        accepted += answer.accepted
-        rejected.extend((numbers[r.index], r.reason) for r in answer.rejected)
-        print(f"\r{rows:,} rows: {accepted:,} accepted, {len(rejected):,} rejected", end="", file=sys.stderr)
-    if unreadable:
-        raise ConfigError(str(unreadable[0])) from None
-    print(file=sys.stderr)
+    try:
+        for answer in stream(requests(first)) if first is not None else ():
+            numbers = in_flight.popleft()
+            accepted += answer.accepted
+            last_answered = numbers[-1]
+            rejected.extend((numbers[r.index], r.reason) for r in answer.rejected)
+            print(
+                f"\r{rows:,} rows: {accepted:,} accepted, {len(rejected):,} rejected", end="", file=sys.stderr
+            )
+    except grpc.RpcError:
+        print(file=sys.stderr)
+        unanswered = sum(len(numbers) for numbers in in_flight)
+        answered = (
+            f"every row up to row {last_answered} was answered" if last_answered else "no batch was answered"
+        )
+        print(f"{args.file}: the stream broke after {rows:,} rows read: {accepted:,} accepted, "
+              f"{len(rejected):,} rejected; {unanswered:,} rows sent without an answer (stored or not); "
+              f"{answered}", file=out)  # fmt: skip
+        raise
+    if failed:
+        if isinstance(failed[0], FeedFileError):
+            raise ConfigError(str(failed[0])) from None
+        raise failed[0]
+    if first is not None:
+        print(file=sys.stderr)
     elapsed = time.monotonic() - started
     print(f"{args.file}: {rows:,} rows, {accepted:,} accepted, {len(rejected):,} rejected in {elapsed:.1f}s "
           f"({rows / elapsed if elapsed else 0:,.0f} rows/s) into feed {args.feed}", file=out)  # fmt: skip

@@ -101,9 +101,9 @@ class Transaction(_message.Message):
     @_builtins.property
     def feature_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Extra numeric features as values only, in the order of their names: this record's
-        feature_names when it has them, else its request's. For large batches: packed values parse
-        and store several times faster than a map per record. A name may not also be a key of
-        features, nor appear twice.
+        feature_names when it has them, else its request's. For large batches: packed values cost the
+        collector less than a map per record (1.1-1.4x the transactions a second in its benchmark).
+        A name may not also be a key of features, nor appear twice.
         """
 
     @_builtins.property
