@@ -15,6 +15,7 @@ import getpass
 import json
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -1402,6 +1403,10 @@ def _score_feed_file(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# Batches of a feed import sent and not yet answered, at most.
+_FEED_WINDOW = 8
+
+
 def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -> int:
     """feed import|replay: batches in file order on one stream (the next batches are read and sent
     while the collector stores the ones before); every rejected row reported with its row number.
@@ -1421,6 +1426,9 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
     # The file's row numbers of each batch sent and not answered yet (appended on gRPC's thread).
     in_flight: collections.deque[list[int]] = collections.deque()
     failed: list[BaseException] = []  # what stopped the file's reading (raised here afterwards)
+    # At most this many batches unanswered: what a broken stream leaves in doubt stays small.
+    window = threading.Semaphore(_FEED_WINDOW)
+    done = threading.Event()
     started = time.monotonic()
 
     try:
@@ -1441,9 +1449,15 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
             return feed_service_pb2.StreamTransactionsRequest(transactions=batch)
         return feed_service_pb2.StreamTicksRequest(ticks=batch)
 
-    def pace() -> None:  # the batch's records are due at rows / rate seconds
+    def pace() -> bool:
+        """Wait until the batch may go (its records are due at rows / rate seconds, and fewer than
+        the window are unanswered); False once the answers stopped coming."""
         if rate:
             time.sleep(max(0.0, rows / rate - (time.monotonic() - started)))
+        while not window.acquire(timeout=0.5):
+            if done.is_set():
+                return False
+        return not done.is_set()
 
     def requests(first: tuple[int, Any]) -> Iterator[Any]:
         """The file's batches; runs on gRPC's request thread."""
@@ -1458,12 +1472,12 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
                 numbers.append(number)
                 batch.append(record)
                 if len(batch) >= batch_size:
-                    pace()
+                    if not pace():
+                        return
                     in_flight.append(numbers)
                     yield request(batch)
                     numbers, batch = [], []
-            if batch:
-                pace()
+            if batch and pace():
                 in_flight.append(numbers)
                 yield request(batch)
         except Exception as exc:  # ends the stream; raised once the answers so far are in
@@ -1473,6 +1487,7 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
     try:
         for answer in stream(requests(first)) if first is not None else ():
             numbers = in_flight.popleft()
+            window.release()
             accepted += answer.accepted
             last_answered = numbers[-1]
             rejected.extend((numbers[r.index], r.reason) for r in answer.rejected)
@@ -1489,6 +1504,8 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
               f"{len(rejected):,} rejected; {unanswered:,} rows sent without an answer (stored or not); "
               f"{answered}", file=out)  # fmt: skip
         raise
+    finally:
+        done.set()
     if failed:
         if isinstance(failed[0], FeedFileError):
             raise ConfigError(str(failed[0])) from None
