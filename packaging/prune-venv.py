@@ -90,7 +90,6 @@ class Pruned:
 
 @dataclass
 class Installed:
-    dist: md.Distribution
     record: Path  # its RECORD file
     rows: list[list[str]]
 
@@ -115,7 +114,7 @@ def _installed(site: Path) -> dict[str, Installed]:
         if text is None or len(folders) != 1:
             raise RuntimeError(f"{name} in {site} has no usable RECORD: reinstall it, or pass --no-prune")
         rows = [row for row in csv.reader(io.StringIO(text)) if row]
-        found[name] = Installed(dist, site / folders.pop() / "RECORD", rows)
+        found[name] = Installed(site / folders.pop() / "RECORD", rows)
     return found
 
 

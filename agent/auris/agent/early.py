@@ -88,7 +88,6 @@ class EarlyMeter:
 
     def __init__(self, source: str, feature_sets: Sequence[FeatureSet], options: MeterOptions) -> None:
         self.source = source
-        self._sets = _signature(feature_sets)
         self._options = options
         self._feature_sets = list(feature_sets)
         self._held: queue.Queue[list[FlowRecord] | _Failed | _Done] = queue.Queue(_HELD_BATCHES)
@@ -127,7 +126,8 @@ class EarlyMeter:
         """Whether this is the metering the agent would start (then it is the agent's to read)."""
         if self._claimed or self._cancelled.is_set():
             return False
-        if (source, _signature(feature_sets), options) != (self.source, self._sets, self._options):
+        mine = (self.source, _signature(self._feature_sets), self._options)
+        if (source, _signature(feature_sets), options) != mine:
             return False
         self._claimed = True
         return True

@@ -72,7 +72,7 @@ class ModelCatalog:
     def wanted(self) -> tuple[list[model_pb2.ModelRef], list[model_pb2.ModelRef]]:
         """The (production, shadow) sets the collector last asked for; empty when it never asked."""
         try:
-            data = json.loads((self._desired).read_text(encoding="utf-8"))
+            data = json.loads(self._desired.read_text(encoding="utf-8"))
             refs = [
                 [model_pb2.ModelRef(model_id=d["model_id"], version=d["version"]) for d in data[key]]
                 for key in ("models", "shadow")

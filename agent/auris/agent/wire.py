@@ -7,7 +7,9 @@ each piece would cost more than the rest of the work on those paths.
 
 from __future__ import annotations
 
-__all__ = ["length_delimited", "length_prefix", "varint"]
+from typing import Any
+
+__all__ = ["field_tag", "length_delimited", "length_prefix", "varint"]
 
 
 def varint(n: int) -> bytes:
@@ -32,3 +34,12 @@ def length_prefix(n: int) -> bytes:
 def length_delimited(tag: bytes, body: bytes) -> bytes:
     """A length-delimited field (string, bytes or message): its tag, the body's length, the body."""
     return tag + length_prefix(len(body)) + body
+
+
+def field_tag(message: Any, name: str) -> bytes:
+    """The wire tag of a message type's field: its number and wire type (length-delimited for
+    messages, bytes, strings and packed repeated scalars; varint otherwise, as for the fields
+    these callers encode)."""
+    field = message.DESCRIPTOR.fields_by_name[name]
+    delimited = field.type in (field.TYPE_MESSAGE, field.TYPE_BYTES, field.TYPE_STRING) or field.is_packed
+    return varint(field.number << 3 | (2 if delimited else 0))

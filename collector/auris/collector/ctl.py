@@ -1459,25 +1459,29 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
                 return False
         return not done.is_set()
 
-    def requests(first: tuple[int, Any]) -> Iterator[Any]:
-        """The file's batches; runs on gRPC's request thread."""
+    def batches(first: tuple[int, Any]) -> Iterator[tuple[list[int], list[Any]]]:
+        """The file's valid rows in batches, with their row numbers (the rest is rejected)."""
         nonlocal rows
         numbers, batch = [first[0]], [first[1]]
+        for number, record in records:
+            rows += 1
+            if isinstance(record, str):
+                rejected.append((number, record))
+                continue
+            numbers.append(number)
+            batch.append(record)
+            if len(batch) >= batch_size:
+                yield numbers, batch
+                numbers, batch = [], []
+        if batch:
+            yield numbers, batch
+
+    def requests(first: tuple[int, Any]) -> Iterator[Any]:
+        """The file's batches as requests; runs on gRPC's request thread."""
         try:
-            for number, record in records:
-                rows += 1
-                if isinstance(record, str):
-                    rejected.append((number, record))
-                    continue
-                numbers.append(number)
-                batch.append(record)
-                if len(batch) >= batch_size:
-                    if not pace():
-                        return
-                    in_flight.append(numbers)
-                    yield request(batch)
-                    numbers, batch = [], []
-            if batch and pace():
+            for numbers, batch in batches(first):
+                if not pace():
+                    return
                 in_flight.append(numbers)
                 yield request(batch)
         except Exception as exc:  # ends the stream; raised once the answers so far are in

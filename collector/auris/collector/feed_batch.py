@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from auris.agent.wire import varint
+from auris.agent.wire import field_tag, varint
 from auris.collector.feed_features import TX_ULB
 from auris.v1 import feed_service_pb2
 
@@ -29,8 +29,8 @@ Mask = npt.NDArray[np.bool_]
 _V_COLUMNS = TX_ULB.columns[:-1]
 _GET_V = operator.itemgetter(*_V_COLUMNS)
 # How a record's 28 packed feature_values end its serialisation when no field after them is set:
-# field 8, wire type 2 (length-delimited), the byte length, then little-endian doubles.
-_PACKED_V_HEADER = bytes([8 << 3 | 2]) + varint(8 * len(_V_COLUMNS))
+# their tag (length-delimited), the byte length, then little-endian doubles.
+_PACKED_V_HEADER = field_tag(feed_service_pb2.Transaction, "feature_values") + varint(8 * len(_V_COLUMNS))
 _PACKED_V_SIZE = len(_PACKED_V_HEADER) + 8 * len(_V_COLUMNS)
 
 
@@ -146,7 +146,7 @@ class TransactionColumns(_Times):
         if packed_rows:
             packed = np.frombuffer(b"".join(packed_tails), dtype="<f8").reshape(len(packed_rows), width)
             rows = np.concatenate([rows, np.asarray(packed_rows, dtype=np.intp)])
-            values_array = np.concatenate([values_array, packed.astype(np.float64)])
+            values_array = np.concatenate([values_array, packed])
             order = np.argsort(rows, kind="stable")
             rows, values_array = rows[order], values_array[order]
         return cls(

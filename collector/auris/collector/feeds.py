@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from auris.agent.manifest import ManifestError
 from auris.agent.signing import ModelTrust
-from auris.agent.wire import length_delimited
+from auris.agent.wire import field_tag, length_delimited
 from auris.collector.broker import Broker, follow
 from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
@@ -154,11 +154,11 @@ def _values_problem(tx: feed_service_pb2.Transaction, names: Sequence[str]) -> s
     return None
 
 
-_NAMES_TAG = bytes([9 << 3 | 2])  # Transaction.feature_names: field 9, length-delimited
+_NAMES_TAG = field_tag(feed_service_pb2.Transaction, "feature_names")
 
 
 def _names_field(names: Sequence[str]) -> bytes:
-    """``names`` as Transaction.feature_names (field 9) entries: appended to a serialised record,
+    """``names`` as Transaction.feature_names entries: appended to a serialised record,
     they parse as its feature_names."""
     return b"".join(length_delimited(_NAMES_TAG, name.encode()) for name in names)
 

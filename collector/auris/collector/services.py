@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from auris.agent.wire import varint
+from auris.agent.wire import field_tag, varint
 from auris.collector.alerts import Alerts, AlertStateError, alert_wanted
 from auris.collector.auth import Authority, Refused, current_principal, valid_agent_id
 from auris.collector.broker import Broker, NewVerdict, check_filter, compile_filter, follow
@@ -809,20 +809,13 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return admin_service_pb2.ResolveAlertResponse(alert=alert)
 
 
-def _tag(message: Any, name: str) -> bytes:
-    """The wire tag of a field: its number and wire type (varint, or length-delimited)."""
-    field = message.DESCRIPTOR.fields_by_name[name]
-    delimited = field.type in (field.TYPE_MESSAGE, field.TYPE_BYTES, field.TYPE_STRING)
-    return varint(field.number << 3 | (2 if delimited else 0))
-
-
-_ID = _tag(verdict_pb2.StoredVerdict, "id")
-_VERDICT = _tag(verdict_pb2.StoredVerdict, "verdict")
-_RECEIVED = _tag(verdict_pb2.StoredVerdict, "received_time")
-_SECONDS = _tag(timestamp_pb2.Timestamp, "seconds")
-_NANOS = _tag(timestamp_pb2.Timestamp, "nanos")
-_ONE = _tag(query_service_pb2.SubscribeVerdictsResponse, "verdict")
-_MANY = _tag(query_service_pb2.SubscribeVerdictsResponse, "verdicts")
+_ID = field_tag(verdict_pb2.StoredVerdict, "id")
+_VERDICT = field_tag(verdict_pb2.StoredVerdict, "verdict")
+_RECEIVED = field_tag(verdict_pb2.StoredVerdict, "received_time")
+_SECONDS = field_tag(timestamp_pb2.Timestamp, "seconds")
+_NANOS = field_tag(timestamp_pb2.Timestamp, "nanos")
+_ONE = field_tag(query_service_pb2.SubscribeVerdictsResponse, "verdict")
+_MANY = field_tag(query_service_pb2.SubscribeVerdictsResponse, "verdicts")
 _ROW_BLOB = _INSERT_COLUMNS.index("verdict_pb")
 _ROW_RECEIVED = _INSERT_COLUMNS.index("received_ns")
 
