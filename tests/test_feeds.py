@@ -31,12 +31,15 @@ from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.feed_features import TX_ULB
 from auris.collector.feed_files import FeedFileError, FileFormat, read_records
 from auris.collector.feeds import (
+    FeedStore,
+    Scored,
     hash_identifier,
     ticks_need_checking,
     transaction_suspects,
     validate_tick,
     validate_transaction,
 )
+from auris.collector.store import VerdictStore
 from auris.v1 import feed_service_pb2
 from tests.conftest import DATA, running_collector, wait_for
 
@@ -821,3 +824,65 @@ def test_answers_carry_the_scores_the_request_asks_for(tmp_path: Path) -> None:
     assert [(s.record_id, s.score, s.explanation) for s in quiet.scores] == [
         (s.record_id, s.score, s.explanation) for s in answers[0].scores
     ]
+
+
+_STORED = (
+    "SELECT feed_id, kind, record_id, entity, time_ns, received_ns, model_id, model_version, score,"
+    " anomalous, explanation, record_pb FROM feed_records ORDER BY id"
+)
+
+
+@pytest.fixture(scope="module")
+def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VerdictStore, FeedStore]]:
+    store = VerdictStore(tmp_path_factory.mktemp("feed-store") / "auris.db")
+    yield store, FeedStore(store)
+    store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(
+            st.text(),
+            st.text(),
+            st.integers(0, 2**63 - 1),
+            st.binary(),
+            st.one_of(
+                st.none(),
+                st.builds(
+                    Scored,
+                    st.sampled_from(["tx-ulb-gb", "tick-local-z", "ünïcode"]),
+                    st.sampled_from(["1", "2"]),
+                    st.floats(allow_nan=True, allow_infinity=True),
+                    st.booleans(),
+                    st.text(),
+                ),
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    feed_id=st.text(min_size=1),
+)
+def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
+    feed_store: tuple[VerdictStore, FeedStore],
+    records: list[tuple[str, str, int, bytes, Scored | None]],
+    feed_id: str,
+) -> None:
+    """A batch goes to SQLite as one statement (rows as JSON, records as one blob): what it stores
+    (any text, NUL and non-ASCII included, any time, score, blob; one model or several) is what
+    inserting the rows one by one with bound values stores, and the ids follow the batch's order."""
+    store, feeds = feed_store
+    with store.writing() as conn:
+        conn.execute("DELETE FROM feed_records")
+    answer, _ = feeds.add(feed_id, 2, records, [], 7)
+    stored = store.reader().execute(_STORED).fetchall()
+    expected = [
+        (feed_id, 2, rid, entity, time_ns, 7, s.model_id if s else "", s.model_version if s else "",
+         None if s is None or math.isnan(s.score) else s.score, int(bool(s and s.anomalous)),
+         s.explanation if s else "", blob)
+        for rid, entity, time_ns, blob, s in records
+    ]  # fmt: skip
+    assert stored == expected
+    ids = [row[0] for row in store.reader().execute("SELECT id FROM feed_records ORDER BY id")]
+    assert [(a.id, a.record_id) for a in answer] == list(zip(ids, (r[0] for r in records), strict=True))
