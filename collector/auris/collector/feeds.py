@@ -31,7 +31,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -512,14 +512,17 @@ def _add_scores(
         entry.entity = entity
         stamp = entry.time
         stamp.seconds = sec
-        stamp.nanos = nanos
+        if nanos:  # proto3 defaults (0, false, "") left unset: the same message, fewer calls
+            stamp.nanos = nanos
         if model_id:
             model = entry.model
             model.model_id = model_id
             model.version = version
         entry.score = nan if score is None else score
-        entry.anomalous = anomalous
-        entry.explanation = text
+        if anomalous:
+            entry.anomalous = True
+        if text:
+            entry.explanation = text
 
 
 _INSERT_COLUMNS = (
@@ -617,9 +620,15 @@ class FeedStore:
     def note_ticks(self, feed_ids: Sequence[str], symbols: Sequence[str], time_ns: Sequence[int]) -> None:
         """Accepted ticks, before they are stored: the symbols' latest times for the batches that
         are checked meanwhile."""
+        self._note_latest(zip(feed_ids, symbols, strict=True), time_ns)
+
+    def _note_latest(self, keys: Iterable[tuple[str, str]], time_ns: Iterable[int]) -> None:
+        """Accepted ticks' (feed, symbol) and times, in the order accepted."""
+        # Times increase within a symbol's accepted ticks: the last of each is its latest.
+        latest = dict(zip(keys, time_ns, strict=True))
         with self._lock:
             last = self._last_tick
-            for key, t in zip(zip(feed_ids, symbols, strict=True), time_ns, strict=True):
+            for key, t in latest.items():
                 if t > last.get(key, t - 1):
                     last[key] = t
 
@@ -784,12 +793,7 @@ class FeedStore:
             if self._on_store is not None and build_all:
                 alert_ids = self._on_store(conn, built[start:], now_ns)
         if kind == TICKS and n:
-            with self._lock:
-                last = self._last_tick
-                for entity, time in zip(rows.entities, time_ns, strict=True):
-                    key = (feed_id, entity)
-                    if time > last.get(key, time - 1):
-                        last[key] = time
+            self._note_latest(zip(itertools.repeat(feed_id), rows.entities), time_ns)
         return alert_ids, built[start:] if publish and build_all else []
 
     def query(
