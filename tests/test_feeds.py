@@ -31,6 +31,7 @@ from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.feed_features import TX_ULB
 from auris.collector.feed_files import FeedFileError, FileFormat, read_records
 from auris.collector.feeds import (
+    TICKS,
     FeedStore,
     Scored,
     hash_identifier,
@@ -826,9 +827,11 @@ def test_answers_carry_the_scores_the_request_asks_for(tmp_path: Path) -> None:
     ]
 
 
+_FEED_COLUMNS = ["kind", "record_id", "entity", "time_ns", "received_ns", "model_id", "model_version",
+                 "score", "anomalous", "explanation", "record_pb"]  # fmt: skip
 _STORED = (
-    "SELECT feed_id, kind, record_id, entity, time_ns, received_ns, model_id, model_version, score,"
-    " anomalous, explanation, record_pb FROM feed_records ORDER BY id"
+    f"SELECT {', '.join(f'typeof({c}), {c}' for c in _FEED_COLUMNS)} FROM feed_records WHERE feed_id = ?"
+    " ORDER BY id"
 )
 
 
@@ -845,7 +848,7 @@ def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Verdi
         st.tuples(
             st.text(),
             st.text(),
-            st.integers(0, 2**63 - 1),
+            st.integers(-(2**63), 2**63 - 1),
             st.binary(),
             st.one_of(
                 st.none(),
@@ -863,26 +866,46 @@ def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Verdi
         max_size=8,
     ),
     feed_id=st.text(min_size=1),
+    limits=st.sampled_from([None, (1, 1 << 20), (8, 40)]),
 )
 def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
     feed_store: tuple[VerdictStore, FeedStore],
     records: list[tuple[str, str, int, bytes, Scored | None]],
     feed_id: str,
+    limits: tuple[int, int] | None,
 ) -> None:
-    """A batch goes to SQLite as one statement (rows as JSON, records as one blob): what it stores
-    (any text, NUL and non-ASCII included, any time, score, blob; one model or several) is what
-    inserting the rows one by one with bound values stores, and the ids follow the batch's order."""
+    """A batch goes to SQLite in as few statements as its size allows (rows as JSON, records as one
+    blob): what it stores (any text, NUL and non-ASCII included, any time, score, blob; one model
+    or several; cut into statements by record bytes, or row by row past a text size) is what
+    inserting the rows one by one with bound values stores, type for type, in the batch's order."""
+    from auris.collector import feeds as module
+
     store, feeds = feed_store
     with store.writing() as conn:
         conn.execute("DELETE FROM feed_records")
-    answer, _ = feeds.add(feed_id, 2, records, [], 7)
-    stored = store.reader().execute(_STORED).fetchall()
-    expected = [
-        (feed_id, 2, rid, entity, time_ns, 7, s.model_id if s else "", s.model_version if s else "",
+    before = module._STATEMENT_BYTES, module._TEXT_LIMIT
+    try:
+        if limits is not None:
+            module._STATEMENT_BYTES, module._TEXT_LIMIT = limits
+        answer, _ = feeds.add(feed_id, TICKS, records, [], 7)
+    finally:
+        module._STATEMENT_BYTES, module._TEXT_LIMIT = before
+    with store.writing() as conn:
+        conn.executemany(
+            module._INSERT_ROWS,
+            [(f"row by row {feed_id}", TICKS, rid, entity, time_ns, 7, s.model_id if s else "",
+              s.model_version if s else "", s.score if s else None, bool(s and s.anomalous),
+              s.explanation if s else "", blob)
+             for rid, entity, time_ns, blob, s in records],
+        )  # fmt: skip
+    read = store.reader().execute
+    stored = read(_STORED, (feed_id,)).fetchall()
+    assert stored == read(_STORED, (f"row by row {feed_id}",)).fetchall()
+    assert [row[1::2] for row in stored] == [
+        (TICKS, rid, entity, time_ns, 7, s.model_id if s else "", s.model_version if s else "",
          None if s is None or math.isnan(s.score) else s.score, int(bool(s and s.anomalous)),
          s.explanation if s else "", blob)
         for rid, entity, time_ns, blob, s in records
     ]  # fmt: skip
-    assert stored == expected
-    ids = [row[0] for row in store.reader().execute("SELECT id FROM feed_records ORDER BY id")]
+    ids = [row[0] for row in read("SELECT id FROM feed_records WHERE feed_id = ? ORDER BY id", (feed_id,))]
     assert [(a.id, a.record_id) for a in answer] == list(zip(ids, (r[0] for r in records), strict=True))

@@ -543,44 +543,57 @@ _INSERT_MODELS = _INSERT_JSON.format(model=f"{_ITEM(8)}, {_ITEM(9)}")
 _INSERT_ROWS = f"INSERT INTO feed_records ({_INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
+# Bytes of serialised records one statement carries (at least one record): its JSON text stays
+# a small multiple of that, both far under SQLite's limit on one value (1e9 bytes), which a whole
+# batch of 100,000 records with long names can pass.
+_STATEMENT_BYTES = 32 << 20
+_TEXT_LIMIT = 256 << 20
+
+
 def _insert_records(
     conn: sqlite3.Connection, feed_id: str, kind: int, now_ns: int, rows: FeedRows, time_ns: list[int]
 ) -> None:
     """Insert a feed's rows of one batch, in order (consecutive ids)."""
-    lengths = list(map(len, rows.blobs))
-    starts = np.cumsum(lengths) - np.asarray(lengths) + 1
-    columns: list[Any] = [rows.record_ids, rows.entities, time_ns, rows.scores, rows.anomalous,
-                          rows.explanations, starts.tolist(), lengths]  # fmt: skip
-    one_model = rows.model_ids.count(rows.model_ids[0]) == len(rows.model_ids) and (
-        rows.model_versions.count(rows.model_versions[0]) == len(rows.model_versions)
-    )
+    lengths = np.fromiter(map(len, rows.blobs), np.int64, len(rows.blobs))
+    ends = np.cumsum(lengths)
+    cuts = [0, len(lengths)]
+    if ends[-1] > _STATEMENT_BYTES:
+        within = np.searchsorted(ends, np.arange(_STATEMENT_BYTES, ends[-1], _STATEMENT_BYTES), side="right")
+        cuts = sorted({0, *within.tolist(), len(lengths)})
+    columns: list[list[Any]] = [rows.record_ids, rows.entities, time_ns, rows.scores, rows.anomalous,
+                                rows.explanations, (ends - lengths + 1).tolist(), lengths.tolist(),
+                                rows.model_ids, rows.model_versions, rows.blobs]  # fmt: skip
+    for a, b in itertools.pairwise(cuts):
+        part = columns if (a, b) == (0, len(lengths)) else [column[a:b] for column in columns]
+        if a:  # offsets into this statement's blob
+            part[6] = [start - int(ends[a - 1]) for start in part[6]]
+        _insert_part(conn, (feed_id, kind, now_ns), part)
+
+
+def _insert_part(conn: sqlite3.Connection, batch: tuple[str, int, int], columns: list[list[Any]]) -> None:
+    """One statement's rows: ``_insert_records``' columns; ``batch`` is (feed, kind, received)."""
+    *values, model_ids, versions, blobs = columns
+    one_model = all(column.count(column[0]) == len(column) for column in (model_ids, versions))
     if not one_model:
-        columns += [rows.model_ids, rows.model_versions]
+        values += [model_ids, versions]
     try:
-        text = json.dumps(list(zip(*columns, strict=True)), ensure_ascii=False, allow_nan=False)
+        text: str | None = json.dumps(list(zip(*values, strict=True)), ensure_ascii=False, allow_nan=False)
     except ValueError:  # a score JSON cannot carry (NaN, infinity)
         text = None
     # SQLite's JSON functions end a string at an escaped NUL.
-    if text is None or "\\u0000" in text:
+    if text is None or "\\u0000" in text or len(text) > _TEXT_LIMIT:
+        feed_id, kind, now_ns = batch
+        record_ids, entities, time_ns, scores, anomalous, explanations = values[:6]
+        same = itertools.repeat
         conn.executemany(
             _INSERT_ROWS,
-            zip(itertools.repeat(feed_id), itertools.repeat(kind), rows.record_ids, rows.entities,
-                time_ns, itertools.repeat(now_ns), rows.model_ids, rows.model_versions, rows.scores,
-                rows.anomalous, rows.explanations, rows.blobs, strict=False),
+            zip(same(feed_id), same(kind), record_ids, entities, time_ns, same(now_ns), model_ids, versions,
+                scores, anomalous, explanations, blobs, strict=False),
         )  # fmt: skip
     elif one_model:
-        values = (
-            feed_id,
-            kind,
-            now_ns,
-            text,
-            b"".join(rows.blobs),
-            rows.model_ids[0],
-            rows.model_versions[0],
-        )
-        conn.execute(_INSERT_ONE_MODEL, values)
+        conn.execute(_INSERT_ONE_MODEL, (*batch, text, b"".join(blobs), model_ids[0], versions[0]))
     else:
-        conn.execute(_INSERT_MODELS, (feed_id, kind, now_ns, text, b"".join(rows.blobs)))
+        conn.execute(_INSERT_MODELS, (*batch, text, b"".join(blobs)))
 
 
 class FeedStore:
@@ -731,7 +744,8 @@ class FeedStore:
         now_ns: int,
     ) -> tuple[list[feed_service_pb2.FeedScore], list[int]]:
         """Store accepted records (record id, entity, time, serialised record, score) and rejects in one
-        transaction; return the stored scores and the ids of alerts they changed."""
+        transaction; return the stored scores and the ids of alerts they changed. Accepted ticks'
+        times increase within each symbol (``validate_tick``)."""
         rows = FeedRows(
             [r[0] for r in records],
             [r[1] for r in records],
