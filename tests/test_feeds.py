@@ -119,6 +119,24 @@ def test_files_map_columns_and_report_bad_rows(tmp_path: Path) -> None:
     ]
 
 
+def test_feature_cells_are_read_in_one_pass_and_bad_ones_named(tmp_path: Path) -> None:
+    """Feature cells: spaces around a number are fine; an empty, non-numeric or non-finite cell
+    rejects its row with the column's name, whichever cell of the row it is."""
+    path = tmp_path / "tx.csv"
+    path.write_text(
+        "Time,Amount,V1,V2\n0,1, 2 ,3\n1,1,1.5,inf\n2,1,,2\n3,1,x,nan\n4,1,1e3,-0\n", encoding="utf-8"
+    )
+    fmt = FileFormat("transactions", "cards", {"Time": "time", "Amount": "amount"}, rest_as_features=True)
+    records = dict(read_records(path, fmt))
+    assert {n: r for n, r in records.items() if isinstance(r, str)} == {
+        3: "V2 is not a finite number",
+        4: "V1 is missing",
+        5: "V1 'x' is not a number",
+    }
+    good = {n: r for n, r in records.items() if isinstance(r, feed_service_pb2.Transaction)}
+    assert [dict(good[n].features) for n in (2, 6)] == [{"V1": 2.0, "V2": 3.0}, {"V1": 1000.0, "V2": 0.0}]
+
+
 def test_feeds_on_a_real_collector(tmp_path: Path) -> None:
     key = tmp_path / "feed.key"
     key.write_bytes(b"0123456789abcdef-secret")

@@ -205,8 +205,14 @@ def _record(
             amount=_number("amount", values.get("amount")),
         )
         tx.time.FromNanoseconds(time_ns)
-        for column in features:
-            tx.features[column] = _number(column, row[index[column]])
+        cells = [row[index[column]] for column in features]
+        try:  # the common case in one pass; any doubt goes value by value for the reason
+            numbers = list(map(float, cells))
+            if not all(map(math.isfinite, numbers)):
+                raise ValueError
+        except (TypeError, ValueError):
+            numbers = [_number(column, cell) for column, cell in zip(features, cells, strict=True)]
+        tx.features.update(zip(features, numbers, strict=True))
         return tx
     tick = feed_service_pb2.Tick(
         feed_id=fmt.feed_id, symbol=str(values.get("symbol") or fmt.symbol), is_bar=is_bar
