@@ -29,7 +29,7 @@ from auris.collector import ctl
 from auris.collector.client import CollectorClient
 from auris.collector.feed_batch import TickColumns, TransactionColumns
 from auris.collector.feed_features import TX_ULB
-from auris.collector.feed_files import FeedFileError, FileFormat, read_records
+from auris.collector.feed_files import FeedFileError, FileFormat, open_records, read_records
 from auris.collector.feeds import (
     TICKS,
     FeedStore,
@@ -135,6 +135,16 @@ def test_feature_cells_are_read_in_one_pass_and_bad_ones_named(tmp_path: Path) -
     }
     good = {n: r for n, r in records.items() if isinstance(r, feed_service_pb2.Transaction)}
     assert [dict(good[n].features) for n in (2, 6)] == [{"V1": 2.0, "V2": 3.0}, {"V1": 1000.0, "V2": 0.0}]
+    # Packed (as aurisctl sends them): the same values as feature_values, named by the columns.
+    names, rows = open_records(path, fmt, packed=True)
+    packed = {n: r for n, r in rows if isinstance(r, feed_service_pb2.Transaction)}
+    assert names == ["V1", "V2"]
+    assert [list(packed[n].feature_values) for n in (2, 6)] == [[2.0, 3.0], [1000.0, 0.0]]
+    assert not packed[2].features
+    # A feature column twice cannot name its values.
+    path.write_text("Time,Amount,V1,V1\n0,1,2,3\n", encoding="utf-8")
+    with pytest.raises(FeedFileError, match="'V1' appears more than once"):
+        open_records(path, fmt)
 
 
 def test_feeds_on_a_real_collector(tmp_path: Path) -> None:

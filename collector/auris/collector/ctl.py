@@ -1414,7 +1414,7 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
     The file is read up to its first valid row before the stream opens: a file that cannot be read
     as asked fails with its own error, and one without a valid row sends nothing. If the stream
     breaks, what was answered is summed up (and where to resume) before the error."""
-    from auris.collector.feed_files import FeedFileError, read_records
+    from auris.collector.feed_files import FeedFileError, open_records
 
     fmt = _file_format(args)
     rate = getattr(args, "rate", None)
@@ -1432,7 +1432,8 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
     started = time.monotonic()
 
     try:
-        records = read_records(args.file, fmt)
+        # Transactions' features as feature_values, named once per request.
+        names, records = open_records(args.file, fmt, packed=transactions)
         first: tuple[int, Any] | None = None
         for number, record in records:
             rows += 1
@@ -1446,7 +1447,7 @@ def _send_feed(client: CollectorClient, args: argparse.Namespace, out: TextIO) -
 
     def request(batch: list[Any]) -> Any:
         if transactions:
-            return feed_service_pb2.StreamTransactionsRequest(transactions=batch)
+            return feed_service_pb2.StreamTransactionsRequest(transactions=batch, feature_names=names)
         return feed_service_pb2.StreamTicksRequest(ticks=batch)
 
     def pace() -> bool:

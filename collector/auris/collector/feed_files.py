@@ -158,31 +158,49 @@ def _rows(path: Path) -> tuple[list[str], Iterator[Sequence[Any]]]:
     return header, reader
 
 
-def read_records(
-    path: Path, fmt: FileFormat
-) -> Iterator[tuple[int, feed_service_pb2.Transaction | feed_service_pb2.Tick | str]]:
-    """(row number, record or the reason the row is skipped), in file order."""
+Record = feed_service_pb2.Transaction | feed_service_pb2.Tick
+
+
+def read_records(path: Path, fmt: FileFormat) -> Iterator[tuple[int, Record | str]]:
+    """(row number, record or the reason the row is skipped), in file order; transactions' features
+    in their map. FeedFileError when the file cannot be read as ``fmt`` says."""
+    return open_records(path, fmt)[1]
+
+
+def open_records(
+    path: Path, fmt: FileFormat, *, packed: bool = False
+) -> tuple[list[str], Iterator[tuple[int, Record | str]]]:
+    """The file's transaction feature columns, and its rows as ``read_records`` gives them (with
+    ``packed``, each transaction's features as feature_values in the columns' order). The header is
+    checked here: FeedFileError when the file cannot be read as ``fmt`` says."""
     header, rows = _rows(path)
     mapped, features = _columns(header, fmt)
-    index = {c: i for i, c in enumerate(header)}
     fields = set(mapped.values())
     if "time" not in fields:
         raise FeedFileError(f"{path}: no time column (map one with --map COLUMN=time)")
     if fmt.kind == "ticks" and "symbol" not in fields and not fmt.symbol:
         raise FeedFileError(f"{path}: no symbol column: pass --symbol")
+    if len(set(features)) != len(features):
+        twice = next(c for c in features if features.count(c) > 1)
+        raise FeedFileError(f"{path}: feature column {twice!r} appears more than once in the header")
     is_bar = {"open", "high", "low", "close", "volume"} <= fields
-    number = 1
-    try:
-        for number, row in enumerate(rows, start=2):
-            if len(row) != len(header):
-                yield number, f"row has {len(row)} fields, the header {len(header)}"
-                continue
-            try:
-                yield number, _record(row, index, mapped, features, fmt, number, is_bar)
-            except ValueError as exc:
-                yield number, str(exc)
-    except (csv.Error, UnicodeDecodeError, OSError) as exc:
-        yield number + 1, f"unreadable row ({exc})"
+    index = {c: i for i, c in enumerate(header)}
+
+    def records() -> Iterator[tuple[int, Record | str]]:
+        number = 1
+        try:
+            for number, row in enumerate(rows, start=2):
+                if len(row) != len(header):
+                    yield number, f"row has {len(row)} fields, the header {len(header)}"
+                    continue
+                try:
+                    yield number, _record(row, index, mapped, features, fmt, number, is_bar, packed)
+                except ValueError as exc:
+                    yield number, str(exc)
+        except (csv.Error, UnicodeDecodeError, OSError) as exc:
+            yield number + 1, f"unreadable row ({exc})"
+
+    return features, records()
 
 
 def _record(
@@ -193,7 +211,8 @@ def _record(
     fmt: FileFormat,
     number: int,
     is_bar: bool,
-) -> feed_service_pb2.Transaction | feed_service_pb2.Tick:
+    packed: bool = False,
+) -> Record:
     values = {field: row[index[column]] for column, field in mapped.items()}
     time_ns = _time_ns(values["time"], fmt.time_unit)
     if fmt.kind == "transactions":
@@ -212,7 +231,10 @@ def _record(
                 raise ValueError
         except (TypeError, ValueError):
             numbers = [_number(column, cell) for column, cell in zip(features, cells, strict=True)]
-        tx.features.update(zip(features, numbers, strict=True))
+        if packed:
+            tx.feature_values.extend(numbers)
+        else:
+            tx.features.update(zip(features, numbers, strict=True))
         return tx
     tick = feed_service_pb2.Tick(
         feed_id=fmt.feed_id, symbol=str(values.get("symbol") or fmt.symbol), is_bar=is_bar

@@ -1,6 +1,6 @@
 """Offline scoring of a feed file: ``aurisctl feed score KIND FILE --out OUT``.
 
-The same code as live ingest, without a collector: ``feed_files.read_records`` reads the rows,
+The same code as live ingest, without a collector: ``feed_files.open_records`` reads the rows,
 ``feeds.validate_transaction`` / ``validate_tick`` check them, and the feed models score them
 through ``TransactionScorer`` / ``TickScorer`` with their windows built as the file goes (the file
 is one feed, in time order). The output has one row per input row, in input order:
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from auris.collector.feed_features import trade_bar_start_ns
-from auris.collector.feed_files import FileFormat, read_records
+from auris.collector.feed_files import FileFormat, open_records
 from auris.collector.feed_models import FeedResult, TickScorer, TransactionScorer
 from auris.collector.feeds import tick_record_id, validate_tick, validate_transaction
 from auris.v1 import feed_service_pb2
@@ -149,7 +149,7 @@ def score_file(
     (standard output when None). FeedFileError when the file cannot be read as asked."""
     summary = OfflineSummary()
     started = time.monotonic()
-    rows = read_records(path, fmt)
+    names, rows = open_records(path, fmt, packed=True)
     first = next(rows, None)  # a file that cannot be read as asked fails here, before any output
     writer = _Writer(out, stdout)
     # Output rows in input order; a trade waits (with the rows after it) until its bar is scored.
@@ -190,7 +190,7 @@ def score_file(
             return
         messages = [record for _, record in batch_records]
         if isinstance(scorer, TransactionScorer):
-            for (row, _), result in zip(batch_records, scorer.score_aligned(messages), strict=True):
+            for (row, _), result in zip(batch_records, scorer.score_aligned(messages, names), strict=True):
                 if result is not None:
                     _fill(row, result)
         else:
@@ -214,7 +214,7 @@ def score_file(
             reason: str | None
             if isinstance(record, feed_service_pb2.Transaction):
                 row = _row(number, record.transaction_id, record.customer_id, record.time.ToNanoseconds())
-                reason = validate_transaction(record)
+                reason = validate_transaction(record, names)
                 bar = ""
             else:
                 row = _row(number, tick_record_id(record), record.symbol, record.time.ToNanoseconds())
