@@ -141,6 +141,13 @@ def test_feature_cells_are_read_in_one_pass_and_bad_ones_named(tmp_path: Path) -
     assert names == ["V1", "V2"]
     assert [list(packed[n].feature_values) for n in (2, 6)] == [[2.0, 3.0], [1000.0, 0.0]]
     assert not packed[2].features
+    # A column without a name (pandas' index) stays a map key, as the collector takes it.
+    path.write_text(",Time,Amount,V1\n0,0,1,2\n", encoding="utf-8")
+    names, rows = open_records(path, fmt, packed=True)
+    assert names == []
+    assert [dict(r.features) for _, r in rows if isinstance(r, feed_service_pb2.Transaction)] == [
+        {"": 0, "V1": 2}
+    ]
     # A feature column twice cannot name its values.
     path.write_text("Time,Amount,V1,V1\n0,1,2,3\n", encoding="utf-8")
     with pytest.raises(FeedFileError, match="'V1' appears more than once"):

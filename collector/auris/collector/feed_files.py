@@ -20,7 +20,7 @@ from typing import Any
 
 from auris.v1 import feed_service_pb2
 
-__all__ = ["TICK_FIELDS", "TRANSACTION_FIELDS", "FeedFileError", "FileFormat", "read_records"]
+__all__ = ["TICK_FIELDS", "TRANSACTION_FIELDS", "FeedFileError", "FileFormat", "open_records", "read_records"]
 
 TRANSACTION_FIELDS = ("transaction_id", "time", "customer_id", "terminal_id", "amount")
 TICK_FIELDS = ("symbol", "time", "price", "size", "open", "high", "low", "close", "volume")
@@ -170,9 +170,11 @@ def read_records(path: Path, fmt: FileFormat) -> Iterator[tuple[int, Record | st
 def open_records(
     path: Path, fmt: FileFormat, *, packed: bool = False
 ) -> tuple[list[str], Iterator[tuple[int, Record | str]]]:
-    """The file's transaction feature columns, and its rows as ``read_records`` gives them (with
-    ``packed``, each transaction's features as feature_values in the columns' order). The header is
-    checked here: FeedFileError when the file cannot be read as ``fmt`` says."""
+    """The names of the records' feature_values, and the rows as ``read_records`` gives them. With
+    ``packed``, transactions carry their features as feature_values in the file's column order
+    (named once per request by those names), unless a feature column has no name (a pandas
+    index, say: the collector takes that only as a map key); else maps, and no names. The header
+    is checked here: FeedFileError when the file cannot be read as ``fmt`` says."""
     header, rows = _rows(path)
     mapped, features = _columns(header, fmt)
     fields = set(mapped.values())
@@ -200,7 +202,8 @@ def open_records(
         except (csv.Error, UnicodeDecodeError, OSError) as exc:
             yield number + 1, f"unreadable row ({exc})"
 
-    return features, records()
+    packed = packed and "" not in features
+    return features if packed else [], records()
 
 
 def _record(
