@@ -187,6 +187,7 @@ def open_records(
         raise FeedFileError(f"{path}: feature column {twice!r} appears more than once in the header")
     is_bar = {"open", "high", "low", "close", "volume"} <= fields
     index = {c: i for i, c in enumerate(header)}
+    packed = packed and "" not in features
 
     def records() -> Iterator[tuple[int, Record | str]]:
         number = 1
@@ -202,7 +203,6 @@ def open_records(
         except (csv.Error, UnicodeDecodeError, OSError) as exc:
             yield number + 1, f"unreadable row ({exc})"
 
-    packed = packed and "" not in features
     return features if packed else [], records()
 
 

@@ -561,18 +561,18 @@ def _insert_records(
         within = np.searchsorted(ends, np.arange(_STATEMENT_BYTES, ends[-1], _STATEMENT_BYTES), side="right")
         cuts = sorted({0, *within.tolist(), len(lengths)})
     columns: list[list[Any]] = [rows.record_ids, rows.entities, time_ns, rows.scores, rows.anomalous,
-                                rows.explanations, (ends - lengths + 1).tolist(), lengths.tolist(),
-                                rows.model_ids, rows.model_versions, rows.blobs]  # fmt: skip
+                                rows.explanations, lengths.tolist(), rows.model_ids, rows.model_versions,
+                                rows.blobs]  # fmt: skip
     for a, b in itertools.pairwise(cuts):
         part = columns if (a, b) == (0, len(lengths)) else [column[a:b] for column in columns]
-        if a:  # offsets into this statement's blob
-            part[6] = [start - int(ends[a - 1]) for start in part[6]]
         _insert_part(conn, (feed_id, kind, now_ns), part)
 
 
 def _insert_part(conn: sqlite3.Connection, batch: tuple[str, int, int], columns: list[list[Any]]) -> None:
     """One statement's rows: ``_insert_records``' columns; ``batch`` is (feed, kind, received)."""
     *values, model_ids, versions, blobs = columns
+    sizes = np.asarray(values[-1], dtype=np.int64)
+    values.insert(-1, (np.cumsum(sizes) - sizes + 1).tolist())  # each record's offset in the blob
     one_model = all(column.count(column[0]) == len(column) for column in (model_ids, versions))
     if not one_model:
         values += [model_ids, versions]
