@@ -45,12 +45,11 @@ from auris.agent.signing import ModelTrust
 from auris.agent.wire import field_tag, length_delimited
 from auris.collector.broker import Broker, follow
 from auris.collector.feed_batch import TickColumns, TransactionColumns
+from auris.collector.feed_wire import encode_scores
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc, model_pb2
 
 if TYPE_CHECKING:
-    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
-
     from auris.collector.feed_models import BatchScores
 
 __all__ = [
@@ -485,44 +484,58 @@ def _score(row: Sequence[Any]) -> feed_service_pb2.FeedScore:
     return out
 
 
-def _add_scores(
-    into: RepeatedCompositeFieldContainer[feed_service_pb2.FeedScore],
-    feed_id: str,
-    rows: FeedRows,
-    first_id: int,
-    only: Sequence[bool] | None,
-) -> None:
-    """Append the FeedScores of stored rows (ids from ``first_id`` on), those where ``only`` is
-    true when given."""
-    add = into.add
-    nan = math.nan
-    fields = zip(
-        range(first_id, first_id + len(rows.record_ids)), rows.record_ids, rows.entities, rows.seconds,
-        rows.nanos, rows.model_ids, rows.model_versions, rows.scores, rows.anomalous, rows.explanations,
-        strict=True,
-    )  # fmt: skip
-    # Field by field: keyword arguments with dicts for the sub-messages cost 1.4x as much.
-    for row_id, record_id, entity, sec, nanos, model_id, version, score, anomalous, text in (
-        fields if only is None else itertools.compress(fields, only)
-    ):
-        entry = add()
-        entry.id = row_id
-        entry.feed_id = feed_id
-        entry.record_id = record_id
-        entry.entity = entity
-        stamp = entry.time
-        stamp.seconds = sec
-        if nanos:  # proto3 defaults (0, false, "") left unset: the same message, fewer calls
-            stamp.nanos = nanos
-        if model_id:
-            model = entry.model
-            model.model_id = model_id
-            model.version = version
-        entry.score = nan if score is None else score
-        if anomalous:
-            entry.anomalous = True
-        if text:
-            entry.explanation = text
+# The field number of the scores in every ingest answer.
+_SCORES_FIELD = 3
+assert {
+    answer.DESCRIPTOR.fields_by_name["scores"].number
+    for answer in (
+        feed_service_pb2.SubmitTransactionsResponse, feed_service_pb2.StreamTransactionsResponse,
+        feed_service_pb2.SubmitTicksResponse, feed_service_pb2.StreamTicksResponse,
+    )
+} == {_SCORES_FIELD}  # fmt: skip
+
+
+def _encoded_scores(feed_id: str, rows: FeedRows, first_id: int, only: Sequence[bool] | None) -> bytes:
+    """The FeedScores of stored rows (ids from ``first_id`` on), those where ``only`` is true when
+    given, as entries of an ingest answer's ``scores`` (``feed_wire.encode_scores``)."""
+    n = len(rows.record_ids)
+    pick = np.ones(n, dtype=bool) if only is None else np.fromiter(only, bool, n)
+    take: Callable[[list[Any]], list[Any]] = (
+        (lambda column: column) if only is None else (lambda column: list(itertools.compress(column, pick)))
+    )
+    model_ids, versions = take(rows.model_ids), take(rows.model_versions)
+    # Each row's index into the batch's distinct models (-1: not scored).
+    refs: dict[tuple[str, str], int] = {}
+    one = all(column.count(column[0]) == len(column) for column in (model_ids, versions) if column)
+    if one:
+        model = np.full(len(model_ids), 0 if model_ids and model_ids[0] else -1, dtype=np.int64)
+        if model_ids and model_ids[0]:
+            refs[model_ids[0], versions[0]] = 0
+    else:
+        keys = zip(model_ids, versions, strict=True)
+        model = np.fromiter(
+            (refs.setdefault(key, len(refs)) if key[0] else -1 for key in keys), np.int64, len(model_ids)
+        )
+    encoded = [model_pb2.ModelRef(model_id=m, version=v).SerializeToString() for m, v in refs]
+    scores = take(rows.scores)
+    if None in scores:
+        scores = [math.nan if score is None else score for score in scores]
+    return encode_scores(
+        _SCORES_FIELD,
+        feed_id,
+        np.flatnonzero(pick) + first_id,
+        take(rows.record_ids),
+        take(rows.entities),
+        np.asarray(take(rows.seconds), dtype=np.int64),
+        np.asarray(take(rows.nanos), dtype=np.int64),
+        encoded,
+        model,
+        np.array(
+            [math.nan if s is None else s for s in scores] if None in scores else scores, dtype=np.float64
+        ),
+        np.asarray(take(rows.anomalous), dtype=bool),
+        take(rows.explanations),
+    )
 
 
 _INSERT_COLUMNS = (
@@ -758,9 +771,9 @@ class FeedStore:
             [bool(r[4] and r[4].anomalous) for r in records],
             [r[4].explanation if r[4] else "" for r in records],
         )
-        into = feed_service_pb2.StreamTransactionsResponse().scores
-        alert_ids, _ = self.add_rows(feed_id, kind, rows, rejects, now_ns, into)
-        return list(into), alert_ids
+        answer = feed_service_pb2.StreamTransactionsResponse()
+        alert_ids, _ = self.add_rows(feed_id, kind, rows, rejects, now_ns, answer)
+        return list(answer.scores), alert_ids
 
     def add_rows(
         self,
@@ -769,35 +782,35 @@ class FeedStore:
         rows: FeedRows,
         rejects: Sequence[feed_service_pb2.RejectedRecord],
         now_ns: int,
-        into: RepeatedCompositeFieldContainer[feed_service_pb2.FeedScore],
-        answer: AnswerScores = feed_service_pb2.ANSWER_SCORES_ALL,
+        answer: _Answer,
+        wanted: AnswerScores = feed_service_pb2.ANSWER_SCORES_ALL,
         publish: bool = False,
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
         """Store a feed's accepted records and rejects of one batch in one transaction; append the
-        stored scores that ``answer`` asks for to ``into`` (an answer's ``scores``). Returns the ids
-        of alerts the scores changed, and every stored score when ``publish`` (else none)."""
+        stored scores that ``wanted`` asks for to ``answer``'s scores. Returns the ids of alerts the
+        scores changed, and every stored score when ``publish`` (else none)."""
         alert_ids: list[int] = []
         n = len(rows.record_ids)
         time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
-        answer_all = answer in (
+        answer_all = wanted in (
             feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
             feed_service_pb2.ANSWER_SCORES_ALL,
         )
         # Every score is built when the answer, subscribers or alert rules want them all.
         build_all = n > 0 and (answer_all or publish or (self._on_store is not None and self._wants_scores()))
-        built = into if answer_all else feed_service_pb2.StreamTicksResponse().scores
-        start = len(built)
+        built: Sequence[feed_service_pb2.FeedScore] = []
         with self._store.writing() as conn:
             if n:
                 _insert_records(conn, feed_id, kind, now_ns, rows, time_ns)
                 # One writer, rowids without AUTOINCREMENT: the batch took consecutive ids.
                 first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - n + 1
                 if build_all:
-                    _add_scores(built, feed_id, rows, first, None)
-                    if answer == feed_service_pb2.ANSWER_SCORES_ANOMALOUS:
-                        into.extend(score for score in built[start:] if score.anomalous)
-                elif answer == feed_service_pb2.ANSWER_SCORES_ANOMALOUS:
-                    _add_scores(into, feed_id, rows, first, rows.anomalous)
+                    holder = answer if answer_all else feed_service_pb2.StreamTicksResponse()
+                    start = len(holder.scores)
+                    holder.MergeFromString(_encoded_scores(feed_id, rows, first, None))
+                    built = holder.scores[start:]
+                if wanted == feed_service_pb2.ANSWER_SCORES_ANOMALOUS and any(rows.anomalous):
+                    answer.MergeFromString(_encoded_scores(feed_id, rows, first, rows.anomalous))
             if rejects:
                 conn.executemany(
                     "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
@@ -805,10 +818,10 @@ class FeedStore:
                     [(feed_id, now_ns, r.index, r.record_id, r.reason) for r in rejects],
                 )
             if self._on_store is not None and build_all:
-                alert_ids = self._on_store(conn, built[start:], now_ns)
+                alert_ids = self._on_store(conn, list(built), now_ns)
         if kind == TICKS and n:
             self._note_latest(zip(itertools.repeat(feed_id), rows.entities), time_ns)
-        return alert_ids, built[start:] if publish and build_all else []
+        return alert_ids, list(built) if publish else []
 
     def query(
         self, feed_id: str, since_ns: int, anomalous: bool | None, page_size: int, page_token: str
@@ -1124,7 +1137,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         for feed_id in dict.fromkeys([*parts, *rejected]):
             changed, stored = self._feeds.add_rows(
                 feed_id, kind, parts.get(feed_id) or rows.take([]), rejected.get(feed_id, []), now,
-                answer.scores, wanted, publish,
+                answer, wanted, publish,
             )  # fmt: skip
             alert_ids += changed
             published += stored
