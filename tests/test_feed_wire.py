@@ -1,16 +1,22 @@
-"""Feed scores encoded with numpy (``feed_wire``) parse to the messages that setting each field
-through the protobuf API builds, whatever the rows."""
+"""Feed records through ``feed_wire``: scores encoded with numpy parse to the messages that setting
+each field through the protobuf API builds, and tick requests read with numpy give the columns
+read from protobuf's messages (or are left to protobuf), whatever the rows or the bytes."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import struct
 from collections.abc import Sequence
 from typing import TypeVar
 
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from auris.agent.wire import varint
+from auris.collector.feed_batch import TickColumns
+from auris.collector.feed_wire import decode_ticks
 from auris.collector.feeds import FeedRows, _encoded_scores
 from auris.v1 import feed_service_pb2
 
@@ -95,3 +101,104 @@ def test_encoded_scores_append_to_an_answer_with_scores_already() -> None:
     assert answer.scores[1].time.nanos == 5
     assert answer.scores[1].model.version == "1"
     assert answer.accepted == 2
+
+
+def _same_columns(ours: TickColumns, protobufs: TickColumns) -> None:
+    assert ours.feed_ids == protobufs.feed_ids
+    assert ours.symbols == protobufs.symbols
+    for name in ("seconds", "nanos", "is_bar", "open", "high", "low", "close", "volume", "price", "size"):
+        a, b = getattr(ours, name), getattr(protobufs, name)
+        assert a.dtype == b.dtype, name
+        # Bit for bit: NaN payloads and the sign of zero included.
+        assert a.tobytes() == b.tobytes(), name
+
+
+_DOUBLES = ("price", "size", "open", "high", "low", "close", "volume")
+
+
+@st.composite
+def _ticks(draw: st.DrawFn) -> list[feed_service_pb2.Tick]:
+    ticks = []
+    for _ in range(draw(st.integers(0, 12))):
+        tick = feed_service_pb2.Tick(
+            feed_id=draw(st.text(max_size=70)), symbol=draw(st.text(max_size=70)), is_bar=draw(st.booleans())
+        )
+        if draw(st.booleans()):
+            tick.time.seconds = draw(st.integers(-(1 << 63), (1 << 63) - 1))
+            tick.time.nanos = draw(st.integers(-(1 << 31), (1 << 31) - 1))
+        for name in _DOUBLES:
+            if draw(st.booleans()):
+                setattr(tick, name, draw(st.floats(allow_nan=True, allow_infinity=True)))
+        ticks.append(tick)
+    return ticks
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ticks(), st.sampled_from(list(feed_service_pb2.AnswerScores.values())))
+def test_decoded_ticks_are_the_columns_protobuf_reads(
+    ticks: list[feed_service_pb2.Tick], answer: feed_service_pb2.AnswerScores.ValueType
+) -> None:
+    raw = feed_service_pb2.StreamTicksRequest(ticks=ticks, answer_scores=answer).SerializeToString()
+    decoded = decode_ticks(raw)
+    assert decoded is not None  # what protobuf writes is read without it
+    assert decoded.answer_scores == answer
+    _same_columns(TickColumns.decoded(decoded), TickColumns.of(ticks))
+    spans = zip(decoded.starts.tolist(), decoded.ends.tolist(), strict=True)
+    assert [raw[a:b] for a, b in spans] == [tick.SerializeToString() for tick in ticks]
+
+
+def _field(number: int, wire: int, body: bytes) -> bytes:
+    return varint(number << 3 | wire) + (varint(len(body)) + body if wire == 2 else body)
+
+
+# Pieces of a Tick's encoding, right and wrong: fields in any order and any number of times, values
+# of any width, unknown fields, wrong wire types, cut or overlong lengths.
+_TICK_PIECES = st.one_of(
+    st.builds(lambda n, s: _field(n, 2, s.encode()), st.integers(1, 2), st.text(max_size=140)),
+    st.builds(lambda n, b: _field(n, 2, b), st.integers(1, 3), st.binary(max_size=12)),
+    st.builds(lambda n, x: _field(n, 1, struct.pack("<d", x)), st.integers(4, 10), st.floats()),
+    st.builds(lambda v: _field(11, 0, varint(v)), st.integers(0, (1 << 64) - 1)),
+    st.builds(
+        lambda s, n: _field(3, 2, _field(1, 0, varint(s)) + _field(2, 0, varint(n))),
+        st.integers(0, (1 << 64) - 1),
+        st.integers(0, (1 << 64) - 1),
+    ),
+    st.builds(
+        lambda n, w, b: varint(n << 3 | w) + b, st.integers(0, 40), st.integers(0, 7), st.binary(max_size=10)
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.lists(_TICK_PIECES, max_size=8).map(b"".join), max_size=6),
+    st.binary(max_size=3),
+)
+def test_any_encoding_decodes_as_protobuf_reads_it_or_is_left_to_protobuf(
+    bodies: list[bytes], tail: bytes
+) -> None:
+    raw = b"".join(_field(1, 2, body) for body in bodies) + tail
+    try:
+        message = feed_service_pb2.StreamTicksRequest.FromString(raw)
+    except DecodeError:
+        assert decode_ticks(raw) is None  # never read where protobuf refuses
+        return
+    decoded = decode_ticks(raw)
+    if decoded is not None:
+        _same_columns(TickColumns.decoded(decoded), TickColumns.of(message.ticks))
+        assert decoded.answer_scores == message.answer_scores
+        spans = zip(decoded.starts.tolist(), decoded.ends.tolist(), strict=True)
+        assert [feed_service_pb2.Tick.FromString(raw[a:b]) for a, b in spans] == list(message.ticks)
+
+
+def test_wide_varints_read_as_protobuf_truncates_them() -> None:
+    """An int32 (nanos) sent as a varint wider than 32 bits keeps its low 32 bits, signed; a
+    negative int64 (seconds) takes ten bytes."""
+    for seconds, nanos, expected in (((1 << 64) - 1, (1 << 32) + 5, 5), (7, (1 << 64) - 5, -5)):
+        time = _field(1, 0, varint(seconds)) + _field(2, 0, varint(nanos))
+        raw = _field(1, 2, _field(2, 2, b"S") + _field(3, 2, time))
+        decoded = decode_ticks(raw)
+        assert decoded is not None
+        message = feed_service_pb2.StreamTicksRequest.FromString(raw)
+        assert decoded.nanos.tolist() == [message.ticks[0].time.nanos] == [expected]
+        assert decoded.seconds.tolist() == [message.ticks[0].time.seconds]

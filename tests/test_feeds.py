@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from auris.agent.wire import length_delimited, varint
 from auris.collector import ctl
 from auris.collector.client import CollectorClient
 from auris.collector.feed_batch import TickColumns, TransactionColumns
@@ -785,6 +786,44 @@ def test_streams_answer_batch_by_batch_in_order_and_score_as_the_scorers_do(tmp_
     want_bars = [(r.record_id, r.score, r.explanation) for r in tick_scorer.score(bars[:400])]
     got_bars = [(s.record_id, s.score, s.explanation) for a in bar_answers for s in a.scores]
     assert got_bars == want_bars
+
+
+def test_ticks_are_stored_as_the_bytes_the_client_sent(tmp_path: Path) -> None:
+    """A tick request read without protobuf objects stores each tick's bytes as they came (here
+    with their fields in reverse order, which protobuf would re-serialise in order); a request
+    that reader leaves to protobuf (a field this collector does not know) is stored as protobuf
+    re-serialises it. Both are accepted and scored."""
+    from tests.conftest import MODELS
+
+    bars = [
+        b
+        for b in _fixture_records("bars-sample.csv", FileFormat("ticks", "bars"))
+        if isinstance(b, feed_service_pb2.Tick)
+    ][:120]
+
+    def reversed_fields(tick: feed_service_pb2.Tick) -> bytes:
+        fields = [feed_service_pb2.Tick(**{f.name: v}).SerializeToString() for f, v in tick.ListFields()]
+        return b"".join(fields[::-1])
+
+    sent = [reversed_fields(tick) for tick in bars[:60]]
+    assert all(feed_service_pb2.Tick.FromString(b) == t for b, t in zip(sent, bars, strict=False))
+    assert sent[0] != bars[0].SerializeToString()
+    unknown = varint(15 << 3) + varint(1)  # field 15, a varint
+    later = [tick.SerializeToString() + unknown for tick in bars[60:]]
+    requests = [b"".join(length_delimited(b"\x0a", tick) for tick in batch) for batch in (sent, later)]
+    with (
+        running_collector(tmp_path / "auris.db", feed_models_dir=str(MODELS / "feeds")) as collector,
+        grpc.insecure_channel(collector.address) as channel,
+    ):
+        call = channel.stream_stream("/auris.v1.FeedService/StreamTicks", None, None)
+        replies = call(iter(requests), timeout=60)
+        answers = [feed_service_pb2.StreamTicksResponse.FromString(reply) for reply in replies]
+    assert [a.accepted for a in answers] == [60, 60]
+    assert sum(1 for a in answers for s in a.scores if s.model.model_id) == 120
+    with contextlib.closing(sqlite3.connect(tmp_path / "auris.db")) as conn:
+        stored = [blob for (blob,) in conn.execute("SELECT record_pb FROM feed_records ORDER BY id")]
+    assert stored[:60] == sent
+    assert stored[60:] == [feed_service_pb2.Tick.FromString(b).SerializeToString() for b in later]
 
 
 def test_answers_carry_the_scores_the_request_asks_for(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from auris.agent.wire import field_tag, varint
 from auris.collector.feed_features import TX_ULB
+from auris.collector.feed_wire import DecodedTicks
 from auris.v1 import feed_service_pb2
 
 __all__ = ["TickColumns", "TransactionColumns"]
@@ -228,6 +229,16 @@ class TickColumns(_Times):
             *(column(bar_ticks, bars, name) for name in ("open", "high", "low", "close", "volume")),
             *(column(trade_ticks, ~bars, name) for name in ("price", "size")),
         )
+
+    @classmethod
+    def decoded(cls, ticks: DecodedTicks) -> TickColumns:
+        """The columns of a request ``feed_wire.decode_ticks`` read (``of``'s, without messages)."""
+        bars = ticks.is_bar
+        v = ticks.doubles
+        bar_values = (np.where(bars, v[:, k], 0.0) for k in range(2, 7))
+        trade_values = (np.where(bars, 0.0, v[:, k]) for k in range(2))
+        times = (ticks.seconds, ticks.nanos)
+        return cls(ticks.feed_ids, ticks.symbols, *times, bars, *bar_values, *trade_values)
 
     def __len__(self) -> int:
         return len(self.symbols)

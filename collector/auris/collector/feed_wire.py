@@ -9,6 +9,7 @@ messages as the field-by-field way (``tests/test_feed_wire.py`` checks both on a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -197,3 +198,239 @@ def encode_scores(
         sizes = model_sizes[set_]
         out[np.repeat(at[set_] - (np.cumsum(sizes) - sizes), sizes) + np.arange(len(data))] = data
     return out.tobytes()
+
+
+# Reading ticks.
+#
+# A tick request is read field by field in lockstep over all its ticks: step k reads every
+# tick's k-th field with array operations. Anything outside the shapes the protobuf encoders
+# write for these messages (an unknown or repeated-message field, a tag or length over one byte
+# where one is expected, a wire type a field does not have) makes ``decode_ticks`` give up and
+# return None: the caller then parses the request with protobuf, which also reports a
+# malformed one. Where this reads a request, protobuf reads the same values.
+
+# Tick fields -> wire type (-1: not a Tick field). 1 feed_id, 2 symbol, 3 time, 4-10 doubles
+# (price, size, open, high, low, close, volume), 11 is_bar.
+_TICK_WIRE = np.full(16, -1, dtype=np.int64)
+_TICK_WIRE[[1, 2, 3]] = _DELIMITED
+_TICK_WIRE[4:11] = _FIXED64
+_TICK_WIRE[11] = _VARINT
+# Timestamp: 1 seconds, 2 nanos.
+_TIME_WIRE = np.full(16, -1, dtype=np.int64)
+_TIME_WIRE[[1, 2]] = _VARINT
+# The longest string read as an array of fixed width; longer ones are sliced one by one.
+_WIDE = 64
+
+
+@dataclasses.dataclass
+class DecodedTicks:
+    """A tick request's fields as columns (``feed_batch.TickColumns``' layout: 0.0 for a double
+    not set, 0 s 0 ns for a time not set), where each tick's bytes lie in the request, and the
+    request's answer_scores."""
+
+    feed_ids: list[str]
+    symbols: list[str]
+    seconds: I64
+    nanos: I64
+    is_bar: Mask
+    # Columns price, size, open, high, low, close, volume (fields 4 to 10).
+    doubles: npt.NDArray[np.float64]
+    starts: I64
+    ends: I64
+    answer_scores: int
+
+
+def _walk_request(raw: bytes) -> tuple[list[int], list[int], int] | None:
+    """Where each tick (field 1) of a request lies, and its answer_scores (field 2)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    add_start, add_end = starts.append, ends.append
+    answer = 0
+    pos, end = 0, len(raw)
+    try:
+        while pos < end:
+            tag = raw[pos]
+            if tag == 0x0A:
+                n = raw[pos + 1]
+                pos += 2
+                if n & 0x80:
+                    n, pos = _varint_at(raw, pos - 1)
+                add_start(pos)
+                pos += n
+                add_end(pos)
+            elif tag == 0x10:
+                answer, pos = _varint_at(raw, pos + 1)
+            else:
+                return None
+    except IndexError:
+        return None
+    if pos != end or answer >= 1 << 31:
+        return None
+    return starts, ends, answer
+
+
+def _varint_at(raw: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (IndexError past the end or 10 bytes)."""
+    value = shift = 0
+    for i in range(pos, pos + 10):
+        byte = raw[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value & ((1 << 64) - 1), i + 1
+    raise IndexError("varint over 10 bytes")
+
+
+def _read_varints(buf: U8, at: I64) -> tuple[U64, I64] | None:
+    """The varints at ``at`` (in a buffer padded with zero bytes) and their lengths; None where
+    one runs past 10 bytes."""
+    if not len(at):
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    groups = buf[at[:, None] + np.arange(10)]
+    last = groups < 0x80
+    if not last.any(axis=1).all():
+        return None
+    lengths = last.argmax(axis=1) + 1
+    bits = (groups & 0x7F).astype(np.uint64) << _SHIFTS
+    bits[np.arange(10)[None, :] >= lengths[:, None]] = 0
+    values: U64 = np.bitwise_or.reduce(bits, axis=1)
+    return values, lengths.astype(np.int64)
+
+
+def _strings(raw: bytes, buf: U8, at: I64, lengths: I64) -> list[str] | None:
+    """UTF-8 strings at ``at`` of ``lengths`` bytes; None where one is not valid UTF-8. Short ones
+    without a NUL (the fixed-width bytes type drops trailing NULs) are decoded once per distinct
+    value."""
+    try:
+        if len(at) and lengths.max() <= _WIDE:
+            width = max(int(lengths.max()), 1)
+            inside = np.arange(width)[None, :] < lengths[:, None]
+            grid = buf[at[:, None] + np.arange(width)]
+            grid[~inside] = 0
+            if grid[inside].all():
+                keys, inverse = np.unique(grid.view(f"S{width}").ravel(), return_inverse=True)
+                names = np.array([key.decode("utf-8") for key in keys.tolist()], dtype=object)
+                decoded: list[str] = names[inverse.ravel()].tolist()
+                return decoded
+        spans = zip(at.tolist(), lengths.tolist(), strict=True)
+        return [raw[a : a + k].decode("utf-8") for a, k in spans]
+    except UnicodeDecodeError:
+        return None
+
+
+def _tick_field(
+    buf: U8,
+    at: I64,
+    rows: I64 | slice,
+    tag: int,
+    doubles: npt.NDArray[np.float64],
+    is_bar: Mask,
+    spans: I64,
+    seen: I64,
+) -> I64 | int | None:
+    """Read one field (``tag``) of the ticks ``rows`` at ``at``; the bytes it takes (per row, or one
+    number for all), or None where ``decode_ticks`` gives up."""
+    field, wire = tag >> 3, tag & 7
+    if tag >= 0x80 or _TICK_WIRE[field] != wire:
+        return None
+    if wire == _FIXED64:
+        doubles[rows, field - 4] = buf[at[:, None] + np.arange(1, 9)].view("<f8")[:, 0]
+        return 9
+    if wire == _VARINT:
+        value = buf[at + 1]
+        if (value >= 0x80).any():
+            return None
+        is_bar[rows] = value != 0
+        return 2
+    size = buf[at + 1].astype(np.int64)
+    prefix = np.ones(len(at), dtype=np.int64)
+    if (size >= 0x80).any():  # a length over one byte (128 bytes and more)
+        read = _read_varints(buf, at + 1)
+        if read is None or (read[0] >= 1 << 31).any():
+            return None
+        size, prefix = read[0].astype(np.int64), read[1]
+    spans[rows, field, 0] = at + 1 + prefix
+    spans[rows, field, 1] = size
+    seen[rows, field] += 1
+    step: I64 = 1 + prefix + size
+    return step
+
+
+def decode_ticks(raw: bytes) -> DecodedTicks | None:
+    """A serialised Submit/StreamTicksRequest as columns, or None to leave it to protobuf."""
+    walked = _walk_request(raw)
+    if walked is None:
+        return None
+    starts, ends = np.asarray(walked[0], dtype=np.int64), np.asarray(walked[1], dtype=np.int64)
+    n = len(starts)
+    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)  # reads of 10 or _WIDE bytes stay inside
+    doubles = np.zeros((n, 7))
+    is_bar = np.zeros(n, dtype=bool)
+    # String and time fields: where each tick's lies and its length (0: not set), and how many
+    # times each tick has them (protobuf merges times, and checks the UTF-8 of every string).
+    spans = np.zeros((n, 4, 2), dtype=np.int64)
+    seen = np.zeros((n, 4), dtype=np.int64)
+    # The ticks still being read: every one (a slice, no gathers) until some have ended.
+    rows: I64 | slice = slice(None) if (starts < ends).all() else np.flatnonzero(starts < ends)
+    pos = starts.copy()
+    while len(at := pos[rows]):
+        tag = buf[at]
+        if (tag == tag[0]).all():  # the same field in every tick still being read: no masks
+            step = _tick_field(buf, at, rows, int(tag[0]), doubles, is_bar, spans, seen)
+            if step is None:
+                return None
+        else:
+            index = np.arange(n)[rows]
+            step = np.empty(len(at), dtype=np.int64)
+            for one in np.unique(tag).tolist():
+                these = tag == one
+                part = _tick_field(buf, at[these], index[these], one, doubles, is_bar, spans, seen)
+                if part is None:
+                    return None
+                step[these] = part
+        at = at + step
+        pos[rows] = at
+        ends_here = ends[rows]
+        if (at > ends_here).any():
+            return None
+        going = at < ends_here
+        if not going.all():
+            rows = np.arange(n)[rows][going]
+    if (seen > 1).any():  # left to protobuf
+        return None
+    seconds = np.zeros(n, dtype=np.uint64)
+    nanos = np.zeros(n, dtype=np.uint64)
+    time_end = spans[:, 3, 0] + spans[:, 3, 1]
+    rows = np.flatnonzero(spans[:, 3, 1] > 0)
+    pos = spans[:, 3, 0].copy()
+    while len(rows):
+        at = pos[rows]
+        tag = buf[at].astype(np.int64)
+        if (tag >= 0x80).any() or (_TIME_WIRE[tag >> 3] != (tag & 7)).any():
+            return None
+        read = _read_varints(buf, at + 1)
+        if read is None:
+            return None
+        values, lengths = read
+        first = (tag >> 3) == 1
+        seconds[rows[first]] = values[first]
+        nanos[rows[~first]] = values[~first]
+        pos[rows] = at + 1 + lengths
+        if (pos[rows] > time_end[rows]).any():
+            return None
+        rows = rows[pos[rows] < time_end[rows]]
+    feed_ids = _strings(raw, buf, spans[:, 1, 0], spans[:, 1, 1])
+    symbols = _strings(raw, buf, spans[:, 2, 0], spans[:, 2, 1])
+    if feed_ids is None or symbols is None:
+        return None
+    return DecodedTicks(
+        feed_ids,
+        symbols,
+        seconds.view(np.int64),
+        (nanos & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32).astype(np.int64),
+        is_bar,
+        doubles,
+        starts,
+        ends,
+        walked[2],
+    )

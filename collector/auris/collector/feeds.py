@@ -45,7 +45,7 @@ from auris.agent.signing import ModelTrust
 from auris.agent.wire import field_tag, length_delimited
 from auris.collector.broker import Broker, follow
 from auris.collector.feed_batch import TickColumns, TransactionColumns
-from auris.collector.feed_wire import encode_scores
+from auris.collector.feed_wire import decode_ticks, encode_scores
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc, model_pb2
 
@@ -949,6 +949,56 @@ class _Stages:
                 future.set_result(None)
 
 
+class TickRequest:
+    """A Submit/StreamTicksRequest as received: its bytes, which ``feed_wire.decode_ticks`` reads
+    into columns without a Python object per field, and the message protobuf parsed from them
+    (whether the request is well-formed is protobuf's call, and rejected ticks are read from it).
+    ``raw`` is empty for a request made in this process."""
+
+    __slots__ = ("message", "raw")
+
+    def __init__(
+        self, raw: bytes, message: feed_service_pb2.StreamTicksRequest | feed_service_pb2.SubmitTicksRequest
+    ) -> None:
+        self.raw = raw
+        self.message = message
+
+    @classmethod
+    def parse(cls, raw: bytes) -> TickRequest:
+        """The deserializer of the tick RPCs (DecodeError when protobuf cannot parse ``raw``). Both
+        requests have the same fields."""
+        return cls(raw, feed_service_pb2.StreamTicksRequest.FromString(raw))
+
+
+def add_feed_service(servicer: FeedServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` on ``server`` (as the generated ``add_FeedServiceServicer_to_server``),
+    the tick RPCs' requests as ``TickRequest``."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    class Collect:
+        def add_generic_rpc_handlers(self, _: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _: str, methods: dict[str, Any]) -> None:
+            handlers.update(methods)
+
+    feed_service_pb2_grpc.add_FeedServiceServicer_to_server(servicer, Collect())  # type: ignore[arg-type]
+    handlers["SubmitTicks"] = grpc.unary_unary_rpc_method_handler(
+        servicer.SubmitTicks,
+        request_deserializer=TickRequest.parse,
+        response_serializer=feed_service_pb2.SubmitTicksResponse.SerializeToString,
+    )
+    handlers["StreamTicks"] = grpc.stream_stream_rpc_method_handler(
+        servicer.StreamTicks,
+        request_deserializer=TickRequest.parse,
+        response_serializer=feed_service_pb2.StreamTicksResponse.SerializeToString,
+    )
+    name = feed_service_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    # As the generated code does: gRPC's stubs do not know this method yet.
+    server.add_registered_method_handlers(name, handlers)  # type: ignore[attr-defined]
+
+
 class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
     """FeedService: accept, hash, validate, score, store, publish, acknowledge."""
 
@@ -1035,10 +1085,19 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             ]
         return _Prepared(TRANSACTIONS, batch, columns, blobs, rejects)
 
-    def _prepare_ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> _Prepared:
-        columns = TickColumns.of(batch)
+    def _prepare_ticks(self, request: TickRequest) -> _Prepared:
+        batch = request.message.ticks
+        decoded = decode_ticks(request.raw) if request.raw else None
+        columns = TickColumns.of(batch) if decoded is None else TickColumns.decoded(decoded)
         firsts = tick_firsts(columns)
-        blobs = [tick.SerializeToString() for tick in batch] if firsts is not None else []
+        blobs: list[bytes] = []
+        if firsts is None:
+            pass  # the ticks are checked one by one, then serialised (``_score_batch``)
+        elif decoded is None:
+            blobs = [tick.SerializeToString() for tick in batch]
+        else:  # each tick's bytes as the request carries them
+            raw = request.raw
+            blobs = [raw[a:b] for a, b in zip(decoded.starts.tolist(), decoded.ends.tolist(), strict=True)]
         return _Prepared(TICKS, batch, columns, blobs, [], firsts)
 
     def _check_ticks(self, batch: Sequence[feed_service_pb2.Tick]) -> list[feed_service_pb2.RejectedRecord]:
@@ -1159,20 +1218,24 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         writer thread), and publish its scores; ``stages`` tells the next batch how far this one
         got."""
         stages = stages or _Stages.new()
-        records = request.transactions if kind == TRANSACTIONS else request.ticks
-        wanted = request.answer_scores
         loop = asyncio.get_running_loop()
-        prepare: Callable[[Sequence[Any]], _Prepared] = (
-            functools.partial(self._prepare_transactions, names=list(request.feature_names))
-            if kind == TRANSACTIONS
-            else self._prepare_ticks
-        )
+        prepare: Callable[[], _Prepared]
+        if kind == TRANSACTIONS:
+            records = request.transactions
+            names = list(request.feature_names)
+            prepare = functools.partial(self._prepare_transactions, records, names=names)
+        else:
+            tick_request = request if isinstance(request, TickRequest) else TickRequest(b"", request)
+            records = tick_request.message.ticks
+            prepare = functools.partial(self._prepare_ticks, tick_request)
+            request = tick_request.message
+        wanted = request.answer_scores
         try:
             if len(records) > MAX_BATCH:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
                 )
-            prepared = await loop.run_in_executor(self._preparer, prepare, records)
+            prepared = await loop.run_in_executor(self._preparer, prepare)
             if after is not None:
                 await after.scored
 
@@ -1268,13 +1331,15 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             yield answer
 
     async def SubmitTicks(
-        self, request: feed_service_pb2.SubmitTicksRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: feed_service_pb2.SubmitTicksRequest | TickRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> feed_service_pb2.SubmitTicksResponse:
         return await self._accept(TICKS, request, context, feed_service_pb2.SubmitTicksResponse())
 
     async def StreamTicks(
         self,
-        request_iterator: AsyncIterator[feed_service_pb2.StreamTicksRequest],
+        request_iterator: AsyncIterator[feed_service_pb2.StreamTicksRequest | TickRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[feed_service_pb2.StreamTicksResponse]:
         async for answer in self._stream(

@@ -23,7 +23,7 @@ from auris.collector.alerts import Alerts, Notifier
 from auris.collector.auth import AuthInterceptor, Authority
 from auris.collector.broker import Broker, NewVerdict
 from auris.collector.config import CollectorConfig
-from auris.collector.feeds import FeedScorers, FeedServicer, FeedStore
+from auris.collector.feeds import FeedScorers, FeedServicer, FeedStore, add_feed_service
 from auris.collector.limits import RateLimits
 from auris.collector.pki import AgentSigner
 from auris.collector.registry import ModelRegistry
@@ -36,7 +36,6 @@ from auris.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
     feed_service_pb2,
-    feed_service_pb2_grpc,
     query_service_pb2,
     query_service_pb2_grpc,
 )
@@ -171,7 +170,7 @@ class Collector:
             for reason in scorers.refused:
                 logger.error("feed model refused: %s", reason)
             logger.info("feed models: %s", ", ".join(scorers.models) or "none usable")
-        feed_service_pb2_grpc.add_FeedServiceServicer_to_server(
+        add_feed_service(
             FeedServicer(
                 self.feeds,
                 self._writer,
