@@ -484,6 +484,16 @@ def _score(row: Sequence[Any]) -> feed_service_pb2.FeedScore:
     return out
 
 
+def _answer_scores(
+    answer: _Answer, wanted: AnswerScores, feed_id: str, rows: FeedRows, first_id: int
+) -> None:
+    """Append the scores ``wanted`` of stored rows (ids from ``first_id`` on) to ``answer``."""
+    if wanted in (feed_service_pb2.ANSWER_SCORES_UNSPECIFIED, feed_service_pb2.ANSWER_SCORES_ALL):
+        answer.MergeFromString(_encoded_scores(feed_id, rows, first_id, None))
+    elif wanted == feed_service_pb2.ANSWER_SCORES_ANOMALOUS and any(rows.anomalous):
+        answer.MergeFromString(_encoded_scores(feed_id, rows, first_id, rows.anomalous))
+
+
 # The field number of the scores in every ingest answer.
 _SCORES_FIELD = 3
 assert {
@@ -785,10 +795,14 @@ class FeedStore:
         answer: _Answer,
         wanted: AnswerScores = feed_service_pb2.ANSWER_SCORES_ALL,
         publish: bool = False,
+        later: list[Callable[[], None]] | None = None,
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
         """Store a feed's accepted records and rejects of one batch in one transaction; append the
         stored scores that ``wanted`` asks for to ``answer``'s scores. Returns the ids of alerts the
-        scores changed, and every stored score when ``publish`` (else none)."""
+        scores changed, and every stored score when ``publish`` (else none).
+
+        With ``later``, where only the answer wants scores, what appends them is put there to be
+        called after the transaction (on another thread: the writer's time is the pipeline's)."""
         alert_ids: list[int] = []
         n = len(rows.record_ids)
         time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
@@ -796,8 +810,9 @@ class FeedStore:
             feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
             feed_service_pb2.ANSWER_SCORES_ALL,
         )
-        # Every score is built when the answer, subscribers or alert rules want them all.
-        build_all = n > 0 and (answer_all or publish or (self._on_store is not None and self._wants_scores()))
+        alerts = self._on_store is not None and self._wants_scores()
+        # Every score is built here when subscribers or alert rules want them all.
+        build_all = n > 0 and (publish or alerts)
         built: Sequence[feed_service_pb2.FeedScore] = []
         with self._store.writing() as conn:
             if n:
@@ -809,8 +824,14 @@ class FeedStore:
                     start = len(holder.scores)
                     holder.MergeFromString(_encoded_scores(feed_id, rows, first, None))
                     built = holder.scores[start:]
-                if wanted == feed_service_pb2.ANSWER_SCORES_ANOMALOUS and any(rows.anomalous):
-                    answer.MergeFromString(_encoded_scores(feed_id, rows, first, rows.anomalous))
+                    if wanted == feed_service_pb2.ANSWER_SCORES_ANOMALOUS and any(rows.anomalous):
+                        answer.MergeFromString(_encoded_scores(feed_id, rows, first, rows.anomalous))
+                else:
+                    fill = functools.partial(_answer_scores, answer, wanted, feed_id, rows, first)
+                    if later is None:
+                        fill()
+                    else:
+                        later.append(fill)
             if rejects:
                 conn.executemany(
                     "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
@@ -1152,13 +1173,14 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         return _Scored(prepared.kind, batch, columns.feed_ids, rows, rejects)
 
     def _store_batch(
-        self, scored: _Scored, answer: _Answer, wanted: AnswerScores
+        self, scored: _Scored, answer: _Answer, wanted: AnswerScores, later: list[Callable[[], None]]
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-        """Store a scored batch, fill the answer (with the scores ``wanted``); the ids of alerts
-        changed, and the scores to publish. Batches come here in the order they were scored."""
+        """Store a scored batch, fill the answer (with the scores ``wanted``, or put what adds them
+        in ``later``); the ids of alerts changed, and the scores to publish. Batches come here in
+        the order they were scored."""
         try:
             return self._store(
-                scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted
+                scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted, later
             )
         except BaseException:
             if scored.kind == TICKS:
@@ -1174,9 +1196,10 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         rejects: list[feed_service_pb2.RejectedRecord],
         answer: _Answer,
         wanted: AnswerScores,
+        later: list[Callable[[], None]],
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-        """Store the accepted rows (per feed) and the rejects, fill the answer; the ids of alerts
-        changed and the scores to publish."""
+        """Store the accepted rows (per feed) and the rejects, fill the answer (its scores, or
+        what adds them to ``later``); the ids of alerts changed and the scores to publish."""
         parts: dict[str, FeedRows] = {}
         if feed_ids and feed_ids.count(feed_ids[0]) == len(feed_ids):
             parts[feed_ids[0]] = rows
@@ -1196,7 +1219,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         for feed_id in dict.fromkeys([*parts, *rejected]):
             changed, stored = self._feeds.add_rows(
                 feed_id, kind, parts.get(feed_id) or rows.take([]), rejected.get(feed_id, []), now,
-                answer, wanted, publish,
+                answer, wanted, publish, later,
             )  # fmt: skip
             alert_ids += changed
             published += stored
@@ -1248,11 +1271,20 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             if after is not None:
                 await after.stored
 
+            # Scores only the answer wants are added here, on the event loop's thread, once stored:
+            # the writer goes on to the next batch meanwhile.
+            later: list[Callable[[], None]] = []
+
             def store() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
                 with self._store_lock:
-                    return self._store_batch(scored, answer, wanted)
+                    return self._store_batch(scored, answer, wanted, later)
 
             alert_ids, published = await loop.run_in_executor(self._writer, store)
+            if later:
+                stages.stored.set_result(None)
+                await asyncio.sleep(0)  # the next batch's store is handed to the writer first
+                for fill in later:
+                    fill()
         finally:
             stages.close()  # the next batch goes on, also when this one failed
         if alert_ids and self._alerts_changed is not None:
