@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from auris.agent.wire import length_delimited, varint
@@ -942,6 +942,12 @@ def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Verdi
     feed_id=st.text(min_size=1),
     limits=st.sampled_from([None, (1, 1 << 20), (8, 40)]),
 )
+@example(  # scores JSON cannot carry, beside ones it can: every one stored as bound
+    records=[("a", "s", 1, b"x", Scored("m", "1", x, False, "")) for x in (1, math.inf, -math.inf, math.nan)],
+    feed_id="f",
+    limits=None,
+)
+@example(records=[("a\x00b", "s", 1, b"", None), ("c", "s", 2, b"y", None)], feed_id="f", limits=None)
 def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
     feed_store: tuple[VerdictStore, FeedStore],
     records: list[tuple[str, str, int, bytes, Scored | None]],

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import hmac
 import itertools
-import json
 import logging
 import math
 import sqlite3
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from auris.agent.manifest import ManifestError
 from auris.agent.signing import ModelTrust
@@ -599,12 +599,17 @@ def _insert_part(conn: sqlite3.Connection, batch: tuple[str, int, int], columns:
     one_model = all(column.count(column[0]) == len(column) for column in (model_ids, versions))
     if not one_model:
         values += [model_ids, versions]
-    try:
-        text: str | None = json.dumps(list(zip(*values, strict=True)), ensure_ascii=False, allow_nan=False)
-    except ValueError:  # a score JSON cannot carry (NaN, infinity)
-        text = None
+    scores = values[3]
+    numbers = np.asarray([0.0 if v is None else v for v in scores] if None in scores else scores, np.float64)
+    text: bytes | None = None
+    if np.isfinite(numbers).all():  # JSON has no NaN or infinity (orjson writes null)
+        try:
+            # orjson: ~0.1 us a row, the json module ~1.5 (the collector's GIL held either way).
+            text = orjson.dumps(list(zip(*values, strict=True)))
+        except orjson.JSONEncodeError:  # an integer over 64 bits, a string that is not UTF-8
+            text = None
     # SQLite's JSON functions end a string at an escaped NUL.
-    if text is None or "\\u0000" in text or len(text) > _TEXT_LIMIT:
+    if text is None or b"\\u0000" in text or len(text) > _TEXT_LIMIT:
         feed_id, kind, now_ns = batch
         record_ids, entities, time_ns, scores, anomalous, explanations = values[:6]
         same = itertools.repeat
@@ -613,10 +618,10 @@ def _insert_part(conn: sqlite3.Connection, batch: tuple[str, int, int], columns:
             zip(same(feed_id), same(kind), record_ids, entities, time_ns, same(now_ns), model_ids, versions,
                 scores, anomalous, explanations, blobs, strict=False),
         )  # fmt: skip
-    elif one_model:
-        conn.execute(_INSERT_ONE_MODEL, (*batch, text, b"".join(blobs), model_ids[0], versions[0]))
+    elif one_model:  # the JSON as text: SQLite would take bytes for a BLOB
+        conn.execute(_INSERT_ONE_MODEL, (*batch, text.decode(), b"".join(blobs), model_ids[0], versions[0]))
     else:
-        conn.execute(_INSERT_MODELS, (*batch, text, b"".join(blobs)))
+        conn.execute(_INSERT_MODELS, (*batch, text.decode(), b"".join(blobs)))
 
 
 class FeedStore:
