@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from google.protobuf import timestamp_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from auris.agent.manifest import ManifestError, dump_manifest, find_manifests, read_manifest
 from auris.agent.signing import ModelTrust
@@ -183,6 +185,54 @@ def test_bar_windows_fed_in_any_batches_equal_one_pass() -> None:
     assert whole.local[spy[20]].all()
     assert (whole.history[spy[60:]] == 60).all()
     assert not whole.sequences[spy[:59]].any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_bar_windows_of_many_symbols_at_once_equal_each_symbol_alone(data: st.DataObject) -> None:
+    """Bars of many symbols interleaved in any order and cut into any batches give, bit for bit,
+    the features each symbol's bars give fed on their own (every column set, warm-up included,
+    with any min_history)."""
+    symbols, t, o, h, lo, c, v = _bar_arrays()
+    base = np.asarray(symbols)
+    n_symbols = data.draw(st.integers(1, 12))
+    # Symbol k: the fixture's bars of one of its symbols from row k on, renamed, some left out
+    # (intervals of several lengths, so the shortest one so far matters).
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    streams = []
+    for k in range(n_symbols):
+        rows = np.flatnonzero(base == base[k % len(base)])[k * 7 :]
+        rows = rows[rng.random(len(rows)) < data.draw(st.sampled_from([0.5, 0.9, 1.0]))]
+        streams.append((f"S{k}", rows[: data.draw(st.integers(1, 150))]))
+    # Interleave them in a random order that keeps each symbol's rows in time order.
+    owners = np.concatenate([np.full(len(rows), k) for k, (_, rows) in enumerate(streams)])
+    owners = owners[rng.permutation(len(owners))]
+    taken = [0] * n_symbols
+    picks, names = [], []
+    for k in owners.tolist():
+        picks.append(streams[k][1][taken[k]])
+        names.append(streams[k][0])
+        taken[k] += 1
+    pick = np.asarray(picks)
+    cols = [a[pick] for a in (t, o, h, lo, c, v)]
+    min_history = data.draw(st.sampled_from([2, 5, 20]))
+    windows = BarWindows(min_history=min_history)
+    got = []
+    i = 0
+    while i < len(pick):
+        m = data.draw(st.integers(1, 200))
+        got.append(
+            windows.update(names[i : i + m], *(x[i : i + m] for x in cols), sequences=True, local=True)
+        )
+        i += m
+    whole = {f: np.concatenate([getattr(p, f) for p in got]) for f in ("z", "history", "sequences", "local")}
+    for name, _ in streams:
+        mine = np.asarray(names) == name
+        alone = BarWindows(min_history=min_history).update(
+            [name] * int(mine.sum()), *(x[mine] for x in cols), sequences=True, local=True
+        )
+        for field, column in whole.items():
+            assert column[mine].tobytes() == getattr(alone, field).tobytes(), (name, field)
 
 
 def test_bar_window_return_z_is_the_robust_z_against_the_previous_60_bars() -> None:

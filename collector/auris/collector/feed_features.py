@@ -328,24 +328,38 @@ def _stat_series(base: F64) -> F64:
     return np.column_stack([ret, np.sqrt(absret), base[:, 1], np.sqrt(base[:, 2]), absret])
 
 
-def _window_sums(series: F64, positions: npt.NDArray[np.intp], k: int) -> F64:
-    """Sum of series[p-k+1 .. p] for each position (fewer terms at the start). Summed term by term
-    (not from a running total), so the result does not depend on how much history precedes it."""
+def _window_terms(series: F64, positions: npt.NDArray[np.intp], k: int, starts: npt.NDArray[np.intp]) -> F64:
+    """series[p-k+1 .. p] for each position, zero before its symbol's first row (``starts``)."""
     padded = np.concatenate([np.zeros(k - 1), series])
-    sums: F64 = np.lib.stride_tricks.sliding_window_view(padded, k)[positions].sum(axis=1)
+    terms: F64 = np.lib.stride_tricks.sliding_window_view(padded, k)[positions]
+    before = positions - (k - 1) - starts  # where each window starts, from its symbol's first row
+    if (before < 0).any():
+        terms = np.where(np.arange(k)[None, :] < -before[:, None], 0.0, terms)
+    return terms
+
+
+def _window_sums(series: F64, positions: npt.NDArray[np.intp], k: int, starts: npt.NDArray[np.intp]) -> F64:
+    """Sum of series[p-k+1 .. p] for each position (fewer terms at the start of its symbol's rows,
+    ``starts``). Summed term by term (not from a running total), so the result does not depend on
+    how much history precedes it."""
+    sums: F64 = _window_terms(series, positions, k, starts).sum(axis=1)
     return sums
 
 
-def _capped_sums(series: F64, positions: npt.NDArray[np.intp], k: int, cap: F64) -> F64:
+def _capped_sums(
+    series: F64, positions: npt.NDArray[np.intp], k: int, cap: F64, starts: npt.NDArray[np.intp]
+) -> F64:
     """``_window_sums`` with every term clipped to [-cap, cap] (one cap per position)."""
-    padded = np.concatenate([np.zeros(k - 1), series])
-    terms = np.lib.stride_tricks.sliding_window_view(padded, k)[positions]
+    terms = _window_terms(series, positions, k, starts)
     sums: F64 = np.clip(terms, -cap[:, None], cap[:, None]).sum(axis=1)
     return sums
 
 
-def _z_from_stats(stats: F64, positions: npt.NDArray[np.intp], med: F64, scale: F64) -> F64:
-    """BAR_Z rows for ``positions`` given (rows, 5) window medians and scales of the stat series.
+def _z_from_stats(
+    stats: F64, positions: npt.NDArray[np.intp], med: F64, scale: F64, starts: npt.NDArray[np.intp]
+) -> F64:
+    """BAR_Z rows for ``positions`` given (rows, 5) window medians and scales of the stat series
+    (``starts``: where each position's symbol's rows begin).
 
     Sums of returns over k bars are judged as sums of k independent draws: (sum - k median) /
     (sqrt(k) scale), which stays right although consecutive sums overlap. The |return| columns are
@@ -354,10 +368,10 @@ def _z_from_stats(stats: F64, positions: npt.NDArray[np.intp], med: F64, scale: 
     for col, stat in ((0, 0), (1, 1), (2, 2), (3, 3)):
         out[:, col] = (stats[positions, stat] - med[:, stat]) / scale[:, stat]
     for col, k in ((4, 5), (5, 20)):
-        total = _window_sums(stats[:, 0], positions, k)
+        total = _window_sums(stats[:, 0], positions, k, starts)
         out[:, col] = (total - k * med[:, 0]) / (np.sqrt(k) * scale[:, 0])
     for col, k in ((6, 5), (7, 20)):
-        mean_abs = _window_sums(stats[:, 4], positions, k) / k
+        mean_abs = _window_sums(stats[:, 4], positions, k, starts) / k
         out[:, col] = np.log((mean_abs + 1e-12) / scale[:, 0])
     return np.clip(out, -Z_CLIP, Z_CLIP)
 
@@ -422,7 +436,11 @@ class BarWindows:
         local: bool = False,
     ) -> BarFeatures:
         """Feed bars (time order within each symbol); return their features: the BAR_Z rows
-        unless ``z_scores`` is False (then zeros), the sequences and the BAR_LOCAL rows if asked."""
+        unless ``z_scores`` is False (then zeros), the sequences and the BAR_LOCAL rows if asked.
+
+        Every symbol of the batch at once: its bars are grouped by symbol, each symbol's kept
+        rows put before its new ones, and the windows cut from that one array (a loop per symbol
+        cost ~40 array operations each, 8.7k bars/s for batches spread over 500 symbols)."""
         n = len(symbols)
         z = np.zeros((n, len(BAR_Z.columns)), dtype=np.float32)
         history = np.zeros(n, dtype=np.int64)
@@ -430,108 +448,162 @@ class BarWindows:
         loc = np.zeros((n, len(BAR_LOCAL.columns)), dtype=np.float32) if local else None
         if n == 0:
             return BarFeatures(z, history, seq, loc)
-        groups: dict[str, list[int]] = {}
-        for i, s in enumerate(symbols):
-            groups.setdefault(s, []).append(i)
+        codes: dict[str, int] = {}
+        group = np.fromiter((codes.setdefault(s, len(codes)) for s in symbols), np.int64, n)
+        names = list(codes)
+        states = [self._symbols.get(name) for name in names]
+        # Rows grouped by symbol, in time order within each (a stable sort keeps the input order).
+        order = np.argsort(group, kind="stable")
+        counts = np.bincount(group, minlength=len(names))
+        firsts = np.cumsum(counts) - counts  # each symbol's first row in ``order``
+        lasts = firsts + counts - 1
+        g = group[order]
         tiny = 1e-12
-        o = np.maximum(np.asarray(open_, dtype=np.float64), tiny)
-        h = np.maximum(np.asarray(high, dtype=np.float64), tiny)
-        lo = np.maximum(np.asarray(low, dtype=np.float64), tiny)
-        c = np.maximum(np.asarray(close, dtype=np.float64), tiny)
-        v = np.maximum(np.asarray(volume, dtype=np.float64), 0.0)
-        t = np.asarray(times_s, dtype=np.float64)
-        for symbol, members in groups.items():
-            idx = np.asarray(members, dtype=np.intp)
-            state = self._symbols.get(symbol)
-            first_prev = state.last_close if state is not None else o[idx[0]]
-            prev = np.concatenate([[first_prev], c[idx[:-1]]])
-            prev_t = np.concatenate([[state.last_time if state is not None else np.nan], t[idx[:-1]]])
-            dt = t[idx] - prev_t
-            steps = np.where(dt > 0, dt, np.inf)  # NaN (first bar) and repeats do not set the interval
-            before = np.concatenate([[state.min_interval if state is not None else np.inf], steps[:-1]])
-            shortest = np.minimum.accumulate(before)
-            new_session = ~(dt <= GAP_FACTOR * shortest)  # also the symbol's first bar (NaN)
-            body = np.log(c[idx] / o[idx])
-            new = np.column_stack(
-                [np.where(new_session, body, np.log(c[idx] / prev)), np.log1p(v[idx]),
-                 np.log(np.maximum(h[idx], lo[idx]) / lo[idx]), body]
-            )  # fmt: skip
-            past = state.base if state is not None else np.zeros((0, 4))
-            bars_before = state.bars if state is not None else 0
-            full = np.concatenate([past, new])
-            p0 = len(past)
-            # Position p in ``full`` has min(p, w) previous bars when the symbol's log starts at 0;
-            # after truncation p0 == keep >= w, so the count is the true one, capped at w.
-            history[idx] = np.minimum(np.arange(len(idx)) + bars_before, self.window)
-            if z_scores:
-                self._z_rows(_stat_series(full), p0, idx, z)
-            if seq is not None:
-                self._sequences(full, p0, idx, seq)
-            if loc is not None:
-                self._local_rows(full, p0, idx, loc)
-            self._symbols[symbol] = _Symbol(
-                full[-self._keep :],
-                float(c[idx[-1]]),
-                float(t[idx[-1]]),
-                float(min(shortest[-1], steps[-1])),
-                bars_before + len(idx),
+        o = np.maximum(np.asarray(open_, dtype=np.float64)[order], tiny)
+        h = np.maximum(np.asarray(high, dtype=np.float64)[order], tiny)
+        lo = np.maximum(np.asarray(low, dtype=np.float64)[order], tiny)
+        c = np.maximum(np.asarray(close, dtype=np.float64)[order], tiny)
+        v = np.maximum(np.asarray(volume, dtype=np.float64)[order], 0.0)
+        t = np.asarray(times_s, dtype=np.float64)[order]
+        known = np.array([state is not None for state in states])
+        last_close = np.array([state.last_close if state is not None else 0.0 for state in states])
+        last_time = np.array([state.last_time if state is not None else np.nan for state in states])
+        interval = np.array([state.min_interval if state is not None else np.inf for state in states])
+        before_bars = np.array([state.bars if state is not None else 0 for state in states], dtype=np.int64)
+        # Each row's previous close, time and interval: its symbol's row before, or its state.
+        prev = _shifted(c, firsts, np.where(known, last_close, o[firsts]))
+        prev_t = _shifted(t, firsts, last_time)
+        dt = t - prev_t
+        steps = np.where(dt > 0, dt, np.inf)  # NaN (first bar) and repeats do not set the interval
+        shortest = _segment_cummin(_shifted(steps, firsts, interval), firsts, counts)
+        new_session = ~(dt <= GAP_FACTOR * shortest)  # also the symbol's first bar (NaN)
+        body = np.log(c / o)
+        new = np.column_stack(
+            [np.where(new_session, body, np.log(c / prev)), np.log1p(v), np.log(np.maximum(h, lo) / lo), body]
+        )  # fmt: skip
+        # One array: each symbol's kept rows, then its new ones.
+        pasts = [state.base if state is not None else np.zeros((0, 4)) for state in states]
+        kept = np.array([len(past) for past in pasts], dtype=np.int64)
+        pieces: list[F64] = []
+        for k, past in enumerate(pasts):
+            pieces += [past, new[firsts[k] : firsts[k] + counts[k]]]
+        full = np.concatenate(pieces)
+        starts = np.cumsum(kept + counts) - (kept + counts)  # each symbol's first row in ``full``
+        rank = np.arange(n) - firsts[g]  # a new row's place among its symbol's new rows
+        # Position p of a symbol's rows has min(p, w) previous bars when its log starts at 0; after
+        # truncation the kept rows are keep >= w, so the count is the true one, capped at w.
+        where = _Rows(order, starts[g] + kept[g] + rank, kept[g] + rank, starts[g])
+        history[order] = np.minimum(rank + before_bars[g], self.window)
+        if z_scores:
+            self._z_rows(_stat_series(full), where, z)
+        if seq is not None:
+            self._sequences(full, where, seq)
+        if loc is not None:
+            self._local_rows(full, where, loc)
+        for k, name in enumerate(names):
+            last = lasts[k]
+            end = starts[k] + kept[k] + counts[k]
+            self._symbols[name] = _Symbol(
+                full[max(starts[k], end - self._keep) : end].copy(),
+                float(c[last]),
+                float(t[last]),
+                float(min(shortest[last], steps[last])),
+                int(before_bars[k] + counts[k]),
             )
         return BarFeatures(z, history, seq, loc)
 
-    def _z_rows(self, stats: F64, p0: int, idx: npt.NDArray[np.intp], z: F32) -> None:
+    def _z_rows(self, stats: F64, rows: _Rows, z: F32) -> None:
         w = self.window
-        m = len(idx)
-        full_rows = np.flatnonzero(np.arange(p0, p0 + m) >= w)
+        full_rows = np.flatnonzero(rows.local >= w)
         if len(full_rows):
-            positions = p0 + full_rows
+            positions = rows.at[full_rows]
             windows = np.lib.stride_tricks.sliding_window_view(stats, w, axis=0)  # (len-w+1, 5, w)
             med, scale = _robust_scale(windows[positions - w], _Z_FLOORS[None, :, None])
-            z[idx[full_rows]] = _z_from_stats(stats, positions, med[:, :, 0], scale[:, :, 0])
-        for r in np.flatnonzero(np.arange(p0, p0 + m) < w):
-            p = p0 + int(r)
+            z[rows.index[full_rows]] = _z_from_stats(
+                stats, positions, med[:, :, 0], scale[:, :, 0], rows.starts[full_rows]
+            )
+        for r in np.flatnonzero(rows.local < w).tolist():
+            p = int(rows.local[r])
             if p >= self.min_history:
-                med, scale = _robust_scale(stats[:p].T, _Z_FLOORS[:, None])
-                z[idx[r]] = _z_from_stats(stats, np.array([p]), med[:, 0][None, :], scale[:, 0][None, :])[0]
+                own = stats[rows.starts[r] : rows.starts[r] + p + 1]
+                med, scale = _robust_scale(own[:p].T, _Z_FLOORS[:, None])
+                z[rows.index[r]] = _z_from_stats(
+                    own, np.array([p]), med[:, 0][None, :], scale[:, 0][None, :], np.zeros(1, dtype=np.intp)
+                )[0]
 
-    def _local_rows(self, full: F64, p0: int, idx: npt.NDArray[np.intp], out: F32) -> None:
-        """BAR_LOCAL rows of the bars at positions p0.. of ``full`` (ret, logvol, range, body)."""
+    def _local_rows(self, full: F64, rows: _Rows, out: F32) -> None:
+        """BAR_LOCAL rows of the new bars (``full``'s columns: ret, logvol, range, body)."""
         w = self.window
-        positions = np.arange(p0, p0 + len(idx))
+        n = len(rows.at)
         ret, rng = full[:, 0], full[:, 2]
-        sd = np.zeros(len(idx))
-        mean_range = np.zeros(len(idx))
-        full_rows = np.flatnonzero(positions >= w)
+        sd = np.zeros(n)
+        mean_range = np.zeros(n)
+        full_rows = np.flatnonzero(rows.local >= w)
         if len(full_rows):
-            at = positions[full_rows] - w
+            at = rows.at[full_rows] - w
             sd[full_rows] = np.lib.stride_tricks.sliding_window_view(ret, w)[at].std(axis=1)
             mean_range[full_rows] = np.lib.stride_tricks.sliding_window_view(rng, w)[at].mean(axis=1)
-        for r in np.flatnonzero(positions < w).tolist():
-            p = int(positions[r])
+        for r in np.flatnonzero(rows.local < w).tolist():
+            p, start = int(rows.local[r]), int(rows.starts[r])
             if p >= self.min_history:
-                sd[r] = ret[:p].std()
-                mean_range[r] = rng[:p].mean()
-        ready = positions >= self.min_history
+                sd[r] = ret[start : start + p].std()
+                mean_range[r] = rng[start : start + p].mean()
+        ready = rows.local >= self.min_history
         sd = np.maximum(sd, _LOCAL_FLOORS[0])
         mean_range = np.maximum(mean_range, _LOCAL_FLOORS[1])
-        rows = np.empty((len(idx), len(BAR_LOCAL.columns)))
-        rows[:, 0] = ret[positions] / sd
-        recent = _capped_sums(rng, positions, _LOCAL_RANGE_BARS, _LOCAL_RANGE_CAP * mean_range)
-        rows[:, 1] = np.log(np.maximum(recent / _LOCAL_RANGE_BARS, 1e-12) / mean_range)
+        local = np.empty((n, len(BAR_LOCAL.columns)))
+        local[:, 0] = ret[rows.at] / sd
+        k = _LOCAL_RANGE_BARS
+        recent = _capped_sums(rng, rows.at, k, _LOCAL_RANGE_CAP * mean_range, rows.starts)
+        local[:, 1] = np.log(np.maximum(recent / k, 1e-12) / mean_range)
         k = _LOCAL_SUM_BARS
-        rows[:, 2] = _capped_sums(ret, positions, k, _LOCAL_SUM_CAP * sd) / (math.sqrt(k) * sd)
-        out[idx[ready]] = np.clip(rows[ready], -Z_CLIP, Z_CLIP)
+        local[:, 2] = _capped_sums(ret, rows.at, k, _LOCAL_SUM_CAP * sd, rows.starts) / (math.sqrt(k) * sd)
+        out[rows.index[ready]] = np.clip(local[ready], -Z_CLIP, Z_CLIP)
 
-    def _sequences(self, full: F64, p0: int, idx: npt.NDArray[np.intp], seq: F32) -> None:
+    def _sequences(self, full: F64, rows: _Rows, seq: F32) -> None:
         length = self.sequence_length
-        positions = np.arange(p0, p0 + len(idx))
-        ok = positions >= length - 1
+        ok = rows.local >= length - 1
         if not ok.any():
             return
         windows = np.lib.stride_tricks.sliding_window_view(full, length, axis=0)  # (len-L+1, 4, L)
-        cut = windows[positions[ok] - (length - 1)]
+        cut = windows[rows.at[ok] - (length - 1)]
         med, scale = _robust_scale(cut, _SEQ_FLOORS[None, :, None])
         normed = np.clip((cut - med) / scale, -SEQ_CLIP, SEQ_CLIP)
-        seq[idx[ok]] = np.transpose(normed, (0, 2, 1))
+        seq[rows.index[ok]] = np.transpose(normed, (0, 2, 1))
+
+
+@dataclasses.dataclass
+class _Rows:
+    """Where a batch's new bars are in ``BarWindows.update``'s array of every symbol's rows, in
+    symbol order: each one's index in the batch, its row, its place in its own symbol's rows (=
+    the bars before it, kept or new), and its symbol's first row."""
+
+    index: npt.NDArray[np.intp]
+    at: npt.NDArray[np.intp]
+    local: npt.NDArray[np.intp]
+    starts: npt.NDArray[np.intp]
+
+
+def _shifted(x: F64, firsts: npt.NDArray[np.intp], heads: F64) -> F64:
+    """x moved down one row within each group of consecutive rows; a group's first row (at
+    ``firsts``) takes its ``heads`` value."""
+    out = np.empty_like(x)
+    out[1:] = x[:-1]
+    out[firsts] = heads
+    return out
+
+
+def _segment_cummin(x: F64, firsts: npt.NDArray[np.intp], counts: npt.NDArray[np.intp]) -> F64:
+    """The running minimum of x within each group of consecutive rows (groups start at ``firsts``):
+    doubling steps, each taking the minimum with the value 2^k rows back in the same group."""
+    out = x.copy()
+    offset = np.arange(len(x)) - np.repeat(firsts, counts)  # a row's place in its group
+    step = 1
+    while step < len(x) and (offset >= step).any():
+        back = np.flatnonzero(offset >= step)
+        out[back] = np.minimum(out[back], out[back - step])
+        step *= 2
+    return out
 
 
 @dataclasses.dataclass
