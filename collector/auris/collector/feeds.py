@@ -246,12 +246,19 @@ def tick_firsts(columns: TickColumns) -> dict[tuple[str, str], int] | None:
         if not ((price > 0) & (size > 0) & np.isfinite(price) & np.isfinite(size)).all():
             return None
     # Times must increase within each (feed, symbol).
-    keys: dict[tuple[str, str], int] = {}
+    feed_ids = columns.feed_ids
+    keys: dict[Any, int] = {}
+    one_feed = feed_ids.count(feed_ids[0]) == len(feed_ids)  # then keyed by symbol alone: no tuples
     codes = np.fromiter(
-        (keys.setdefault(key, len(keys)) for key in zip(columns.feed_ids, columns.symbols, strict=True)),
+        (
+            keys.setdefault(key, len(keys))
+            for key in (columns.symbols if one_feed else zip(feed_ids, columns.symbols, strict=True))
+        ),
         np.int64,
         len(columns),
     )
+    if one_feed:
+        keys = {(feed_ids[0], symbol): code for symbol, code in keys.items()}
     order = np.argsort(codes, kind="stable")
     code, ns = codes[order], columns.time_ns[order]
     if ((code[1:] == code[:-1]) & (ns[1:] <= ns[:-1])).any():
@@ -788,6 +795,8 @@ class FeedStore:
         )
         answer = feed_service_pb2.StreamTransactionsResponse()
         alert_ids, _ = self.add_rows(feed_id, kind, rows, rejects, now_ns, answer)
+        if kind == TICKS:
+            self.note_ticks([feed_id] * len(records), rows.entities, [r[2] for r in records])
         return list(answer.scores), alert_ids
 
     def add_rows(
@@ -804,7 +813,8 @@ class FeedStore:
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
         """Store a feed's accepted records and rejects of one batch in one transaction; append the
         stored scores that ``wanted`` asks for to ``answer``'s scores. Returns the ids of alerts the
-        scores changed, and every stored score when ``publish`` (else none).
+        scores changed, and every stored score when ``publish`` (else none). Accepted ticks' times
+        are the caller's to note (``note_ticks``).
 
         With ``later``, where only the answer wants scores, what appends them is put there to be
         called after the transaction (on another thread: the writer's time is the pipeline's)."""
@@ -845,8 +855,6 @@ class FeedStore:
                 )
             if self._on_store is not None and build_all:
                 alert_ids = self._on_store(conn, list(built), now_ns)
-        if kind == TICKS and n:
-            self._note_latest(zip(itertools.repeat(feed_id), rows.entities), time_ns)
         return alert_ids, list(built) if publish else []
 
     def query(
