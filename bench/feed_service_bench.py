@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from feeds_bench import _bars, _ulb_transactions
+from feeds_bench import _bars, _spread, _ulb_transactions
 
 from auris.agent.signing import ModelTrust
 from auris.collector.feed_features import TX_ULB
@@ -67,23 +67,6 @@ def _refeed(records: Sequence[Any], feed_id: str) -> list[Any]:
         copy = type(record)()
         copy.CopyFrom(record)
         copy.feed_id = feed_id
-        out.append(copy)
-    return out
-
-
-def _spread(bars: Sequence[feed_service_pb2.Tick], symbols: int) -> list[feed_service_pb2.Tick]:
-    """Copies of ``bars`` renamed over about ``symbols`` symbols: each symbol's bars dealt in turn
-    to its copies (every copy keeps its bars in time order), a request of 1000 then holds ~2 bars of
-    each of 500 symbols, as a market feed does."""
-    per = max(1, symbols // len({b.symbol for b in bars}))
-    seen: dict[str, int] = {}
-    out = []
-    for bar in bars:
-        k = seen.get(bar.symbol, 0)
-        seen[bar.symbol] = k + 1
-        copy = feed_service_pb2.Tick()
-        copy.CopyFrom(bar)
-        copy.symbol = f"{bar.symbol}.{k % per}"
         out.append(copy)
     return out
 
