@@ -10,6 +10,7 @@ import struct
 from collections.abc import Sequence
 from typing import TypeVar
 
+import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -202,3 +203,29 @@ def test_wide_varints_read_as_protobuf_truncates_them() -> None:
         message = feed_service_pb2.StreamTicksRequest.FromString(raw)
         assert decoded.nanos.tolist() == [message.ticks[0].time.nanos] == [expected]
         assert decoded.seconds.tolist() == [message.ticks[0].time.seconds]
+
+
+def test_requests_beyond_what_an_encoder_writes_are_left_to_protobuf() -> None:
+    """Fields repeated past what an encoder writes (each step of the reader costs the same whatever
+    the batch: a million repeats must not cost a million steps), and varints over 64 bits."""
+    tick = feed_service_pb2.Tick(feed_id="f", symbol="S", price=1.0, size=1.0).SerializeToString()
+    normal = _field(1, 2, tick)
+    assert decode_ticks(normal * 3) is not None
+    for raw in (
+        normal + _field(1, 2, tick + b"\x58\x00" * 1_000_000),  # is_bar a million times
+        normal + _field(1, 2, tick + _field(2, 2, b"T")),  # a string twice
+        normal + _field(1, 2, _field(3, 2, _field(1, 0, varint(5)) * 10)),  # a time's seconds ten times
+        normal + _field(2, 0, varint(1)) * 3,  # answer_scores again and again
+    ):
+        feed_service_pb2.StreamTicksRequest.FromString(raw)  # protobuf reads them
+        assert decode_ticks(raw) is None
+    # A 10-byte varint whose last byte carries more than bit 64: as a length protobuf refuses it,
+    # as a time's seconds it keeps the low 64 bits; the reader leaves both to protobuf.
+    wide = bytes.fromhex("81808080808080808002")
+    length = _field(1, 2, b"\x0a" + wide + b"x")
+    with pytest.raises(DecodeError):
+        feed_service_pb2.StreamTicksRequest.FromString(length)
+    assert decode_ticks(length) is None
+    seconds = _field(1, 2, _field(3, 2, b"\x08" + wide))
+    assert feed_service_pb2.StreamTicksRequest.FromString(seconds).ticks[0].time.seconds == 1
+    assert decode_ticks(seconds) is None

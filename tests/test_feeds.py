@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -989,3 +989,36 @@ def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
     ]  # fmt: skip
     ids = [row[0] for row in read("SELECT id FROM feed_records WHERE feed_id = ? ORDER BY id", (feed_id,))]
     assert [(a.id, a.record_id) for a in answer] == list(zip(ids, (r[0] for r in records), strict=True))
+
+
+def test_an_answer_keeps_its_feeds_order_while_alert_rules_come(tmp_path: Path) -> None:
+    """A batch of two feeds stored while feed alert rules appear (SIGHUP) between them: the answer
+    still has the first feed's scores, then the second's; the second's went to the rules."""
+    from auris.collector.feeds import FeedRows
+
+    store = VerdictStore(tmp_path / "auris.db")
+    asked: list[bool] = []
+    seen: list[list[str]] = []
+
+    def rules(conn: sqlite3.Connection, scores: list[feed_service_pb2.FeedScore], now: int) -> list[int]:
+        seen.append([s.record_id for s in scores])
+        return []
+
+    def wants() -> bool:  # no rules for the first feed, rules by the second
+        asked.append(True)
+        return len(asked) > 1
+
+    feeds = FeedStore(store, rules, wants)
+    answer = feed_service_pb2.StreamTicksResponse()
+    later: list[Callable[[], None]] = []
+    for feed, symbol in (("A", "a"), ("B", "b")):
+        rows = FeedRows([f"{symbol}@{i}" for i in range(3)], [symbol] * 3, [100, 101, 102], [0] * 3,
+                        [b"x"] * 3, ["m"] * 3, ["1"] * 3, [0.5] * 3, [False] * 3, [""] * 3)  # fmt: skip
+        feeds.add_rows(feed, TICKS, rows, [], 1, answer, later=later)
+    for fill in later:
+        fill()
+    store.close()
+    assert [(s.feed_id, s.record_id) for s in answer.scores] == [
+        ("A", "a@0"), ("A", "a@1"), ("A", "a@2"), ("B", "b@0"), ("B", "b@1"), ("B", "b@2"),
+    ]  # fmt: skip
+    assert seen == [["b@0", "b@1", "b@2"]]

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from auris.agent.wire import length_delimited
 
-__all__ = ["encode_scores"]
+__all__ = ["DecodedTicks", "decode_ticks", "encode_scores"]
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -220,6 +220,11 @@ _TIME_WIRE = np.full(16, -1, dtype=np.int64)
 _TIME_WIRE[[1, 2]] = _VARINT
 # The longest string read as an array of fixed width; longer ones are sliced one by one.
 _WIDE = 64
+# Fields read in one tick (and in one time) at most: each step costs the same whatever the batch,
+# and a field may repeat without end, so past these a request is left to protobuf. An encoder
+# writes each field once (11 in a tick, 2 in a time).
+_MOST_FIELDS = 24
+_MOST_TIME_FIELDS = 4
 
 
 @dataclasses.dataclass
@@ -245,7 +250,7 @@ def _walk_request(raw: bytes) -> tuple[list[int], list[int], int] | None:
     starts: list[int] = []
     ends: list[int] = []
     add_start, add_end = starts.append, ends.append
-    answer = 0
+    answer, answered = 0, False
     pos, end = 0, len(raw)
     try:
         while pos < end:
@@ -258,8 +263,9 @@ def _walk_request(raw: bytes) -> tuple[list[int], list[int], int] | None:
                 add_start(pos)
                 pos += n
                 add_end(pos)
-            elif tag == 0x10:
+            elif tag == 0x10 and not answered:  # more than once: left to protobuf
                 answer, pos = _varint_at(raw, pos + 1)
+                answered = True
             else:
                 return None
     except IndexError:
@@ -277,13 +283,15 @@ def _varint_at(raw: bytes, pos: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         shift += 7
         if not byte & 0x80:
-            return value & ((1 << 64) - 1), i + 1
-    raise IndexError("varint over 10 bytes")
+            if i == pos + 9 and byte > 1:  # over 64 bits: left to protobuf
+                break
+            return value, i + 1
+    raise IndexError("varint over 64 bits")
 
 
 def _read_varints(buf: U8, at: I64) -> tuple[U64, I64] | None:
     """The varints at ``at`` (in a buffer padded with zero bytes) and their lengths; None where
-    one runs past 10 bytes."""
+    one is over 64 bits."""
     if not len(at):
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     groups = buf[at[:, None] + np.arange(10)]
@@ -291,6 +299,8 @@ def _read_varints(buf: U8, at: I64) -> tuple[U64, I64] | None:
     if not last.any(axis=1).all():
         return None
     lengths = last.argmax(axis=1) + 1
+    if ((lengths == 10) & (groups[:, 9] > 1)).any():  # over 64 bits: left to protobuf
+        return None
     bits = (groups & 0x7F).astype(np.uint64) << _SHIFTS
     bits[np.arange(10)[None, :] >= lengths[:, None]] = 0
     values: U64 = np.bitwise_or.reduce(bits, axis=1)
@@ -373,7 +383,9 @@ def decode_ticks(raw: bytes) -> DecodedTicks | None:
     # The ticks still being read: every one (a slice, no gathers) until some have ended.
     rows: I64 | slice = slice(None) if (starts < ends).all() else np.flatnonzero(starts < ends)
     pos = starts.copy()
-    while len(at := pos[rows]):
+    for _ in range(_MOST_FIELDS + 1):
+        if not len(at := pos[rows]):
+            break
         tag = buf[at]
         if (tag == tag[0]).all():  # the same field in every tick still being read: no masks
             step = _tick_field(buf, at, rows, int(tag[0]), doubles, is_bar, spans, seen)
@@ -396,14 +408,18 @@ def decode_ticks(raw: bytes) -> DecodedTicks | None:
         going = at < ends_here
         if not going.all():
             rows = np.arange(n)[rows][going]
-    if (seen > 1).any():  # left to protobuf
-        return None
+        if (seen > 1).any():  # a field again: protobuf merges times and checks every string
+            return None
+    else:
+        return None  # a tick of more fields than an encoder writes
     seconds = np.zeros(n, dtype=np.uint64)
     nanos = np.zeros(n, dtype=np.uint64)
     time_end = spans[:, 3, 0] + spans[:, 3, 1]
     rows = np.flatnonzero(spans[:, 3, 1] > 0)
     pos = spans[:, 3, 0].copy()
-    while len(rows):
+    for _ in range(_MOST_TIME_FIELDS + 1):
+        if not len(rows):
+            break
         at = pos[rows]
         tag = buf[at].astype(np.int64)
         if (tag >= 0x80).any() or (_TIME_WIRE[tag >> 3] != (tag & 7)).any():
@@ -419,6 +435,8 @@ def decode_ticks(raw: bytes) -> DecodedTicks | None:
         if (pos[rows] > time_end[rows]).any():
             return None
         rows = rows[pos[rows] < time_end[rows]]
+    else:
+        return None
     feed_ids = _strings(raw, buf, spans[:, 1, 0], spans[:, 1, 1])
     symbols = _strings(raw, buf, spans[:, 2, 0], spans[:, 2, 1])
     if feed_ids is None or symbols is None:

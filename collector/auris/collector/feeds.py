@@ -501,6 +501,15 @@ def _answer_scores(
         answer.MergeFromString(_encoded_scores(feed_id, rows, first_id, rows.anomalous))
 
 
+def _merge(answer: _Answer, encoded: bytes) -> None:
+    answer.MergeFromString(encoded)
+
+
+def _call_each(calls: Sequence[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
+
+
 # The field number of the scores in every ingest answer.
 _SCORES_FIELD = 3
 assert {
@@ -547,9 +556,7 @@ def _encoded_scores(feed_id: str, rows: FeedRows, first_id: int, only: Sequence[
         np.asarray(take(rows.nanos), dtype=np.int64),
         encoded,
         model,
-        np.array(
-            [math.nan if s is None else s for s in scores] if None in scores else scores, dtype=np.float64
-        ),
+        np.asarray(scores, dtype=np.float64),
         np.asarray(take(rows.anomalous), dtype=bool),
         take(rows.explanations),
     )
@@ -650,6 +657,10 @@ class FeedStore:
         self._last_tick: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
+
+    def wants_scores(self) -> bool:
+        """Whether alert rules look at feed scores now (they come and go with SIGHUP)."""
+        return self._on_store is not None and self._wants_scores()
 
     def last_tick_ns(self, feed_id: str, symbol: str) -> int | None:
         with self._lock:
@@ -825,28 +836,28 @@ class FeedStore:
             feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
             feed_service_pb2.ANSWER_SCORES_ALL,
         )
-        alerts = self._on_store is not None and self._wants_scores()
         # Every score is built here when subscribers or alert rules want them all.
-        build_all = n > 0 and (publish or alerts)
+        build_all = n > 0 and (publish or self.wants_scores())
         built: Sequence[feed_service_pb2.FeedScore] = []
         with self._store.writing() as conn:
             if n:
                 _insert_records(conn, feed_id, kind, now_ns, rows, time_ns)
                 # One writer, rowids without AUTOINCREMENT: the batch took consecutive ids.
                 first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - n + 1
+                fill = functools.partial(_answer_scores, answer, wanted, feed_id, rows, first)
                 if build_all:
-                    holder = answer if answer_all else feed_service_pb2.StreamTicksResponse()
-                    start = len(holder.scores)
-                    holder.MergeFromString(_encoded_scores(feed_id, rows, first, None))
-                    built = holder.scores[start:]
-                    if wanted == feed_service_pb2.ANSWER_SCORES_ANOMALOUS and any(rows.anomalous):
-                        answer.MergeFromString(_encoded_scores(feed_id, rows, first, rows.anomalous))
+                    encoded = _encoded_scores(feed_id, rows, first, None)
+                    holder = feed_service_pb2.StreamTicksResponse()
+                    holder.MergeFromString(encoded)
+                    built = holder.scores
+                    if answer_all:
+                        fill = functools.partial(_merge, answer, encoded)
+                # The answer is filled in the same place whatever else wants the scores: the feeds
+                # of a batch keep their order in it.
+                if later is None:
+                    fill()
                 else:
-                    fill = functools.partial(_answer_scores, answer, wanted, feed_id, rows, first)
-                    if later is None:
-                        fill()
-                    else:
-                        later.append(fill)
+                    later.append(fill)
             if rejects:
                 conn.executemany(
                     "INSERT INTO feed_rejects (feed_id, received_ns, record_index, record_id, reason)"
@@ -1051,6 +1062,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         alerts_changed: Callable[[list[int]], Awaitable[None]] | None = None,
         preparer: ThreadPoolExecutor | None = None,
         scorer: ThreadPoolExecutor | None = None,
+        answerer: ThreadPoolExecutor | None = None,
     ) -> None:
         self._alerts_changed = alerts_changed
         self._feeds = feeds
@@ -1059,6 +1071,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         self._preparer = preparer or writer
         # Scores batches while the writer stores the one before (onnxruntime releases the GIL).
         self._scorer = scorer or writer
+        # Fills answers with scores once stored (off the event loop: ~1 us a score).
+        self._answerer = answerer or self._preparer
         self._readers = readers
         self._broker = broker
         self._hash_key = hash_key
@@ -1284,8 +1298,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             if after is not None:
                 await after.stored
 
-            # Scores only the answer wants are added here, on the event loop's thread, once stored:
-            # the writer goes on to the next batch meanwhile.
+            # Scores only the answer wants are added once stored, on a thread of their own: the
+            # writer goes on to the next batch meanwhile.
             later: list[Callable[[], None]] = []
 
             def store() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
@@ -1294,10 +1308,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
 
             alert_ids, published = await loop.run_in_executor(self._writer, store)
             if later:
-                stages.stored.set_result(None)
-                await asyncio.sleep(0)  # the next batch's store is handed to the writer first
-                for fill in later:
-                    fill()
+                stages.stored.set_result(None)  # the next batch's store goes to the writer now
+                await loop.run_in_executor(self._answerer, _call_each, later)
         finally:
             stages.close()  # the next batch goes on, also when this one failed
         if alert_ids and self._alerts_changed is not None:

@@ -75,6 +75,8 @@ class Collector:
         self._feed_preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-feed-prepare")
         # ... and scored here (onnxruntime releases the GIL) while the writer stores the one before.
         self._feed_scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-feed-score")
+        # ... and their answers filled with the stored scores here, off the event loop.
+        self._feed_answerer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auris-feed-answer")
         limit = config.max_message_mib * 1024 * 1024
         self.authority = Authority(self.store, insecure=config.insecure)
         self.signer = (
@@ -184,6 +186,7 @@ class Collector:
                 alerts_changed=self._alerts_changed,
                 preparer=self._feed_preparer,
                 scorer=self._feed_scorer,
+                answerer=self._feed_answerer,
             ),
             self._server,
         )
@@ -479,6 +482,7 @@ class Collector:
         await asyncio.get_running_loop().run_in_executor(None, self.siem.stop)
         self._feed_preparer.shutdown(wait=True)
         self._feed_scorer.shutdown(wait=True)
+        self._feed_answerer.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()
