@@ -204,10 +204,10 @@ def encode_scores(
 #
 # A tick request is read field by field in lockstep over all its ticks: step k reads every
 # tick's k-th field with array operations. Anything outside the shapes the protobuf encoders
-# write for these messages (an unknown or repeated-message field, a tag or length over one byte
-# where one is expected, a wire type a field does not have) makes ``decode_ticks`` give up and
-# return None: the caller then parses the request with protobuf, which also reports a
-# malformed one. Where this reads a request, protobuf reads the same values.
+# write for these messages (an unknown field, a string or time given twice, more fields than
+# an encoder writes, a wire type a field does not have, a varint over 64 bits) makes
+# ``decode_ticks`` give up and return None: the caller then reads the request with protobuf,
+# which also reports a malformed one. Where this reads a request, protobuf reads the same values.
 
 # Tick fields -> wire type (-1: not a Tick field). 1 feed_id, 2 symbol, 3 time, 4-10 doubles
 # (price, size, open, high, low, close, volume), 11 is_bar.
@@ -276,7 +276,8 @@ def _walk_request(raw: bytes) -> tuple[list[int], list[int], int] | None:
 
 
 def _varint_at(raw: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it (IndexError past the end or 10 bytes)."""
+    """The varint at ``pos`` and the position after it (IndexError past the end, or over 64
+    bits)."""
     value = shift = 0
     for i in range(pos, pos + 10):
         byte = raw[i]

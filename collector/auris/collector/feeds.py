@@ -827,8 +827,8 @@ class FeedStore:
         scores changed, and every stored score when ``publish`` (else none). Accepted ticks' times
         are the caller's to note (``note_ticks``).
 
-        With ``later``, where only the answer wants scores, what appends them is put there to be
-        called after the transaction (on another thread: the writer's time is the pipeline's)."""
+        With ``later``, what appends the scores to the answer is put there, to be called after the
+        transaction (on another thread: the writer's time is the pipeline's)."""
         alert_ids: list[int] = []
         n = len(rows.record_ids)
         time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
@@ -1202,9 +1202,9 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
     def _store_batch(
         self, scored: _Scored, answer: _Answer, wanted: AnswerScores, later: list[Callable[[], None]]
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-        """Store a scored batch, fill the answer (with the scores ``wanted``, or put what adds them
-        in ``later``); the ids of alerts changed, and the scores to publish. Batches come here in
-        the order they were scored."""
+        """Store a scored batch and fill the answer but its scores (what adds the ones ``wanted``
+        goes to ``later``); the ids of alerts changed, and the scores to publish. Batches come here
+        in the order they were scored."""
         try:
             return self._store(
                 scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted, later
@@ -1225,8 +1225,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         wanted: AnswerScores,
         later: list[Callable[[], None]],
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-        """Store the accepted rows (per feed) and the rejects, fill the answer (its scores, or
-        what adds them to ``later``); the ids of alerts changed and the scores to publish."""
+        """Store the accepted rows (per feed) and the rejects, fill the answer but its scores (what
+        adds them goes to ``later``); the ids of alerts changed and the scores to publish."""
         parts: dict[str, FeedRows] = {}
         if feed_ids and feed_ids.count(feed_ids[0]) == len(feed_ids):
             parts[feed_ids[0]] = rows
@@ -1298,8 +1298,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             if after is not None:
                 await after.stored
 
-            # Scores only the answer wants are added once stored, on a thread of their own: the
-            # writer goes on to the next batch meanwhile.
+            # The answer's scores are added once stored, on a thread of their own: the writer goes
+            # on to the next batch meanwhile.
             later: list[Callable[[], None]] = []
 
             def store() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
