@@ -10,11 +10,14 @@ by the feed's models when the collector has them (``feed_models.py``), stored wi
 scores in one transaction, published to subscribers, and acknowledged (with every score, or
 the anomalous ones only, as the request asks).
 
-A batch is read into columns (``feed_batch.py``) and checked on those arrays; a record is
-looked at on its own only where its columns say it may be bad, so the reasons are those of
-``validate_transaction`` / ``validate_tick``. The batches of a stream go through three stages
-on three threads - prepared (columns, checks), scored, stored - so that one is prepared and the
-one before scored while an earlier one is stored: onnxruntime and SQLite release the GIL.
+A batch is read into columns (``feed_batch.py``; a tick request straight from its bytes,
+``feed_wire.decode_ticks``) and checked on those arrays; a record is looked at on its own only
+where its columns say it may be bad, so the reasons are those of ``validate_transaction`` /
+``validate_tick``. The batches of a stream go through three stages on three threads - prepared
+(columns, checks), scored, stored - so that one is prepared and the one before scored while an
+earlier one is stored: onnxruntime and SQLite release the GIL. The answer's scores are added
+once its batch is stored, on a fourth thread, from bytes laid out with numpy
+(``feed_wire.encode_scores``), while the writer goes on to the next batch.
 """
 
 from __future__ import annotations
