@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auris.agent.wire import varint
-from auris.collector.feed_batch import TickColumns
-from auris.collector.feed_wire import decode_ticks
+from auris.collector.feed_batch import ULB_VALUE_NAMES, TickColumns, TransactionColumns
+from auris.collector.feed_wire import decode_ticks, decode_transactions
 from auris.collector.feeds import FeedRows, _encoded_scores
 from auris.v1 import feed_service_pb2
 
@@ -229,3 +229,71 @@ def test_requests_beyond_what_an_encoder_writes_are_left_to_protobuf() -> None:
     seconds = _field(1, 2, _field(3, 2, b"\x08" + wide))
     assert feed_service_pb2.StreamTicksRequest.FromString(seconds).ticks[0].time.seconds == 1
     assert decode_ticks(seconds) is None
+
+
+def _same_transaction_columns(ours: TransactionColumns, protobufs: TransactionColumns) -> None:
+    for name in ("transaction_ids", "feed_ids", "customers", "terminals"):
+        assert getattr(ours, name) == getattr(protobufs, name), name
+    for name in ("seconds", "nanos", "amounts", "ulb_rows", "ulb_values", "other_features"):
+        a, b = getattr(ours, name), getattr(protobufs, name)
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), name
+
+
+@st.composite
+def _transactions(draw: st.DrawFn) -> list[feed_service_pb2.Transaction]:
+    records = []
+    values = st.floats(allow_nan=True, allow_infinity=True)
+    for _ in range(draw(st.integers(0, 10))):
+        tx = feed_service_pb2.Transaction(
+            feed_id=draw(st.text(max_size=70)), transaction_id=draw(st.text(max_size=70)),
+            customer_id=draw(st.text(max_size=20)), terminal_id=draw(st.text(max_size=20)),
+        )  # fmt: skip
+        if draw(st.booleans()):
+            tx.time.seconds = draw(st.integers(-(1 << 63), (1 << 63) - 1))
+            tx.time.nanos = draw(st.integers(-(1 << 31), (1 << 31) - 1))
+        if draw(st.booleans()):
+            tx.amount = draw(values)
+        if draw(st.booleans()):
+            tx.feature_values.extend(draw(st.lists(values, min_size=28, max_size=28)))
+        records.append(tx)
+    return records
+
+
+@settings(max_examples=200, deadline=None)
+@given(_transactions(), st.booleans())
+def test_decoded_transactions_are_the_columns_protobuf_reads(
+    records: list[feed_service_pb2.Transaction], named: bool
+) -> None:
+    """Records with V1..V28 as feature_values (named by the request) or none: read with numpy as
+    from protobuf's messages; any feature_values without the request's names are left to it."""
+    names = list(ULB_VALUE_NAMES) if named else []
+    raw = feed_service_pb2.StreamTransactionsRequest(
+        transactions=records, feature_names=names
+    ).SerializeToString()
+    decoded = decode_transactions(raw, len(names))
+    if not named and any(tx.feature_values for tx in records):
+        assert decoded is None
+        return
+    assert decoded is not None
+    blobs = [tx.SerializeToString() for tx in records]
+    _same_transaction_columns(
+        TransactionColumns.decoded(decoded), TransactionColumns.of(records, blobs, names)
+    )
+    spans = zip(decoded.starts.tolist(), decoded.ends.tolist(), strict=True)
+    assert [raw[a:b] for a, b in spans] == blobs
+
+
+def test_transactions_the_reader_leaves_to_protobuf() -> None:
+    """A features map, names of a record's own, a count of values other than the request's names."""
+    base = feed_service_pb2.Transaction(transaction_id="t", amount=1.0)
+    for tx in (
+        feed_service_pb2.Transaction(transaction_id="t", features={"V1": 1.0}),
+        feed_service_pb2.Transaction(transaction_id="t", feature_values=[1.0], feature_names=["V1"]),
+        feed_service_pb2.Transaction(transaction_id="t", feature_values=[1.0] * 27),
+    ):
+        raw = feed_service_pb2.StreamTransactionsRequest(
+            transactions=[base, tx], feature_names=ULB_VALUE_NAMES
+        ).SerializeToString()
+        assert decode_transactions(raw, len(ULB_VALUE_NAMES)) is None

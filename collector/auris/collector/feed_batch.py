@@ -17,10 +17,10 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from auris.agent.wire import field_tag, varint
 from auris.collector.feed_features import TX_ULB
-from auris.collector.feed_wire import DecodedTicks
+from auris.collector.feed_wire import DecodedTicks, DecodedTransactions
 from auris.v1 import feed_service_pb2
 
-__all__ = ["TickColumns", "TransactionColumns"]
+__all__ = ["ULB_VALUE_NAMES", "TickColumns", "TransactionColumns"]
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -28,6 +28,8 @@ Rows = npt.NDArray[np.intp]
 Mask = npt.NDArray[np.bool_]
 
 _V_COLUMNS = TX_ULB.columns[:-1]
+# The names a request gives its records' feature_values when they are V1..V28 of the ULB set.
+ULB_VALUE_NAMES = _V_COLUMNS
 _GET_V = operator.itemgetter(*_V_COLUMNS)
 # How a record's 28 packed feature_values end its serialisation when no field after them is set:
 # their tag (length-delimited), the byte length, then little-endian doubles.
@@ -162,6 +164,16 @@ class TransactionColumns(_Times):
             values_array,
             np.asarray(other, dtype=np.intp),
         )
+
+    @classmethod
+    def decoded(cls, records: DecodedTransactions) -> TransactionColumns:
+        """The columns of a request ``feed_wire.decode_transactions`` read (``of``'s, without
+        messages): it reads feature_values only as V1..V28, named by the request."""
+        return cls(
+            records.transaction_ids, records.feed_ids, records.customers, records.terminals,
+            records.seconds, records.nanos, records.amounts, records.valued,
+            records.values.reshape(len(records.valued), len(_V_COLUMNS)), np.zeros(0, dtype=np.intp),
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.transaction_ids)

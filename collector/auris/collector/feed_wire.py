@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from auris.agent.wire import length_delimited
 
-__all__ = ["DecodedTicks", "decode_ticks", "encode_scores"]
+__all__ = ["DecodedTicks", "DecodedTransactions", "decode_ticks", "decode_transactions", "encode_scores"]
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -209,21 +209,40 @@ def encode_scores(
 # ``decode_ticks`` give up and return None: the caller then reads the request with protobuf,
 # which also reports a malformed one. Where this reads a request, protobuf reads the same values.
 
-# Tick fields -> wire type (-1: not a Tick field). 1 feed_id, 2 symbol, 3 time, 4-10 doubles
-# (price, size, open, high, low, close, volume), 11 is_bar.
-_TICK_WIRE = np.full(16, -1, dtype=np.int64)
-_TICK_WIRE[[1, 2, 3]] = _DELIMITED
-_TICK_WIRE[4:11] = _FIXED64
-_TICK_WIRE[11] = _VARINT
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What the reader takes of a message type: each field's wire type (-1: a field it leaves to
+    protobuf), each fixed64 field's column among the doubles it returns, the most fields it reads
+    in one message (each step costs the same whatever the batch, and a field may repeat without
+    end: an encoder writes each once)."""
+
+    wire: I64
+    column: I64
+    most_fields: int
+
+    @classmethod
+    def of(cls, delimited: Sequence[int], fixed64: Sequence[int], varint: Sequence[int] = ()) -> _Layout:
+        wire = np.full(16, -1, dtype=np.int64)
+        column = np.full(16, -1, dtype=np.int64)
+        wire[list(delimited)] = _DELIMITED
+        wire[list(fixed64)] = _FIXED64
+        column[list(fixed64)] = np.arange(len(fixed64))
+        wire[list(varint)] = _VARINT
+        return cls(wire, column, 2 * (len(delimited) + len(fixed64) + len(varint)) + 2)
+
+
+# Tick: 1 feed_id, 2 symbol, 3 time, 4-10 price, size, open, high, low, close, volume, 11 is_bar.
+_TICK = _Layout.of(delimited=(1, 2, 3), fixed64=range(4, 11), varint=(11,))
+# Transaction: 1 feed_id, 2 transaction_id, 3 time, 4 customer_id, 5 terminal_id, 6 amount,
+# 8 feature_values (packed); the features map (7) and feature_names (9) are left to protobuf.
+_TRANSACTION = _Layout.of(delimited=(1, 2, 3, 4, 5, 8), fixed64=(6,))
 # Timestamp: 1 seconds, 2 nanos.
 _TIME_WIRE = np.full(16, -1, dtype=np.int64)
 _TIME_WIRE[[1, 2]] = _VARINT
 # The longest string read as an array of fixed width; longer ones are sliced one by one.
 _WIDE = 64
-# Fields read in one tick (and in one time) at most: each step costs the same whatever the batch,
-# and a field may repeat without end, so past these a request is left to protobuf. An encoder
-# writes each field once (11 in a tick, 2 in a time).
-_MOST_FIELDS = 24
+# Fields read in one time at most (an encoder writes 2).
 _MOST_TIME_FIELDS = 4
 
 
@@ -245,8 +264,9 @@ class DecodedTicks:
     answer_scores: int
 
 
-def _walk_request(raw: bytes) -> tuple[list[int], list[int], int] | None:
-    """Where each tick (field 1) of a request lies, and its answer_scores (field 2)."""
+def _walk_request(raw: bytes, skipped: int = -1) -> tuple[list[int], list[int], int] | None:
+    """Where each record (field 1) of a request lies, and its answer_scores (field 2); a
+    length-delimited field tagged ``skipped`` is passed over (the request's feature_names)."""
     starts: list[int] = []
     ends: list[int] = []
     add_start, add_end = starts.append, ends.append
@@ -258,14 +278,22 @@ def _walk_request(raw: bytes) -> tuple[list[int], list[int], int] | None:
             if tag == 0x0A:
                 n = raw[pos + 1]
                 pos += 2
-                if n & 0x80:
-                    n, pos = _varint_at(raw, pos - 1)
+                if n & 0x80:  # records of 128 bytes to 16 KiB take two bytes
+                    more = raw[pos]
+                    if more & 0x80:
+                        n, pos = _varint_at(raw, pos - 1)
+                    else:
+                        n = (n & 0x7F) | more << 7
+                        pos += 1
                 add_start(pos)
                 pos += n
                 add_end(pos)
             elif tag == 0x10 and not answered:  # more than once: left to protobuf
                 answer, pos = _varint_at(raw, pos + 1)
                 answered = True
+            elif tag == skipped:
+                n, pos = _varint_at(raw, pos + 1)
+                pos += n
             else:
                 return None
     except IndexError:
@@ -329,29 +357,34 @@ def _strings(raw: bytes, buf: U8, at: I64, lengths: I64) -> list[str] | None:
         return None
 
 
-def _tick_field(
-    buf: U8,
-    at: I64,
-    rows: I64 | slice,
-    tag: int,
-    doubles: npt.NDArray[np.float64],
-    is_bar: Mask,
-    spans: I64,
-    seen: I64,
+@dataclasses.dataclass
+class _Fields:
+    """The fields of a batch of messages: fixed64 ones as doubles (0.0 where not set), varint ones
+    as their value (one byte at most), and where each length-delimited one lies (start, length;
+    0 where not set) with how many times each message has it."""
+
+    doubles: npt.NDArray[np.float64]
+    flags: U8
+    spans: I64
+    seen: I64
+
+
+def _read_field(
+    buf: U8, at: I64, rows: I64 | slice, tag: int, layout: _Layout, got: _Fields
 ) -> I64 | int | None:
-    """Read one field (``tag``) of the ticks ``rows`` at ``at``; the bytes it takes (per row, or one
-    number for all), or None where ``decode_ticks`` gives up."""
+    """Read one field (``tag``) of the messages ``rows`` at ``at``; the bytes it takes (per row, or
+    one number for all), or None where the reader gives up."""
     field, wire = tag >> 3, tag & 7
-    if tag >= 0x80 or _TICK_WIRE[field] != wire:
+    if tag >= 0x80 or layout.wire[field] != wire:
         return None
     if wire == _FIXED64:
-        doubles[rows, field - 4] = buf[at[:, None] + np.arange(1, 9)].view("<f8")[:, 0]
+        got.doubles[rows, layout.column[field]] = buf[at[:, None] + np.arange(1, 9)].view("<f8")[:, 0]
         return 9
     if wire == _VARINT:
         value = buf[at + 1]
         if (value >= 0x80).any():
             return None
-        is_bar[rows] = value != 0
+        got.flags[rows, field] = value
         return 2
     size = buf[at + 1].astype(np.int64)
     prefix = np.ones(len(at), dtype=np.int64)
@@ -360,36 +393,31 @@ def _tick_field(
         if read is None or (read[0] >= 1 << 31).any():
             return None
         size, prefix = read[0].astype(np.int64), read[1]
-    spans[rows, field, 0] = at + 1 + prefix
-    spans[rows, field, 1] = size
-    seen[rows, field] += 1
+    got.spans[rows, field, 0] = at + 1 + prefix
+    got.spans[rows, field, 1] = size
+    got.seen[rows, field] += 1
     step: I64 = 1 + prefix + size
     return step
 
 
-def decode_ticks(raw: bytes) -> DecodedTicks | None:
-    """A serialised Submit/StreamTicksRequest as columns, or None to leave it to protobuf."""
-    walked = _walk_request(raw)
-    if walked is None:
-        return None
-    starts, ends = np.asarray(walked[0], dtype=np.int64), np.asarray(walked[1], dtype=np.int64)
+def _read_messages(buf: U8, starts: I64, ends: I64, layout: _Layout) -> _Fields | None:
+    """The fields of the messages at starts..ends, read in lockstep (see above)."""
     n = len(starts)
-    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)  # reads of 10 or _WIDE bytes stay inside
-    doubles = np.zeros((n, 7))
-    is_bar = np.zeros(n, dtype=bool)
-    # String and time fields: where each tick's lies and its length (0: not set), and how many
-    # times each tick has them (protobuf merges times, and checks the UTF-8 of every string).
-    spans = np.zeros((n, 4, 2), dtype=np.int64)
-    seen = np.zeros((n, 4), dtype=np.int64)
-    # The ticks still being read: every one (a slice, no gathers) until some have ended.
+    got = _Fields(
+        np.zeros((n, int(layout.column.max()) + 1)),
+        np.zeros((n, 16), dtype=np.uint8),
+        np.zeros((n, 16, 2), dtype=np.int64),
+        np.zeros((n, 16), dtype=np.int64),
+    )
+    # The messages still being read: every one (a slice, no gathers) until some have ended.
     rows: I64 | slice = slice(None) if (starts < ends).all() else np.flatnonzero(starts < ends)
     pos = starts.copy()
-    for _ in range(_MOST_FIELDS + 1):
+    for _ in range(layout.most_fields + 1):
         if not len(at := pos[rows]):
-            break
+            return got
         tag = buf[at]
-        if (tag == tag[0]).all():  # the same field in every tick still being read: no masks
-            step = _tick_field(buf, at, rows, int(tag[0]), doubles, is_bar, spans, seen)
+        if (tag == tag[0]).all():  # the same field in every message still being read: no masks
+            step = _read_field(buf, at, rows, int(tag[0]), layout, got)
             if step is None:
                 return None
         else:
@@ -397,7 +425,7 @@ def decode_ticks(raw: bytes) -> DecodedTicks | None:
             step = np.empty(len(at), dtype=np.int64)
             for one in np.unique(tag).tolist():
                 these = tag == one
-                part = _tick_field(buf, at[these], index[these], one, doubles, is_bar, spans, seen)
+                part = _read_field(buf, at[these], index[these], one, layout, got)
                 if part is None:
                     return None
                 step[these] = part
@@ -409,18 +437,26 @@ def decode_ticks(raw: bytes) -> DecodedTicks | None:
         going = at < ends_here
         if not going.all():
             rows = np.arange(n)[rows][going]
-        if (seen > 1).any():  # a field again: protobuf merges times and checks every string
+        if (got.seen > 1).any():  # a field again: protobuf merges messages, checks every string
             return None
-    else:
-        return None  # a tick of more fields than an encoder writes
+    return None  # a message of more fields than an encoder writes
+
+
+def _read_times(buf: U8, spans: I64) -> tuple[I64, I64] | None:
+    """Seconds and nanos (int32, as protobuf keeps them) of the Timestamps at ``spans`` ((start,
+    length) rows; 0 s 0 ns where not set)."""
+    n = len(spans)
     seconds = np.zeros(n, dtype=np.uint64)
     nanos = np.zeros(n, dtype=np.uint64)
-    time_end = spans[:, 3, 0] + spans[:, 3, 1]
-    rows = np.flatnonzero(spans[:, 3, 1] > 0)
-    pos = spans[:, 3, 0].copy()
+    time_end = spans[:, 0] + spans[:, 1]
+    rows = np.flatnonzero(spans[:, 1] > 0)
+    pos = spans[:, 0].copy()
     for _ in range(_MOST_TIME_FIELDS + 1):
         if not len(rows):
-            break
+            return (
+                seconds.view(np.int64),
+                (nanos & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32).astype(np.int64),
+            )
         at = pos[rows]
         tag = buf[at].astype(np.int64)
         if (tag >= 0x80).any() or (_TIME_WIRE[tag >> 3] != (tag & 7)).any():
@@ -436,20 +472,74 @@ def decode_ticks(raw: bytes) -> DecodedTicks | None:
         if (pos[rows] > time_end[rows]).any():
             return None
         rows = rows[pos[rows] < time_end[rows]]
-    else:
+    return None
+
+
+def decode_ticks(raw: bytes) -> DecodedTicks | None:
+    """A serialised Submit/StreamTicksRequest as columns, or None to leave it to protobuf."""
+    walked = _walk_request(raw)
+    if walked is None:
         return None
-    feed_ids = _strings(raw, buf, spans[:, 1, 0], spans[:, 1, 1])
-    symbols = _strings(raw, buf, spans[:, 2, 0], spans[:, 2, 1])
-    if feed_ids is None or symbols is None:
+    starts, ends = np.asarray(walked[0], dtype=np.int64), np.asarray(walked[1], dtype=np.int64)
+    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)  # reads of 10 or _WIDE bytes stay inside
+    got = _read_messages(buf, starts, ends, _TICK)
+    if got is None:
+        return None
+    times = _read_times(buf, got.spans[:, 3])
+    feed_ids = _strings(raw, buf, got.spans[:, 1, 0], got.spans[:, 1, 1])
+    symbols = _strings(raw, buf, got.spans[:, 2, 0], got.spans[:, 2, 1])
+    if times is None or feed_ids is None or symbols is None:
         return None
     return DecodedTicks(
-        feed_ids,
-        symbols,
-        seconds.view(np.int64),
-        (nanos & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32).astype(np.int64),
-        is_bar,
-        doubles,
-        starts,
-        ends,
-        walked[2],
+        feed_ids, symbols, *times, got.flags[:, 11] != 0, got.doubles, starts, ends, walked[2]
+    )
+
+
+@dataclasses.dataclass
+class DecodedTransactions:
+    """A transaction request's fields as columns (``feed_batch.TransactionColumns``' layout), where
+    each record's bytes lie in the request, and which records carry feature_values."""
+
+    transaction_ids: list[str]
+    feed_ids: list[str]
+    customers: list[str]
+    terminals: list[str]
+    seconds: I64
+    nanos: I64
+    # 0.0 where the field is missing.
+    amounts: npt.NDArray[np.float64]
+    # The records with feature_values, and those values (each record's, in order).
+    valued: npt.NDArray[np.intp]
+    values: npt.NDArray[np.float64]
+    starts: I64
+    ends: I64
+
+
+def decode_transactions(raw: bytes, width: int) -> DecodedTransactions | None:
+    """A serialised Submit/StreamTransactionsRequest as columns, or None to leave it to protobuf:
+    also when a record has a features map, names of its own, or a number of feature_values other
+    than ``width`` (the request's names)."""
+    walked = _walk_request(raw, skipped=0x1A)  # the request's feature_names: the message has them
+    if walked is None:
+        return None
+    starts, ends = np.asarray(walked[0], dtype=np.int64), np.asarray(walked[1], dtype=np.int64)
+    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)  # reads of 10 or _WIDE bytes stay inside
+    got = _read_messages(buf, starts, ends, _TRANSACTION)
+    if got is None:
+        return None
+    packed = got.spans[:, 8]
+    valued = np.flatnonzero(got.seen[:, 8] > 0)
+    if (packed[valued, 1] != 8 * width).any() or (len(valued) and not width):
+        return None
+    at = packed[valued, 0]
+    values = buf[at[:, None] + np.arange(8 * width)].copy().view("<f8") if width else np.zeros((0, 0))
+    times = _read_times(buf, got.spans[:, 3])
+    strings = [_strings(raw, buf, got.spans[:, k, 0], got.spans[:, k, 1]) for k in (2, 1, 4, 5)]
+    if times is None or any(column is None for column in strings):
+        return None
+    ids, feeds, customers, terminals = (column or [] for column in strings)
+    amounts = got.doubles[:, 0]
+    values = values.reshape(len(valued), width)
+    return DecodedTransactions(
+        ids, feeds, customers, terminals, *times, amounts, valued, values, starts, ends
     )

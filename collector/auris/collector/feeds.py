@@ -47,8 +47,8 @@ from auris.agent.manifest import ManifestError
 from auris.agent.signing import ModelTrust
 from auris.agent.wire import field_tag, length_delimited
 from auris.collector.broker import Broker, follow
-from auris.collector.feed_batch import TickColumns, TransactionColumns
-from auris.collector.feed_wire import decode_ticks, encode_scores
+from auris.collector.feed_batch import ULB_VALUE_NAMES, TickColumns, TransactionColumns
+from auris.collector.feed_wire import decode_ticks, decode_transactions, encode_scores
 from auris.collector.store import VerdictStore, decode_page_token, encode_page_token
 from auris.v1 import admin_service_pb2, feed_service_pb2, feed_service_pb2_grpc, model_pb2
 
@@ -997,30 +997,28 @@ class _Stages:
                 future.set_result(None)
 
 
-class TickRequest:
-    """A Submit/StreamTicksRequest as received: its bytes, which ``feed_wire.decode_ticks`` reads
-    into columns without a Python object per field, and the message protobuf parsed from them
-    (whether the request is well-formed is protobuf's call, and rejected ticks are read from it).
-    ``raw`` is empty for a request made in this process."""
+class FeedRequest:
+    """An ingest request as received: its bytes, which ``feed_wire`` reads into columns without a
+    Python object per field, and the message protobuf parsed from them (whether the request is
+    well-formed is protobuf's call, and records checked one by one are read from it). ``raw`` is
+    empty for a request made in this process."""
 
     __slots__ = ("message", "raw")
 
-    def __init__(
-        self, raw: bytes, message: feed_service_pb2.StreamTicksRequest | feed_service_pb2.SubmitTicksRequest
-    ) -> None:
+    def __init__(self, raw: bytes, message: Any) -> None:
         self.raw = raw
         self.message = message
 
     @classmethod
-    def parse(cls, raw: bytes) -> TickRequest:
-        """The deserializer of the tick RPCs (DecodeError when protobuf cannot parse ``raw``). Both
-        requests have the same fields."""
-        return cls(raw, feed_service_pb2.StreamTicksRequest.FromString(raw))
+    def parser(cls, message_type: Any) -> Callable[[bytes], FeedRequest]:
+        """The deserializer of RPCs taking ``message_type`` (DecodeError when protobuf cannot parse
+        the bytes); Submit* and Stream* requests of a kind have the same fields."""
+        return lambda raw: cls(raw, message_type.FromString(raw))
 
 
 def add_feed_service(servicer: FeedServicer, server: grpc.aio.Server) -> None:
     """Serve ``servicer`` on ``server`` (as the generated ``add_FeedServiceServicer_to_server``),
-    the tick RPCs' requests as ``TickRequest``."""
+    the ingest RPCs' requests as ``FeedRequest``."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     class Collect:
@@ -1031,15 +1029,27 @@ def add_feed_service(servicer: FeedServicer, server: grpc.aio.Server) -> None:
             handlers.update(methods)
 
     feed_service_pb2_grpc.add_FeedServiceServicer_to_server(servicer, Collect())  # type: ignore[arg-type]
+    ticks = FeedRequest.parser(feed_service_pb2.StreamTicksRequest)
+    transactions = FeedRequest.parser(feed_service_pb2.StreamTransactionsRequest)
     handlers["SubmitTicks"] = grpc.unary_unary_rpc_method_handler(
         servicer.SubmitTicks,
-        request_deserializer=TickRequest.parse,
+        request_deserializer=ticks,
         response_serializer=feed_service_pb2.SubmitTicksResponse.SerializeToString,
     )
     handlers["StreamTicks"] = grpc.stream_stream_rpc_method_handler(
         servicer.StreamTicks,
-        request_deserializer=TickRequest.parse,
+        request_deserializer=ticks,
         response_serializer=feed_service_pb2.StreamTicksResponse.SerializeToString,
+    )
+    handlers["SubmitTransactions"] = grpc.unary_unary_rpc_method_handler(
+        servicer.SubmitTransactions,
+        request_deserializer=transactions,
+        response_serializer=feed_service_pb2.SubmitTransactionsResponse.SerializeToString,
+    )
+    handlers["StreamTransactions"] = grpc.stream_stream_rpc_method_handler(
+        servicer.StreamTransactions,
+        request_deserializer=transactions,
+        response_serializer=feed_service_pb2.StreamTransactionsResponse.SerializeToString,
     )
     name = feed_service_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
@@ -1108,12 +1118,22 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             out.append(tx)
         return out
 
-    def _prepare_transactions(
-        self, batch: Sequence[feed_service_pb2.Transaction], names: Sequence[str] = ()
-    ) -> _Prepared:
-        records = self._hashed(batch) if self._hash_key is not None else batch
-        blobs = [tx.SerializeToString() for tx in records]
-        columns = TransactionColumns.of(records, blobs, names)
+    def _prepare_transactions(self, request: FeedRequest, names: Sequence[str] = ()) -> _Prepared:
+        batch: Sequence[feed_service_pb2.Transaction] = request.message.transactions
+        decoded = None
+        if request.raw and self._hash_key is None and (not names or tuple(names) == ULB_VALUE_NAMES):
+            decoded = decode_transactions(request.raw, len(names))
+        if decoded is None:
+            records = self._hashed(batch) if self._hash_key is not None else batch
+            blobs = [tx.SerializeToString() for tx in records]
+            columns = TransactionColumns.of(records, blobs, names)
+            valued = [bool(tx.feature_values and not tx.feature_names) for tx in records] if names else []
+        else:  # each record's bytes as the request carries them
+            records = batch
+            raw = request.raw
+            blobs = [raw[a:b] for a, b in zip(decoded.starts.tolist(), decoded.ends.tolist(), strict=True)]
+            columns = TransactionColumns.decoded(decoded)
+            valued = np.isin(np.arange(len(blobs)), decoded.valued).tolist() if names else []
         rejects: list[feed_service_pb2.RejectedRecord] = []
         for index in transaction_suspects(columns):
             tx = records[index]
@@ -1126,17 +1146,14 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             keep = _kept(len(records), rejects)
             columns = columns.take(np.asarray(keep, dtype=np.intp))
             blobs = [blobs[i] for i in keep]
-            records = [records[i] for i in keep]
+            valued = [valued[i] for i in keep] if names else []
         if names:
             # A stored record is whole: the request's names go with the values they name.
             suffix = _names_field(names)
-            blobs = [
-                blob + suffix if tx.feature_values and not tx.feature_names else blob
-                for tx, blob in zip(records, blobs, strict=True)
-            ]
+            blobs = [blob + suffix if named else blob for blob, named in zip(blobs, valued, strict=True)]
         return _Prepared(TRANSACTIONS, batch, columns, blobs, rejects)
 
-    def _prepare_ticks(self, request: TickRequest) -> _Prepared:
+    def _prepare_ticks(self, request: FeedRequest) -> _Prepared:
         batch = request.message.ticks
         decoded = decode_ticks(request.raw) if request.raw else None
         columns = TickColumns.of(batch) if decoded is None else TickColumns.decoded(decoded)
@@ -1272,17 +1289,17 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         got."""
         stages = stages or _Stages.new()
         loop = asyncio.get_running_loop()
+        received = request if isinstance(request, FeedRequest) else FeedRequest(b"", request)
+        message = received.message
         prepare: Callable[[], _Prepared]
         if kind == TRANSACTIONS:
-            records = request.transactions
-            names = list(request.feature_names)
-            prepare = functools.partial(self._prepare_transactions, records, names=names)
+            records = message.transactions
+            names = list(message.feature_names)
+            prepare = functools.partial(self._prepare_transactions, received, names)
         else:
-            tick_request = request if isinstance(request, TickRequest) else TickRequest(b"", request)
-            records = tick_request.message.ticks
-            prepare = functools.partial(self._prepare_ticks, tick_request)
-            request = tick_request.message
-        wanted = request.answer_scores
+            records = message.ticks
+            prepare = functools.partial(self._prepare_ticks, received)
+        wanted = message.answer_scores
         try:
             if len(records) > MAX_BATCH:
                 await context.abort(
@@ -1373,7 +1390,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
 
     async def SubmitTransactions(
         self,
-        request: feed_service_pb2.SubmitTransactionsRequest,
+        request: feed_service_pb2.SubmitTransactionsRequest | FeedRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> feed_service_pb2.SubmitTransactionsResponse:
         return await self._accept(
@@ -1382,7 +1399,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
 
     async def StreamTransactions(
         self,
-        request_iterator: AsyncIterator[feed_service_pb2.StreamTransactionsRequest],
+        request_iterator: AsyncIterator[feed_service_pb2.StreamTransactionsRequest | FeedRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[feed_service_pb2.StreamTransactionsResponse]:
         async for answer in self._stream(
@@ -1392,14 +1409,14 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
 
     async def SubmitTicks(
         self,
-        request: feed_service_pb2.SubmitTicksRequest | TickRequest,
+        request: feed_service_pb2.SubmitTicksRequest | FeedRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> feed_service_pb2.SubmitTicksResponse:
         return await self._accept(TICKS, request, context, feed_service_pb2.SubmitTicksResponse())
 
     async def StreamTicks(
         self,
-        request_iterator: AsyncIterator[feed_service_pb2.StreamTicksRequest | TickRequest],
+        request_iterator: AsyncIterator[feed_service_pb2.StreamTicksRequest | FeedRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[feed_service_pb2.StreamTicksResponse]:
         async for answer in self._stream(
