@@ -475,24 +475,33 @@ def _read_times(buf: U8, spans: I64) -> tuple[I64, I64] | None:
     return None
 
 
-def decode_ticks(raw: bytes) -> DecodedTicks | None:
-    """A serialised Submit/StreamTicksRequest as columns, or None to leave it to protobuf."""
-    walked = _walk_request(raw)
+def _read_request(raw: bytes, layout: _Layout, skipped: int = -1) -> tuple[U8, I64, I64, _Fields, int] | None:
+    """A request's records (field 1) read as ``layout`` says: the request's bytes as an array
+    (padded: reads of 10 or _WIDE bytes stay inside), where each record lies, its fields, and the
+    request's answer_scores; ``skipped``: see ``_walk_request``."""
+    walked = _walk_request(raw, skipped)
     if walked is None:
         return None
     starts, ends = np.asarray(walked[0], dtype=np.int64), np.asarray(walked[1], dtype=np.int64)
-    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)  # reads of 10 or _WIDE bytes stay inside
-    got = _read_messages(buf, starts, ends, _TICK)
+    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)
+    got = _read_messages(buf, starts, ends, layout)
     if got is None:
         return None
+    return buf, starts, ends, got, walked[2]
+
+
+def decode_ticks(raw: bytes) -> DecodedTicks | None:
+    """A serialised Submit/StreamTicksRequest as columns, or None to leave it to protobuf."""
+    read = _read_request(raw, _TICK)
+    if read is None:
+        return None
+    buf, starts, ends, got, answer = read
     times = _read_times(buf, got.spans[:, 3])
     feed_ids = _strings(raw, buf, got.spans[:, 1, 0], got.spans[:, 1, 1])
     symbols = _strings(raw, buf, got.spans[:, 2, 0], got.spans[:, 2, 1])
     if times is None or feed_ids is None or symbols is None:
         return None
-    return DecodedTicks(
-        feed_ids, symbols, *times, got.flags[:, 11] != 0, got.doubles, starts, ends, walked[2]
-    )
+    return DecodedTicks(feed_ids, symbols, *times, got.flags[:, 11] != 0, got.doubles, starts, ends, answer)
 
 
 @dataclasses.dataclass
@@ -519,14 +528,10 @@ def decode_transactions(raw: bytes, width: int) -> DecodedTransactions | None:
     """A serialised Submit/StreamTransactionsRequest as columns, or None to leave it to protobuf:
     also when a record has a features map, names of its own, or a number of feature_values other
     than ``width`` (the request's names)."""
-    walked = _walk_request(raw, skipped=0x1A)  # the request's feature_names: the message has them
-    if walked is None:
+    read = _read_request(raw, _TRANSACTION, skipped=0x1A)  # its feature_names: the message has them
+    if read is None:
         return None
-    starts, ends = np.asarray(walked[0], dtype=np.int64), np.asarray(walked[1], dtype=np.int64)
-    buf = np.frombuffer(raw + bytes(_WIDE), dtype=np.uint8)  # reads of 10 or _WIDE bytes stay inside
-    got = _read_messages(buf, starts, ends, _TRANSACTION)
-    if got is None:
-        return None
+    buf, starts, ends, got, _ = read
     packed = got.spans[:, 8]
     valued = np.flatnonzero(got.seen[:, 8] > 0)
     if (packed[valued, 1] != 8 * width).any() or (len(valued) and not width):

@@ -1031,26 +1031,19 @@ def add_feed_service(servicer: FeedServicer, server: grpc.aio.Server) -> None:
     feed_service_pb2_grpc.add_FeedServiceServicer_to_server(servicer, Collect())  # type: ignore[arg-type]
     ticks = FeedRequest.parser(feed_service_pb2.StreamTicksRequest)
     transactions = FeedRequest.parser(feed_service_pb2.StreamTransactionsRequest)
-    handlers["SubmitTicks"] = grpc.unary_unary_rpc_method_handler(
-        servicer.SubmitTicks,
-        request_deserializer=ticks,
-        response_serializer=feed_service_pb2.SubmitTicksResponse.SerializeToString,
-    )
-    handlers["StreamTicks"] = grpc.stream_stream_rpc_method_handler(
-        servicer.StreamTicks,
-        request_deserializer=ticks,
-        response_serializer=feed_service_pb2.StreamTicksResponse.SerializeToString,
-    )
-    handlers["SubmitTransactions"] = grpc.unary_unary_rpc_method_handler(
-        servicer.SubmitTransactions,
-        request_deserializer=transactions,
-        response_serializer=feed_service_pb2.SubmitTransactionsResponse.SerializeToString,
-    )
-    handlers["StreamTransactions"] = grpc.stream_stream_rpc_method_handler(
-        servicer.StreamTransactions,
-        request_deserializer=transactions,
-        response_serializer=feed_service_pb2.StreamTransactionsResponse.SerializeToString,
-    )
+    for method, parse, streams in (
+        ("SubmitTicks", ticks, False),
+        ("StreamTicks", ticks, True),
+        ("SubmitTransactions", transactions, False),
+        ("StreamTransactions", transactions, True),
+    ):
+        handler = grpc.stream_stream_rpc_method_handler if streams else grpc.unary_unary_rpc_method_handler
+        answer = getattr(feed_service_pb2, method + "Response")
+        handlers[method] = handler(
+            getattr(servicer, method),
+            request_deserializer=parse,
+            response_serializer=answer.SerializeToString,
+        )
     name = feed_service_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     # As the generated code does: gRPC's stubs do not know this method yet.
