@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
@@ -16,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auris.agent.wire import varint
+from auris.collector.broker import Broker
 from auris.collector.feed_batch import ULB_VALUE_NAMES, TickColumns, TransactionColumns
 from auris.collector.feed_wire import decode_ticks, decode_transactions
-from auris.collector.feeds import FeedRows, _encoded_scores
+from auris.collector.feeds import FeedRequest, FeedRows, FeedServicer, FeedStore, _encoded_scores
+from auris.collector.store import VerdictStore
 from auris.v1 import feed_service_pb2
 
 T = TypeVar("T")
@@ -297,3 +300,46 @@ def test_transactions_the_reader_leaves_to_protobuf() -> None:
             transactions=[base, tx], feature_names=ULB_VALUE_NAMES
         ).SerializeToString()
         assert decode_transactions(raw, len(ULB_VALUE_NAMES)) is None
+
+
+@pytest.fixture(scope="module")
+def servicer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeedServicer]:
+    store = VerdictStore(tmp_path_factory.mktemp("feed-wire") / "auris.db")
+    with ThreadPoolExecutor(1) as pool:
+        yield FeedServicer(FeedStore(store), pool, pool, Broker(16, 4))
+    store.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _transactions(),
+    st.lists(st.sampled_from(["", "t1"]), max_size=10),
+    st.lists(st.sampled_from([0, 1, 2]), max_size=10),
+)
+def test_a_transaction_batch_is_prepared_alike_from_its_bytes_and_from_protobuf(
+    servicer: FeedServicer, records: list[feed_service_pb2.Transaction], ids: list[str], times: list[int]
+) -> None:
+    """Columns, rejects (index, reason, id) and the stored records are the same whether a batch is
+    read with numpy or from protobuf's messages: empty ids, missing or out-of-range times, bad
+    amounts and values included."""
+    for tx, tid in zip(records, ids, strict=False):
+        tx.transaction_id = tid
+    for tx, how in zip(records, times, strict=False):
+        if how == 0:
+            tx.ClearField("time")
+        elif how == 1:
+            tx.time.FromSeconds(1_700_000_000)
+    names = list(ULB_VALUE_NAMES)
+    request = feed_service_pb2.StreamTransactionsRequest(transactions=records, feature_names=names)
+    raw = request.SerializeToString()
+    assert decode_transactions(raw, len(names)) is not None
+    ours = servicer._prepare_transactions(FeedRequest(raw, request), names)
+    theirs = servicer._prepare_transactions(FeedRequest(b"", request), names)
+    assert isinstance(ours.columns, TransactionColumns)
+    assert isinstance(theirs.columns, TransactionColumns)
+    _same_transaction_columns(ours.columns, theirs.columns)
+    assert [(r.index, r.reason, r.record_id) for r in ours.rejects] == [
+        (r.index, r.reason, r.record_id) for r in theirs.rejects
+    ]
+    parse = feed_service_pb2.Transaction.FromString
+    assert [parse(blob) for blob in ours.blobs] == [parse(blob) for blob in theirs.blobs]

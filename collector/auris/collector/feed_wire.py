@@ -221,6 +221,12 @@ class _Layout:
     column: I64
     most_fields: int
 
+    @property
+    def fields(self) -> int:
+        """Slots a message's fields take (the highest field number read, plus one): fields past
+        it are left to protobuf before any slot is looked at."""
+        return int(np.flatnonzero(self.wire >= 0).max()) + 1
+
     @classmethod
     def of(cls, delimited: Sequence[int], fixed64: Sequence[int], varint: Sequence[int] = ()) -> _Layout:
         wire = np.full(16, -1, dtype=np.int64)
@@ -405,9 +411,9 @@ def _read_messages(buf: U8, starts: I64, ends: I64, layout: _Layout) -> _Fields 
     n = len(starts)
     got = _Fields(
         np.zeros((n, int(layout.column.max()) + 1)),
-        np.zeros((n, 16), dtype=np.uint8),
-        np.zeros((n, 16, 2), dtype=np.int64),
-        np.zeros((n, 16), dtype=np.int64),
+        np.zeros((n, layout.fields), dtype=np.uint8),
+        np.zeros((n, layout.fields, 2), dtype=np.int64),
+        np.zeros((n, layout.fields), dtype=np.int64),
     )
     # The messages still being read: every one (a slice, no gathers) until some have ended.
     rows: I64 | slice = slice(None) if (starts < ends).all() else np.flatnonzero(starts < ends)
