@@ -1,10 +1,13 @@
 """Protobuf's wire format for a batch of feed records at once, with numpy.
 
-An ingest answer carries one FeedScore per stored record. Setting ten fields on each message
-through the protobuf API cost ~1.7 us a record on the collector's busiest thread, while it held
-the GIL; here a batch's scores are laid out in one buffer by a few dozen array operations, and
-the answer parses them in one call (upb, ~0.1 us a score). The output parses to the same
-messages as the field-by-field way (``tests/test_feed_wire.py`` checks both on any rows).
+Both ways cost the collector a few dozen array operations a batch where the protobuf API costs
+Python per field and record, with the GIL held (``tests/test_feed_wire.py`` holds each to
+protobuf's own reading and writing, on any rows and any bytes):
+
+- ``encode_scores``: an ingest answer's FeedScores, which the answer parses in one call (setting
+  ten fields on each message cost ~1.7 us a record; this ~0.7, and upb's parse ~0.1).
+- ``decode_ticks`` / ``decode_transactions``: a request's records into columns, read from its
+  bytes (reading them from the parsed messages cost 1.3-2.7 us a tick; this ~0.8).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _tag(number: int, wire_type: int) -> int:
     return tag
 
 
-def varint_lengths(values: U64) -> I64:
+def _varint_lengths(values: U64) -> I64:
     """Bytes of each value's varint (1 to 10)."""
     lengths: I64 = np.searchsorted(_VARINT_LIMITS, values, side="left").astype(np.int64) + 1
     return lengths
@@ -75,7 +78,7 @@ class _Strings:
             raw = b"".join(encoded)
             self.lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         self.data: U8 = np.frombuffer(raw, dtype=np.uint8)
-        self.prefix = varint_lengths(self.lengths.astype(np.uint64))
+        self.prefix = _varint_lengths(self.lengths.astype(np.uint64))
 
     def field_sizes(self) -> I64:
         """Bytes of each value as a length-delimited field (0 where it is empty: left unset)."""
@@ -133,11 +136,11 @@ def encode_scores(
     record, entity, text = _Strings(record_ids), _Strings(entities), _Strings(explanations)
     sec_u = seconds.astype(np.int64).view(np.uint64)
     nanos_u = nanos.astype(np.int64).view(np.uint64)
-    sec_size = np.where(sec_u != 0, 1 + varint_lengths(sec_u), 0)
-    nanos_size = np.where(nanos_u != 0, 1 + varint_lengths(nanos_u), 0)
+    sec_size = np.where(sec_u != 0, 1 + _varint_lengths(sec_u), 0)
+    nanos_size = np.where(nanos_u != 0, 1 + _varint_lengths(nanos_u), 0)
     stamp_body = sec_size + nanos_size  # under 128 bytes
     ids_u = ids.astype(np.uint64)
-    id_size = np.where(ids_u != 0, 1 + varint_lengths(ids_u), 0)
+    id_size = np.where(ids_u != 0, 1 + _varint_lengths(ids_u), 0)
     refs = [length_delimited(bytes([_tag(4, _DELIMITED)]), ref) for ref in models]
     one_model = len(refs) == 1 and bool((model == 0).all())
     model_sizes = np.zeros(n, dtype=np.int64) if one_model else np.array([*map(len, refs), 0])[model]
@@ -154,7 +157,7 @@ def encode_scores(
         model_sizes,  # 4 model, when rows differ
     )
     body = len(fixed) + 8 + np.sum(varying, axis=0)
-    body_size = varint_lengths(body.astype(np.uint64))
+    body_size = _varint_lengths(body.astype(np.uint64))
     entry = 1 + body_size + body
     starts = np.cumsum(entry) - entry
     out = np.empty(int(entry.sum()), dtype=np.uint8)
