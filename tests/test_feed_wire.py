@@ -1,6 +1,7 @@
 """Feed records through ``feed_wire``: scores encoded with numpy parse to the messages that setting
-each field through the protobuf API builds, and tick requests read with numpy give the columns
-read from protobuf's messages (or are left to protobuf), whatever the rows or the bytes."""
+each field through the protobuf API builds, and tick and transaction requests read with numpy give
+the columns read from protobuf's messages (or are left to protobuf), whatever the rows or the
+bytes; a transaction batch prepared from its bytes is the one prepared from protobuf's messages."""
 
 from __future__ import annotations
 
