@@ -33,6 +33,7 @@ from auris.collector.feed_features import TX_ULB
 from auris.collector.feed_files import FeedFileError, FileFormat, open_records, read_records
 from auris.collector.feeds import (
     TICKS,
+    TRANSACTIONS,
     FeedStore,
     Scored,
     hash_identifier,
@@ -467,15 +468,54 @@ def test_window_state_is_rebuilt_from_the_store_after_a_restart(tmp_path: Path) 
     after = [b for part in seconds for b in part]
     whole = _scores_by_record(tmp_path / "whole.db", before + after)
     _scores_by_record(tmp_path / "restarted.db", before)
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "restarted.db")) as source,
+        contextlib.closing(sqlite3.connect(tmp_path / "migrated.db")) as copy,
+    ):
+        source.backup(copy)  # the WAL's pages too
+    links = _feed_links(tmp_path / "migrated.db")
+    _as_schema_13(tmp_path / "migrated.db")
     restarted = _scores_by_record(tmp_path / "restarted.db", after)
     fresh = _scores_by_record(tmp_path / "fresh.db", after)
+    # A database of schema 13 (before the links) is migrated to the very links the collector
+    # writes, and rebuilds the windows from them as well.
+    VerdictStore(tmp_path / "migrated.db").close()
+    assert _feed_links(tmp_path / "migrated.db") == links
+    assert links[1]
+    assert any(prev is not None for _, prev in links[0])
+    migrated = _scores_by_record(tmp_path / "migrated.db", after)
 
     for feed in ("cards", "bars", "trades"):
         keys = [k for k in restarted if k.startswith(feed + "/")]
         assert len(keys) > (10 if feed == "trades" else 100), (feed, len(keys))
         assert {k: restarted[k] for k in keys} == {k: whole[k] for k in keys}, feed
+        assert {k: migrated[k] for k in keys} == {k: whole[k] for k in keys}, feed
         differs = sum(fresh.get(k) != whole[k] for k in keys)
         assert differs > len(keys) // 4, (feed, differs, len(keys))
+
+
+def _feed_links(path: Path) -> list[list[tuple[object, ...]]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [
+            conn.execute(query).fetchall()
+            for query in (
+                "SELECT id, prev_id FROM feed_records ORDER BY id",
+                "SELECT * FROM feed_symbols ORDER BY feed_id, entity",
+                "SELECT * FROM feed_totals ORDER BY feed_id, kind",
+            )
+        ]
+
+
+def _as_schema_13(path: Path) -> None:
+    """Make a database schema 13 again: feed records without links, symbols or totals, with the
+    (feed, kind, entity, time) index."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TABLE feed_symbols")
+        conn.execute("DROP TABLE feed_totals")
+        conn.execute("ALTER TABLE feed_records DROP COLUMN prev_id")
+        conn.execute("CREATE INDEX feed_records_entity ON feed_records (feed_id, kind, entity, time_ns)")
+        conn.execute("UPDATE meta SET value = '13' WHERE key = 'schema_version'")
+        conn.commit()
 
 
 def test_feed_score_writes_one_row_per_input_row_with_the_collectors_scores(tmp_path: Path) -> None:
@@ -921,7 +961,7 @@ def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Verdi
     records=st.lists(
         st.tuples(
             st.text(),
-            st.text(),
+            st.one_of(st.sampled_from(["s", "t", "ü"]), st.text()),  # symbols repeat
             st.integers(-(2**63), 2**63 - 1),
             st.binary(),
             st.one_of(
@@ -941,54 +981,87 @@ def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Verdi
     ),
     feed_id=st.text(min_size=1),
     limits=st.sampled_from([None, (1, 1 << 20), (8, 40)]),
+    kind=st.sampled_from([TICKS, TRANSACTIONS]),
+    split=st.integers(0, 8),
 )
 @example(  # scores JSON cannot carry, beside ones it can: every one stored as bound
     records=[("a", "s", 1, b"x", Scored("m", "1", x, False, "")) for x in (1, math.inf, -math.inf, math.nan)],
     feed_id="f",
     limits=None,
+    kind=TICKS,
+    split=0,
 )
-@example(records=[("a\x00b", "s", 1, b"", None), ("c", "s", 2, b"y", None)], feed_id="f", limits=None)
+@example(
+    records=[("a\x00b", "s", 1, b"", None), ("c", "s", 2, b"y", None), ("d", "t", 3, b"", None)],
+    feed_id="f",
+    limits=None,
+    kind=TICKS,
+    split=1,
+)
 def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
     feed_store: tuple[VerdictStore, FeedStore],
     records: list[tuple[str, str, int, bytes, Scored | None]],
     feed_id: str,
     limits: tuple[int, int] | None,
+    kind: int,
+    split: int,
 ) -> None:
     """A batch goes to SQLite in as few statements as its size allows (rows as JSON, records as one
     blob): what it stores (any text, NUL and non-ASCII included, any time, score, blob; one model
     or several; cut into statements by record bytes, or row by row past a text size) is what
-    inserting the rows one by one with bound values stores, type for type, in the batch's order."""
+    inserting the rows one by one with bound values stores, type for type, in the batch's order.
+    Each tick links to its symbol's record before it, also across batches, and the feed's symbols
+    and totals are noted."""
     from auris.collector import feeds as module
 
     store, feeds = feed_store
     with store.writing() as conn:
-        conn.execute("DELETE FROM feed_records")
+        for table in ("feed_records", "feed_symbols", "feed_totals"):
+            conn.execute(f"DELETE FROM {table}")
     before = module._STATEMENT_BYTES, module._TEXT_LIMIT
+    answer = []
     try:
         if limits is not None:
             module._STATEMENT_BYTES, module._TEXT_LIMIT = limits
-        answer, _ = feeds.add(feed_id, TICKS, records, [], 7)
+        for part in (records[:split], records[split:]):
+            if part:
+                answer += feeds.add(feed_id, kind, part, [], 7)[0]
     finally:
         module._STATEMENT_BYTES, module._TEXT_LIMIT = before
     with store.writing() as conn:
         conn.executemany(
             module._INSERT_ROWS,
-            [(f"row by row {feed_id}", TICKS, rid, entity, time_ns, 7, s.model_id if s else "",
+            [(None, f"row by row {feed_id}", kind, rid, entity, time_ns, 7, s.model_id if s else "",
               s.model_version if s else "", s.score if s else None, bool(s and s.anomalous),
-              s.explanation if s else "", blob)
+              s.explanation if s else "", blob, None)
              for rid, entity, time_ns, blob, s in records],
         )  # fmt: skip
     read = store.reader().execute
     stored = read(_STORED, (feed_id,)).fetchall()
     assert stored == read(_STORED, (f"row by row {feed_id}",)).fetchall()
     assert [row[1::2] for row in stored] == [
-        (TICKS, rid, entity, time_ns, 7, s.model_id if s else "", s.model_version if s else "",
+        (kind, rid, entity, time_ns, 7, s.model_id if s else "", s.model_version if s else "",
          None if s is None or math.isnan(s.score) else s.score, int(bool(s and s.anomalous)),
          s.explanation if s else "", blob)
         for rid, entity, time_ns, blob, s in records
     ]  # fmt: skip
     ids = [row[0] for row in read("SELECT id FROM feed_records WHERE feed_id = ? ORDER BY id", (feed_id,))]
     assert [(a.id, a.record_id) for a in answer] == list(zip(ids, (r[0] for r in records), strict=True))
+    # The links, the symbols' latest and the feed's totals, from the records as sent.
+    last: dict[str, int] = {}
+    links: list[int | None] = []
+    for row_id, (_, entity, _, _, _) in zip(ids, records, strict=True):
+        links.append(last.get(entity) if kind == TICKS else None)
+        last[entity] = row_id
+    linked = read("SELECT prev_id FROM feed_records WHERE feed_id = ? ORDER BY id", (feed_id,))
+    assert [prev for (prev,) in linked] == links
+    symbols = {
+        entity: (max(r[2] for r in records if r[1] == entity), last[entity]) for entity in last
+    } if kind == TICKS else {}  # fmt: skip
+    noted = read("SELECT entity, latest_ns, last_id FROM feed_symbols WHERE feed_id = ?", (feed_id,))
+    assert {entity: (latest, last_id) for entity, latest, last_id in noted} == symbols
+    totals = read("SELECT kind, records, latest_ns FROM feed_totals WHERE feed_id = ?", (feed_id,))
+    assert totals.fetchall() == [(kind, len(records), max(r[2] for r in records))]
 
 
 def test_an_answer_keeps_its_feeds_order_while_alert_rules_come(tmp_path: Path) -> None:

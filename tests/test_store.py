@@ -231,11 +231,11 @@ def test_migration_3_backfills_rollups_from_existing_verdicts(tmp_path: Path) ->
     store.close()
     # Make it a schema-2 database again: no rollups (3), alerts (4), model registry (5), identity (6),
     # query indexes (7), model refusals (8), feeds (9), top talkers (10, 11), top anomalies' indexes
-    # (12, 13).
+    # (12, 13), feed symbols and totals (14).
     db = sqlite_utils.Database(path)
     for table in ("rollups", "alerts", "alert_events", "alert_outbox", "models", "api_tokens",
                   "enrollment_tokens", "audit", "feed_records", "feed_rejects", "talkers",
-                  "talker_minutes"):  # fmt: skip
+                  "talker_minutes", "feed_symbols", "feed_totals"):  # fmt: skip
         db.execute(f"DROP TABLE {table}")
     for column in ("revoked_ns", "revoked_reason", "cert_serial", "refusals_pb"):
         db.execute(f"ALTER TABLE agents DROP COLUMN {column}")

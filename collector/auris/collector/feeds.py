@@ -566,21 +566,46 @@ def _encoded_scores(feed_id: str, rows: FeedRows, first_id: int, only: Sequence[
 
 
 _INSERT_COLUMNS = (
-    "feed_id, kind, record_id, entity, time_ns, received_ns, model_id, model_version, score, anomalous,"
-    " explanation, record_pb"
+    "id, feed_id, kind, record_id, entity, time_ns, received_ns, model_id, model_version, score, anomalous,"
+    " explanation, record_pb, prev_id"
 )
 # A batch in one statement: its rows as one JSON array, its serialised records as one blob cut
 # by offsets. Binding rows one by one (executemany) held the GIL ~2.3 us a row and gave it up
 # around every row's step; here Python builds two values and SQLite does the rest without it.
 _ITEM = "json_extract(r.value, '$[{}]')".format
 _INSERT_JSON = (
-    f"INSERT INTO feed_records ({_INSERT_COLUMNS}) SELECT ?1, ?2, {_ITEM(0)}, {_ITEM(1)}, {_ITEM(2)}, ?3,"
-    f" {{model}}, {_ITEM(3)}, {_ITEM(4)}, {_ITEM(5)}, ifnull(substr(?5, {_ITEM(6)}, {_ITEM(7)}), x'')"
-    " FROM json_each(?4) AS r"
+    f"INSERT INTO feed_records ({_INSERT_COLUMNS}) SELECT :first + r.key, :feed, :kind, {_ITEM(0)},"
+    f" {_ITEM(1)}, {_ITEM(2)}, :received, {{model}}, {_ITEM(3)}, {_ITEM(4)}, {_ITEM(5)},"
+    f" ifnull(substr(:blob, {_ITEM(6)}, {_ITEM(7)}), x''), {{prev}} FROM json_each(:rows) AS r ORDER BY r.key"
 )
-_INSERT_ONE_MODEL = _INSERT_JSON.format(model="?6, ?7")
-_INSERT_MODELS = _INSERT_JSON.format(model=f"{_ITEM(8)}, {_ITEM(9)}")
-_INSERT_ROWS = f"INSERT INTO feed_records ({_INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+# A tick's link to its symbol's previous record in the feed: the batch's row before it, else the
+# symbol's latest stored one (recent_ticks walks back along these, last_tick_ns reads
+# feed_symbols: an index on (feed, entity) took each batch's rows in as many places as it had
+# symbols).
+_PREV_TICK = (
+    f"coalesce(:first + lag(r.key) OVER (PARTITION BY {_ITEM(1)} ORDER BY r.key),"
+    f" (SELECT last_id FROM feed_symbols WHERE feed_id = :feed AND entity = {_ITEM(1)}))"
+)
+_INSERTS: dict[tuple[bool, int], str] = {
+    (one_model, kind): _INSERT_JSON.format(
+        model=":model, :version" if one_model else f"{_ITEM(8)}, {_ITEM(9)}",
+        prev=_PREV_TICK if kind == TICKS else "NULL",
+    )
+    for one_model in (True, False)
+    for kind in (TRANSACTIONS, TICKS)
+}
+_INSERT_ROWS = f"INSERT INTO feed_records ({_INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+# The symbols' latest times and records, after a statement stored ticks with ids first..last.
+_NOTE_SYMBOLS = (
+    "INSERT INTO feed_symbols (feed_id, entity, latest_ns, last_id) SELECT ?1, entity, MAX(time_ns), MAX(id)"
+    " FROM feed_records WHERE id BETWEEN ?2 AND ?3 GROUP BY entity ON CONFLICT (feed_id, entity)"
+    " DO UPDATE SET latest_ns = max(latest_ns, excluded.latest_ns), last_id = excluded.last_id"
+)
+_NOTE_TOTALS = (
+    "INSERT INTO feed_totals (feed_id, kind, records, latest_ns) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (feed_id, kind) DO UPDATE SET records = records + excluded.records,"
+    " latest_ns = max(latest_ns, excluded.latest_ns)"
+)
 
 
 # Bytes of serialised records one statement carries (at least one record): its JSON text stays
@@ -592,8 +617,9 @@ _TEXT_LIMIT = 256 << 20
 
 def _insert_records(
     conn: sqlite3.Connection, feed_id: str, kind: int, now_ns: int, rows: FeedRows, time_ns: list[int]
-) -> None:
-    """Insert a feed's rows of one batch, in order (consecutive ids)."""
+) -> int:
+    """Insert a feed's rows of one batch, in order, with consecutive ids; return the first id."""
+    first: int = conn.execute("SELECT ifnull(MAX(id), 0) + 1 FROM feed_records").fetchone()[0]
     lengths = np.fromiter(map(len, rows.blobs), np.int64, len(rows.blobs))
     ends = np.cumsum(lengths)
     cuts = [0, len(lengths)]
@@ -605,11 +631,18 @@ def _insert_records(
                                 rows.blobs]  # fmt: skip
     for a, b in itertools.pairwise(cuts):
         part = columns if (a, b) == (0, len(lengths)) else [column[a:b] for column in columns]
-        _insert_part(conn, (feed_id, kind, now_ns), part)
+        _insert_part(conn, (feed_id, kind, now_ns, first + a), part)
+        if kind == TICKS:
+            conn.execute(_NOTE_SYMBOLS, (feed_id, first + a, first + b - 1))
+    conn.execute(_NOTE_TOTALS, (feed_id, kind, len(lengths), max(time_ns)))
+    return first
 
 
-def _insert_part(conn: sqlite3.Connection, batch: tuple[str, int, int], columns: list[list[Any]]) -> None:
-    """One statement's rows: ``_insert_records``' columns; ``batch`` is (feed, kind, received)."""
+def _insert_part(
+    conn: sqlite3.Connection, batch: tuple[str, int, int, int], columns: list[list[Any]]
+) -> None:
+    """One statement's rows: ``_insert_records``' columns; ``batch`` is (feed, kind, received, the
+    first row's id)."""
     *values, model_ids, versions, blobs = columns
     sizes = np.asarray(values[-1], dtype=np.int64)
     values.insert(-1, (np.cumsum(sizes) - sizes + 1).tolist())  # each record's offset in the blob
@@ -625,20 +658,41 @@ def _insert_part(conn: sqlite3.Connection, batch: tuple[str, int, int], columns:
             text = orjson.dumps(list(zip(*values, strict=True)))
         except orjson.JSONEncodeError:  # an integer over 64 bits, a string that is not UTF-8
             text = None
+    feed_id, kind, now_ns, first = batch
     # SQLite's JSON functions end a string at an escaped NUL.
     if text is None or b"\\u0000" in text or len(text) > _TEXT_LIMIT:
-        feed_id, kind, now_ns = batch
         record_ids, entities, time_ns, scores, anomalous, explanations = values[:6]
         same = itertools.repeat
         conn.executemany(
             _INSERT_ROWS,
-            zip(same(feed_id), same(kind), record_ids, entities, time_ns, same(now_ns), model_ids, versions,
-                scores, anomalous, explanations, blobs, strict=False),
+            zip(itertools.count(first), same(feed_id), same(kind), record_ids, entities, time_ns,
+                same(now_ns), model_ids, versions, scores, anomalous, explanations, blobs,
+                _previous(conn, feed_id, entities, first) if kind == TICKS else same(None), strict=False),
         )  # fmt: skip
-    elif one_model:  # the JSON as text: SQLite would take bytes for a BLOB
-        conn.execute(_INSERT_ONE_MODEL, (*batch, text.decode(), b"".join(blobs), model_ids[0], versions[0]))
-    else:
-        conn.execute(_INSERT_MODELS, (*batch, text.decode(), b"".join(blobs)))
+    else:  # the JSON as text: SQLite would take bytes for a BLOB
+        conn.execute(
+            _INSERTS[one_model, kind],
+            {"first": first, "feed": feed_id, "kind": kind, "received": now_ns, "rows": text.decode(),
+             "blob": b"".join(blobs), "model": model_ids[0], "version": versions[0]},
+        )  # fmt: skip
+
+
+def _previous(
+    conn: sqlite3.Connection, feed_id: str, entities: Sequence[str], first: int
+) -> list[int | None]:
+    """``_PREV_TICK`` row by row: the ids of the records before rows ``first``, ``first + 1``, ...
+    of these symbols."""
+    last: dict[str, int | None] = {}
+    out: list[int | None] = []
+    for i, entity in enumerate(entities):
+        if entity not in last:
+            row = conn.execute(
+                "SELECT last_id FROM feed_symbols WHERE feed_id = ? AND entity = ?", (feed_id, entity)
+            ).fetchone()
+            last[entity] = row[0] if row else None
+        out.append(last[entity])
+        last[entity] = first + i
+    return out
 
 
 class FeedStore:
@@ -669,9 +723,7 @@ class FeedStore:
         with self._lock:
             if feed_id not in self._loaded:
                 rows = self._store.reader().execute(
-                    "SELECT entity, MAX(time_ns) FROM feed_records WHERE feed_id = ? AND kind = ?"
-                    " GROUP BY entity",
-                    (feed_id, TICKS),
+                    "SELECT entity, latest_ns FROM feed_symbols WHERE feed_id = ?", (feed_id,)
                 )
                 for entity, latest in rows:
                     key = (feed_id, entity)
@@ -750,26 +802,28 @@ class FeedStore:
         self, feed_id: str, bars: int, trade_bar_seconds: float
     ) -> Iterator[list[feed_service_pb2.Tick]]:
         """Per symbol, the stored ticks of the feed's last ``bars`` bars (bar records, or the
-        trades of whole trade bars, the open one included), oldest first; one chunk a symbol."""
+        trades of whole trade bars, the open one included), oldest first; one chunk a symbol. Each
+        symbol's records are walked back from its latest along their links (``prev_id``)."""
         conn = self._store.reader()
-        symbols = [
-            entity
-            for (entity,) in conn.execute(
-                "SELECT DISTINCT entity FROM feed_records WHERE feed_id = ? AND kind = ?", (feed_id, TICKS)
-            )
-        ]
+        latest = conn.execute(
+            "SELECT entity, last_id FROM feed_symbols WHERE feed_id = ? ORDER BY entity", (feed_id,)
+        ).fetchall()
         from auris.collector.feed_features import trade_bar_start_ns
 
-        for symbol in symbols:
-            rows = conn.execute(
-                "SELECT record_pb FROM feed_records WHERE feed_id = ? AND kind = ? AND entity = ?"
-                " ORDER BY time_ns DESC, id DESC",
-                (feed_id, TICKS, symbol),
-            )
+        for symbol, last_id in latest:
             ticks: list[feed_service_pb2.Tick] = []
             seen = 0
             last_bucket: int | None = None
-            for (blob,) in rows:
+            row_id: int | None = last_id
+            while row_id is not None:
+                row = conn.execute(
+                    "SELECT record_pb, prev_id FROM feed_records WHERE id = ? AND feed_id = ? AND kind = ?"
+                    " AND entity = ?",
+                    (row_id, feed_id, TICKS, symbol),
+                ).fetchone()
+                if row is None:
+                    break
+                blob, row_id = row
                 tick = feed_service_pb2.Tick.FromString(blob)
                 stamp = tick.time
                 t_s = stamp.seconds + stamp.nanos * 1e-9
@@ -780,7 +834,6 @@ class FeedStore:
                         break
                 last_bucket = bucket
                 ticks.append(tick)
-            rows.close()
             if ticks:
                 yield ticks[::-1]
 
@@ -844,9 +897,7 @@ class FeedStore:
         built: Sequence[feed_service_pb2.FeedScore] = []
         with self._store.writing() as conn:
             if n:
-                _insert_records(conn, feed_id, kind, now_ns, rows, time_ns)
-                # One writer, rowids without AUTOINCREMENT: the batch took consecutive ids.
-                first = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - n + 1
+                first = _insert_records(conn, feed_id, kind, now_ns, rows, time_ns)
                 fill = functools.partial(_answer_scores, answer, wanted, feed_id, rows, first)
                 if build_all:
                     encoded = _encoded_scores(feed_id, rows, first, None)
@@ -928,8 +979,7 @@ class FeedStore:
         )
         out = []
         for feed_id, kind, accepted, latest in reader.execute(
-            "SELECT feed_id, kind, COUNT(*), MAX(time_ns) FROM feed_records GROUP BY feed_id, kind"
-            " ORDER BY feed_id"
+            "SELECT feed_id, kind, records, latest_ns FROM feed_totals ORDER BY feed_id, kind"
         ):
             info = admin_service_pb2.FeedInfo(
                 feed_id=feed_id,
