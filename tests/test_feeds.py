@@ -1055,9 +1055,13 @@ def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
         last[entity] = row_id
     linked = read("SELECT prev_id FROM feed_records WHERE feed_id = ? ORDER BY id", (feed_id,))
     assert [prev for (prev,) in linked] == links
-    symbols = {
-        entity: (max(r[2] for r in records if r[1] == entity), last[entity]) for entity in last
-    } if kind == TICKS else {}  # fmt: skip
+    # A symbol's latest time: its last tick's in a batch (ticks' times increase within a symbol),
+    # kept where an earlier batch's was later.
+    latest: dict[str, int] = {}
+    for part in (records[:split], records[split:]):
+        for entity, time_ns in {r[1]: r[2] for r in part}.items():
+            latest[entity] = max(time_ns, latest.get(entity, time_ns))
+    symbols = {entity: (latest[entity], last[entity]) for entity in last} if kind == TICKS else {}
     noted = read("SELECT entity, latest_ns, last_id FROM feed_symbols WHERE feed_id = ?", (feed_id,))
     assert {entity: (latest, last_id) for entity, latest, last_id in noted} == symbols
     totals = read("SELECT kind, records, latest_ns FROM feed_totals WHERE feed_id = ?", (feed_id,))

@@ -576,29 +576,31 @@ _ITEM = "json_extract(r.value, '$[{}]')".format
 _INSERT_JSON = (
     f"INSERT INTO feed_records ({_INSERT_COLUMNS}) SELECT :first + r.key, :feed, :kind, {_ITEM(0)},"
     f" {_ITEM(1)}, {_ITEM(2)}, :received, {{model}}, {_ITEM(3)}, {_ITEM(4)}, {_ITEM(5)},"
-    f" ifnull(substr(:blob, {_ITEM(6)}, {_ITEM(7)}), x''), {{prev}} FROM json_each(:rows) AS r ORDER BY r.key"
+    f" ifnull(substr(:blob, {_ITEM(6)}, {_ITEM(7)}), x''), {{prev}} FROM json_each(:rows) AS r"
 )
-# A tick's link to its symbol's previous record in the feed: the batch's row before it, else the
-# symbol's latest stored one (recent_ticks walks back along these, last_tick_ns reads
-# feed_symbols: an index on (feed, entity) took each batch's rows in as many places as it had
-# symbols).
+# A tick's link to its symbol's previous record in the feed (recent_ticks walks back along them;
+# an index on (feed, entity) took each batch's rows in as many places as it had symbols): the
+# batch's row before it (its position in the batch, -1 for none, is in the rows), else the
+# symbol's latest stored record.
 _PREV_TICK = (
-    f"coalesce(:first + lag(r.key) OVER (PARTITION BY {_ITEM(1)} ORDER BY r.key),"
-    f" (SELECT last_id FROM feed_symbols WHERE feed_id = :feed AND entity = {_ITEM(1)}))"
+    f"CASE WHEN {_ITEM(8)} >= 0 THEN :batch + {_ITEM(8)} ELSE"
+    f" (SELECT last_id FROM feed_symbols WHERE feed_id = :feed AND entity = {_ITEM(1)}) END"
 )
 _INSERTS: dict[tuple[bool, int], str] = {
     (one_model, kind): _INSERT_JSON.format(
-        model=":model, :version" if one_model else f"{_ITEM(8)}, {_ITEM(9)}",
+        model=":model, :version"
+        if one_model
+        else f"{_ITEM(8 + (kind == TICKS))}, {_ITEM(9 + (kind == TICKS))}",
         prev=_PREV_TICK if kind == TICKS else "NULL",
     )
     for one_model in (True, False)
     for kind in (TRANSACTIONS, TICKS)
 }
 _INSERT_ROWS = f"INSERT INTO feed_records ({_INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-# The symbols' latest times and records, after a statement stored ticks with ids first..last.
+# The symbols' latest times and records: [[symbol, time, id], ...].
 _NOTE_SYMBOLS = (
-    "INSERT INTO feed_symbols (feed_id, entity, latest_ns, last_id) SELECT ?1, entity, MAX(time_ns), MAX(id)"
-    " FROM feed_records WHERE id BETWEEN ?2 AND ?3 GROUP BY entity ON CONFLICT (feed_id, entity)"
+    f"INSERT INTO feed_symbols (feed_id, entity, latest_ns, last_id) SELECT ?1, {_ITEM(0)}, {_ITEM(1)},"
+    f" {_ITEM(2)} FROM json_each(?2) AS r WHERE 1 ON CONFLICT (feed_id, entity)"
     " DO UPDATE SET latest_ns = max(latest_ns, excluded.latest_ns), last_id = excluded.last_id"
 )
 _NOTE_TOTALS = (
@@ -616,10 +618,15 @@ _TEXT_LIMIT = 256 << 20
 
 
 def _insert_records(
-    conn: sqlite3.Connection, feed_id: str, kind: int, now_ns: int, rows: FeedRows, time_ns: list[int]
-) -> int:
-    """Insert a feed's rows of one batch, in order, with consecutive ids; return the first id."""
-    first: int = conn.execute("SELECT ifnull(MAX(id), 0) + 1 FROM feed_records").fetchone()[0]
+    conn: sqlite3.Connection,
+    feed_id: str,
+    kind: int,
+    now_ns: int,
+    rows: FeedRows,
+    time_ns: list[int],
+    first: int,
+) -> None:
+    """Insert a feed's rows of one batch, in order, with ids from ``first`` on."""
     lengths = np.fromiter(map(len, rows.blobs), np.int64, len(rows.blobs))
     ends = np.cumsum(lengths)
     cuts = [0, len(lengths)]
@@ -629,23 +636,39 @@ def _insert_records(
     columns: list[list[Any]] = [rows.record_ids, rows.entities, time_ns, rows.scores, rows.anomalous,
                                 rows.explanations, lengths.tolist(), rows.model_ids, rows.model_versions,
                                 rows.blobs]  # fmt: skip
+    if kind == TICKS:
+        # Each tick's position's in the batch of its symbol's tick before it (-1: none), and each
+        # symbol's last position.
+        latest: dict[str, int] = {}
+        columns.insert(7, _positions(rows.entities, latest))
     for a, b in itertools.pairwise(cuts):
         part = columns if (a, b) == (0, len(lengths)) else [column[a:b] for column in columns]
-        _insert_part(conn, (feed_id, kind, now_ns, first + a), part)
-        if kind == TICKS:
-            conn.execute(_NOTE_SYMBOLS, (feed_id, first + a, first + b - 1))
+        _insert_part(conn, (feed_id, kind, now_ns, first, a), part)
+    if kind == TICKS:
+        noted = [(entity, time_ns[i], first + i) for entity, i in latest.items()]
+        conn.execute(_NOTE_SYMBOLS, (feed_id, orjson.dumps(noted).decode()))
     conn.execute(_NOTE_TOTALS, (feed_id, kind, len(lengths), max(time_ns)))
-    return first
+
+
+def _positions(entities: Sequence[str], latest: dict[str, int]) -> list[int]:
+    """Each entity's previous position in ``entities`` (-1: none); ``latest`` gets the last ones."""
+    out: list[int] = []
+    put = out.append
+    last = latest.get
+    for i, entity in enumerate(entities):
+        put(last(entity, -1))
+        latest[entity] = i
+    return out
 
 
 def _insert_part(
-    conn: sqlite3.Connection, batch: tuple[str, int, int, int], columns: list[list[Any]]
+    conn: sqlite3.Connection, batch: tuple[str, int, int, int, int], columns: list[list[Any]]
 ) -> None:
     """One statement's rows: ``_insert_records``' columns; ``batch`` is (feed, kind, received, the
-    first row's id)."""
+    batch's first id, the part's first position in the batch)."""
     *values, model_ids, versions, blobs = columns
-    sizes = np.asarray(values[-1], dtype=np.int64)
-    values.insert(-1, (np.cumsum(sizes) - sizes + 1).tolist())  # each record's offset in the blob
+    sizes = np.asarray(values[6], dtype=np.int64)
+    values.insert(6, (np.cumsum(sizes) - sizes + 1).tolist())  # each record's offset in the blob
     one_model = all(column.count(column[0]) == len(column) for column in (model_ids, versions))
     if not one_model:
         values += [model_ids, versions]
@@ -658,7 +681,8 @@ def _insert_part(
             text = orjson.dumps(list(zip(*values, strict=True)))
         except orjson.JSONEncodeError:  # an integer over 64 bits, a string that is not UTF-8
             text = None
-    feed_id, kind, now_ns, first = batch
+    feed_id, kind, now_ns, batch_first, offset = batch
+    first = batch_first + offset
     # SQLite's JSON functions end a string at an escaped NUL.
     if text is None or b"\\u0000" in text or len(text) > _TEXT_LIMIT:
         record_ids, entities, time_ns, scores, anomalous, explanations = values[:6]
@@ -667,31 +691,34 @@ def _insert_part(
             _INSERT_ROWS,
             zip(itertools.count(first), same(feed_id), same(kind), record_ids, entities, time_ns,
                 same(now_ns), model_ids, versions, scores, anomalous, explanations, blobs,
-                _previous(conn, feed_id, entities, first) if kind == TICKS else same(None), strict=False),
+                _previous(conn, feed_id, entities, values[8], batch_first) if kind == TICKS else same(None),
+                strict=False),
         )  # fmt: skip
     else:  # the JSON as text: SQLite would take bytes for a BLOB
         conn.execute(
             _INSERTS[one_model, kind],
-            {"first": first, "feed": feed_id, "kind": kind, "received": now_ns, "rows": text.decode(),
-             "blob": b"".join(blobs), "model": model_ids[0], "version": versions[0]},
+            {"first": first, "batch": batch_first, "feed": feed_id, "kind": kind, "received": now_ns,
+             "rows": text.decode(), "blob": b"".join(blobs), "model": model_ids[0], "version": versions[0]},
         )  # fmt: skip
 
 
 def _previous(
-    conn: sqlite3.Connection, feed_id: str, entities: Sequence[str], first: int
+    conn: sqlite3.Connection, feed_id: str, entities: Sequence[str], before: Sequence[int], first: int
 ) -> list[int | None]:
-    """``_PREV_TICK`` row by row: the ids of the records before rows ``first``, ``first + 1``, ...
-    of these symbols."""
-    last: dict[str, int | None] = {}
+    """``_PREV_TICK`` row by row, for rows at positions ``before`` in a batch whose ids start at
+    ``first``."""
+    stored: dict[str, int | None] = {}
     out: list[int | None] = []
-    for i, entity in enumerate(entities):
-        if entity not in last:
+    for entity, position in zip(entities, before, strict=True):
+        if position >= 0:
+            out.append(first + position)
+            continue
+        if entity not in stored:
             row = conn.execute(
                 "SELECT last_id FROM feed_symbols WHERE feed_id = ? AND entity = ?", (feed_id, entity)
             ).fetchone()
-            last[entity] = row[0] if row else None
-        out.append(last[entity])
-        last[entity] = first + i
+            stored[entity] = row[0] if row else None
+        out.append(stored[entity])
     return out
 
 
@@ -714,6 +741,8 @@ class FeedStore:
         self._last_tick: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
+        # The id the next stored record takes (this is feed_records' one writer), None: look it up.
+        self._next_id: int | None = None
 
     def wants_scores(self) -> bool:
         """Whether alert rules look at feed scores now (they come and go with SIGHUP)."""
@@ -887,6 +916,7 @@ class FeedStore:
         transaction (on another thread: the writer's time is the pipeline's)."""
         alert_ids: list[int] = []
         n = len(rows.record_ids)
+        first = 0
         time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
         answer_all = wanted in (
             feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
@@ -897,7 +927,12 @@ class FeedStore:
         built: Sequence[feed_service_pb2.FeedScore] = []
         with self._store.writing() as conn:
             if n:
-                first = _insert_records(conn, feed_id, kind, now_ns, rows, time_ns)
+                if self._next_id is None:
+                    self._next_id = conn.execute(
+                        "SELECT ifnull(MAX(id), 0) + 1 FROM feed_records"
+                    ).fetchone()[0]
+                first, self._next_id = self._next_id, None  # looked up again if this transaction fails
+                _insert_records(conn, feed_id, kind, now_ns, rows, time_ns, first)
                 fill = functools.partial(_answer_scores, answer, wanted, feed_id, rows, first)
                 if build_all:
                     encoded = _encoded_scores(feed_id, rows, first, None)
@@ -920,6 +955,8 @@ class FeedStore:
                 )
             if self._on_store is not None and build_all:
                 alert_ids = self._on_store(conn, list(built), now_ns)
+            if n:
+                self._next_id = first + n
         return alert_ids, list(built) if publish else []
 
     def query(
