@@ -998,6 +998,13 @@ def feed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Verdi
     kind=TICKS,
     split=1,
 )
+@example(  # a symbol JSON cannot carry to SQLite
+    records=[("a", "\x00", 1, b"", None), ("b", "\x00", 2, b"", None)],
+    feed_id="f",
+    limits=None,
+    kind=TICKS,
+    split=1,
+)
 def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
     feed_store: tuple[VerdictStore, FeedStore],
     records: list[tuple[str, str, int, bytes, Scored | None]],

@@ -23,6 +23,7 @@ once its batch is stored, on a fourth thread, from bytes laid out with numpy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -508,6 +509,43 @@ def _merge(answer: _Answer, encoded: bytes) -> None:
     answer.MergeFromString(encoded)
 
 
+def _chain(
+    loop: asyncio.AbstractEventLoop,
+    done: asyncio.Future[Any],
+    stages: Sequence[tuple[Executor, Callable[[Any], Any]]],
+) -> None:
+    """Run ``stages`` one after the other, each on its executor, each given the one before's result
+    (the first None); the last one's result, or the first error, goes to ``done`` on ``loop``."""
+
+    def settle(result: Any, error: Exception | None) -> None:
+        def put() -> None:
+            if done.done():  # the call was cancelled meanwhile
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+            loop.call_soon_threadsafe(put)
+
+    def run(i: int, value: Any) -> None:
+        try:
+            value = stages[i][1](value)
+            if i + 1 < len(stages):
+                stages[i + 1][0].submit(run, i + 1, value)  # RuntimeError once shut down
+                return
+        except Exception as exc:
+            settle(None, exc)
+            return
+        settle(value, None)
+
+    try:
+        stages[0][0].submit(run, 0, None)
+    except RuntimeError as exc:
+        done.set_exception(exc)
+
+
 def _call_each(calls: Sequence[Callable[[], None]]) -> None:
     for call in calls:
         call()
@@ -598,10 +636,16 @@ _INSERTS: dict[tuple[bool, int], str] = {
 }
 _INSERT_ROWS = f"INSERT INTO feed_records ({_INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 # The symbols' latest times and records: [[symbol, time, id], ...].
+_SYMBOL_UPDATE = (
+    " ON CONFLICT (feed_id, entity) DO UPDATE SET latest_ns = max(latest_ns, excluded.latest_ns),"
+    " last_id = excluded.last_id"
+)
 _NOTE_SYMBOLS = (
     f"INSERT INTO feed_symbols (feed_id, entity, latest_ns, last_id) SELECT ?1, {_ITEM(0)}, {_ITEM(1)},"
-    f" {_ITEM(2)} FROM json_each(?2) AS r WHERE 1 ON CONFLICT (feed_id, entity)"
-    " DO UPDATE SET latest_ns = max(latest_ns, excluded.latest_ns), last_id = excluded.last_id"
+    f" {_ITEM(2)} FROM json_each(?2) AS r WHERE 1{_SYMBOL_UPDATE}"
+)
+_NOTE_SYMBOL = (
+    f"INSERT INTO feed_symbols (feed_id, entity, latest_ns, last_id) VALUES (?, ?, ?, ?){_SYMBOL_UPDATE}"
 )
 _NOTE_TOTALS = (
     "INSERT INTO feed_totals (feed_id, kind, records, latest_ns) VALUES (?, ?, ?, ?)"
@@ -646,7 +690,14 @@ def _insert_records(
         _insert_part(conn, (feed_id, kind, now_ns, first, a), part)
     if kind == TICKS:
         noted = [(entity, time_ns[i], first + i) for entity, i in latest.items()]
-        conn.execute(_NOTE_SYMBOLS, (feed_id, orjson.dumps(noted).decode()))
+        try:
+            text = orjson.dumps(noted)
+        except orjson.JSONEncodeError:  # a string that is not UTF-8
+            text = b"\\u0000"
+        if b"\\u0000" in text:  # as in _insert_part
+            conn.executemany(_NOTE_SYMBOL, [(feed_id, *symbol) for symbol in noted])
+        else:
+            conn.execute(_NOTE_SYMBOLS, (feed_id, text.decode()))
     conn.execute(_NOTE_TOTALS, (feed_id, kind, len(lengths), max(time_ns)))
 
 
@@ -1065,25 +1116,6 @@ class _Scored:
     rejects: list[feed_service_pb2.RejectedRecord]
 
 
-@dataclasses.dataclass
-class _Stages:
-    """When a stream's batch is through scoring, and through storing: the next batch waits for
-    each before its own."""
-
-    scored: asyncio.Future[None]
-    stored: asyncio.Future[None]
-
-    @classmethod
-    def new(cls) -> _Stages:
-        loop = asyncio.get_running_loop()
-        return cls(loop.create_future(), loop.create_future())
-
-    def close(self) -> None:
-        for future in (self.scored, self.stored):
-            if not future.done():
-                future.set_result(None)
-
-
 class FeedRequest:
     """An ingest request as received: its bytes, which ``feed_wire`` reads into columns without a
     Python object per field, and the message protobuf parsed from them (whether the request is
@@ -1360,14 +1392,13 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         answer: _AnswerT,
-        stages: _Stages | None = None,
-        after: _Stages | None = None,
     ) -> _AnswerT:
-        """Prepare a batch (on the preparing thread), score it once the stream's batch before
-        (``after``) is scored (on the scoring thread), store it once that one is stored (on the
-        writer thread), and publish its scores; ``stages`` tells the next batch how far this one
-        got."""
-        stages = stages or _Stages.new()
+        """Prepare a batch (on the preparing thread), score it (on the scoring thread), store it (on
+        the writer thread), fill the answer's scores (on the answering thread: the writer goes on
+        to the next batch meanwhile), then publish its scores. Each stage hands the batch to the
+        next itself, and only the last one wakes the event loop (a hop through it per stage cost
+        the loop's thread its share of the GIL four times a batch). One thread a stage, taking
+        batches in the order they came: a stream's batches go through each stage in order."""
         loop = asyncio.get_running_loop()
         received = request if isinstance(request, FeedRequest) else FeedRequest(b"", request)
         message = received.message
@@ -1380,38 +1411,33 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             records = message.ticks
             prepare = functools.partial(self._prepare_ticks, received)
         wanted = message.answer_scores
-        try:
-            if len(records) > MAX_BATCH:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
-                )
-            prepared = await loop.run_in_executor(self._preparer, prepare)
-            if after is not None:
-                await after.scored
+        if len(records) > MAX_BATCH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
+            )
+        later: list[Callable[[], None]] = []
 
-            def score() -> _Scored:
-                with self._lock:
-                    return self._score_batch(prepared)
+        def score(prepared: _Prepared) -> _Scored:
+            with self._lock:
+                return self._score_batch(prepared)
 
-            scored = await loop.run_in_executor(self._scorer, score)
-            stages.scored.set_result(None)
-            if after is not None:
-                await after.stored
+        def store(scored: _Scored) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
+            with self._store_lock:
+                return self._store_batch(scored, answer, wanted, later)
 
-            # The answer's scores are added once stored, on a thread of their own: the writer goes
-            # on to the next batch meanwhile.
-            later: list[Callable[[], None]] = []
+        def fill(stored: tuple[list[int], list[feed_service_pb2.FeedScore]]) -> Any:
+            _call_each(later)
+            return stored
 
-            def store() -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
-                with self._store_lock:
-                    return self._store_batch(scored, answer, wanted, later)
-
-            alert_ids, published = await loop.run_in_executor(self._writer, store)
-            if later:
-                stages.stored.set_result(None)  # the next batch's store goes to the writer now
-                await loop.run_in_executor(self._answerer, _call_each, later)
-        finally:
-            stages.close()  # the next batch goes on, also when this one failed
+        done: asyncio.Future[tuple[list[int], list[feed_service_pb2.FeedScore]]] = loop.create_future()
+        stages: list[tuple[Executor, Callable[[Any], Any]]] = [
+            (self._preparer, lambda _: prepare()),
+            (self._scorer, score),
+            (self._writer, store),
+            (self._answerer, fill),
+        ]
+        _chain(loop, done, stages)
+        alert_ids, published = await done
         if alert_ids and self._alerts_changed is not None:
             await self._alerts_changed(alert_ids)
         if published:
@@ -1439,15 +1465,11 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         queue: asyncio.Queue[asyncio.Task[_AnswerT] | None] = asyncio.Queue(_READ_AHEAD)
 
         async def read() -> None:
-            previous: _Stages | None = None
             try:
                 async for request in requests:
-                    stages = _Stages.new()
-                    task = asyncio.ensure_future(
-                        self._accept(kind, request, context, answer_type(), stages, previous)
+                    await queue.put(
+                        asyncio.ensure_future(self._accept(kind, request, context, answer_type()))
                     )
-                    previous = stages
-                    await queue.put(task)
             finally:
                 await queue.put(None)
 
