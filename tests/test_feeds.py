@@ -1075,6 +1075,34 @@ def test_a_batch_is_stored_as_row_by_row_inserts_store_it(
     assert totals.fetchall() == [(kind, len(records), max(r[2] for r in records))]
 
 
+def test_a_symbols_ticks_are_walked_back_along_their_links(tmp_path: Path) -> None:
+    """The warm-up reads each symbol's last bars along the links from its latest record, past
+    other symbols' rows; a link to a record that is not the symbol's (rows deleted, their ids
+    taken again) ends the walk."""
+    store = VerdictStore(tmp_path / "auris.db")
+    feeds = FeedStore(store)
+    for start in range(0, 40, 8):  # A and B interleaved, 8 ticks a batch
+        batch = [(f"r{i}", "AB"[i % 2], i, feed_service_pb2.Tick(symbol="AB"[i % 2], is_bar=True,
+                  close=float(i)).SerializeToString(), None) for i in range(start, start + 8)]  # fmt: skip
+        feeds.add("f", TICKS, batch, [], 1)
+    walked = {chunk[0].symbol: [t.close for t in chunk] for chunk in feeds.recent_ticks("f", 7, 60.0)}
+    assert walked == {"A": [float(i) for i in range(26, 40, 2)], "B": [float(i) for i in range(27, 40, 2)]}
+    with store.writing() as conn:  # A's record of close 30 replaced by one of B under its id
+        row_id, prev_id = conn.execute(
+            "SELECT id, prev_id FROM feed_records WHERE record_id = 'r30'"
+        ).fetchone()
+        conn.execute("DELETE FROM feed_records WHERE id = ?", (row_id,))
+        conn.execute(
+            "INSERT INTO feed_records SELECT ?, feed_id, kind, 'x', 'B', time_ns, received_ns, model_id,"
+            " model_version, score, anomalous, explanation, record_pb, ? FROM feed_records"
+            " WHERE record_id = 'r31'",
+            (row_id, prev_id),  # linked on to A's records
+        )
+    walked = {chunk[0].symbol: [t.close for t in chunk] for chunk in feeds.recent_ticks("f", 7, 60.0)}
+    assert walked["A"] == [32.0, 34.0, 36.0, 38.0]
+    store.close()
+
+
 def test_an_answer_keeps_its_feeds_order_while_alert_rules_come(tmp_path: Path) -> None:
     """A batch of two feeds stored while feed alert rules appear (SIGHUP) between them: the answer
     still has the first feed's scores, then the second's; the second's went to the rules."""

@@ -773,6 +773,17 @@ def _previous(
     return out
 
 
+# A symbol's ticks from record ?1 back along their links, at most ?2, newest first (record and
+# link); a record of another feed, kind or symbol ends the walk (rows deleted, their ids reused).
+_WALK_BACK = (
+    "WITH RECURSIVE chain(id, n) AS (SELECT ?1, 1 UNION ALL SELECT f.prev_id, chain.n + 1 FROM chain"
+    " JOIN feed_records AS f ON f.id = chain.id AND f.feed_id = ?3 AND f.kind = ?4 AND f.entity = ?5"
+    " WHERE f.prev_id IS NOT NULL AND chain.n < ?2)"
+    " SELECT f.record_pb, f.prev_id FROM chain JOIN feed_records AS f ON f.id = chain.id AND f.feed_id = ?3"
+    " AND f.kind = ?4 AND f.entity = ?5 ORDER BY chain.n"
+)
+
+
 class FeedStore:
     """Feed records and rejects in the collector's database."""
 
@@ -895,25 +906,22 @@ class FeedStore:
             seen = 0
             last_bucket: int | None = None
             row_id: int | None = last_id
-            while row_id is not None:
-                row = conn.execute(
-                    "SELECT record_pb, prev_id FROM feed_records WHERE id = ? AND feed_id = ? AND kind = ?"
-                    " AND entity = ?",
-                    (row_id, feed_id, TICKS, symbol),
-                ).fetchone()
-                if row is None:
-                    break
-                blob, row_id = row
-                tick = feed_service_pb2.Tick.FromString(blob)
-                stamp = tick.time
-                t_s = stamp.seconds + stamp.nanos * 1e-9
-                bucket = None if tick.is_bar else trade_bar_start_ns(t_s, trade_bar_seconds)
-                if bucket is None or bucket != last_bucket:
-                    seen += 1
-                    if seen > bars:
-                        break
-                last_bucket = bucket
-                ticks.append(tick)
+            page = bars + 1
+            while row_id is not None and seen <= bars:
+                rows = conn.execute(_WALK_BACK, (row_id, page, feed_id, TICKS, symbol)).fetchall()
+                row_id = rows[-1][1] if len(rows) == page else None  # where the next page starts
+                page *= 4  # trades: many to a bar
+                for blob, _ in rows:
+                    tick = feed_service_pb2.Tick.FromString(blob)
+                    stamp = tick.time
+                    t_s = stamp.seconds + stamp.nanos * 1e-9
+                    bucket = None if tick.is_bar else trade_bar_start_ns(t_s, trade_bar_seconds)
+                    if bucket is None or bucket != last_bucket:
+                        seen += 1
+                        if seen > bars:
+                            break
+                    last_bucket = bucket
+                    ticks.append(tick)
             if ticks:
                 yield ticks[::-1]
 
