@@ -4,6 +4,7 @@ order kept across a restart, scores queried and streamed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import gzip
@@ -14,7 +15,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -1100,6 +1101,92 @@ def test_a_symbols_ticks_are_walked_back_along_their_links(tmp_path: Path) -> No
         )
     walked = {chunk[0].symbol: [t.close for t in chunk] for chunk in feeds.recent_ticks("f", 7, 60.0)}
     assert walked["A"] == [32.0, 34.0, 36.0, 38.0]
+    with store.writing() as conn:  # a link that does not go back (a deleted latest id taken again)
+        conn.execute("UPDATE feed_records SET prev_id = id WHERE record_id = 'r38'")
+    walked = {chunk[0].symbol: [t.close for t in chunk] for chunk in feeds.recent_ticks("f", 7, 60.0)}
+    assert walked["A"] == [38.0]
+    store.close()
+
+
+def test_migration_14_ends_each_symbols_links_at_its_last_record(tmp_path: Path) -> None:
+    """Ticks of one symbol at one time (stored before validation said otherwise) are linked in
+    (time, id) order by the migration, and the symbol's latest is the last of them."""
+    store = VerdictStore(tmp_path / "auris.db")
+    bar = feed_service_pb2.Tick(symbol="S", is_bar=True)
+    ticks = []
+    for i, time_ns in enumerate([10, 15, 15]):
+        bar.close = float(i)
+        ticks.append((f"r{i}", "S", time_ns, bar.SerializeToString(), None))
+    FeedStore(store).add("f", TICKS, ticks, [], 1)
+    store.close()
+    _as_schema_13(tmp_path / "auris.db")
+    store = VerdictStore(tmp_path / "auris.db")
+    assert [
+        close for chunk in FeedStore(store).recent_ticks("f", 10, 60.0) for close in (t.close for t in chunk)
+    ] == [0.0, 1.0, 2.0]
+    assert store.reader().execute("SELECT latest_ns, last_id FROM feed_symbols").fetchall() == [(15, 3)]
+    store.close()
+
+
+def test_a_stream_stores_nothing_behind_a_batch_that_failed(tmp_path: Path) -> None:
+    """A stream whose second batch fails to store (the alert rules raising in its transaction)
+    ends with that error, and the batches sent behind it are neither scored nor stored: the client
+    resends from the failed batch, and every tick is accepted once, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from auris.collector.broker import Broker
+    from auris.collector.feeds import FeedServicer
+
+    store = VerdictStore(tmp_path / "auris.db")
+    stores: list[int] = []
+
+    def alert_rules(
+        conn: sqlite3.Connection, scores: list[feed_service_pb2.FeedScore], now_ns: int
+    ) -> list[int]:
+        stores.append(len(scores))
+        if len(stores) == 2:
+            raise RuntimeError("alert rules failed")
+        return []
+
+    feeds = FeedStore(store, on_store=alert_rules, wants_scores=lambda: True)
+    writer, preparer, scorer, answerer = (ThreadPoolExecutor(1) for _ in range(4))
+    servicer = FeedServicer(
+        feeds, writer, writer, Broker(16, 4), preparer=preparer, scorer=scorer, answerer=answerer
+    )
+
+    def batch(i: int) -> feed_service_pb2.StreamTicksRequest:
+        request = feed_service_pb2.StreamTicksRequest()
+        for j in range(5):
+            tick = request.ticks.add(feed_id="f", symbol="S", price=1.0 + j, size=1.0)
+            tick.time.FromSeconds(1_700_000_000 + 5 * i + j)
+        return request
+
+    async def send(first: int) -> list[object]:
+        async def requests() -> AsyncIterator[feed_service_pb2.StreamTicksRequest]:
+            for i in range(first, 4):
+                yield batch(i)
+
+        answers: list[object] = []
+        stream = servicer._stream(TICKS, requests(), None, feed_service_pb2.StreamTicksResponse)  # type: ignore[arg-type]
+        try:
+            async for answer in stream:
+                answers.append(answer.accepted)
+        except RuntimeError as exc:
+            answers.append(str(exc))
+        for stage in (preparer, scorer, writer, answerer):  # what is still in the pipeline goes through
+            await asyncio.get_running_loop().run_in_executor(stage, lambda: None)
+        return answers
+
+    def stored() -> list[int]:
+        rows = store.reader().execute("SELECT time_ns FROM feed_records ORDER BY id")
+        return [t // 1_000_000_000 - 1_700_000_000 for (t,) in rows]
+
+    assert asyncio.run(send(0)) == [5, "alert rules failed"]
+    assert stored() == list(range(5))
+    assert asyncio.run(send(1)) == [5, 5, 5]
+    assert stored() == list(range(20))
+    for pool in (preparer, scorer, writer, answerer):
+        pool.shutdown()
     store.close()
 
 

@@ -509,15 +509,21 @@ def _merge(answer: _Answer, encoded: bytes) -> None:
     answer.MergeFromString(encoded)
 
 
+class _Halted(RuntimeError):
+    """A batch not scored or stored: an earlier batch of its stream failed, or its call ended."""
+
+
 def _chain(
     loop: asyncio.AbstractEventLoop,
     done: asyncio.Future[Any],
     stages: Sequence[tuple[Executor, Callable[[Any], Any]]],
+    halted: threading.Event,
 ) -> None:
     """Run ``stages`` one after the other, each on its executor, each given the one before's result
-    (the first None); the last one's result, or the first error, goes to ``done`` on ``loop``."""
+    (the first None); the last one's result, or the first error, goes to ``done`` on ``loop``. A
+    stage that fails sets ``halted``, which stages look at before they score or store."""
 
-    def settle(result: Any, error: Exception | None) -> None:
+    def settle(result: Any, error: BaseException | None) -> None:
         def put() -> None:
             if done.done():  # the call was cancelled meanwhile
                 return
@@ -535,8 +541,11 @@ def _chain(
             if i + 1 < len(stages):
                 stages[i + 1][0].submit(run, i + 1, value)  # RuntimeError once shut down
                 return
-        except Exception as exc:
+        except BaseException as exc:
+            halted.set()
             settle(None, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         settle(value, None)
 
@@ -774,11 +783,12 @@ def _previous(
 
 
 # A symbol's ticks from record ?1 back along their links, at most ?2, newest first (record and
-# link); a record of another feed, kind or symbol ends the walk (rows deleted, their ids reused).
+# link); a record of another feed, kind or symbol, or a link that does not go back, ends the walk
+# (rows deleted, their ids taken again).
 _WALK_BACK = (
     "WITH RECURSIVE chain(id, n) AS (SELECT ?1, 1 UNION ALL SELECT f.prev_id, chain.n + 1 FROM chain"
     " JOIN feed_records AS f ON f.id = chain.id AND f.feed_id = ?3 AND f.kind = ?4 AND f.entity = ?5"
-    " WHERE f.prev_id IS NOT NULL AND chain.n < ?2)"
+    " WHERE f.prev_id < f.id AND chain.n < ?2)"
     " SELECT f.record_pb, f.prev_id FROM chain JOIN feed_records AS f ON f.id = chain.id AND f.feed_id = ?3"
     " AND f.kind = ?4 AND f.entity = ?5 ORDER BY chain.n"
 )
@@ -803,8 +813,6 @@ class FeedStore:
         self._last_tick: dict[tuple[str, str], int] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
-        # The id the next stored record takes (this is feed_records' one writer), None: look it up.
-        self._next_id: int | None = None
 
     def wants_scores(self) -> bool:
         """Whether alert rules look at feed scores now (they come and go with SIGHUP)."""
@@ -975,7 +983,6 @@ class FeedStore:
         transaction (on another thread: the writer's time is the pipeline's)."""
         alert_ids: list[int] = []
         n = len(rows.record_ids)
-        first = 0
         time_ns = [s * 1_000_000_000 + ns for s, ns in zip(rows.seconds, rows.nanos, strict=True)]
         answer_all = wanted in (
             feed_service_pb2.ANSWER_SCORES_UNSPECIFIED,
@@ -986,11 +993,7 @@ class FeedStore:
         built: Sequence[feed_service_pb2.FeedScore] = []
         with self._store.writing() as conn:
             if n:
-                if self._next_id is None:
-                    self._next_id = conn.execute(
-                        "SELECT ifnull(MAX(id), 0) + 1 FROM feed_records"
-                    ).fetchone()[0]
-                first, self._next_id = self._next_id, None  # looked up again if this transaction fails
+                first = conn.execute("SELECT ifnull(MAX(id), 0) + 1 FROM feed_records").fetchone()[0]
                 _insert_records(conn, feed_id, kind, now_ns, rows, time_ns, first)
                 fill = functools.partial(_answer_scores, answer, wanted, feed_id, rows, first)
                 if build_all:
@@ -1014,8 +1017,6 @@ class FeedStore:
                 )
             if self._on_store is not None and build_all:
                 alert_ids = self._on_store(conn, list(built), now_ns)
-            if n:
-                self._next_id = first + n
         return alert_ids, list(built) if publish else []
 
     def query(
@@ -1199,6 +1200,8 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
     ) -> None:
         self._alerts_changed = alerts_changed
         self._feeds = feeds
+        # Writer, preparer, scorer and answerer have one thread each: a stream's batches keep their
+        # order through every stage because each stage's thread takes them as handed over (_chain).
         self._writer = writer
         # Reads and validates batches while the writer scores and stores earlier ones.
         self._preparer = preparer or writer
@@ -1340,12 +1343,20 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         return _Scored(prepared.kind, batch, columns.feed_ids, rows, rejects)
 
     def _store_batch(
-        self, scored: _Scored, answer: _Answer, wanted: AnswerScores, later: list[Callable[[], None]]
+        self,
+        scored: _Scored,
+        answer: _Answer,
+        wanted: AnswerScores,
+        later: list[Callable[[], None]],
+        halted: threading.Event | None = None,
     ) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
         """Store a scored batch and fill the answer but its scores (what adds the ones ``wanted``
         goes to ``later``); the ids of alerts changed, and the scores to publish. Batches come here
-        in the order they were scored."""
+        in the order they were scored; none once ``halted`` is set (the ticks' times it noted while
+        scored are forgotten, as when storing fails)."""
         try:
+            if halted is not None and halted.is_set():
+                raise _Halted("an earlier batch of the stream failed, or the call ended")
             return self._store(
                 scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted, later
             )
@@ -1400,13 +1411,18 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         answer: _AnswerT,
+        halted: threading.Event | None = None,
     ) -> _AnswerT:
         """Prepare a batch (on the preparing thread), score it (on the scoring thread), store it (on
         the writer thread), fill the answer's scores (on the answering thread: the writer goes on
         to the next batch meanwhile), then publish its scores. Each stage hands the batch to the
         next itself, and only the last one wakes the event loop (a hop through it per stage cost
         the loop's thread its share of the GIL four times a batch). One thread a stage, taking
-        batches in the order they came: a stream's batches go through each stage in order."""
+        batches in the order they came: a stream's batches go through each stage in order.
+
+        ``halted`` (one per stream) is set when a batch fails or the call ends: the stream's
+        batches behind it are then neither scored nor stored, as its client resends from the failed
+        one (a tick stored after it would refuse the resent ticks' times)."""
         loop = asyncio.get_running_loop()
         received = request if isinstance(request, FeedRequest) else FeedRequest(b"", request)
         message = received.message
@@ -1424,14 +1440,17 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_BATCH} records in one request"
             )
         later: list[Callable[[], None]] = []
+        stop = halted or threading.Event()
 
         def score(prepared: _Prepared) -> _Scored:
+            if stop.is_set():
+                raise _Halted("an earlier batch of the stream failed, or the call ended")
             with self._lock:
                 return self._score_batch(prepared)
 
         def store(scored: _Scored) -> tuple[list[int], list[feed_service_pb2.FeedScore]]:
             with self._store_lock:
-                return self._store_batch(scored, answer, wanted, later)
+                return self._store_batch(scored, answer, wanted, later, stop)
 
         def fill(stored: tuple[list[int], list[feed_service_pb2.FeedScore]]) -> Any:
             _call_each(later)
@@ -1444,8 +1463,12 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
             (self._writer, store),
             (self._answerer, fill),
         ]
-        _chain(loop, done, stages)
-        alert_ids, published = await done
+        _chain(loop, done, stages, stop)
+        try:
+            alert_ids, published = await done
+        except asyncio.CancelledError:
+            stop.set()
+            raise
         if alert_ids and self._alerts_changed is not None:
             await self._alerts_changed(alert_ids)
         if published:
@@ -1471,13 +1494,17 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         stored: onnxruntime and SQLite release the GIL, the preparing thread uses it meanwhile. An
         answer goes out as soon as its batch is stored, whether or not more requests came."""
         queue: asyncio.Queue[asyncio.Task[_AnswerT] | None] = asyncio.Queue(_READ_AHEAD)
+        halted = threading.Event()  # a batch failed or the call ended: the later ones are not stored
 
         async def read() -> None:
             try:
                 async for request in requests:
-                    await queue.put(
-                        asyncio.ensure_future(self._accept(kind, request, context, answer_type()))
-                    )
+                    task = asyncio.ensure_future(self._accept(kind, request, context, answer_type(), halted))
+                    try:
+                        await queue.put(task)
+                    except asyncio.CancelledError:  # the call ended while the queue was full
+                        task.cancel()
+                        raise
             finally:
                 await queue.put(None)
 
@@ -1488,6 +1515,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
                 yield await taken
             await reader  # a failed read ends the call with its error
         finally:
+            halted.set()
             reader.cancel()
             left = [taken] if taken is not None else []
             while not queue.empty():

@@ -480,10 +480,11 @@ class Collector:
             self.notifier.stop()
         # The sinks finish the batch in hand; their cursors keep the place of the rest.
         await asyncio.get_running_loop().run_in_executor(None, self.siem.stop)
+        # In the feed pipeline's order: each stage hands batches to the next (feeds._chain).
         self._feed_preparer.shutdown(wait=True)
         self._feed_scorer.shutdown(wait=True)
-        self._feed_answerer.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        self._feed_answerer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.close()
         logger.info("collector stopped")

@@ -465,10 +465,12 @@ def _migration_14(db: sqlite_utils.Database) -> None:
         "CREATE TABLE feed_symbols (feed_id TEXT NOT NULL, entity TEXT NOT NULL, latest_ns INTEGER NOT NULL,"
         " last_id INTEGER NOT NULL, PRIMARY KEY (feed_id, entity)) WITHOUT ROWID"
     )
-    # A bare column beside MAX() comes from the row holding the maximum (SQLite).
+    # Each symbol's last record in the links' order.
     db.execute(
-        "INSERT INTO feed_symbols SELECT feed_id, entity, MAX(time_ns), id FROM feed_records WHERE kind = ?"
-        " GROUP BY feed_id, entity",
+        "INSERT INTO feed_symbols SELECT feed_id, entity, time_ns, id FROM"
+        " (SELECT feed_id, entity, time_ns, id, row_number() OVER"
+        " (PARTITION BY feed_id, entity ORDER BY time_ns DESC, id DESC) AS k"
+        " FROM feed_records WHERE kind = ?) WHERE k = 1",
         [ticks],
     )
     db.execute(
