@@ -782,15 +782,16 @@ def _previous(
     return out
 
 
-# A symbol's ticks from record ?1 back along their links, at most ?2, newest first (record and
-# link); a record of another feed, kind or symbol, or a link that does not go back, ends the walk
-# (rows deleted, their ids taken again).
+# A symbol's records from record ?1 back along their links, newest first, as the walk goes (SQLite
+# yields a recursive CTE's rows as it makes them; one a step: the order is the walk's). A record
+# of another feed, kind or symbol, or a link that does not go back, ends it (rows deleted, their
+# ids taken again).
 _WALK_BACK = (
-    "WITH RECURSIVE chain(id, n) AS (SELECT ?1, 1 UNION ALL SELECT f.prev_id, chain.n + 1 FROM chain"
-    " JOIN feed_records AS f ON f.id = chain.id AND f.feed_id = ?3 AND f.kind = ?4 AND f.entity = ?5"
-    " WHERE f.prev_id < f.id AND chain.n < ?2)"
-    " SELECT f.record_pb, f.prev_id FROM chain JOIN feed_records AS f ON f.id = chain.id AND f.feed_id = ?3"
-    " AND f.kind = ?4 AND f.entity = ?5 ORDER BY chain.n"
+    "WITH RECURSIVE chain(id, prev, blob) AS (SELECT id, prev_id, record_pb FROM feed_records"
+    " WHERE id = ?1 AND feed_id = ?2 AND kind = ?3 AND entity = ?4"
+    " UNION ALL SELECT f.id, f.prev_id, f.record_pb FROM chain JOIN feed_records AS f"
+    " ON f.id = chain.prev AND f.feed_id = ?2 AND f.kind = ?3 AND f.entity = ?4 WHERE chain.prev < chain.id)"
+    " SELECT blob FROM chain"
 )
 
 
@@ -913,23 +914,19 @@ class FeedStore:
             ticks: list[feed_service_pb2.Tick] = []
             seen = 0
             last_bucket: int | None = None
-            row_id: int | None = last_id
-            page = bars + 1
-            while row_id is not None and seen <= bars:
-                rows = conn.execute(_WALK_BACK, (row_id, page, feed_id, TICKS, symbol)).fetchall()
-                row_id = rows[-1][1] if len(rows) == page else None  # where the next page starts
-                page *= 4  # trades: many to a bar
-                for blob, _ in rows:
-                    tick = feed_service_pb2.Tick.FromString(blob)
-                    stamp = tick.time
-                    t_s = stamp.seconds + stamp.nanos * 1e-9
-                    bucket = None if tick.is_bar else trade_bar_start_ns(t_s, trade_bar_seconds)
-                    if bucket is None or bucket != last_bucket:
-                        seen += 1
-                        if seen > bars:
-                            break
-                    last_bucket = bucket
-                    ticks.append(tick)
+            rows = conn.execute(_WALK_BACK, (last_id, feed_id, TICKS, symbol))
+            for (blob,) in rows:  # read as walked: a trade feed stops many records short of its start
+                tick = feed_service_pb2.Tick.FromString(blob)
+                stamp = tick.time
+                t_s = stamp.seconds + stamp.nanos * 1e-9
+                bucket = None if tick.is_bar else trade_bar_start_ns(t_s, trade_bar_seconds)
+                if bucket is None or bucket != last_bucket:
+                    seen += 1
+                    if seen > bars:
+                        break
+                last_bucket = bucket
+                ticks.append(tick)
+            rows.close()
             if ticks:
                 yield ticks[::-1]
 
