@@ -169,8 +169,9 @@ def _wait(condition: Callable[[], bool], timeout: float = 15.0) -> None:
 def test_a_running_agent_renews_before_expiry_and_delivers_with_the_new_certificate(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     init_pki(pki, ["127.0.0.1"])
-    # A certificate that expires in 2 seconds: well inside the 30-day window.
-    ca_file, cert_file, key_file = _agent_files(tmp_path / "state", pki, "edge-5", 2 / 86400)
+    # A certificate that expires in 8 seconds: well inside the 30-day window, and long enough for
+    # the collector to start and the renewal to go through on a slow, busy host (2 s was not).
+    ca_file, cert_file, key_file = _agent_files(tmp_path / "state", pki, "edge-5", 8 / 86400)
     old = x509.load_pem_x509_certificate(cert_file.read_bytes())
     old_pair = (key_file.read_bytes(), cert_file.read_bytes())
     config = CollectorConfig(

@@ -292,11 +292,15 @@ def test_migrations_10_and_11_build_the_summary_of_a_schema_9_database(
     db.execute("DELETE FROM meta WHERE key IN (?, ?)", [talkers.CLOSED_BEFORE, talkers.SLICED_FROM])
     db.execute("DROP INDEX verdicts_anomaly_model_score")  # 12
     db.execute("DROP INDEX verdicts_anomaly_agent_time")  # 13
+    for table in ("feed_symbols", "feed_totals"):  # 14
+        db.execute(f"DROP TABLE {table}")
+    db.execute("ALTER TABLE feed_records DROP COLUMN prev_id")
+    db.execute("CREATE INDEX feed_records_entity ON feed_records (feed_id, kind, entity, time_ns)")
     db.execute("UPDATE meta SET value = '9' WHERE key = 'schema_version'")
     db.conn.commit()
     db.close()
     migrated = VerdictStore(path)
-    assert migrated.schema_version() == SCHEMA_VERSION == 13
+    assert migrated.schema_version() == SCHEMA_VERSION == 14
     for one in (store, migrated):  # the newest minute too, in both (see _due)
         one.close_talker_minutes(now_ns=time.time_ns() + 10 * talkers.LATENESS_NS)
     # The same summary, every slice, as the one kept while the verdicts streamed in.
@@ -358,7 +362,7 @@ def test_migration_11_slices_a_schema_10_database_and_keeps_what_retention_left(
     old.close()
 
     migrated = VerdictStore(path)
-    assert migrated.schema_version() == SCHEMA_VERSION == 13
+    assert migrated.schema_version() == SCHEMA_VERSION == 14
     migrated.close_talker_minutes(now_ns=time.time_ns() + 10 * talkers.LATENESS_NS)
     sliced_from = (BASE_MS + 4 * MINUTE_MS) * 1_000_000  # minute 3 lost raw rows
     (value,) = migrated.db.execute("SELECT value FROM meta WHERE key = ?", [talkers.SLICED_FROM]).fetchone()
