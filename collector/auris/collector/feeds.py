@@ -513,6 +513,9 @@ def _merge(answer: _Answer, encoded: bytes) -> None:
 class _Halted(RuntimeError):
     """A batch not scored or stored: an earlier batch of its stream failed, or its call ended."""
 
+    def __init__(self) -> None:
+        super().__init__("an earlier batch of the stream failed, or the call ended")
+
 
 def _chain(
     loop: asyncio.AbstractEventLoop,
@@ -1354,7 +1357,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
         scored are forgotten, as when storing fails)."""
         try:
             if halted is not None and halted.is_set():
-                raise _Halted("an earlier batch of the stream failed, or the call ended")
+                raise _Halted()
             return self._store(
                 scored.kind, scored.batch, scored.feed_ids, scored.rows, scored.rejects, answer, wanted, later
             )
@@ -1442,7 +1445,7 @@ class FeedServicer(feed_service_pb2_grpc.FeedServiceServicer):
 
         def score(prepared: _Prepared) -> _Scored:
             if stop.is_set():
-                raise _Halted("an earlier batch of the stream failed, or the call ended")
+                raise _Halted()
             with self._lock:
                 return self._score_batch(prepared)
 
